@@ -1,0 +1,98 @@
+"""Building blocks of HMEDN (SPEC section 1): the residual dilated block and the dense block."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
+from .layers import norm as norm_layer
+
+
+class ResidualDilatedBlock(nn.Module):
+    """Residual dilated block ``(C, d1, d2)`` of the HR pathway (paper III-B, Fig. 2).
+
+    ``x -> conv3(dilation d1) -> norm -> ReLU -> conv3(dilation d2) -> norm -> (+ x) -> ReLU``, padding keeps
+    the spatial size. The convolutions have no bias (each is followed by a norm).
+
+    Args:
+        channels: C, input and output channels.
+        dilations: (d1, d2), dilation of the two convolutions.
+        spatial_dims: 2 or 3.
+        norm: "batch" (default), "instance", "group" or a ``(name, kwargs)`` tuple.
+        kernel_size: odd kernel size (3 in the paper).
+
+    Shapes: (N, C, *spatial) -> (N, C, *spatial), same dtype.
+    """
+
+    def __init__(self, channels: int, dilations: Sequence[int] = (2, 4), spatial_dims: int = 2,
+                 norm: NormSpec = "batch", kernel_size: int = 3) -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        check_positive_int("channels", channels)
+        if len(dilations) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
+            raise ValueError(f"dilations must be two positive ints (d1, d2), got {dilations!r}")
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.spatial_dims, self.channels = spatial_dims, channels
+        self.dilations = tuple(int(d) for d in dilations)
+        self.kernel_size = kernel_size
+        self.conv1 = conv(spatial_dims, channels, channels, kernel_size, self.dilations[0])
+        self.norm1 = norm_layer(norm, spatial_dims, channels)
+        self.conv2 = conv(spatial_dims, channels, channels, kernel_size, self.dilations[1])
+        self.norm2 = norm_layer(norm, spatial_dims, channels)
+
+    @property
+    def receptive_field(self) -> int:
+        """Extent (voxels along each axis) of the input region one output voxel depends on."""
+        return 1 + (self.kernel_size - 1) * sum(self.dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return torch.relu(y + x)
+
+
+class DenseLayer(nn.Module):
+    """One DenseNet layer: norm -> ReLU -> conv3 producing ``growth_rate`` new channels."""
+
+    def __init__(self, in_channels: int, growth_rate: int, spatial_dims: int, norm: NormSpec) -> None:
+        super().__init__()
+        self.norm = norm_layer(norm, spatial_dims, in_channels)
+        self.conv = conv(spatial_dims, in_channels, growth_rate, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.norm(x)))
+
+
+class DenseBlock(nn.Module):
+    """Dense block (DenseNet [33]): layer i sees the concatenation of the block input and every earlier
+    layer's output; the block returns all of them concatenated.
+
+    Args:
+        in_channels: C_in.
+        growth_rate: g, channels each layer adds.
+        num_layers: n.
+        spatial_dims: 2 or 3.
+        norm: norm of each layer (pre-activation, as DenseNet).
+
+    Shapes: (N, C_in, *spatial) -> (N, C_in + n * g, *spatial). ``out_channels`` gives C_in + n * g.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, num_layers: int, spatial_dims: int = 2,
+                 norm: NormSpec = "batch") -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        for name, v in (("in_channels", in_channels), ("growth_rate", growth_rate), ("num_layers", num_layers)):
+            check_positive_int(name, v)
+        self.layers = nn.ModuleList(
+            DenseLayer(in_channels + i * growth_rate, growth_rate, spatial_dims, norm) for i in range(num_layers))
+        self.out_channels = in_channels + num_layers * growth_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats, 1)
+

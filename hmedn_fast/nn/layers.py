@@ -1,0 +1,112 @@
+"""Small factories shared by every block: convolutions, norms and pooling for 2D and 3D."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+NormSpec = Union[str, tuple]
+NORMS = ("batch", "instance", "group")
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1,
+         stride: int = 1, bias: bool = False) -> nn.Module:
+    """Conv2d/Conv3d with 'same' padding for odd kernels (padding = dilation * (kernel_size - 1) / 2)."""
+    cls = nn.Conv2d if check_spatial_dims(spatial_dims) == 2 else nn.Conv3d
+    return cls(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+               padding=dilation * (kernel_size - 1) // 2, bias=bias)
+
+
+def conv_transpose(spatial_dims: int, in_channels: int, out_channels: int, bias: bool = False) -> nn.Module:
+    """A stride-2, kernel-2 transposed convolution (exact 2x upsampling)."""
+    cls = nn.ConvTranspose2d if check_spatial_dims(spatial_dims) == 2 else nn.ConvTranspose3d
+    return cls(in_channels, out_channels, kernel_size=2, stride=2, bias=bias)
+
+
+def max_pool(spatial_dims: int) -> nn.Module:
+    return nn.MaxPool2d(2) if check_spatial_dims(spatial_dims) == 2 else nn.MaxPool3d(2)
+
+
+def dropout(spatial_dims: int, p: float) -> nn.Module:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    if p == 0.0:
+        return nn.Identity()
+    return nn.Dropout2d(p) if check_spatial_dims(spatial_dims) == 2 else nn.Dropout3d(p)
+
+
+def group_count(channels: int, max_groups: int = 8) -> int:
+    """The largest group count <= max_groups that divides ``channels``."""
+    g = min(max_groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+def norm(spec: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
+    """A normalisation layer.
+
+    Args:
+        spec: "batch", "instance" (affine, no running stats) or "group" (up to 8 groups dividing the channel
+            count); or a tuple ``("group", {"num_groups": G})`` / ``(name, kwargs)`` passing keyword arguments.
+        spatial_dims: 2 or 3.
+        channels: number of channels normalised.
+    """
+    name, kwargs = (spec, {}) if isinstance(spec, str) else (spec[0], dict(spec[1]) if len(spec) > 1 else {})
+    if name not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} (or a (name, kwargs) tuple), got {spec!r}")
+    check_spatial_dims(spatial_dims)
+    if name == "batch":
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels, **kwargs)
+    if name == "instance":
+        kwargs.setdefault("affine", True)
+        return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, **kwargs)
+    groups = kwargs.pop("num_groups", group_count(channels))
+    if channels % groups:
+        raise ValueError(f"group norm: num_groups={groups} does not divide channels={channels}")
+    return nn.GroupNorm(groups, channels, **kwargs)
+
+
+class ConvNormReLU(nn.Sequential):
+    """conv -> norm -> ReLU (post-activation), 'same' padding."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 dilation: int = 1, norm_spec: NormSpec = "batch") -> None:
+        super().__init__(conv(spatial_dims, in_channels, out_channels, kernel_size, dilation),
+                         norm(norm_spec, spatial_dims, out_channels), nn.ReLU(inplace=True))
+
+
+def xavier_init(module: nn.Module) -> nn.Module:
+    """Xavier-uniform weights for every (transposed) convolution, zero biases, unit/zero norm affine
+    parameters: the paper's initialisation ([46], Glorot & Bengio)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
+    """(Bi/tri)linear resize of (N, C, *spatial) logits or features to ``size`` (align_corners=False)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)

@@ -1,0 +1,181 @@
+"""The two pathways of HMEDN (SPEC section 1): the high-resolution (HR) pathway and the distilling pathway."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .blocks import DenseBlock, ResidualDilatedBlock
+from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
+                     max_pool, upsample_to)
+from .layers import dropout as dropout_layer
+
+
+class HRPathway(nn.Module):
+    """High-resolution pathway: densely connected residual dilated blocks with deep supervision.
+
+    ``x -> conv3 + norm + ReLU (projection to L channels) -> num_blocks x ResidualDilatedBlock(L, d1, d2)``;
+    with ``dense=True`` a 1x1 fusion convolution (+ norm + ReLU) sees the concatenation of the projected
+    input and every block's output (the dense connections of the paper) and maps it back to L channels;
+    with ``dense=False`` the last block's output is returned (the plain DilNet of Fig. 3).
+    When ``num_classes`` is given, a 1x1 head gives deep-supervision logits at the pathway's resolution.
+
+    Args:
+        in_channels: C_in of the input features.
+        channels: L, the pathway width.
+        num_blocks: number of residual dilated blocks (9 in the paper, 6 in DilNet3).
+        dilations: (d1, d2) of every block, or a sequence of ``num_blocks`` such pairs.
+        num_classes: K for the deep-supervision head, or None for no head.
+        spatial_dims: 2 or 3.
+        norm: "batch", "instance", "group" or a ``(name, kwargs)`` tuple.
+        dense: use the dense fusion (True) or return the last block (False).
+
+    Shapes: forward((N, C_in, *spatial)) -> ``(features, logits)`` with features (N, L, *spatial) and logits
+    (N, K, *spatial) or None. Spatial sizes are kept (no striding).
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_blocks: int = 9,
+                 dilations: Sequence[int] | Sequence[Sequence[int]] = (2, 4), num_classes: int | None = None,
+                 spatial_dims: int = 2, norm: NormSpec = "batch", dense: bool = True) -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("channels", channels)
+        check_positive_int("num_blocks", num_blocks)
+        if num_classes is not None:
+            check_positive_int("num_classes", num_classes)
+        schedule = _dilation_schedule(dilations, num_blocks)
+        self.spatial_dims, self.in_channels, self.channels = spatial_dims, in_channels, channels
+        self.dense = dense
+        self.proj = ConvNormReLU(spatial_dims, in_channels, channels, 3, norm_spec=norm)
+        self.blocks = nn.ModuleList(ResidualDilatedBlock(channels, d, spatial_dims, norm) for d in schedule)
+        self.fuse = (ConvNormReLU(spatial_dims, channels * (num_blocks + 1), channels, 1, norm_spec=norm)
+                     if dense else None)
+        self.head = conv(spatial_dims, channels, num_classes, 1, bias=True) if num_classes else None
+
+    @property
+    def receptive_field(self) -> int:
+        """Extent (voxels per axis) of the input region that one output voxel of the pathway depends on."""
+        return 1 + 2 + sum(b.receptive_field - 1 for b in self.blocks)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y = self.proj(x)
+        outs = [y]
+        for block in self.blocks:
+            y = block(y)
+            outs.append(y)
+        feats = self.fuse(torch.cat(outs, 1)) if self.fuse is not None else y
+        return feats, (self.head(feats) if self.head is not None else None)
+
+
+class DistillingPathway(nn.Module):
+    """Distilling pathway (DstNet): a U-Net of dense blocks with HED-style side outputs, optionally bridged
+    by an HR pathway at one stage (HRDN / HMEDN).
+
+    A stem (conv3 + norm + ReLU) maps the input to ``widths[0]`` channels. Stage s (0 = full resolution) of
+    the encoder: dense block -> 1x1 transition (norm, ReLU) to
+    ``widths[s]`` channels -> dropout; then 2x max pooling to stage s+1. The decoder mirrors it: a 2x2
+    stride-2 transposed convolution, concatenation with the encoder's stage-s features (and the HR
+    pathway's features when it bridges stage s), dense block, transition. ``side_stages`` (3 of them)
+    get 1x1 logit heads whose logits are upsampled to full resolution and fused with the main logits by
+    a 1x1 convolution (HED fusion).
+
+    Args:
+        in_channels: input channels (image channels).
+        num_classes: K.
+        widths: channels per stage, ``len(widths) = depth + 1`` (depth 4 for DstNet1, 3 for DstNet2).
+        growth_rates: dense-block growth rate per stage (an int for all).
+        num_layers: dense-block layers per stage (an int for all).
+        spatial_dims: 2 or 3.
+        norm: norm spec.
+        side_stages: decoder stages with HED side outputs (stage ``depth`` is the bottleneck).
+        dropout: dropout probability at the end of each stage (3D HMEDN uses it).
+        hr_pathway: an :class:`HRPathway` bridging encoder and decoder at ``hr_stage`` (0-based), or None.
+        hr_stage: the stage the HR pathway bridges.
+
+    Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
+    ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
+    (N, K, *spatial) (fused), aux: the side logits at their stages' resolutions followed by the HR
+    pathway's logits (when it has a head).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 128, 256, 512),
+                 growth_rates: int | Sequence[int] = 16, num_layers: int | Sequence[int] = 4,
+                 spatial_dims: int = 2, norm: NormSpec = "batch", side_stages: Sequence[int] = (1, 2, 3),
+                 dropout: float = 0.0, hr_pathway: HRPathway | None = None, hr_stage: int | None = None) -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("num_classes", num_classes)
+        depth = len(widths) - 1
+        if depth < 1:
+            raise ValueError(f"widths needs at least 2 stages, got {widths!r}")
+        growth = _per_stage("growth_rates", growth_rates, depth + 1)
+        layers = _per_stage("num_layers", num_layers, depth + 1)
+        if any(not 1 <= s <= depth for s in side_stages):
+            raise ValueError(f"side_stages must lie in [1, {depth}], got {side_stages!r}")
+        if (hr_pathway is None) != (hr_stage is None):
+            raise ValueError("hr_pathway and hr_stage must be given together")
+        if hr_pathway is not None:
+            if not 0 <= hr_stage < depth:
+                raise ValueError(f"hr_stage must lie in [0, {depth - 1}], got {hr_stage!r}")
+            if hr_pathway.in_channels != widths[hr_stage]:
+                raise ValueError(f"hr_pathway.in_channels={hr_pathway.in_channels} must equal "
+                                 f"widths[{hr_stage}]={widths[hr_stage]}")
+        self.depth, self.widths, self.side_stages = depth, tuple(widths), tuple(side_stages)
+        self.hr_stage, self.hr = hr_stage, hr_pathway
+        self.pool = max_pool(spatial_dims)
+        self.stem = ConvNormReLU(spatial_dims, in_channels, widths[0], 3, norm_spec=norm)
+
+        def stage(cin: int, s: int) -> nn.Sequential:
+            block = DenseBlock(cin, growth[s], layers[s], spatial_dims, norm)
+            return nn.Sequential(block, ConvNormReLU(spatial_dims, block.out_channels, widths[s], 1, norm_spec=norm),
+                                 dropout_layer(spatial_dims, dropout))
+
+        self.enc = nn.ModuleList(stage(widths[max(s - 1, 0)], s) for s in range(depth + 1))
+        self.up = nn.ModuleList(conv_transpose(spatial_dims, widths[s + 1], widths[s]) for s in range(depth))
+        hr_extra = [hr_pathway.channels if s == hr_stage else 0 for s in range(depth)] if hr_pathway else [0] * depth
+        self.dec = nn.ModuleList(stage(2 * widths[s] + hr_extra[s], s) for s in range(depth))
+        self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
+        self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
+        self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        x = self.stem(x)
+        for s, enc in enumerate(self.enc):
+            x = enc(x if s == 0 else self.pool(x))
+            skips.append(x)
+        hr_feats = hr_logits = None
+        if self.hr is not None:
+            hr_feats, hr_logits = self.hr(skips[self.hr_stage])
+        by_stage = {self.depth: x}
+        for s in reversed(range(self.depth)):
+            parts = [self.up[s](x), skips[s]] + ([hr_feats] if s == self.hr_stage else [])
+            x = self.dec[s](torch.cat(parts, 1))
+            by_stage[s] = x
+        size = x.shape[2:]
+        main = self.main_head(x)
+        sides = [head(by_stage[s]) for s, head in zip(self.side_stages, self.side_heads)]
+        logits = self.fuse(torch.cat([main] + [upsample_to(z, size) for z in sides], 1))
+        aux = sides + ([hr_logits] if hr_logits is not None else [])
+        return x, logits, aux
+
+
+def _per_stage(name: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n:
+        raise ValueError(f"{name} needs one value per stage ({n}), got {value!r}")
+    for v in values:
+        check_positive_int(name, v)
+    return values
+
+
+def _dilation_schedule(dilations, num_blocks: int) -> list[tuple[int, int]]:
+    if len(dilations) == 2 and all(isinstance(d, int) for d in dilations):
+        return [tuple(dilations)] * num_blocks
+    schedule = [tuple(d) for d in dilations]
+    if len(schedule) != num_blocks:
+        raise ValueError(f"dilations must be one (d1, d2) pair or {num_blocks} pairs, got {dilations!r}")
+    return schedule
