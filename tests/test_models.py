@@ -151,3 +151,18 @@ def test_bad_configuration_errors():
         ResidualDilatedBlock(4, (2,))
     with pytest.raises(ValueError, match="init must be one of"):
         create_model("dilnet1", init="he")
+
+
+def test_save_load_roundtrip(tmp_path):
+    from hmedn_fast.models.io import load_model, save_model
+    model = create_model("dstnet2", in_channels=2, num_classes=3).eval()
+    path = save_model(model, tmp_path / "m.pt", spacing=(1.0, 1.0))
+    assert not list(tmp_path.glob(".*.tmp"))
+    loaded, record = load_model(path)
+    assert record["spacing"] == (1.0, 1.0) and record["model"] == "dstnet2"
+    x = torch.randn(1, 2, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).seg, model(x).seg)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_model(tmp_path / "bad.pt")

@@ -71,6 +71,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     Example: ``create_model("hmedn_2d", in_channels=1, num_classes=3, norm="instance")``.
 
+    The returned model carries ``model.hmedn_config = {"name": ..., "overrides": {...}}`` so that
+    :func:`hmedn_fast.models.io.save_model` can rebuild it.
+
     Raises:
         ValueError: unknown name.
         TypeError: an override the model's constructor does not take.
@@ -83,7 +86,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise TypeError(f"create_model({name!r}) got unexpected override(s) {unknown}; "
                         f"accepted: {sorted(accepted)}")
-    return spec.cls(**{**spec.defaults, **overrides})
+    model = spec.cls(**{**spec.defaults, **overrides})
+    model.hmedn_config = {"name": name, "overrides": dict(overrides)}
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
