@@ -1,0 +1,1 @@
+"""Pure-PyTorch reference implementations: the truth every fast backend is tested against."""
