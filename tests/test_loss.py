@@ -1,0 +1,256 @@
+"""Difficulty-guided loss: public function + reference backend against a float64 NumPy formula (SPEC 3)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit, logsumexp
+
+from hmedn_fast.ops import difficulty_guided_loss
+from hmedn_fast.ops.reference import loss as reference
+
+LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LABEL_DTYPES = [torch.uint8, torch.int16, torch.int32, torch.int64]
+# relative tolerance of gradients stored in the logits' dtype (one rounding of values of order 1/N)
+GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _up(a: np.ndarray, full: tuple[int, ...]) -> np.ndarray:
+    """Nearest upsampling by integer factors of the trailing len(full) axes (np.repeat)."""
+    for i, f in enumerate(full):
+        axis = a.ndim - len(full) + i
+        a = np.repeat(a, f // a.shape[axis], axis=axis)
+    return a
+
+
+def formula(logits, labels, weight=None, clog=None, ctgt=None, alpha=1.0, cw=None, ignore=None, reduction="mean"):
+    """SPEC section 3 in float64 NumPy / SciPy. Returns (total, L_s, L_r) or the per-voxel map."""
+    y = labels.long().numpy()
+    full = y.shape[1:]
+    z = _up(logits.double().numpy(), full)
+    valid = np.ones(y.shape, bool) if ignore is None else y != ignore
+    yc = np.where(valid, y, 0)
+    w = np.ones(y.shape) if weight is None else weight.double().numpy().reshape(y.shape)
+    if cw is not None:
+        w = w * cw.double().numpy()[yc]
+    nll = logsumexp(z, axis=1) - np.take_along_axis(z, yc[:, None], axis=1)[:, 0]
+    seg = np.where(valid, w * nll, 0.0)
+    ctr = np.zeros(y.shape)
+    if clog is not None:
+        r = _up(clog.double().numpy().reshape(y.shape[0], *logits.shape[2:]), full)
+        ctr = np.where(valid, (expit(r) - ctgt.double().numpy().reshape(y.shape)) ** 2, 0.0)
+    if reduction == "none":
+        return seg + alpha * ctr
+    n = max(int(valid.sum()), 1) if reduction == "mean" else 1
+    return (seg.sum() + alpha * ctr.sum()) / n, seg.sum() / n, ctr.sum() / n
+
+
+def formula_grad(logits, labels, weight=None, cw=None, ignore=None):
+    """d L_s(mean) / d logits in float64 for same-resolution logits: (1/N) W nu (softmax - onehot)."""
+    z = logits.double().numpy()
+    y = labels.long().numpy()
+    valid = np.ones(y.shape, bool) if ignore is None else y != ignore
+    yc = np.where(valid, y, 0)
+    w = np.ones(y.shape) if weight is None else weight.double().numpy().reshape(y.shape)
+    if cw is not None:
+        w = w * cw.double().numpy()[yc]
+    w = np.where(valid, w, 0.0) / max(int(valid.sum()), 1)
+    p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+    onehot = np.moveaxis(np.eye(z.shape[1])[yc], -1, 1)
+    return w[:, None] * (p - onehot)
+
+
+def per_voxel_atol(logits, weight=None, cw=None, eps=2.0**-24):
+    """Float32 absolute error bound of one voxel's ``W nu (logsumexp(z) - z[y])``: 8 ulp of max |lse|."""
+    w = 1.0 if weight is None else float(weight.max())
+    w *= 1.0 if cw is None else float(cw.max())
+    return 8 * eps * (float(logits.abs().max()) + np.log(logits.shape[1]) + 1) * w
+
+
+def make_inputs(shape=(2, 3, 5, 6), factor=1, label_dtype=torch.int64, ignore=None, dtype=torch.float32):
+    """Random logits (N, K, *low), labels at factor x the logits' resolution, weight, contour pair."""
+    n, k, *low = shape
+    full = tuple(s * factor for s in low)
+    logits = (3 * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, k, (n, *full)).to(label_dtype)
+    if ignore is not None:
+        labels[torch.rand(labels.shape) < 0.25] = ignore
+    weight = 1 + 25 * torch.rand(n, *full)
+    clog = 2 * torch.randn(n, 1, *low, dtype=torch.float64).to(dtype)
+    ctgt = torch.rand(n, *full)
+    return logits, labels, weight, clog, ctgt
+
+
+# ----------------------------------------------------------------------------------------------- values
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (1, 4, 3, 4, 5), (3, 2, 1, 7)])
+@pytest.mark.parametrize("factor", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_float64_formula(shape, factor, reduction):
+    logits, labels, weight, clog, ctgt = make_inputs(shape, factor, ignore=None)
+    cw = 0.5 + torch.rand(shape[1])
+    for kwargs in (
+        {},
+        dict(weight=weight),
+        dict(weight=weight, contour_logits=clog, contour_target=ctgt, alpha=0.7, class_weight=cw),
+    ):
+        got = difficulty_guided_loss(logits, labels, reduction=reduction, backend="reference", **kwargs)
+        want = formula(logits, labels, kwargs.get("weight"), kwargs.get("contour_logits"),
+                       kwargs.get("contour_target"), kwargs.get("alpha", 1.0), kwargs.get("class_weight"),
+                       reduction=reduction)
+        want = want if reduction == "none" else want[0]
+        assert got.dtype == torch.float32
+        assert got.shape == labels.shape if reduction == "none" else got.ndim == 0
+        # per voxel, lse - z[y] cancels in float32: error of a few ulp of |z| times the weight
+        atol = per_voxel_atol(logits, kwargs.get("weight"), kwargs.get("class_weight"))
+        np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=2e-6, atol=atol)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int64])
+def test_ignore_index_counts_only_kept_voxels(label_dtype):
+    logits, labels, weight, clog, ctgt = make_inputs((2, 4, 6, 7), 1, label_dtype, ignore=255)
+    got = difficulty_guided_loss(logits, labels, weight, clog, ctgt, ignore_index=255, return_parts=True,
+                                 backend="reference")
+    want = formula(logits, labels, weight, clog, ctgt, ignore=255)
+    np.testing.assert_allclose([float(g) for g in got], want, rtol=2e-6)
+    # N counts kept voxels: the mean times N equals the sum
+    total_sum = difficulty_guided_loss(logits, labels, weight, clog, ctgt, ignore_index=255, reduction="sum",
+                                       backend="reference")
+    n_kept = int((labels != 255).sum())
+    assert 0 < n_kept < labels.numel()
+    torch.testing.assert_close(got[0] * n_kept, total_sum, rtol=1e-6, atol=0)
+    per_voxel = difficulty_guided_loss(logits, labels, weight, clog, ctgt, ignore_index=255, reduction="none",
+                                       backend="reference")
+    assert torch.all(per_voxel[labels == 255] == 0) and torch.all(per_voxel[labels != 255] > 0)
+
+
+def test_ignore_index_outside_label_dtype_ignores_nothing():
+    logits, labels, *_ = make_inputs(label_dtype=torch.uint8)
+    got = difficulty_guided_loss(logits, labels, ignore_index=-100, backend="reference")
+    np.testing.assert_allclose(float(got), formula(logits, labels)[0], rtol=2e-6)
+
+
+def test_all_voxels_ignored_gives_zero_loss_and_zero_grad():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    labels = torch.full((2, 4, 4), 7)
+    loss = difficulty_guided_loss(logits, labels, ignore_index=7, backend="reference")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES)
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
+def test_dtype_combinations(dtype, label_dtype):
+    logits, labels, weight, clog, ctgt = make_inputs((2, 4, 6, 5), 1, label_dtype, ignore=3, dtype=dtype)
+    cw = 0.5 + torch.rand(4)
+    logits.requires_grad_(True)
+    loss = difficulty_guided_loss(logits, labels, weight, clog, ctgt, class_weight=cw, ignore_index=3,
+                                  backend="reference")
+    loss.backward()
+    want = formula(logits.detach(), labels, weight, clog, ctgt, cw=cw, ignore=3)[0]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    np.testing.assert_allclose(loss.item(), want, rtol=1e-12 if dtype == torch.float64 else 2e-6)
+    assert logits.grad.dtype == dtype
+    want_grad = formula_grad(logits.detach(), labels, weight, cw, ignore=3)
+    scale = np.abs(want_grad).max()
+    np.testing.assert_allclose(logits.grad.double().numpy(), want_grad, rtol=0, atol=GRAD_RTOL[dtype] * scale)
+
+
+def test_gradcheck_reference_float64():
+    logits, labels, weight, clog, ctgt = make_inputs((2, 3, 3, 4), 2, ignore=1, dtype=torch.float64)
+    cw = 0.5 + torch.rand(3, dtype=torch.float64)
+    logits.requires_grad_(True)
+    clog.requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        def fn(z, c, reduction=reduction):
+            return difficulty_guided_loss(z, labels, weight, c, ctgt, alpha=0.6, class_weight=cw, ignore_index=1,
+                                          reduction=reduction, backend="reference")
+
+        assert torch.autograd.gradcheck(fn, (logits, clog), fast_mode=True)
+
+
+def test_nearest_downsampled_logits_equal_upsampled_ones():
+    logits, labels, weight, clog, ctgt = make_inputs((2, 3, 3, 2, 4), 2)
+    up = torch.nn.functional.interpolate(logits, scale_factor=2, mode="nearest")
+    up_c = torch.nn.functional.interpolate(clog, scale_factor=2, mode="nearest")
+    for reduction in ("mean", "none"):
+        got = difficulty_guided_loss(logits, labels, weight, clog, ctgt, reduction=reduction, backend="reference")
+        want = difficulty_guided_loss(up, labels, weight, up_c, ctgt, reduction=reduction, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
+def test_map_layouts_accepted():
+    logits, labels, weight, clog, ctgt = make_inputs((2, 3, 5, 6))
+    a = difficulty_guided_loss(logits, labels, weight, clog, ctgt, backend="reference")
+    b = difficulty_guided_loss(logits, labels, weight[:, None], clog[:, 0], ctgt[:, None], backend="reference")
+    c = difficulty_guided_loss(logits.to(memory_format=torch.channels_last), labels, weight, clog, ctgt,
+                               backend="reference")
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def _bad_cases():
+    z = torch.randn(2, 3, 4, 5)
+    y = torch.randint(0, 3, (2, 4, 5))
+    nan_z = z.clone()
+    nan_z[1, 2, 3, 4] = float("nan")
+    c, ct = torch.randn(2, 1, 4, 5), torch.rand(2, 4, 5)
+    nan_c = c.clone()
+    nan_c[0, 0, 1, 1] = float("nan")
+    neg = y.clone()
+    neg[0, 1, 1] = -1
+    return {
+        "label >= K": ((z, torch.where(y == 1, 3, y)), {}, ValueError, r"labels must lie in \[0, 3\)"),
+        "negative label": ((z, neg), {"ignore_index": 255}, ValueError, "labels must lie in"),
+        "float labels": ((z, y.float()), {}, TypeError, "labels must have a dtype"),
+        "shape mismatch": ((z, y[:, :3]), {}, ValueError, "labels must be"),
+        "batch mismatch": ((z, y[:1]), {}, ValueError, "labels must be"),
+        "NaN logits": ((nan_z, y), {}, ValueError, "logits contain NaN"),
+        "NaN contour logits": ((z, y), {"contour_logits": nan_c, "contour_target": ct}, ValueError,
+                               "contour_logits contain NaN"),
+        "empty batch": ((z[:0], y[:0]), {}, ValueError, "logits must be non-empty"),
+        "empty spatial": ((z[:, :, :0], y[:, :0]), {}, ValueError, "logits must be non-empty"),
+        "one class": ((z[:, :1], y * 0), {}, ValueError, "K >= 2"),
+        "integer logits": ((y[:, None].repeat(1, 3, 1, 1), y), {}, TypeError, "logits must have a dtype"),
+        "logits ndim": ((z[0], y[0]), {}, ValueError, "logits must be"),
+        "class_weight K": ((z, y), {"class_weight": torch.ones(4)}, ValueError, r"class_weight must have shape \(3,\)"),
+        "device mix": ((z, y.to("meta")), {}, ValueError, "labels is on meta"),
+        "device mix weight": ((z, y), {"weight": torch.ones(2, 4, 5, device="meta")}, ValueError, "weight is on meta"),
+        "weight shape": ((z, y), {"weight": torch.ones(2, 4, 4)}, ValueError, "weight must have shape"),
+        "contour alone": ((z, y), {"contour_logits": c}, ValueError, "given together"),
+        "contour shape": ((z, y), {"contour_logits": c[..., :2], "contour_target": ct}, ValueError,
+                          "contour_logits must have shape"),
+        "alpha": ((z, y), {"alpha": -1.0}, ValueError, "alpha"),
+        "alpha nan": ((z, y), {"alpha": float("nan")}, ValueError, "alpha"),
+        "ignore_index float": ((z, y), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        "reduction": ((z, y), {"reduction": "avg"}, ValueError, "reduction"),
+        "parts with none": ((z, y), {"reduction": "none", "return_parts": True}, ValueError, "return_parts"),
+        "backend": ((z, y), {"backend": "cuda"}, ValueError, "backend must be one of"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_raises_before_computing(case, monkeypatch):
+    args, kwargs, error, match = _bad_cases()[case]
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the loss was computed for bad input")
+
+    monkeypatch.setattr(reference, "difficulty_guided_loss", must_not_run)
+    with pytest.raises(error, match=match):
+        difficulty_guided_loss(*args, backend=kwargs.pop("backend", "reference"), **kwargs)
+
+
+def test_negative_label_equal_to_ignore_index_is_accepted():
+    logits, labels, *_ = make_inputs(label_dtype=torch.int32, ignore=-1)
+    got = difficulty_guided_loss(logits, labels, ignore_index=-1, backend="reference")
+    np.testing.assert_allclose(float(got), formula(logits, labels, ignore=-1)[0], rtol=2e-6)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_unavailable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, labels, *_ = make_inputs()
+    with pytest.raises(RuntimeError, match="triton"):
+        difficulty_guided_loss(logits, labels, backend="triton")
+    # automatic choice falls back to the reference
+    np.testing.assert_allclose(float(difficulty_guided_loss(logits, labels)), formula(logits, labels)[0], rtol=2e-6)
