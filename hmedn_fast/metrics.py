@@ -86,7 +86,9 @@ def _spacing(spacing, ndim: int) -> np.ndarray:
     if len(values) != ndim or not all(
         isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
     ):
-        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers (one per axis), got {spacing!r}")
+        raise ValueError(
+            f"spacing must be a positive number or {ndim} positive numbers (one per axis), got {spacing!r}"
+        )
     return np.asarray(values, dtype=np.float64)
 
 
