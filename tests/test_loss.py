@@ -6,8 +6,11 @@ import pytest
 import torch
 from scipy.special import expit, logsumexp
 
+from hmedn_fast.losses import DEFAULT_AUX_WEIGHT, HMEDNLoss
+from hmedn_fast.models.output import SegmentationOutput
 from hmedn_fast.ops import difficulty_guided_loss
 from hmedn_fast.ops.reference import loss as reference
+from hmedn_fast.targets import Targets, make_targets
 
 LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LABEL_DTYPES = [torch.uint8, torch.int16, torch.int32, torch.int64]
@@ -254,3 +257,74 @@ def test_triton_backend_on_cpu_without_interpreter_is_unavailable(monkeypatch):
         difficulty_guided_loss(logits, labels, backend="triton")
     # automatic choice falls back to the reference
     np.testing.assert_allclose(float(difficulty_guided_loss(logits, labels)), formula(logits, labels)[0], rtol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------- HMEDNLoss
+def _blob_labels(n: int, size: tuple[int, ...], k: int) -> torch.Tensor:
+    """Random label maps of nested boxes, so that boundaries (and targets) are non-trivial."""
+    labels = torch.zeros((n, *size), dtype=torch.int64)
+    for i in range(n):
+        for c in range(1, k):
+            lo = [int(torch.randint(0, s // 2, ())) for s in size]
+            hi = [lo_ + int(torch.randint(2, s - lo_ + 1, ())) for lo_, s in zip(lo, size)]
+            labels[(i, *[slice(a, b) for a, b in zip(lo, hi)])] = c
+    return labels
+
+
+def _output(n=2, k=3, size=(12, 16), aux_factors=(2, 4), contour=True, dtype=torch.float32):
+    seg = torch.randn(n, k, *size, dtype=dtype, requires_grad=True)
+    ctr = torch.randn(n, 1, *size, dtype=dtype, requires_grad=True) if contour else None
+    aux = [torch.randn(n, k, *[s // f for s in size], dtype=dtype, requires_grad=True) for f in aux_factors]
+    return SegmentationOutput(seg, ctr, aux)
+
+
+def test_hmedn_loss_matches_formula_with_targets_and_deep_supervision():
+    labels = _blob_labels(2, (12, 16), 3)
+    out = _output()
+    cw = torch.tensor([0.5, 1.0, 2.0])
+    crit = HMEDNLoss(3, alpha=0.8, aux_weights=(0.3, 0.7), class_weight=cw, backend="reference")
+    total, parts = crit(out, labels)
+    tg = make_targets(labels, 3)
+    assert float(tg.weight.max()) > 1.5 and float(tg.contour.max()) == pytest.approx(1.0)
+    main = formula(out.seg.detach(), labels, tg.weight, out.contour.detach(), tg.contour, 0.8, cw)
+    aux = [formula(a.detach(), labels, tg.weight, cw=cw)[0] for a in out.aux]
+    np.testing.assert_allclose(total.item(), main[0] + 0.3 * aux[0] + 0.7 * aux[1], rtol=2e-6)
+    np.testing.assert_allclose([float(parts[k]) for k in ("seg", "contour", "aux0", "aux1")],
+                               [main[1], main[2], *aux], rtol=2e-6)
+    assert all(not p.requires_grad for p in parts.values())
+    total.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (out.seg, out.contour, *out.aux))
+
+
+def test_hmedn_loss_uses_given_targets_and_options():
+    labels = _blob_labels(2, (8, 8, 8), 3)
+    labels[:, :2] = 9
+    out = _output(size=(8, 8, 8), aux_factors=(2,), contour=False)
+    given = Targets(contour=torch.rand(2, 8, 8, 8), weight=1 + torch.rand(2, 8, 8, 8))
+    total, parts = HMEDNLoss(3, ignore_index=9, backend="reference")(out, labels, given)
+    want = formula(out.seg.detach(), labels, given.weight, ignore=9)[0]
+    want_aux = formula(out.aux[0].detach(), labels, given.weight, ignore=9)[0]
+    np.testing.assert_allclose(total.item(), want + DEFAULT_AUX_WEIGHT * want_aux, rtol=2e-6)
+    assert set(parts) == {"seg", "aux0"}  # no contour head, no contour term
+    # ignored voxels become background for the targets only; without weight map: plain CE
+    crit = HMEDNLoss(3, ignore_index=9, use_weight_map=False, use_contour=False, backend="reference")
+    total, _ = crit(SegmentationOutput(out.seg), labels)
+    np.testing.assert_allclose(total.item(), formula(out.seg.detach(), labels, ignore=9)[0], rtol=2e-6)
+    tg = crit.make_targets(labels)
+    torch.testing.assert_close(tg.weight, make_targets(torch.where(labels == 9, 0, labels), 3).weight)
+
+
+def test_hmedn_loss_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        HMEDNLoss(1)
+    with pytest.raises(ValueError, match="aux_weights"):
+        HMEDNLoss(3, aux_weights=-1.0)
+    with pytest.raises(ValueError, match="class_weight"):
+        HMEDNLoss(3, class_weight=[1.0, 2.0])
+    labels = _blob_labels(2, (12, 16), 3)
+    with pytest.raises(ValueError, match="aux_weights has 1 entries but the output has 2"):
+        HMEDNLoss(3, aux_weights=[0.5], backend="reference")(_output(), labels)
+    with pytest.raises(ValueError, match="num_classes=4"):
+        HMEDNLoss(4, backend="reference")(_output(), labels)
+    with pytest.raises(TypeError, match="SegmentationOutput"):
+        HMEDNLoss(3, backend="reference")(torch.zeros(2, 3, 12, 16), labels)

@@ -1,0 +1,143 @@
+"""HMEDN training loss: difficulty-guided CE + contour regression + deep supervision (SPEC sections 2-3)."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hmedn_fast.models.output import SegmentationOutput
+from hmedn_fast.ops.loss import difficulty_guided_loss
+from hmedn_fast.targets import Targets, make_targets
+
+DEFAULT_AUX_WEIGHT = 0.5
+
+
+class LossOutput(NamedTuple):
+    """``total``: 0-dim float32 loss to backpropagate. ``parts``: detached 0-dim terms for logging:
+    ``"seg"`` (main ``L_s``), ``"contour"`` (main ``L_r``, unweighted by alpha; present when the contour
+    term is used) and ``"aux0"``, ``"aux1"``, ... (each auxiliary head's ``L_s``, before its weight)."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+class HMEDNLoss(nn.Module):
+    """``L = L_s(seg) + alpha L_r(contour) + sum_i a_i L_s(aux_i)`` for a :class:`SegmentationOutput`.
+
+    ``L_s`` is the difficulty-guided cross-entropy and ``L_r`` the contour regression of
+    :func:`hmedn_fast.ops.difficulty_guided_loss` (mean over the non-ignored voxels). The weight map
+    ``W`` and contour target ``C`` come from :func:`hmedn_fast.targets.make_targets` (computed from the
+    labels without gradient unless given to :meth:`forward`); ignored voxels are set to background
+    for that computation only. Auxiliary (deep-supervision) logits may be at an integer fraction of the
+    label resolution: their loss is that of the nearest-upsampled logits, computed without
+    materialising them (see ``docs/decisions/loss.md``). Dispatch picks the fused Triton kernel on CUDA.
+
+    Args:
+        num_classes: K, background included (must match the logits' channels).
+        alpha: weight of the contour term (paper 1).
+        aux_weights: weight ``a_i`` of each auxiliary head's ``L_s``: one number for every head or one
+            per head (length checked against ``output.aux``). Default 0.5 each: the paper gives none;
+            half of the main term keeps the side outputs as guides without letting coarse heads dominate.
+        class_weight: optional (K,) class weights ``nu`` (multiply ``W``), stored as a buffer.
+        ignore_index: label value left out of every term, or None.
+        use_weight_map: False replaces ``W`` by 1 (plain / class-weighted CE, the HRDN ablation).
+        use_contour: False drops ``L_r`` even when the model has a contour head.
+        sigma_contour, sigma_weight, mu0, mu: target parameters (paper 2, 8, 1, 25), see make_targets.
+        backend: loss backend (None = automatic), target_backend: make_targets backend.
+        check_values: check label values and NaN logits in each loss call (one host sync each).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: float = 1.0,
+        aux_weights: float | Sequence[float] = DEFAULT_AUX_WEIGHT,
+        class_weight: Tensor | Sequence[float] | None = None,
+        ignore_index: int | None = None,
+        use_weight_map: bool = True,
+        use_contour: bool = True,
+        sigma_contour: float = 2.0,
+        sigma_weight: float = 8.0,
+        mu0: float = 1.0,
+        mu: float | Sequence[float] = 25.0,
+        backend: str | None = None,
+        target_backend: str | None = None,
+        check_values: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        weights = [aux_weights] if isinstance(aux_weights, Real) else list(aux_weights)
+        if not weights or any(isinstance(a, bool) or not isinstance(a, Real) or not math.isfinite(a) or a < 0
+                              for a in weights):
+            raise ValueError(f"aux_weights must be a finite number >= 0 or a sequence of them, got {aux_weights!r}")
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.aux_weights = aux_weights if isinstance(aux_weights, Real) else tuple(float(a) for a in weights)
+        self.ignore_index = ignore_index
+        self.use_weight_map = use_weight_map
+        self.use_contour = use_contour
+        self.target_kwargs = dict(sigma_contour=sigma_contour, sigma_weight=sigma_weight, mu0=mu0, mu=mu,
+                                  backend=target_backend)
+        self.backend = backend
+        self.check_values = check_values
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
+            if class_weight.shape != (num_classes,):
+                raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(class_weight.shape)}")
+        self.register_buffer("class_weight", class_weight)
+
+    def _aux_weight(self, i: int, n_aux: int) -> float:
+        if isinstance(self.aux_weights, Real):
+            return float(self.aux_weights)
+        if len(self.aux_weights) != n_aux:
+            raise ValueError(f"aux_weights has {len(self.aux_weights)} entries but the output has {n_aux} aux heads")
+        return self.aux_weights[i]
+
+    def make_targets(self, labels: Tensor) -> Targets:
+        """Contour target and weight map of ``labels`` (ignored voxels as background), without gradient."""
+        if self.ignore_index is not None:
+            labels = torch.where(labels == self.ignore_index, torch.zeros_like(labels), labels)
+        with torch.no_grad():
+            return make_targets(labels, self.num_classes, **self.target_kwargs)
+
+    def forward(self, output: SegmentationOutput, labels: Tensor, targets: Targets | None = None) -> LossOutput:
+        """Loss of a model output.
+
+        Args:
+            output: ``seg`` (N, K, *spatial) logits, optional ``contour`` (N, 1, *spatial) logits and
+                ``aux`` logits (N, K, *spatial / integer factor).
+            labels: (N, *spatial) integer labels.
+            targets: precomputed :class:`Targets` (e.g. from the data loader) to skip make_targets.
+        Returns:
+            :class:`LossOutput` ``(total, parts)``.
+        """
+        if not isinstance(output, SegmentationOutput):
+            raise TypeError(f"output must be a SegmentationOutput, got {type(output).__name__}")
+        if output.seg.ndim >= 2 and output.seg.shape[1] != self.num_classes:
+            raise ValueError(f"output.seg has {output.seg.shape[1]} channels but num_classes={self.num_classes}")
+        with_contour = self.use_contour and output.contour is not None
+        if targets is None and (self.use_weight_map or with_contour):
+            targets = self.make_targets(labels)
+        weight = targets.weight if self.use_weight_map else None
+        common = dict(class_weight=self.class_weight, ignore_index=self.ignore_index, backend=self.backend,
+                      check_values=self.check_values)
+        total, seg, contour = difficulty_guided_loss(
+            output.seg, labels, weight,
+            output.contour if with_contour else None, targets.contour if with_contour else None,
+            alpha=self.alpha, return_parts=True, **common,
+        )
+        parts = {"seg": seg.detach()}
+        if with_contour:
+            parts["contour"] = contour.detach()
+        for i, aux in enumerate(output.aux):
+            term = difficulty_guided_loss(aux, labels, weight, **common)
+            total = total + self._aux_weight(i, len(output.aux)) * term
+            parts[f"aux{i}"] = term.detach()
+        return LossOutput(total, parts)
+
+
+__all__ = ["DEFAULT_AUX_WEIGHT", "HMEDNLoss", "LossOutput"]
