@@ -1,0 +1,17 @@
+// Python module entry of hmedn_fast._C. The ops themselves register with torch (TORCH_LIBRARY in the other
+// csrc/*.cpp files) when this shared library is loaded; they are reached as torch.ops.hmedn_fast.*.
+#include <pybind11/pybind11.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hmedn_fast compiled ops (registered under torch.ops.hmedn_fast)";
+  m.def(
+      "with_cuda",
+      []() {
+#ifdef HMEDN_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the extension was compiled with the CUDA kernels of kernels/.");
+}

@@ -1,0 +1,400 @@
+// Boundary, contour and difficulty-weight maps (SPEC section 2): CPU implementation, input checks and the
+// registration of the ops hmedn_fast::boundary_map and hmedn_fast::make_targets (CPU, CUDA and Meta).
+//
+// The CPU path has the structure of the CUDA kernels (kernels/targets.cu) and shares their index math
+// (kernels/targets.cuh): a row pass along W fused with the boundary classes, column passes along H (and D)
+// over (outer, len, inner) layouts vectorised along the contiguous inner axis, per-sample maxima reduced
+// in the last pass, and a normalisation pass. Work is split over batch and lines with at::parallel_for
+// (OpenMP in torch builds; follows torch.set_num_threads).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "targets.cuh"
+
+#ifdef HMEDN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace {
+
+using hmedn::targets::boundary_class;
+using hmedn::targets::gaussian_half_taps;
+using hmedn::targets::reflect_index;
+
+// ---- input checks (shared by every backend, Meta included) -----------------------------------------
+struct Shape {
+  int64_t n, d, h, w;
+  int spatial_dims;
+  int64_t spatial() const { return d * h * w; }
+};
+
+void check_labels_meta(const at::Tensor& labels, int64_t num_classes, const char* op) {
+  const auto t = labels.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kByte || t == at::kInt || t == at::kLong, op,
+                   ": labels must be an integer tensor of dtype uint8, int32 or int64, got ", t);
+  TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4, op,
+                    ": labels must have shape (N, H, W) or (N, D, H, W), got ", labels.dim(), " dims");
+  TORCH_CHECK_VALUE(num_classes >= 2, op, ": num_classes must be >= 2 (background + 1 class), got ",
+                    num_classes);
+  TORCH_CHECK_VALUE(num_classes <= (int64_t{1} << 30), op, ": num_classes=", num_classes, " is too large");
+}
+
+Shape check_labels(const at::Tensor& labels, int64_t num_classes, const char* op) {
+  check_labels_meta(labels, num_classes, op);
+  TORCH_CHECK_VALUE(labels.numel() > 0, op, ": labels must not be empty, got shape ", labels.sizes());
+  const bool three = labels.dim() == 4;
+  return Shape{labels.size(0), three ? labels.size(1) : 1, labels.size(-2), labels.size(-1), three ? 3 : 2};
+}
+
+void check_params(int64_t num_classes, double sigma_contour, double sigma_weight, double mu0,
+                  at::ArrayRef<double> mu, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(sigma_contour) && sigma_contour > 0, op,
+                    ": sigma_contour must be a finite number > 0, got ", sigma_contour);
+  TORCH_CHECK_VALUE(std::isfinite(sigma_weight) && sigma_weight > 0, op,
+                    ": sigma_weight must be a finite number > 0, got ", sigma_weight);
+  TORCH_CHECK_VALUE(std::isfinite(mu0), op, ": mu0 must be finite, got ", mu0);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(mu.size()) == num_classes - 1, op, ": mu must hold num_classes - 1 = ",
+                    num_classes - 1, " per-class weights, got ", mu.size());
+  for (const double m : mu) TORCH_CHECK_VALUE(std::isfinite(m), op, ": mu must be finite, got ", m);
+}
+
+[[noreturn]] void fail_label_range(const at::Tensor& labels, int64_t num_classes, const char* op) {
+  const auto mm = at::aminmax(labels);
+  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, num_classes) = [0, ", num_classes, "), found values in [",
+                    std::get<0>(mm).item<int64_t>(), ", ", std::get<1>(mm).item<int64_t>(), "]");
+}
+
+// ---- CPU kernels -------------------------------------------------------------------------------------
+struct Taps {
+  std::vector<float> w;  // half taps, w[j] at offsets +-j
+  int r;
+  explicit Taps(double sigma) : w(gaussian_half_taps(sigma)), r(static_cast<int>(w.size()) - 1) {}
+};
+
+// out[x] = sum_{j=-r..r} taps[|j|] * e[x + r + j], x = 0 .. len-1 (e holds len + 2r values).
+void conv_line(const float* e, int64_t len, const Taps& t, float* out) {
+  const float* c = e + t.r;
+  const float w0 = t.w[0];
+  for (int64_t x = 0; x < len; ++x) out[x] = w0 * c[x];
+  for (int j = 1; j <= t.r; ++j) {
+    const float wj = t.w[j];
+    const float* lo = c - j;
+    const float* hi = c + j;
+    for (int64_t x = 0; x < len; ++x) out[x] += wj * (lo[x] + hi[x]);
+  }
+}
+
+struct Fields3 {
+  float* f[3];
+};
+
+// Row pass along W with the boundary classes fused: per row, the boundary classes, the reflected
+// fields f1 = B_all and f2 = mu[bclass] B_all, and their smoothing along W. Returns true on a bad label.
+template <typename L>
+bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, const Taps& tw,
+              const std::vector<float>& mu, int channels, Fields3 out) {
+  const int rmax = std::max(tc.r, tw.r);
+  const int64_t rows = s.n * s.d * s.h, W = s.w, plane = s.d * s.h;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
+    std::vector<int> cls(W);
+    std::vector<float> f1(W + 2 * rmax), f2(channels == 3 ? W + 2 * rmax : 0);
+    bool local_bad = false;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / plane, dh = row - n * plane, d = dh / s.h, h = dh - d * s.h;
+      const L* lab = labels + n * plane * W;
+      bool any = false;
+      for (int64_t w = 0; w < W; ++w) {
+        cls[w] = boundary_class(lab, d, h, w, s.d, s.h, W, num_classes, &local_bad);
+        any = any || cls[w] > 0;
+      }
+      if (!any) {
+        for (int c = 0; c < channels; ++c) std::memset(out.f[c] + row * W, 0, W * sizeof(float));
+        continue;
+      }
+      for (int64_t q = 0; q < W + 2 * rmax; ++q) {
+        const int k = cls[reflect_index(q - rmax, W)];
+        f1[q] = k > 0 ? 1.f : 0.f;
+        if (channels == 3) f2[q] = k > 0 ? mu[k - 1] : 0.f;
+      }
+      conv_line(f1.data() + rmax - tc.r, W, tc, out.f[0] + row * W);
+      conv_line(f1.data() + rmax - tw.r, W, tw, out.f[1] + row * W);
+      if (channels == 3) conv_line(f2.data() + rmax - tw.r, W, tw, out.f[2] + row * W);
+    }
+    if (local_bad) bad = true;
+  });
+  return bad;
+}
+
+// Column pass over an (outer, len, inner) array along len, vectorised along inner in chunks. `out` may be
+// null (only the maxima are wanted); with `maxima` (size outer) the per-outer maxima of the result are
+// returned (results are non-negative there).
+void col_pass(const float* in, float* out, int64_t outer, int64_t len, int64_t inner, const Taps& t,
+              float* maxima) {
+  constexpr int64_t kChunk = 256, kLines = 32;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk, blocks = (len + kLines - 1) / kLines;
+  const int64_t items = outer * chunks * blocks;
+  std::vector<float> item_max(maxima != nullptr ? items : 0, 0.f);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    float acc[kChunk];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t o = item / (chunks * blocks), rest = item - o * chunks * blocks;
+      const int64_t i0 = (rest / blocks) * kChunk, l0 = (rest % blocks) * kLines;
+      const int64_t width = std::min(kChunk, inner - i0);
+      const float* src = in + o * len * inner + i0;
+      float m = 0.f;
+      for (int64_t l = l0; l < std::min(len, l0 + kLines); ++l) {
+        const float* c = src + l * inner;
+        for (int64_t x = 0; x < width; ++x) acc[x] = t.w[0] * c[x];
+        for (int j = 1; j <= t.r; ++j) {
+          const float wj = t.w[j];
+          const float* lo = src + reflect_index(l - j, len) * inner;
+          const float* hi = src + reflect_index(l + j, len) * inner;
+          for (int64_t x = 0; x < width; ++x) acc[x] += wj * (lo[x] + hi[x]);
+        }
+        if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, acc, width * sizeof(float));
+        if (maxima != nullptr)
+          for (int64_t x = 0; x < width; ++x) m = std::max(m, acc[x]);
+      }
+      if (maxima != nullptr) item_max[item] = m;
+    }
+  });
+  if (maxima != nullptr)
+    for (int64_t o = 0; o < outer; ++o)
+      maxima[o] = *std::max_element(item_max.begin() + o * chunks * blocks, item_max.begin() + (o + 1) * chunks * blocks);
+}
+
+int num_channels(at::ArrayRef<double> mu) {
+  for (const double m : mu)
+    if (static_cast<float>(m) != static_cast<float>(mu[0])) return 3;
+  return 2;
+}
+
+template <typename L>
+void make_targets_cpu_typed(const at::Tensor& labels, const Shape& s, int num_classes, const Taps& tc,
+                            const Taps& tw, double mu0, at::ArrayRef<double> mu, at::Tensor& contour,
+                            at::Tensor& weight) {
+  const int channels = num_channels(mu);
+  const int64_t N = s.n, S = s.spatial();
+  std::vector<float> mu_f(mu.begin(), mu.end());
+  at::Tensor ws = at::empty({(channels == 3 ? 4 : 2) * N * S}, labels.options().dtype(at::kFloat));
+  float* wsp = ws.data_ptr<float>();
+  float* x[3] = {contour.data_ptr<float>(), weight.data_ptr<float>(), wsp + 2 * N * S};
+  float* y[3] = {wsp, wsp + N * S, wsp + (s.spatial_dims == 3 && channels == 3 ? 3 : 2) * N * S};
+  Fields3 first = s.spatial_dims == 2 ? Fields3{{y[0], y[1], y[2]}} : Fields3{{x[0], x[1], x[2]}};
+  if (row_pass(labels.data_ptr<L>(), s, num_classes, tc, tw, mu_f, channels, first))
+    fail_label_range(labels, num_classes, "hmedn_fast::make_targets");
+
+  if (s.spatial_dims == 3) {  // along H, each (n, d) plane is an (H, W) array
+    for (int c = 0; c < channels; ++c) col_pass(x[c], y[c], N * s.d, s.h, s.w, c == 0 ? tc : tw, nullptr);
+  }
+  // last pass: along H (2D) or D (3D), each sample an (len, inner) array
+  const int64_t len = s.spatial_dims == 3 ? s.d : s.h, inner = S / len;
+  std::vector<float> max_c(N), max_w(N);
+  col_pass(y[0], x[0], N, len, inner, tc, max_c.data());
+  col_pass(y[1], channels == 2 ? x[1] : nullptr, N, len, inner, tw, max_w.data());
+  if (channels == 3) col_pass(y[2], x[1], N, len, inner, tw, nullptr);
+
+  const float scale = channels == 3 ? 1.f : static_cast<float>(mu[0]);
+  const float base = static_cast<float>(mu0);
+  at::parallel_for(0, N * S, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const int64_t n = v / S;
+      x[0][v] = max_c[n] > 0.f ? x[0][v] / max_c[n] : 0.f;
+      x[1][v] = max_w[n] > 0.f ? base + scale * x[1][v] / max_w[n] : base;
+    }
+  });
+}
+
+template <typename L>
+bool boundary_map_cpu_typed(const L* labels, const Shape& s, int num_classes, bool* out) {
+  const int64_t rows = s.n * s.d * s.h, plane = s.d * s.h, S = s.spatial();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / s.w), [&](int64_t begin, int64_t end) {
+    bool local_bad = false;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / plane, dh = row - n * plane, d = dh / s.h, h = dh - d * s.h;
+      bool* o = out + n * (num_classes - 1) * S + dh * s.w;
+      for (int64_t w = 0; w < s.w; ++w) {
+        const int k = boundary_class(labels + n * S, d, h, w, s.d, s.h, s.w, num_classes, &local_bad);
+        for (int c = 1; c < num_classes; ++c) o[(c - 1) * S + w] = (k == c);
+      }
+    }
+    if (local_bad) bad = true;
+  });
+  return bad;
+}
+
+std::vector<int64_t> boundary_sizes(const at::Tensor& labels, int64_t num_classes) {
+  std::vector<int64_t> sizes(labels.sizes().begin(), labels.sizes().end());
+  sizes.insert(sizes.begin() + 1, num_classes - 1);
+  return sizes;
+}
+
+// ---- op implementations ----------------------------------------------------------------------------
+constexpr const char* kBoundaryOp = "hmedn_fast::boundary_map";
+constexpr const char* kTargetsOp = "hmedn_fast::make_targets";
+
+at::Tensor boundary_map_cpu(const at::Tensor& labels_in, int64_t num_classes) {
+  const Shape s = check_labels(labels_in, num_classes, kBoundaryOp);
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor out = at::empty(boundary_sizes(labels, num_classes), labels.options().dtype(at::kBool));
+  bool bad = false;
+  const int k = static_cast<int>(num_classes);
+  switch (labels.scalar_type()) {
+    case at::kByte: bad = boundary_map_cpu_typed(labels.data_ptr<uint8_t>(), s, k, out.data_ptr<bool>()); break;
+    case at::kInt: bad = boundary_map_cpu_typed(labels.data_ptr<int32_t>(), s, k, out.data_ptr<bool>()); break;
+    default: bad = boundary_map_cpu_typed(labels.data_ptr<int64_t>(), s, k, out.data_ptr<bool>()); break;
+  }
+  if (bad) fail_label_range(labels, num_classes, kBoundaryOp);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> make_targets_cpu(const at::Tensor& labels_in, int64_t num_classes,
+                                                    double sigma_contour, double sigma_weight, double mu0,
+                                                    at::ArrayRef<double> mu, bool /*check_labels: always on*/) {
+  const Shape s = check_labels(labels_in, num_classes, kTargetsOp);
+  check_params(num_classes, sigma_contour, sigma_weight, mu0, mu, kTargetsOp);
+  const at::Tensor labels = labels_in.contiguous();
+  const auto opts = labels.options().dtype(at::kFloat);
+  at::Tensor contour = at::empty(labels.sizes(), opts), weight = at::empty(labels.sizes(), opts);
+  const Taps tc(sigma_contour), tw(sigma_weight);
+  const int k = static_cast<int>(num_classes);
+  switch (labels.scalar_type()) {
+    case at::kByte: make_targets_cpu_typed<uint8_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
+    case at::kInt: make_targets_cpu_typed<int32_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
+    default: make_targets_cpu_typed<int64_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
+  }
+  return {contour, weight};
+}
+
+at::Tensor boundary_map_meta(const at::Tensor& labels, int64_t num_classes) {
+  check_labels_meta(labels, num_classes, kBoundaryOp);
+  c10::SymDimVector sizes(labels.sym_sizes().begin(), labels.sym_sizes().end());
+  sizes.insert(sizes.begin() + 1, c10::SymInt(num_classes - 1));
+  return at::empty_symint(sizes, labels.options().dtype(at::kBool));
+}
+
+std::tuple<at::Tensor, at::Tensor> make_targets_meta(const at::Tensor& labels, int64_t num_classes,
+                                                     double sigma_contour, double sigma_weight, double mu0,
+                                                     at::ArrayRef<double> mu, bool /*check_labels*/) {
+  check_labels_meta(labels, num_classes, kTargetsOp);
+  check_params(num_classes, sigma_contour, sigma_weight, mu0, mu, kTargetsOp);
+  const auto opts = labels.options().dtype(at::kFloat);
+  return {at::empty_symint(labels.sym_sizes(), opts), at::empty_symint(labels.sym_sizes(), opts)};
+}
+
+#ifdef HMEDN_WITH_CUDA
+int label_code(at::ScalarType t) {
+  return t == at::kByte ? HMEDN_LABEL_U8 : (t == at::kInt ? HMEDN_LABEL_I32 : HMEDN_LABEL_I64);
+}
+
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor boundary_map_cuda(const at::Tensor& labels_in, int64_t num_classes) {
+  const Shape s = check_labels(labels_in, num_classes, kBoundaryOp);
+  TORCH_CHECK_VALUE(s.n <= 65535, kBoundaryOp, ": the CUDA kernel takes at most 65535 samples, got ", s.n);
+  const c10::cuda::CUDAGuard guard(labels_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor out = at::empty(boundary_sizes(labels, num_classes), labels.options().dtype(at::kBool));
+  at::Tensor flag = at::zeros({1}, labels.options().dtype(at::kInt));
+  check_cuda(hmedn_boundary_map_cuda(labels.data_ptr(), label_code(labels.scalar_type()), s.n, s.d, s.h, s.w,
+                                     static_cast<int>(num_classes), out.data_ptr<bool>(), flag.data_ptr<int>(),
+                                     at::cuda::getCurrentCUDAStream()),
+             kBoundaryOp);
+  if (flag.item<int>() != 0) fail_label_range(labels, num_classes, kBoundaryOp);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in, int64_t num_classes,
+                                                     double sigma_contour, double sigma_weight, double mu0,
+                                                     at::ArrayRef<double> mu, bool check_labels_flag) {
+  const Shape s = check_labels(labels_in, num_classes, kTargetsOp);
+  check_params(num_classes, sigma_contour, sigma_weight, mu0, mu, kTargetsOp);
+  TORCH_CHECK_VALUE(s.n <= 65535, kTargetsOp, ": the CUDA kernels take at most 65535 samples, got ", s.n);
+  const std::vector<float> tc = gaussian_half_taps(sigma_contour), tw = gaussian_half_taps(sigma_weight);
+  const int max_radius = hmedn::targets::kMaxRadius;
+  TORCH_CHECK_VALUE(static_cast<int>(std::max(tc.size(), tw.size())) - 1 <= max_radius, kTargetsOp,
+                    ": the CUDA kernels take Gaussian radii int(4 sigma + 0.5) <= ", max_radius,
+                    " (sigma < 32); got sigma_contour=", sigma_contour, ", sigma_weight=", sigma_weight,
+                    "; use the cpu backend");
+  const std::vector<float> mu_f(mu.begin(), mu.end());
+  TORCH_CHECK_VALUE(num_channels(mu) == 2 || num_classes - 1 <= hmedn::targets::kMaxClassWeights, kTargetsOp,
+                    ": the CUDA kernels take at most ", hmedn::targets::kMaxClassWeights,
+                    " different per-class weights mu; got ", mu.size());
+
+  const c10::cuda::CUDAGuard guard(labels_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  const auto opts = labels.options().dtype(at::kFloat);
+  at::Tensor contour = at::empty(labels.sizes(), opts), weight = at::empty(labels.sizes(), opts);
+  const size_t bytes = hmedn_targets_cuda_workspace_bytes(s.n, s.d, s.h, s.w, static_cast<int>(num_classes),
+                                                          mu_f.data());
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, labels.options().dtype(at::kByte));
+  at::Tensor flag = check_labels_flag ? at::zeros({1}, labels.options().dtype(at::kInt)) : at::Tensor();
+  hmedn_targets_args args{};
+  args.labels = labels.data_ptr();
+  args.label_dtype = label_code(labels.scalar_type());
+  args.batch = s.n;
+  args.depth = s.d;
+  args.height = s.h;
+  args.width = s.w;
+  args.spatial_dims = s.spatial_dims;
+  args.num_classes = static_cast<int>(num_classes);
+  args.taps_contour = tc.data();
+  args.radius_contour = static_cast<int>(tc.size()) - 1;
+  args.taps_weight = tw.data();
+  args.radius_weight = static_cast<int>(tw.size()) - 1;
+  args.mu0 = static_cast<float>(mu0);
+  args.mu = mu_f.data();
+  args.contour = contour.data_ptr<float>();
+  args.weight = weight.data_ptr<float>();
+  args.workspace = ws.data_ptr();
+  args.error_flag = check_labels_flag ? flag.data_ptr<int>() : nullptr;
+  const cudaError_t err = hmedn_targets_cuda(&args, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, kTargetsOp,
+                    ": arguments outside the CUDA kernels' limits (Gaussian tile larger than the device's "
+                    "shared memory for sigma_contour=", sigma_contour, ", sigma_weight=", sigma_weight,
+                    "); use the cpu backend");
+  check_cuda(err, kTargetsOp);
+  if (check_labels_flag && flag.item<int>() != 0) fail_label_range(labels, num_classes, kTargetsOp);
+  return {contour, weight};
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(hmedn_fast, m) {
+  m.def("boundary_map(Tensor labels, int num_classes) -> Tensor");
+  m.def(
+      "make_targets(Tensor labels, int num_classes, float sigma_contour, float sigma_weight, float mu0, "
+      "float[] mu, bool check_labels=True) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(hmedn_fast, CPU, m) {
+  m.impl("boundary_map", &boundary_map_cpu);
+  m.impl("make_targets", &make_targets_cpu);
+}
+
+TORCH_LIBRARY_IMPL(hmedn_fast, Meta, m) {
+  m.impl("boundary_map", &boundary_map_meta);
+  m.impl("make_targets", &make_targets_meta);
+}
+
+#ifdef HMEDN_WITH_CUDA
+TORCH_LIBRARY_IMPL(hmedn_fast, CUDA, m) {
+  m.impl("boundary_map", &boundary_map_cuda);
+  m.impl("make_targets", &make_targets_cuda);
+}
+#endif
