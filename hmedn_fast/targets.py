@@ -20,7 +20,9 @@ the labels' device.
 """
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
 from numbers import Real
 from typing import NamedTuple, Sequence
 
@@ -101,12 +103,17 @@ def _check_method(method: str, labels: Tensor, backend: str | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------- dispatch
+def _ext() -> ModuleType:
+    """The compiled backends' module (looked up in ``sys.modules`` first, so tests can stand one in)."""
+    return importlib.import_module("hmedn_fast.ops.targets_ext")
+
+
 def _ext_unavailable(backend: str, labels: Tensor) -> str | None:
     try:
-        from hmedn_fast.ops import targets_ext
+        ext = _ext()
     except ImportError as exc:
         return f"hmedn_fast.ops.targets_ext could not be imported ({exc})"
-    return targets_ext.unavailable(backend, labels)
+    return ext.unavailable(backend, labels)
 
 
 def _backend(labels: Tensor, backend: str | None, method: str) -> str:
@@ -143,9 +150,7 @@ def _reference_boundaries(labels: Tensor, num_classes: int, method: str) -> Tens
 def _ext_targets(
     labels: Tensor, num_classes: int, sigma_contour: float, sigma_weight: float, mu0: float, mu: tuple[float, ...]
 ) -> Targets:
-    from hmedn_fast.ops import targets_ext
-
-    contour, weight = targets_ext.make_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu)
+    contour, weight = _ext().make_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu)
     return Targets(contour.to(labels.device), weight.to(labels.device))
 
 
@@ -167,9 +172,7 @@ def boundary_map(labels: Tensor, num_classes: int, method: str = "face", backend
     chosen = _backend(labels, backend, method)
     if chosen == "reference":
         return _reference_boundaries(labels, num_classes, method)
-    from hmedn_fast.ops import targets_ext
-
-    return targets_ext.boundary_map(labels, num_classes).to(labels.device)
+    return _ext().boundary_map(labels, num_classes).to(labels.device)
 
 
 def make_targets(

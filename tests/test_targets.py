@@ -93,14 +93,23 @@ def test_boundary_map_matches_scipy_erosion(dtype, shape):
     assert not out[:, 2].any() and out[:, :2].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_every_label_dtype_works_with_the_automatic_backend(dtype):
+    labels = blobby_labels(np.random.default_rng(12), (2, 21, 25), 3)
+    b = T.boundary_map(torch.from_numpy(labels).to(dtype), 3)
+    c = T.contour_map(torch.from_numpy(labels).to(dtype), 3)
+    np.testing.assert_array_equal(b.numpy(), np.stack([np.stack(scipy_boundaries(lab, 3)) for lab in labels]))
+    np.testing.assert_allclose(c.numpy(), scipy_targets(labels, 3, 2.0, 8.0, 1.0, 25.0)[0], rtol=0, atol=1e-5)
+
+
 def test_defaults_are_the_paper_settings():
     labels = torch.from_numpy(blobby_labels(np.random.default_rng(5), (2, 36, 30), 4))
     c_ref, w_ref = scipy_targets(labels.numpy(), 4, 2.0, 8.0, 1.0, 25.0)
-    out = T.make_targets(labels, 4)
+    out = T.make_targets(labels, 4, backend="reference")
     np.testing.assert_allclose(out.contour.numpy(), c_ref, rtol=0, atol=1e-5)
     np.testing.assert_allclose(out.weight.numpy(), w_ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(T.contour_map(labels, 4).numpy(), c_ref, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(T.weight_map(labels, 4).numpy(), w_ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(T.contour_map(labels, 4, backend="reference").numpy(), c_ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(T.weight_map(labels, 4, backend="reference").numpy(), w_ref, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,sigma", [((1, 1, 1), 2.0), ((2, 3, 5), 8.0), ((1, 2, 1, 4), 3.0), ((1, 67,), 2.5)])
@@ -237,11 +246,12 @@ def test_compiled_backends_match_reference(backend):
         reason = T._ext_unavailable(backend, labels)
         if reason is not None:
             pytest.skip(f"{backend} backend unavailable: {reason}")
-        out = T.make_targets(labels, k, mu=list(range(3, 3 + k - 1)), backend=backend)
-        ref = T.make_targets(labels, k, mu=list(range(3, 3 + k - 1)), backend="reference")
-        assert out.contour.device == labels.device and out.contour.dtype == torch.float32
-        torch.testing.assert_close(out.contour, ref.contour, rtol=0, atol=1e-5)
-        torch.testing.assert_close(out.weight, ref.weight, rtol=0, atol=1e-5)
+        for mu in (25.0, list(range(3, 3 + k - 1))):
+            out = T.make_targets(labels, k, mu=mu, backend=backend)
+            ref = T.make_targets(labels, k, mu=mu, backend="reference")
+            assert out.contour.device == labels.device and out.contour.dtype == torch.float32
+            torch.testing.assert_close(out.contour, ref.contour, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out.weight, ref.weight, rtol=0, atol=1e-5)
         assert torch.equal(T.boundary_map(labels, k, backend=backend), T.boundary_map(labels, k, backend="reference"))
 
 
