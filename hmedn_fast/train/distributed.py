@@ -1,0 +1,99 @@
+"""Data-parallel training through ``torch.distributed`` (DDP), launched with ``torchrun``.
+
+``torchrun --nproc_per_node=R -m hmedn_fast.train ...`` (or ``hmedn train``) sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`init_distributed` reads them (a plain launch is a world of one). The global batch is
+``R * batch_size``: the sample indices of each global step are split between ranks
+(:class:`hmedn_fast.data.datasets.StepBatchSampler`) and every sample is a function of its index, so ``R``
+ranks see exactly the samples of one process at the same global batch. With BatchNorm on CUDA the model's
+norms become ``SyncBatchNorm`` (statistics over the global batch); on the CPU (gloo, tests) use instance or
+group norm for per-sample statistics. Rank 0 validates, logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size`` processes, its ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available else ``cpu``; anything else is passed to ``torch.device``
+    (ValueError when CUDA is asked for but absent)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group described by torchrun's environment (nccl on CUDA, gloo on the CPU), or return
+    a single-process context when ``WORLD_SIZE`` is unset or 1. On CUDA each rank uses ``cuda:LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return DistContext(0, 1, dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(rank, world, dev)
+
+
+def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """DDP-wrap ``model`` (already on ``ctx.device``) when running distributed; BatchNorm -> SyncBatchNorm on
+    CUDA. The unwrapped model stays reachable as ``.module``."""
+    if not ctx.distributed:
+        return model
+    if ctx.device.type == "cuda":
+        config = getattr(model, "hmedn_config", None)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if config is not None:
+            model.hmedn_config = config
+        return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index])
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean of ``t`` over the ranks (``t`` itself in a single process)."""
+    if ctx.distributed:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= ctx.world_size
+    return t
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group (no-op in a single process)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,221 @@
+"""Memory planner for training under a memory budget, and activation checkpointing of a live model.
+
+``plan_memory`` picks, in this order of preference, the first configuration whose *measured* peak memory of a
+training step fits ``budget * (1 - headroom)``:
+
+1. the requested patch and batch size with each checkpointing level, cheapest first (``"none"``, then
+   ``"blocks"``): checkpointing costs recomputation, so it is used only when needed;
+2. with the most memory-saving level, the batch halved down to 1;
+3. then the patch shrunk, largest axis first, by ``multiple`` voxels down to ``min_size``.
+
+A trial that raises ``torch.OutOfMemoryError`` counts as not fitting. The measurement is a callable
+``measure(level, patch_size, batch_size) -> peak bytes`` (:func:`cuda_step_measurer` runs real forward +
+backward + optimizer steps on the GPU; tests pass a model of it), so the decision logic is testable on the CPU.
+No configuration fitting raises ValueError with every trial listed.
+
+During training an out-of-memory error escalates to the next level (:class:`OOMEscalator`) and the step is
+retried. Levels are applied to a live model by :func:`set_block_checkpointing`, which wraps every residual
+dilated block and dense block in ``torch.utils.checkpoint`` (non-reentrant): their activations are recomputed
+in the backward pass. (BatchNorm running statistics see the recomputed forward too, i.e. are updated twice per
+step for the wrapped blocks; the batch statistics used for the output are unchanged.) When the model
+constructor takes ``checkpoint=`` (the memory-lean blocks), the planned level is passed there instead at
+build time.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hmedn_fast.nn.blocks import DenseBlock, ResidualDilatedBlock
+
+LEVELS = ("none", "blocks")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+Measure = Callable[[str, tuple[int, ...], int], int]
+
+
+def parse_memory_budget(budget: str | float | int, total_bytes: int | None = None) -> int:
+    """Bytes of a budget given as ``"8GiB"`` / ``"512MB"`` / ``"1e9"`` / an int (bytes), or as a fraction of
+    ``total_bytes`` (``"0.5"``, ``0.5``, ``"50%"``).
+
+    Raises:
+        ValueError: unparsable, non-positive, or a fraction without ``total_bytes`` (e.g. on the CPU).
+    """
+    text = str(budget).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(%|[kmgt]i?b|b)?", text)
+    if m is None or isinstance(budget, bool):
+        raise ValueError(f"memory budget must look like '8GiB', '512MB', '0.5' (fraction) or '50%', got {budget!r}")
+    value, unit = float(m.group(1)), m.group(2) or ""
+    fraction = unit == "%" or (unit == "" and value <= 1.0)
+    if fraction:
+        value = value / 100.0 if unit == "%" else value
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"memory budget fraction must be in (0, 1], got {budget!r}")
+        if total_bytes is None:
+            raise ValueError(f"memory budget {budget!r} is a fraction of device memory, which needs a CUDA device")
+        return int(value * total_bytes)
+    if value <= 0:
+        raise ValueError(f"memory budget must be positive, got {budget!r}")
+    return int(value * _UNITS[unit])
+
+
+@dataclass
+class MemoryPlan:
+    """What the planner chose: checkpointing ``level``, ``patch_size``, ``batch_size``, the measured
+    ``peak_bytes`` of that configuration, the ``budget_bytes`` and every ``trials`` entry
+    ``{"level", "patch_size", "batch_size", "peak_bytes" (None = out of memory)}``."""
+
+    level: str
+    patch_size: tuple[int, ...]
+    batch_size: int
+    peak_bytes: int
+    budget_bytes: int
+    trials: list[dict] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"memory plan: checkpointing={self.level}, patch={list(self.patch_size)}, batch={self.batch_size}, "
+                f"measured peak {self.peak_bytes / 2**30:.2f} GiB of a {self.budget_bytes / 2**30:.2f} GiB budget "
+                f"({len(self.trials)} trial step(s))")
+
+
+def _smaller_patches(patch: tuple[int, ...], multiple: int, min_size: int):
+    patch = list(patch)
+    while True:
+        axis = max(range(len(patch)), key=lambda a: patch[a])
+        if patch[axis] - multiple < min_size:
+            return
+        patch[axis] -= multiple
+        yield tuple(patch)
+
+
+def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, measure: Measure,
+                levels: Sequence[str] = LEVELS, multiple: int = 16, min_size: int = 16,
+                headroom: float = 0.1) -> MemoryPlan:
+    """Choose checkpointing level, batch and patch size under ``budget_bytes`` (see the module doc).
+
+    Args:
+        budget_bytes: the budget (> 0).
+        patch_size: requested patch, one int per spatial axis.
+        batch_size: requested batch (>= 1).
+        measure: ``measure(level, patch_size, batch_size)`` -> peak bytes of a training step (may raise
+            ``torch.OutOfMemoryError``).
+        levels: checkpointing levels, least memory-saving first.
+        multiple, min_size: patch shrinking step and lower bound per axis.
+        headroom: fraction of the budget kept free for allocator fragmentation.
+    """
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not levels:
+        raise ValueError("levels must name at least one checkpointing level")
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
+    limit = budget_bytes * (1.0 - headroom)
+    patch = tuple(int(p) for p in patch_size)
+    trials: list[dict] = []
+
+    def fits(level: str, p: tuple[int, ...], b: int) -> MemoryPlan | None:
+        try:
+            peak = int(measure(level, p, b))
+        except torch.OutOfMemoryError:
+            peak = None
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        trials.append({"level": level, "patch_size": list(p), "batch_size": b, "peak_bytes": peak})
+        if peak is not None and peak <= limit:
+            return MemoryPlan(level, p, b, peak, budget_bytes, trials)
+        return None
+
+    for level in levels:
+        if plan := fits(level, patch, batch_size):
+            return plan
+    leanest = levels[-1]
+    b = batch_size
+    while b > 1:
+        b = max(b // 2, 1)
+        if plan := fits(leanest, patch, b):
+            return plan
+    for p in _smaller_patches(patch, multiple, min_size):
+        if plan := fits(leanest, p, b):
+            return plan
+    raise ValueError(f"no configuration fits the memory budget of {budget_bytes / 2**30:.2f} GiB "
+                     f"(with {headroom:.0%} headroom); trials: {trials}")
+
+
+class OOMEscalator:
+    """Next checkpointing level after an out-of-memory error: ``escalate()`` returns it and makes it current,
+    or returns None when the leanest level is already in use."""
+
+    def __init__(self, current: str = "none", levels: Sequence[str] = LEVELS) -> None:
+        if current not in levels:
+            raise ValueError(f"current must be one of {tuple(levels)}, got {current!r}")
+        self.levels, self.current = tuple(levels), current
+
+    def escalate(self) -> str | None:
+        i = self.levels.index(self.current)
+        if i + 1 >= len(self.levels):
+            return None
+        self.current = self.levels[i + 1]
+        return self.current
+
+
+def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled() and module.training:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
+def set_block_checkpointing(model: nn.Module, level: str) -> int:
+    """Apply checkpointing ``level`` to a live model: ``"blocks"`` wraps the forward of every
+    :class:`ResidualDilatedBlock` and :class:`DenseBlock` in ``torch.utils.checkpoint`` (training mode only),
+    ``"none"`` removes the wrapping. Parameters and state dict are untouched. Returns the number of blocks
+    now wrapped."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    wrapped = 0
+    for m in model.modules():
+        if not isinstance(m, (ResidualDilatedBlock, DenseBlock)):
+            continue
+        m.__dict__.pop("forward", None)  # back to the class's forward
+        if level == "blocks":
+            m.forward = _checkpointed_forward(m, m.forward)
+            wrapped += 1
+    return wrapped
+
+
+def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_channels: int, num_classes: int,
+                       device: torch.device, autocast_dtype: torch.dtype | None, steps: int = 2) -> Measure:
+    """A ``measure`` for :func:`plan_memory` that runs ``steps`` real training steps (random input and labels,
+    AdamW, autocast when ``autocast_dtype`` is set) of ``build(level)`` on a CUDA ``device`` and returns the
+    peak of ``torch.cuda.max_memory_allocated`` over them."""
+    def measure(level: str, patch: tuple[int, ...], batch: int) -> int:
+        model = build(level).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(steps):
+                x = torch.randn(batch, in_channels, *patch, device=device)
+                y = torch.randint(0, num_classes, (batch, *patch), device=device, dtype=torch.uint8)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    out = model(x)
+                loss_fn(out, y).total.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+            return int(torch.cuda.max_memory_allocated(device))
+        finally:
+            del model, opt
+    return measure
+

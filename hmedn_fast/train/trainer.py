@@ -1,0 +1,554 @@
+"""The HMEDN trainer: data, model, loss, optimiser, schedule, validation, logs and exact resume.
+
+One run lives in ``TrainConfig.out``:
+
+- ``split.json``: the deterministic train/validation case split (seeded permutation of the case names);
+- ``last.pt`` / ``best.pt``: training checkpoints (:mod:`hmedn_fast.train.checkpoint`), readable by
+  ``hmedn_fast.models.io.load_model`` and ``hmedn infer``; ``best.pt`` has the best mean validation Dice;
+- ``log.csv`` / ``log.json``: one row per epoch (losses, learning rate, validation metrics, time);
+- ``curves.png``: training loss and validation Dice per class against the epoch.
+
+Training step: (on the model's device) augmentation, forward under autocast (bf16 on CUDA by default),
+:class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets from the fast targets op; deep supervision on
+the auxiliary heads; the fused loss kernel on CUDA), non-finite check, backward, gradient clipping, AdamW
+(weight decay 1e-7 = the paper's beta), learning-rate schedule per step. A non-finite loss or gradient
+norm skips the step with a warning; after ``max_nonfinite`` skipped steps the run saves and stops
+(:class:`NonFiniteLossError`). An out-of-memory error escalates activation checkpointing and retries the step.
+
+Validation (every ``val_every`` epochs and after the last): each validation case is segmented whole by
+:func:`hmedn_fast.infer.sliding_window.sliding_window_inference` (window = the training patch; a 2D model
+segments the case's slice stacks and the slices are stacked back into the volume), then Dice, ASSD and HD95
+per class (:mod:`hmedn_fast.metrics`, in mm with the case's spacing). Distances are averaged over the cases
+where both masks are non-empty (NaN if none is); Dice over all cases.
+"""
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hmedn_fast import metrics
+from hmedn_fast.data.augment import AugmentConfig, augment_batch
+from hmedn_fast.data.datasets import (PatchDataset, StepBatchSampler, Volume, check_volumes, collate,
+                                      default_patch_size, load_volumes, read_or_write_split, to_slice_stacks)
+from hmedn_fast.data.msd import slice_stack
+from hmedn_fast.data.sampling import check_patch_size
+from hmedn_fast.losses import HMEDNLoss
+from hmedn_fast.models import MODELS, SegmentationOutput, create_model
+from hmedn_fast.train import memory
+from hmedn_fast.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
+from hmedn_fast.train.distributed import DistContext, all_reduce_mean, barrier, init_distributed, wrap_model
+
+SCHEDULES = ("poly", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# options that may differ between a run and its resumption; every other one must match
+RESUMABLE_CHANGES = ("epochs", "val_every", "progress", "num_workers", "device", "threads", "resume",
+                     "checkpoint_every", "max_nonfinite")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when more than ``max_nonfinite`` steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (validated on construction: ValueError/TypeError naming the option).
+
+    Attributes:
+        data: ``"phantom"``, an MSD folder (imagesTr/labelsTr) or a PNG folder (images/labels).
+        out: run folder (created).
+        model: name for :func:`hmedn_fast.models.create_model`; ``overrides``: its constructor overrides
+            (``in_channels`` / ``num_classes`` default to the data's).
+        num_classes: classes incl. background; default: the model override, else 1 + the largest label.
+        slices, slice_axis: 2D model on 3D data: adjacent slices per stack and the axis cut along.
+        patch_size: training patch (one int per model spatial axis); default: covering every case, rounded
+            up to 16 (whole-volume training).
+        batch_size: per-process batch (the global batch is ``batch_size * world_size``).
+        epochs, steps_per_epoch: run length.
+        lr, weight_decay, betas: AdamW (paper: 1e-3, 1e-7, (0.9, 0.999)).
+        schedule: ``"poly"`` ((1 - t/T)^0.9), ``"cosine"`` or ``"constant"``, stepped per iteration.
+        precision: ``"auto"`` (bf16 on CUDA, fp32 on the CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (with a
+            gradient scaler).
+        deep_supervision: use the auxiliary heads' losses; ``aux_weight`` their weight.
+        grad_clip: gradient-norm clipping (None: measure only, for the non-finite check).
+        val_every: validate every N epochs (and after the last); ``val_fraction``: share of validation cases.
+        max_cases: use only the first N cases of the source.
+        foreground_prob: patch centred on a foreground voxel with this probability.
+        augment: flips, 90-degree rotations, intensity scale/shift (slice-order reversal for slice stacks).
+        seed: seeds the split, the samples, the augmentation and the model initialisation.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        num_workers: data-loader worker processes.
+        checkpoint_every: also write ``last.pt`` every N steps inside an epoch (0: at epoch ends only).
+        max_nonfinite: stop after this many skipped (non-finite) steps.
+        memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
+            steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
+            (``"none"``/``"blocks"``; default ``"none"`` without a budget).
+        phantom_cases, phantom_size: phantom source options.
+        progress: tqdm progress bars. ``threads``: torch CPU threads (None: torch's default).
+        resume: continue from ``out/last.pt``.
+    """
+
+    data: str = "phantom"
+    out: str = "runs/hmedn"
+    model: str = "hmedn_3d_l2"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    slices: int = 5
+    slice_axis: int = 2
+    patch_size: tuple[int, ...] | None = None
+    batch_size: int = 2
+    epochs: int = 50
+    steps_per_epoch: int = 250
+    lr: float = 1e-3
+    weight_decay: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "poly"
+    precision: str = "auto"
+    deep_supervision: bool = True
+    aux_weight: float = 0.5
+    grad_clip: float | None = 12.0
+    val_every: int = 1
+    val_fraction: float = 0.2
+    max_cases: int | None = None
+    foreground_prob: float = 0.33
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    max_nonfinite: int = 10
+    memory_budget: str | None = None
+    checkpointing: str | None = None
+    phantom_cases: int = 24
+    phantom_size: int = 64
+    progress: bool = True
+    threads: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides must be a dict, got {type(self.overrides).__name__}")
+        positive = ["slices", "batch_size", "epochs", "steps_per_epoch", "val_every", "phantom_cases", "phantom_size"]
+        for name in positive + ["num_classes", "max_cases", "threads"]:
+            value = getattr(self, name)
+            if value is None and name not in positive:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("num_workers", "checkpoint_every", "max_nonfinite", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background included), got {self.num_classes}")
+        if self.slices % 2 == 0:
+            raise ValueError(f"slices must be odd, got {self.slices}")
+        if self.slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis!r}")
+        for name in ("lr", "aux_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not 0.0 <= self.foreground_prob <= 1.0:
+            raise ValueError(f"foreground_prob must be in [0, 1], got {self.foreground_prob!r}")
+        if self.checkpointing is not None and self.checkpointing not in memory.LEVELS:
+            raise ValueError(f"checkpointing must be one of {memory.LEVELS} or None, got {self.checkpointing!r}")
+        if self.memory_budget is not None and self.checkpointing is not None:
+            raise ValueError("give memory_budget (planned checkpointing) or checkpointing (fixed), not both")
+        if self.patch_size is not None:
+            self.patch_size = tuple(self.patch_size)
+        self.betas = tuple(self.betas)
+        self.out = str(self.out)
+        self.data = str(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _lr_lambda(schedule: str, total: int):
+    if schedule == "poly":
+        return lambda step: max(1.0 - step / total, 0.0) ** 0.9
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step / total, 1.0)))
+    return lambda step: 1.0
+
+
+class Trainer:
+    """Build everything a run needs from a :class:`TrainConfig`; :meth:`fit` trains.
+
+    Args:
+        config: the run's options.
+        ctx: distributed context (default: from torchrun's environment, or a single process).
+
+    Attributes (after construction): ``model`` (DDP-wrapped when distributed; the bare model is
+    ``self.net``), ``optimizer``, ``scheduler``, ``scaler``, ``loss_fn``, ``train_items`` / ``val_volumes``,
+    ``patch_size``, ``batch_size``, ``num_classes``, ``spatial_dims``, ``history`` (epoch rows),
+    ``memory_plan`` (a :class:`~hmedn_fast.train.memory.MemoryPlan` or None), ``checkpoint_level``.
+    """
+
+    def __init__(self, config: TrainConfig, ctx: DistContext | None = None) -> None:
+        self.config = cfg = config
+        self.ctx = ctx or init_distributed(cfg.device)
+        self.device = self.ctx.device
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume_record = self._resume_record()
+
+        spec = MODELS[cfg.model]
+        self.spatial_dims = int(cfg.overrides.get("spatial_dims", spec.spatial_dims))
+        volumes = load_volumes(cfg.data, spatial_dims=self.spatial_dims, max_cases=cfg.max_cases,
+                               phantom_cases=cfg.phantom_cases, phantom_size=cfg.phantom_size, seed=cfg.seed)
+        if resume_record:
+            self.split = resume_record["split"]
+        else:
+            names = [v.name for v in volumes]
+            if self.ctx.is_main:  # rank 0 writes split.json (or reads an existing one), the others read it
+                read_or_write_split(self.out / "split.json", names, cfg.val_fraction, cfg.seed)
+            barrier(self.ctx)
+            self.split = read_or_write_split(self.out / "split.json", names, cfg.val_fraction, cfg.seed)
+        by_name = {v.name: v for v in volumes}
+        train_volumes = [by_name[n] for n in self.split["train"]]
+        self.val_volumes = [by_name[n] for n in self.split["val"]]
+        data_dims = volumes[0].label.ndim
+        if self.spatial_dims == 3 and data_dims == 2:
+            raise ValueError(f"model {cfg.model!r} is 3D but the data {cfg.data!r} is 2D")
+        self.stacked = self.spatial_dims == 2 and data_dims == 3
+        self.train_items = (to_slice_stacks(train_volumes, cfg.slices, cfg.slice_axis) if self.stacked
+                            else train_volumes)
+
+        labels_max = max(int(v.label.max()) for v in volumes)
+        self.num_classes = int(cfg.num_classes or cfg.overrides.get("num_classes") or max(labels_max + 1, 2))
+        self.in_channels = int(cfg.overrides.get("in_channels", self.train_items[0].image.shape[0]))
+        check_volumes(self.train_items, self.num_classes, self.in_channels)
+        check_volumes(self.val_volumes, self.num_classes,
+                      self.in_channels // cfg.slices if self.stacked else self.in_channels)
+
+        self.patch_size = check_patch_size(cfg.patch_size or default_patch_size(self.train_items), self.spatial_dims)
+        self.batch_size = cfg.batch_size
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.loss_fn = HMEDNLoss(self.num_classes, aux_weights=cfg.aux_weight, check_values=False).to(self.device)
+
+        self.memory_plan = resume_record.get("memory_plan") if resume_record else None
+        self.checkpoint_level = cfg.checkpointing or "none"
+        if resume_record:
+            self.checkpoint_level = resume_record["checkpoint_level"]
+            self.patch_size, self.batch_size = tuple(resume_record["patch_size"]), resume_record["batch_size"]
+        elif cfg.memory_budget is not None:
+            self._plan_memory()
+        torch.manual_seed(cfg.seed)
+        self.net = self._build_model(self.checkpoint_level).to(self.device)
+        self.model = wrap_model(self.net, self.ctx)
+        self.escalator = memory.OOMEscalator(self.checkpoint_level)
+
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay)
+        total = cfg.epochs * cfg.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.schedule, total))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.augment = (AugmentConfig(slice_groups=cfg.slices if self.stacked else None) if cfg.augment else None)
+        self.dataset = PatchDataset(self.train_items, self.patch_size, cfg.steps_per_epoch * self.batch_size
+                                    * self.ctx.world_size, seed=cfg.seed, foreground_prob=cfg.foreground_prob)
+
+        self.history: list[dict[str, Any]] = []
+        self.best = {"score": -math.inf, "epoch": None}
+        self.nonfinite = 0
+        self.position: dict[str, Any] = {"epoch": 0, "step": 0, "sums": {}, "count": 0, "time": 0.0}
+        if resume_record:
+            self._restore(resume_record)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _resume_record(self) -> dict[str, Any] | None:
+        if not self.config.resume:
+            return None
+        record = load_checkpoint(self.out / "last.pt")
+        stored = record.get("config", {})
+        now = self.config.to_dict()
+        differ = {k: (stored.get(k), now[k]) for k in now
+                  if k not in RESUMABLE_CHANGES and _jsonable(stored.get(k)) != _jsonable(now[k])}
+        if differ:
+            raise ValueError(f"cannot resume {self.out / 'last.pt'}: options differ from the checkpoint's "
+                             f"(stored, now): {differ}")
+        return record
+
+    def _model_kwargs(self, level: str) -> dict[str, Any]:
+        kwargs = {"in_channels": self.in_channels, "num_classes": self.num_classes, **self.config.overrides}
+        if self._constructor_checkpointing():
+            kwargs["checkpoint"] = level
+        return kwargs
+
+    def _constructor_checkpointing(self) -> bool:
+        return "checkpoint" in inspect.signature(MODELS[self.config.model].cls).parameters
+
+    def _build_model(self, level: str) -> torch.nn.Module:
+        model = create_model(self.config.model, **self._model_kwargs(level))
+        if not self._constructor_checkpointing():
+            memory.set_block_checkpointing(model, level)
+        return model
+
+    def _plan_memory(self) -> None:
+        if self.device.type != "cuda":
+            raise ValueError("memory_budget needs a CUDA device (it is planned by measuring GPU memory)")
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = memory.parse_memory_budget(self.config.memory_budget, total)
+        measure = memory.cuda_step_measurer(self._build_model, self.loss_fn, self.in_channels, self.num_classes,
+                                            self.device, self.autocast_dtype)
+        plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure)
+        torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), self.device)
+        self.memory_plan = asdict(plan)
+        self.checkpoint_level, self.patch_size, self.batch_size = plan.level, plan.patch_size, plan.batch_size
+        if self.ctx.is_main:
+            print(plan.describe(), flush=True)
+
+    def _restore(self, record: dict[str, Any]) -> None:
+        self.net.load_state_dict(record["state_dict"])
+        self.optimizer.load_state_dict(record["optimizer"])
+        self.scheduler.load_state_dict(record["scheduler"])
+        self.scaler.load_state_dict(record["scaler"])
+        self.history, self.best, self.nonfinite = record["history"], record["best"], record["nonfinite"]
+        self.position = dict(record["position"])
+        restore_rng_state(record["rng"])
+        if self.ctx.is_main:
+            print(f"resumed {self.out / 'last.pt'} at epoch {self.position['epoch']} step {self.position['step']}",
+                  flush=True)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
+        """One optimiser step on a batch already on the device (images float32 (N, C, *patch), labels
+        integer (N, *patch)). Returns the loss parts (``"loss"`` = total) as floats, or None when the step was
+        skipped (non-finite loss or gradient). Retries with more checkpointing after an out-of-memory error."""
+        while True:
+            try:
+                return self._step(images, labels)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                level = self.escalator.escalate()
+                if level is None:
+                    raise
+                warnings.warn(f"out of memory in a training step: escalating activation checkpointing to {level!r} "
+                              f"and retrying", RuntimeWarning, stacklevel=2)
+                memory.set_block_checkpointing(self.net, level)
+                self.checkpoint_level = level
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.model(images)
+        if not self.config.deep_supervision:
+            out = SegmentationOutput(out.seg, out.contour, [])
+        loss = self.loss_fn(out, labels)
+        values = torch.stack([loss.total.detach().float(), *[p.float() for p in loss.parts.values()]])
+        values = all_reduce_mean(values, self.ctx)
+        if not bool(torch.isfinite(values[0])):
+            return self._skip("loss")
+        self.scaler.scale(loss.total).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip or math.inf)
+        if self.precision != "fp16" and not bool(torch.isfinite(norm)):
+            return self._skip("gradient norm")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        vals = values.tolist()
+        return {"loss": vals[0], **{k: v for k, v in zip(loss.parts, vals[1:])}}
+
+    def _skip(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite += 1
+        warnings.warn(f"non-finite {what} at epoch {self.position['epoch']} step {self.position['step']}: step "
+                      f"skipped ({self.nonfinite} so far, max_nonfinite={self.config.max_nonfinite})",
+                      RuntimeWarning, stacklevel=3)
+        if self.nonfinite > self.config.max_nonfinite:
+            self._save("last.pt")
+            raise NonFiniteLossError(f"{self.nonfinite} training steps had a non-finite loss or gradient "
+                                     f"(max_nonfinite={self.config.max_nonfinite}); stopping. Lower the learning "
+                                     f"rate or check the data.")
+        return None
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train from the current position to ``epochs``; returns ``{"best", "history", "out"}``."""
+        cfg = self.config
+        loader_gen = torch.Generator()  # keeps DataLoader from drawing on the global RNG (exact resume)
+        while self.position["epoch"] < cfg.epochs:
+            epoch, start = self.position["epoch"], self.position["step"]
+            self.dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=StepBatchSampler(cfg.steps_per_epoch, self.batch_size, start,
+                                                             self.ctx.rank, self.ctx.world_size),
+                collate_fn=collate, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                generator=loader_gen)
+            bar = tqdm(loader, total=cfg.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (cfg.progress and self.ctx.is_main), leave=False)
+            tick = time.perf_counter()
+            for images, labels, seeds in bar:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                if self.augment is not None:
+                    images, labels = augment_batch(images, labels, seeds, self.augment)
+                parts = self.train_step(images, labels)
+                pos = self.position
+                if parts is not None:
+                    for k, v in parts.items():
+                        pos["sums"][k] = pos["sums"].get(k, 0.0) + v
+                    pos["count"] += 1
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}")
+                pos["step"] += 1
+                if cfg.checkpoint_every and pos["step"] % cfg.checkpoint_every == 0 and pos["step"] < cfg.steps_per_epoch:
+                    pos["time"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    self._save("last.pt")
+            bar.close()
+            self.position["time"] += time.perf_counter() - tick
+            self._end_epoch()
+        return {"best": self.best, "history": self.history, "out": str(self.out)}
+
+    def _end_epoch(self) -> None:
+        cfg, pos = self.config, self.position
+        epoch = pos["epoch"]
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * cfg.steps_per_epoch,
+                               "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.nonfinite,
+                               "checkpointing": self.checkpoint_level, "time_s": round(pos["time"], 3)}
+        row.update({f"train_{k}": v / max(pos["count"], 1) for k, v in pos["sums"].items()})
+        improved = False
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            if self.ctx.is_main:
+                row.update(self.validate())
+                if row["val_dice_mean"] > self.best["score"]:
+                    self.best = {"score": row["val_dice_mean"], "epoch": epoch + 1}
+                    improved = True
+            barrier(self.ctx)
+        self.history.append(row)
+        self.position = {"epoch": epoch + 1, "step": 0, "sums": {}, "count": 0, "time": 0.0}
+        self._save("last.pt")
+        if improved:
+            self._save("best.pt")
+        if self.ctx.is_main:
+            self._write_logs()
+
+    def _save(self, name: str) -> None:
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(self.out / name, self.model, self.optimizer, self.scheduler, self.scaler, self.position,
+                        history=self.history, best=self.best, nonfinite=self.nonfinite,
+                        config=self.config.to_dict(), split=self.split, memory_plan=self.memory_plan,
+                        checkpoint_level=self.checkpoint_level, patch_size=list(self.patch_size),
+                        batch_size=self.batch_size, spatial_dims=self.spatial_dims,
+                        slices=self.config.slices if self.stacked else None,
+                        slice_axis=self.config.slice_axis if self.stacked else None)
+
+    # ------------------------------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def predict(self, volume: Volume) -> np.ndarray:
+        """Label map (*spatial) uint8 of one case, segmented whole (see the module doc)."""
+        from hmedn_fast.infer.engines import EagerEngine
+        from hmedn_fast.infer.sliding_window import sliding_window_inference
+
+        engine = EagerEngine(self.net, device=self.device, dtype=self.autocast_dtype or torch.float32, fuse=False)
+        if self.stacked:
+            stacks, _ = slice_stack(volume.image, volume.label, axis=self.config.slice_axis, slices=self.config.slices)
+            image = torch.from_numpy(stacks)
+        else:
+            image = torch.from_numpy(volume.image)[None]
+        probs = sliding_window_inference(image, engine, self.patch_size, overlap=0.25, sw_batch_size=8).probabilities
+        labels = probs.argmax(1).to(torch.uint8).cpu().numpy()
+        return np.moveaxis(labels, 0, self.config.slice_axis) if self.stacked else labels[0]
+
+    def validate(self) -> dict[str, float]:
+        """Dice / ASSD / HD95 per class over the validation cases: ``val_dice_<k>``, ``val_assd_<k>``,
+        ``val_hd95_<k>`` for k = 1..K-1 and ``val_dice_mean`` (mean over classes)."""
+        k = self.num_classes
+        dice, assd, hd95 = [], [], []
+        for v in self.val_volumes:
+            pred = self.predict(v)
+            dice.append(metrics.dice(pred, v.label, num_classes=k))
+            assd.append(metrics.assd(pred, v.label, spacing=v.spacing, num_classes=k))
+            hd95.append(metrics.hausdorff(pred, v.label, spacing=v.spacing, percentile=95, num_classes=k))
+        out: dict[str, float] = {}
+        dice_mean = np.mean(dice, axis=0)
+        for name, values in (("assd", assd), ("hd95", hd95)):
+            arr = np.array(values)
+            arr[~np.isfinite(arr)] = np.nan
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means = np.nanmean(arr, axis=0)
+            out.update({f"val_{name}_{c}": float(means[c - 1]) for c in range(1, k)})
+        out.update({f"val_dice_{c}": float(dice_mean[c - 1]) for c in range(1, k)})
+        out["val_dice_mean"] = float(dice_mean.mean())
+        return out
+
+    # ------------------------------------------------------------------------------------------ logs
+    def _write_logs(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        with open(self.out / "log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        (self.out / "log.json").write_text(json.dumps({"config": self.config.to_dict(), "best": self.best,
+                                                       "memory_plan": self.memory_plan, "history": self.history},
+                                                      indent=1, default=str))
+        plot_curves(self.history, self.out / "curves.png")
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
+    """PNG of the training loss and the validation Dice per class against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in history]
+    for key in ("train_loss", "train_seg", "train_contour"):
+        if any(key in r for r in history):
+            ax_loss.plot(epochs, [r.get(key, np.nan) for r in history], label=key[6:])
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    ax_loss.legend()
+    val = [r for r in history if "val_dice_mean" in r]
+    for key in sorted({k for r in val for k in r if k.startswith("val_dice_")}):
+        ax_dice.plot([r["epoch"] for r in val], [r[key] for r in val], marker="o", label=key[9:])
+    ax_dice.set(xlabel="epoch", ylabel="validation Dice", ylim=(0, 1))
+    if val:
+        ax_dice.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "plot_curves", "SCHEDULES", "PRECISIONS"]
