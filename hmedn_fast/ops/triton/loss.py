@@ -1,0 +1,420 @@
+"""Fused Triton kernels of the difficulty-guided loss, registered as torch custom ops.
+
+One kernel (:func:`_loss_kernel`) serves every pass. A program owns ``BLOCK`` voxels of the logits' grid
+of one sample; for each it computes ``logsumexp`` over the K classes with an online softmax (one pass
+over the classes, any K), then visits the label voxels it covers (1 when logits and labels share a
+resolution, ``fd*fh*fw`` when the logits are an integer fraction of it: nearest upsampling without
+materialising it), reading labels, weight map, contour target and (backward of ``none``) the upstream
+gradient once, and accumulates
+
+- the loss: per-program partial sums of ``L_s`` and ``L_r`` (reduced in a fixed order by PyTorch: a
+  deterministic two-stage reduction, no float atomics), or the per-voxel map for ``reduction="none"``;
+- the gradients: ``d/dz_k = s_seg (sum_v w_v p_k - sum_{v: y_v = k} w_v)`` and
+  ``d/dc = s_ctr 2 sigmoid'(c) sum_v (sigmoid(c) - C_v)``, written in the same pass.
+
+Forward modes: *one-pass* (``write_grads=True``, used for mean / sum under grad mode): the forward also
+writes the gradients for an upstream gradient of 1 and the backward only rescales them in place (a
+kernel that reads nothing when the scale is 1); *two-pass*: the backward recomputes from the inputs.
+Logits and contour logits are read in place in NC* or channels-last layout (any strides whose spatial
+dims flatten to one stride); labels, weight and contour target are (N, *spatial) contiguous.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 1024
+STATS_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
+                  HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, GOUT: tl.constexpr):
+    """Label (clamped to [0, K)), validity and effective weight ``W nu [gout]`` (0 if ignored) of voxels ``idx``."""
+    raw = tl.load(labels_ptr + idx, mask=mask, other=0)
+    valid = mask
+    if HAS_IGNORE:
+        valid = valid & (raw != ignore_index)
+    y = tl.minimum(tl.maximum(raw.to(tl.int32), 0), K - 1)
+    w = tl.where(valid, 1.0, 0.0)
+    if HAS_WEIGHT:
+        w = w * tl.load(weight_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    if HAS_CW:
+        w = w * tl.load(cw_ptr + y, mask=valid, other=0.0).to(tl.float32)
+    if GOUT:
+        w = w * tl.load(gout_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    return y, valid, w
+
+
+@triton.jit
+def _visit(labels_ptr, weight_ptr, cw_ptr, gout_ptr, ctarget_ptr, out_ptr, lrow, stride_lk, lse, sig, idx, mask,
+           K, ignore_index, alpha,
+           HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, GOUT: tl.constexpr,
+           HAS_CONTOUR: tl.constexpr, LOSS: tl.constexpr):
+    """One label voxel per row: (label, effective weight, seg loss, contour loss, contour gradient sum)."""
+    y, valid, w = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
+                                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+    seg = tl.zeros_like(lse)
+    ctr = tl.zeros_like(lse)
+    dctr = tl.zeros_like(lse)
+    if LOSS != 0:
+        z_y = tl.load(lrow + y * stride_lk, mask=valid, other=0.0).to(tl.float32)
+        seg = w * (lse - z_y)
+    if HAS_CONTOUR:
+        diff = tl.where(valid, sig - tl.load(ctarget_ptr + idx, mask=valid, other=0.0).to(tl.float32), 0.0)
+        ctr = diff * diff
+        dctr = diff
+        if GOUT:
+            dctr = diff * tl.load(gout_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    if LOSS == 2:
+        tl.store(out_ptr + idx, seg + alpha * ctr, mask=mask)
+    return y, w, seg, ctr, dctr
+
+
+@triton.jit
+def _loss_kernel(
+    logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, scales_ptr,
+    partials_ptr, out_ptr, glogits_ptr, gclogits_ptr,
+    K, S_low, HW_low, W_low, S_full, H_full, W_full,
+    stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
+    stride_cn, stride_cs, stride_dn, stride_ds,
+    ignore_index, alpha, ctr_factor,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_CONTOUR: tl.constexpr,
+    LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """LOSS: 0 none, 1 partial sums, 2 per-voxel map. GRAD: write gradients. GOUT: per-voxel upstream grad."""
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    u = pid_s * BLOCK + tl.arange(0, BLOCK)
+    mask = u < S_low
+    lrow = logits_ptr + n * stride_ln + u * stride_ls
+
+    # online softmax over the classes: running max m and running sum s of exp(z - m)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    for k in range(K):
+        z = tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    lse = m + tl.log(s)
+    sig = tl.zeros_like(lse)
+    if HAS_CONTOUR:
+        sig = tl.sigmoid(tl.load(clogits_ptr + n * stride_cn + u * stride_cs, mask=mask, other=0.0).to(tl.float32))
+
+    fbase = n * S_full
+    NUM_CHILD: tl.constexpr = FD * FH * FW
+    if NUM_CHILD == 1:
+        y1, wsum, seg_acc, ctr_acc, dctr = _visit(
+            labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase, ctarget_ptr + fbase, out_ptr + fbase,
+            lrow, stride_lk, lse, sig, u, mask, K, ignore_index, alpha,
+            HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT, HAS_CONTOUR, LOSS)
+    else:
+        # label index of the block's first voxel; child c adds ((cd * H + ch) * W + cw)
+        ud = u // HW_low
+        uh = (u % HW_low) // W_low
+        uw = u % W_low
+        first = (ud * FD * H_full + uh * FH) * W_full + uw * FW
+        wsum = tl.zeros_like(lse)
+        seg_acc = tl.zeros_like(lse)
+        ctr_acc = tl.zeros_like(lse)
+        dctr = tl.zeros_like(lse)
+        for c in range(NUM_CHILD):
+            off = ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+            _, w_c, seg_c, ctr_c, dctr_c = _visit(
+                labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase, ctarget_ptr + fbase,
+                out_ptr + fbase, lrow, stride_lk, lse, sig, first + off, mask, K, ignore_index, alpha,
+                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT, HAS_CONTOUR, LOSS)
+            wsum += w_c
+            seg_acc += seg_c
+            ctr_acc += ctr_c
+            dctr += dctr_c
+
+    if LOSS == 1:
+        slot = (n * tl.num_programs(0) + pid_s) * 2
+        tl.store(partials_ptr + slot, tl.sum(seg_acc, axis=0))
+        tl.store(partials_ptr + slot + 1, tl.sum(ctr_acc, axis=0))
+    if GRAD:
+        seg_scale = tl.load(scales_ptr)
+        ctr_scale = tl.load(scales_ptr + 1) * ctr_factor
+        grow = glogits_ptr + n * stride_gn + u * stride_gs
+        for k in range(K):
+            p = tl.exp(tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32) - lse)
+            if NUM_CHILD == 1:
+                h = tl.where(y1 == k, wsum, 0.0)
+            else:
+                h = tl.zeros_like(lse)
+                for c in range(NUM_CHILD):
+                    off = ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+                    y_c, _, w_c = _label_weight(labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase,
+                                                first + off, mask, K, ignore_index,
+                                                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+                    h += tl.where(y_c == k, w_c, 0.0)
+            g = seg_scale * (wsum * p - h)
+            tl.store(grow + k * stride_gk, g.to(glogits_ptr.dtype.element_ty), mask=mask)
+        if HAS_CONTOUR:
+            gc = ctr_scale * 2.0 * sig * (1.0 - sig) * dctr
+            tl.store(gclogits_ptr + n * stride_dn + u * stride_ds, gc.to(gclogits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _label_stats_kernel(labels_ptr, stats_ptr, numel, K, ignore_index, HAS_IGNORE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Per program: number of kept (non-ignored) voxels and of labels outside [0, K) that are not ignored."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    y = tl.load(labels_ptr + offs, mask=mask, other=0).to(tl.int64)
+    kept = mask
+    if HAS_IGNORE:
+        kept = kept & (y != ignore_index)
+    bad = kept & ((y < 0) | (y >= K))
+    tl.store(stats_ptr + pid * 2, tl.sum(kept.to(tl.int32), axis=0))
+    tl.store(stats_ptr + pid * 2 + 1, tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """x *= scale in place; reads and writes nothing when scale == 1."""
+    scale = tl.load(scale_ptr)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < tl.where(scale != 1.0, numel, 0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def flat_spatial_stride(t: Tensor, first: int) -> int | None:
+    """Stride of dims ``first:`` flattened to one index, or None when they do not flatten (size-1 dims skipped)."""
+    dims = [d for d in range(first, t.ndim) if t.shape[d] != 1]
+    for a, b in zip(dims, dims[1:]):
+        if t.stride(a) != t.stride(b) * t.shape[b]:
+            return None
+    return t.stride(dims[-1]) if dims else 1
+
+
+def _launch(
+    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+    contour_target: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Optional[int],
+    alpha: float, *, loss: int, partials: Optional[Tensor] = None, out: Optional[Tensor] = None,
+    grads: Optional[tuple[Tensor, Optional[Tensor]]] = None, scales: Optional[Tensor] = None,
+    gout: Optional[Tensor] = None, ctr_factor: float = 1.0,
+) -> None:
+    """Run :func:`_loss_kernel` once, writing into the given buffers (see the kernel for the modes)."""
+    n, k, *low = logits.shape
+    full = labels.shape[1:]
+    pad = [1] * (3 - len(low))
+    d_l, h_l, w_l = pad + list(low)
+    _, h_f, w_f = pad + list(full)
+    fd, fh, fw = (f // s for f, s in zip(pad + list(full), pad + list(low)))
+    s_low = d_l * h_l * w_l
+    has_contour = contour_logits is not None
+    glogits, gclogits = grads if grads is not None else (logits, contour_logits)
+    c_first = contour_logits.ndim - len(low) if has_contour else 0
+    dummy = logits
+    block = BLOCK if fd * fh * fw == 1 else max(64, BLOCK // triton.next_power_of_2(fd * fh * fw))
+    grid = (triton.cdiv(s_low, block), n)
+    _loss_kernel[grid](
+        logits, labels, dummy if weight is None else weight, dummy if class_weight is None else class_weight,
+        dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
+        dummy if gout is None else gout, dummy if scales is None else scales,
+        dummy if partials is None else partials, dummy if out is None else out,
+        glogits, dummy if gclogits is None else gclogits,
+        k, s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
+        logits.stride(0), logits.stride(1), flat_spatial_stride(logits, 2),
+        glogits.stride(0), glogits.stride(1), flat_spatial_stride(glogits, 2),
+        contour_logits.stride(0) if has_contour else 0,
+        flat_spatial_stride(contour_logits, c_first) if has_contour else 0,
+        gclogits.stride(0) if has_contour else 0,
+        flat_spatial_stride(gclogits, c_first) if has_contour else 0,
+        0 if ignore_index is None else ignore_index, alpha, ctr_factor,
+        FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
+        HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
+        GOUT=gout is not None, BLOCK=block, num_warps=4,
+    )
+
+
+def _num_programs(logits: Tensor, labels: Tensor) -> int:
+    n, _, *low = logits.shape
+    factor = labels[0].numel() // logits[0, 0].numel()
+    block = BLOCK if factor == 1 else max(64, BLOCK // triton.next_power_of_2(factor))
+    return n * triton.cdiv(logits[0, 0].numel(), block)
+
+
+def _label_stats(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> Tensor:
+    """int64 (2,): kept voxels, out-of-range labels (ignore_index excepted)."""
+    numel = labels.numel()
+    stats = torch.empty((triton.cdiv(numel, STATS_BLOCK), 2), dtype=torch.int32, device=labels.device)
+    _label_stats_kernel[(stats.shape[0],)](
+        labels, stats, numel, num_classes, 0 if ignore_index is None else ignore_index,
+        HAS_IGNORE=ignore_index is not None, BLOCK=STATS_BLOCK,
+    )
+    return stats.sum(0)
+
+
+def _norm(logits: Tensor, labels: Tensor, contour_logits: Optional[Tensor], ignore_index: Optional[int],
+          reduction: str, check_values: bool) -> Tensor:
+    """float32 0-dim divisor of the sums (kept voxels, >= 1, for mean; 1 otherwise) after the value checks."""
+    stats = None
+    if check_values or (ignore_index is not None and reduction == "mean"):
+        stats = _label_stats(labels, logits.shape[1], ignore_index)
+    if check_values:
+        from hmedn_fast.ops.loss import nan_flag, raise_for_flags
+
+        flags = torch.stack([stats[1] > 0, nan_flag(logits, logits.device),
+                             nan_flag(contour_logits, logits.device)]).tolist()
+        raise_for_flags(flags, logits, labels, contour_logits, ignore_index)
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=logits.device)
+    if ignore_index is None:
+        return torch.full((), float(labels.numel()), dtype=torch.float32, device=logits.device)
+    return stats[0].clamp(min=1).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("hmedn_fast::difficulty_guided_loss", mutates_args=())
+def _loss_op(
+    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+    contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int],
+    reduction: str, write_grads: bool, check_values: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, norm, grad_logits, grad_contour)``: ``out`` float32 ``[L_s, L_r]`` (mean / sum) or the
+    per-voxel map (none); ``norm`` the float32 divisor; the gradients (for an upstream gradient of 1)
+    when ``write_grads``, else empty."""
+    norm = _norm(logits, labels, contour_logits, ignore_index, reduction, check_values)
+    gl, gc = _grad_buffers(logits, contour_logits, write_grads)
+    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
+    if reduction == "none":
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        _launch(*args, loss=2, out=out)
+        return out, norm, gl, gc
+    partials = torch.empty((_num_programs(logits, labels), 2), dtype=torch.float32, device=logits.device)
+    grads = (gl, gc if contour_logits is not None else None) if write_grads else None
+    _launch(*args, loss=1, partials=partials, grads=grads, scales=(1.0 / norm).expand(2).contiguous())
+    out = (partials.sum(0, dtype=torch.float64) / norm.double()).float()
+    return out, norm, gl, gc
+
+
+def _grad_buffers(logits: Tensor, contour_logits: Optional[Tensor], write_grads: bool) -> tuple[Tensor, Tensor]:
+    """Gradient buffers like the logits (strides kept), or distinct empty tensors when not written."""
+    gl = torch.empty_like(logits) if write_grads else logits.new_empty((0,))
+    gc = torch.empty_like(contour_logits) if write_grads and contour_logits is not None else logits.new_empty((0,))
+    return gl, gc
+
+
+@_loss_op.register_fake
+def _loss_op_fake(logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
+                  reduction, write_grads, check_values):
+    shape = labels.shape if reduction == "none" else (2,)
+    gl, gc = _grad_buffers(logits, contour_logits, write_grads)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty((), dtype=torch.float32), gl, gc
+
+
+@torch.library.custom_op("hmedn_fast::difficulty_guided_loss_backward", mutates_args=())
+def _loss_backward_op(
+    grad_out: Tensor, norm: Tensor, logits: Tensor, labels: Tensor, weight: Optional[Tensor],
+    contour_logits: Optional[Tensor], contour_target: Optional[Tensor], class_weight: Optional[Tensor],
+    alpha: float, ignore_index: Optional[int], reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """Two-pass backward: gradients of ``grad_out . out`` w.r.t. logits and contour logits."""
+    gl, gc = _grad_buffers(logits, contour_logits, True)
+    grads = (gl, gc if contour_logits is not None else None)
+    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
+    if reduction == "none":
+        ones = torch.ones(2, dtype=torch.float32, device=logits.device)
+        _launch(*args, loss=0, grads=grads, scales=ones, gout=grad_out.contiguous(), ctr_factor=alpha)
+    else:
+        _launch(*args, loss=0, grads=grads, scales=(grad_out.float() / norm).contiguous())
+    return gl, gc
+
+
+@_loss_backward_op.register_fake
+def _loss_backward_op_fake(grad_out, norm, logits, labels, weight, contour_logits, contour_target, class_weight,
+                           alpha, ignore_index, reduction):
+    return _grad_buffers(logits, contour_logits, True)
+
+
+@torch.library.custom_op("hmedn_fast::difficulty_guided_loss_scale_", mutates_args=("grad_logits", "grad_contour"))
+def _scale_op(grad_logits: Tensor, grad_contour: Tensor, grad_out: Tensor) -> None:
+    """One-pass backward: ``grad_logits *= grad_out[0]``, ``grad_contour *= grad_out[1]`` (no-op reads at 1)."""
+    scales = grad_out.float().contiguous()
+    for i, t in enumerate((grad_logits, grad_contour)):
+        if t.numel():
+            _scale_kernel[(triton.cdiv(t.numel(), STATS_BLOCK),)](t, scales[i:], t.numel(), BLOCK=STATS_BLOCK)
+
+
+@_scale_op.register_fake
+def _scale_op_fake(grad_logits, grad_contour, grad_out):
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index, reduction, \
+        write_grads, _ = inputs
+    out, norm, gl, gc = output
+    ctx.mark_non_differentiable(norm, gl, gc)
+    ctx.set_materialize_grads(False)
+    ctx.write_grads = write_grads
+    ctx.has_contour = contour_logits is not None
+    ctx.options = (alpha, ignore_index, reduction)
+    if write_grads:
+        ctx.save_for_backward(gl, gc)
+    else:
+        ctx.save_for_backward(norm, logits, labels, weight, contour_logits, contour_target, class_weight)
+
+
+def _backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return (None,) * 11
+    if ctx.write_grads:
+        gl, gc = ctx.saved_tensors  # unpacking a second time (retain_graph) fails: they were scaled in place
+        torch.ops.hmedn_fast.difficulty_guided_loss_scale_(gl, gc, grad_out)
+    else:
+        norm, logits, labels, weight, contour_logits, contour_target, class_weight = ctx.saved_tensors
+        gl, gc = torch.ops.hmedn_fast.difficulty_guided_loss_backward(
+            grad_out, norm, logits, labels, weight, contour_logits, contour_target, class_weight, *ctx.options)
+    return (gl, None, None, gc if ctx.has_contour else None) + (None,) * 7
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def _kernel_layout(t: Tensor, first: int) -> Tensor:
+    return t if flat_spatial_stride(t, first) is not None else t.contiguous()
+
+
+def difficulty_guided_loss(
+    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+    contour_target: Optional[Tensor], alpha: float, class_weight: Optional[Tensor], ignore_index: Optional[int],
+    reduction: str, *, return_parts: bool = False, check_values: bool = True, one_pass: Optional[bool] = None,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Triton backend of :func:`hmedn_fast.ops.difficulty_guided_loss` (inputs already checked there).
+
+    ``one_pass``: None (automatic: the forward writes the gradients when grad mode is on, a logit
+    requires grad and the reduction is mean / sum), or force it on / off (benchmarks; ignored for none).
+    """
+    full = labels.shape
+    logits = _kernel_layout(logits, 2)
+    labels = labels.contiguous()
+    weight = None if weight is None else weight.reshape(full).contiguous()
+    contour_target = None if contour_target is None else contour_target.reshape(full).contiguous()
+    if contour_logits is not None:
+        contour_logits = _kernel_layout(contour_logits, contour_logits.ndim - logits.ndim + 2)
+    class_weight = None if class_weight is None else class_weight.contiguous()
+    needs_grad = torch.is_grad_enabled() and (
+        logits.requires_grad or (contour_logits is not None and contour_logits.requires_grad))
+    write_grads = reduction != "none" and (needs_grad if one_pass is None else one_pass)
+    out = _loss_op(logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
+                   reduction, write_grads, check_values)[0]
+    if reduction == "none":
+        return out
+    seg, ctr = out[0], out[1]
+    total = seg + alpha * ctr
+    return (total, seg, ctr) if return_parts else total
