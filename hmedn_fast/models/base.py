@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn.fusion import fuse_for_inference
 from ..nn.layers import ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, xavier_init
 from .output import SegmentationOutput
 
@@ -44,6 +45,11 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if init == "xavier":
             xavier_init(self)
+
+    def fuse_for_inference(self) -> "SegmentationModel":
+        """A fused eval-mode copy (BatchNorm folded into the convolutions), equal to ``self.eval()``'s outputs;
+        ``self`` is unchanged. See :func:`hmedn_fast.nn.fusion.fuse_for_inference`."""
+        return fuse_for_inference(self)
 
     def forward_padded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Return (features for the contour head, seg logits, aux logits) for a padded input."""

@@ -26,6 +26,8 @@ class ResidualDilatedBlock(nn.Module):
     Shapes: (N, C, *spatial) -> (N, C, *spatial), same dtype.
     """
 
+    fusable_pairs = (("conv1", "norm1"), ("conv2", "norm2"))  # conv -> norm pairs for nn.fusion
+
     def __init__(self, channels: int, dilations: Sequence[int] = (2, 4), spatial_dims: int = 2,
                  norm: NormSpec = "batch", kernel_size: int = 3) -> None:
         super().__init__()
