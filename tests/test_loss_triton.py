@@ -131,6 +131,31 @@ def test_one_pass_and_two_pass_agree(reduction, factor):
 
 
 @interpreted
+@pytest.mark.parametrize("alpha", [0.7, 0.0])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_gradients_of_parts(alpha, one_pass):
+    """Backprop through any combination of (L, L_s, L_r), e.g. L_r alone, matches the reference."""
+    from hmedn_fast.ops import difficulty_guided_loss
+    from hmedn_fast.ops.triton import loss as fused
+
+    logits, labels, weight, clog, ctgt, cw = inputs((2, 3, 4, 6), ignore=1)
+    coefs = torch.tensor([0.3, -1.2, 2.5])
+    grads = []
+    for backend in ("triton", "reference"):
+        z, c = logits.clone().requires_grad_(True), clog.clone().requires_grad_(True)
+        if backend == "triton":
+            parts = fused.difficulty_guided_loss(z, labels, weight, c, ctgt, alpha, cw, 1, "mean", return_parts=True,
+                                                 one_pass=one_pass)
+        else:
+            parts = difficulty_guided_loss(z, labels, weight, c, ctgt, alpha, cw, 1, return_parts=True,
+                                           backend="reference")
+        sum(k * p for k, p in zip(coefs, parts)).backward()
+        grads.append((z.grad, c.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+@interpreted
 def test_strided_layouts_read_in_place():
     from hmedn_fast.ops.triton import loss as fused
 
@@ -162,7 +187,7 @@ def test_every_output_element_written(factor):
     fused._launch(*args, loss=2, out=out)
     partials = torch.full((fused._num_programs(logits, labels), 2), nan)
     grads = (torch.full_like(logits, nan), torch.full_like(clog, nan))
-    fused._launch(*args, loss=1, partials=partials, grads=grads, scales=torch.ones(2))
+    fused._launch(*args, loss=1, partials=partials, grads=grads)
     for t in (out, partials, *grads):
         assert torch.isfinite(t).all()
     ref = fused.difficulty_guided_loss(logits, labels, weight, clog, ctgt, 0.5, cw, 1, "none")

@@ -7,8 +7,9 @@ resolution, ``fd*fh*fw`` when the logits are an integer fraction of it: nearest 
 materialising it), reading labels, weight map, contour target and (backward of ``none``) the upstream
 gradient once, and accumulates
 
-- the loss: per-program partial sums of ``L_s`` and ``L_r`` (reduced in a fixed order by PyTorch: a
-  deterministic two-stage reduction, no float atomics), or the per-voxel map for ``reduction="none"``;
+- the loss: per-program partial sums of ``L_s`` and ``L_r``, reduced in a fixed order by a one-program
+  kernel into ``[L, L_s, L_r, divisor]`` (a deterministic two-stage reduction, no float atomics), or the
+  per-voxel map for ``reduction="none"``;
 - the gradients: ``d/dz_k = s_seg (sum_v w_v p_k - sum_{v: y_v = k} w_v)`` and
   ``d/dc = s_ctr 2 sigmoid'(c) sum_v (sigmoid(c) - C_v)``, written in the same pass.
 
@@ -78,17 +79,21 @@ def _visit(labels_ptr, weight_ptr, cw_ptr, gout_ptr, ctarget_ptr, out_ptr, lrow,
 
 @triton.jit
 def _loss_kernel(
-    logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, scales_ptr,
+    logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, norm_ptr, gscale_ptr,
     partials_ptr, out_ptr, glogits_ptr, gclogits_ptr,
     K, S_low, HW_low, W_low, S_full, H_full, W_full,
     stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
     stride_cn, stride_cs, stride_dn, stride_ds,
-    ignore_index, alpha, ctr_factor,
+    ignore_index, alpha, divisor, ctr_coef,
     FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_CONTOUR: tl.constexpr,
-    LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, BLOCK: tl.constexpr,
+    LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, NORM_PTR: tl.constexpr, GSCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """LOSS: 0 none, 1 partial sums, 2 per-voxel map. GRAD: write gradients. GOUT: per-voxel upstream grad."""
+    """LOSS: 0 none, 1 partial sums, 2 per-voxel map. GRAD: write gradients, scaled by ``1 / divisor``
+    (``max(norm_ptr[0], 1)`` with NORM_PTR) times, with GSCALE, the upstream gradients ``g`` of
+    ``[total, L_s, L_r]``: ``g0 + g1`` for the logits, ``alpha g0 + g2`` for the contour logits; without
+    GSCALE the contour gradient gets ``ctr_coef``. GOUT: per-voxel upstream gradient (reduction none)."""
     pid_s = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     u = pid_s * BLOCK + tl.arange(0, BLOCK)
@@ -141,8 +146,15 @@ def _loss_kernel(
         tl.store(partials_ptr + slot, tl.sum(seg_acc, axis=0))
         tl.store(partials_ptr + slot + 1, tl.sum(ctr_acc, axis=0))
     if GRAD:
-        seg_scale = tl.load(scales_ptr)
-        ctr_scale = tl.load(scales_ptr + 1) * ctr_factor
+        inv = 1.0 / divisor
+        if NORM_PTR:
+            inv = 1.0 / tl.maximum(tl.load(norm_ptr).to(tl.float32), 1.0)
+        seg_scale = inv
+        ctr_scale = inv * ctr_coef
+        if GSCALE:
+            g0 = tl.load(gscale_ptr).to(tl.float32)
+            seg_scale = inv * (g0 + tl.load(gscale_ptr + 1).to(tl.float32))
+            ctr_scale = inv * (alpha * g0 + tl.load(gscale_ptr + 2).to(tl.float32))
         grow = glogits_ptr + n * stride_gn + u * stride_gs
         for k in range(K):
             p = tl.exp(tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32) - lse)
@@ -180,13 +192,36 @@ def _label_stats_kernel(labels_ptr, stats_ptr, numel, K, ignore_index, HAS_IGNOR
 
 
 @triton.jit
-def _scale_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
-    """x *= scale in place; reads and writes nothing when scale == 1."""
-    scale = tl.load(scale_ptr)
+def _finalize_kernel(partials_ptr, out_ptr, norm_ptr, P, divisor, alpha, NORM_PTR: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Second stage of the reduction, in a fixed order: out = [L_s + alpha L_r, L_s, L_r, divisor]."""
+    offs = tl.arange(0, BLOCK)
+    seg = tl.zeros([BLOCK], tl.float32)
+    ctr = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, P, BLOCK):
+        mask = start + offs < P
+        seg += tl.load(partials_ptr + (start + offs) * 2, mask=mask, other=0.0)
+        ctr += tl.load(partials_ptr + (start + offs) * 2 + 1, mask=mask, other=0.0)
+    d = divisor
+    if NORM_PTR:
+        d = tl.maximum(tl.load(norm_ptr).to(tl.float32), 1.0)
+    seg_mean = tl.sum(seg, axis=0) / d
+    ctr_mean = tl.sum(ctr, axis=0) / d
+    tl.store(out_ptr, seg_mean + alpha * ctr_mean)
+    tl.store(out_ptr + 1, seg_mean)
+    tl.store(out_ptr + 2, ctr_mean)
+    tl.store(out_ptr + 3, d)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, gout_ptr, numel, c0, c_idx, IDX: tl.constexpr, BLOCK: tl.constexpr):
+    """x *= c0 g0 + c_idx g[IDX] in place, ``g`` the upstream gradient of [total, L_s, L_r]; reads and
+    writes nothing when that factor is 1 (the usual ``loss.backward()``)."""
+    factor = c0 * tl.load(gout_ptr).to(tl.float32) + c_idx * tl.load(gout_ptr + IDX).to(tl.float32)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.where(scale != 1.0, numel, 0)
+    mask = offs < tl.where(factor != 1.0, numel, 0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -203,8 +238,8 @@ def _launch(
     logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
     contour_target: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Optional[int],
     alpha: float, *, loss: int, partials: Optional[Tensor] = None, out: Optional[Tensor] = None,
-    grads: Optional[tuple[Tensor, Optional[Tensor]]] = None, scales: Optional[Tensor] = None,
-    gout: Optional[Tensor] = None, ctr_factor: float = 1.0,
+    grads: Optional[tuple[Tensor, Optional[Tensor]]] = None, divisor: float = 1.0, norm: Optional[Tensor] = None,
+    gscale: Optional[Tensor] = None, gout: Optional[Tensor] = None, ctr_coef: float = 1.0,
 ) -> None:
     """Run :func:`_loss_kernel` once, writing into the given buffers (see the kernel for the modes)."""
     n, k, *low = logits.shape
@@ -223,7 +258,7 @@ def _launch(
     _loss_kernel[grid](
         logits, labels, dummy if weight is None else weight, dummy if class_weight is None else class_weight,
         dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
-        dummy if gout is None else gout, dummy if scales is None else scales,
+        dummy if gout is None else gout, dummy if norm is None else norm, dummy if gscale is None else gscale,
         dummy if partials is None else partials, dummy if out is None else out,
         glogits, dummy if gclogits is None else gclogits,
         k, s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
@@ -233,10 +268,10 @@ def _launch(
         flat_spatial_stride(contour_logits, c_first) if has_contour else 0,
         gclogits.stride(0) if has_contour else 0,
         flat_spatial_stride(gclogits, c_first) if has_contour else 0,
-        0 if ignore_index is None else ignore_index, alpha, ctr_factor,
+        0 if ignore_index is None else ignore_index, alpha, divisor, ctr_coef,
         FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
         HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
-        GOUT=gout is not None, BLOCK=block, num_warps=4,
+        GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block, num_warps=4,
     )
 
 
@@ -258,9 +293,10 @@ def _label_stats(labels: Tensor, num_classes: int, ignore_index: Optional[int]) 
     return stats.sum(0)
 
 
-def _norm(logits: Tensor, labels: Tensor, contour_logits: Optional[Tensor], ignore_index: Optional[int],
-          reduction: str, check_values: bool) -> Tensor:
-    """float32 0-dim divisor of the sums (kept voxels, >= 1, for mean; 1 otherwise) after the value checks."""
+def _divisor(logits: Tensor, labels: Tensor, contour_logits: Optional[Tensor], ignore_index: Optional[int],
+             reduction: str, check_values: bool) -> tuple[float, Optional[Tensor]]:
+    """Value checks (one host sync), then the divisor of the sums: a host number, or (mean with
+    ignore_index) a device count of kept voxels (first element of the returned tensor)."""
     stats = None
     if check_values or (ignore_index is not None and reduction == "mean"):
         stats = _label_stats(labels, logits.shape[1], ignore_index)
@@ -271,34 +307,8 @@ def _norm(logits: Tensor, labels: Tensor, contour_logits: Optional[Tensor], igno
                              nan_flag(contour_logits, logits.device)]).tolist()
         raise_for_flags(flags, logits, labels, contour_logits, ignore_index)
     if reduction != "mean":
-        return torch.ones((), dtype=torch.float32, device=logits.device)
-    if ignore_index is None:
-        return torch.full((), float(labels.numel()), dtype=torch.float32, device=logits.device)
-    return stats[0].clamp(min=1).to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hmedn_fast::difficulty_guided_loss", mutates_args=())
-def _loss_op(
-    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
-    contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int],
-    reduction: str, write_grads: bool, check_values: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(out, norm, grad_logits, grad_contour)``: ``out`` float32 ``[L_s, L_r]`` (mean / sum) or the
-    per-voxel map (none); ``norm`` the float32 divisor; the gradients (for an upstream gradient of 1)
-    when ``write_grads``, else empty."""
-    norm = _norm(logits, labels, contour_logits, ignore_index, reduction, check_values)
-    gl, gc = _grad_buffers(logits, contour_logits, write_grads)
-    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
-    if reduction == "none":
-        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-        _launch(*args, loss=2, out=out)
-        return out, norm, gl, gc
-    partials = torch.empty((_num_programs(logits, labels), 2), dtype=torch.float32, device=logits.device)
-    grads = (gl, gc if contour_logits is not None else None) if write_grads else None
-    _launch(*args, loss=1, partials=partials, grads=grads, scales=(1.0 / norm).expand(2).contiguous())
-    out = (partials.sum(0, dtype=torch.float64) / norm.double()).float()
-    return out, norm, gl, gc
+        return 1.0, None
+    return (float(labels.numel()), None) if ignore_index is None else (1.0, stats)
 
 
 def _grad_buffers(logits: Tensor, contour_logits: Optional[Tensor], write_grads: bool) -> tuple[Tensor, Tensor]:
@@ -308,57 +318,89 @@ def _grad_buffers(logits: Tensor, contour_logits: Optional[Tensor], write_grads:
     return gl, gc
 
 
+def _contour_base(alpha: float) -> float:
+    """Factor of the one-pass contour gradient: alpha (gradient of the total), 1 when alpha is 0."""
+    return alpha if alpha != 0.0 else 1.0
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("hmedn_fast::difficulty_guided_loss", mutates_args=())
+def _loss_op(
+    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+    contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int],
+    reduction: str, write_grads: bool, check_values: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(out, grad_logits, grad_contour)``. ``out``: float32 ``[L, L_s, L_r, divisor]`` (mean / sum)
+    or the per-voxel map (none). With ``write_grads`` (one-pass) the gradients of ``L`` (for the contour
+    logits, of ``L_r`` when alpha is 0), else empty tensors."""
+    divisor, norm = _divisor(logits, labels, contour_logits, ignore_index, reduction, check_values)
+    gl, gc = _grad_buffers(logits, contour_logits, write_grads)
+    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
+    if reduction == "none":
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        _launch(*args, loss=2, out=out)
+        return out, gl, gc
+    partials = torch.empty((_num_programs(logits, labels), 2), dtype=torch.float32, device=logits.device)
+    grads = (gl, gc if contour_logits is not None else None) if write_grads else None
+    _launch(*args, loss=1, partials=partials, grads=grads, divisor=divisor, norm=norm, ctr_coef=_contour_base(alpha))
+    out = torch.empty(4, dtype=torch.float32, device=logits.device)
+    _finalize_kernel[(1,)](partials, out, partials if norm is None else norm, partials.shape[0], divisor, alpha,
+                           NORM_PTR=norm is not None, BLOCK=1024)
+    return out, gl, gc
+
+
 @_loss_op.register_fake
 def _loss_op_fake(logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
                   reduction, write_grads, check_values):
-    shape = labels.shape if reduction == "none" else (2,)
-    gl, gc = _grad_buffers(logits, contour_logits, write_grads)
-    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty((), dtype=torch.float32), gl, gc
+    shape = labels.shape if reduction == "none" else (4,)
+    return (logits.new_empty(shape, dtype=torch.float32), *_grad_buffers(logits, contour_logits, write_grads))
 
 
 @torch.library.custom_op("hmedn_fast::difficulty_guided_loss_backward", mutates_args=())
 def _loss_backward_op(
-    grad_out: Tensor, norm: Tensor, logits: Tensor, labels: Tensor, weight: Optional[Tensor],
+    grad_out: Tensor, out: Tensor, logits: Tensor, labels: Tensor, weight: Optional[Tensor],
     contour_logits: Optional[Tensor], contour_target: Optional[Tensor], class_weight: Optional[Tensor],
     alpha: float, ignore_index: Optional[int], reduction: str,
 ) -> tuple[Tensor, Tensor]:
-    """Two-pass backward: gradients of ``grad_out . out`` w.r.t. logits and contour logits."""
+    """Two-pass backward: gradients of ``sum(grad_out * out)`` w.r.t. logits and contour logits."""
     gl, gc = _grad_buffers(logits, contour_logits, True)
     grads = (gl, gc if contour_logits is not None else None)
     args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
     if reduction == "none":
-        ones = torch.ones(2, dtype=torch.float32, device=logits.device)
-        _launch(*args, loss=0, grads=grads, scales=ones, gout=grad_out.contiguous(), ctr_factor=alpha)
-    else:
-        _launch(*args, loss=0, grads=grads, scales=(grad_out.float() / norm).contiguous())
+        _launch(*args, loss=0, grads=grads, gout=grad_out.contiguous(), ctr_coef=alpha)
+    else:  # out[3] holds the divisor
+        _launch(*args, loss=0, grads=grads, norm=out[3:], gscale=grad_out.contiguous())
     return gl, gc
 
 
 @_loss_backward_op.register_fake
-def _loss_backward_op_fake(grad_out, norm, logits, labels, weight, contour_logits, contour_target, class_weight,
+def _loss_backward_op_fake(grad_out, out, logits, labels, weight, contour_logits, contour_target, class_weight,
                            alpha, ignore_index, reduction):
     return _grad_buffers(logits, contour_logits, True)
 
 
 @torch.library.custom_op("hmedn_fast::difficulty_guided_loss_scale_", mutates_args=("grad_logits", "grad_contour"))
-def _scale_op(grad_logits: Tensor, grad_contour: Tensor, grad_out: Tensor) -> None:
-    """One-pass backward: ``grad_logits *= grad_out[0]``, ``grad_contour *= grad_out[1]`` (no-op reads at 1)."""
-    scales = grad_out.float().contiguous()
-    for i, t in enumerate((grad_logits, grad_contour)):
+def _scale_op(grad_logits: Tensor, grad_contour: Tensor, grad_out: Tensor, alpha: float) -> None:
+    """One-pass backward: rescale the forward's gradients of ``L`` to the upstream gradient ``grad_out`` of
+    ``[L, L_s, L_r, divisor]`` in place; no memory traffic for ``loss.backward()``."""
+    g = grad_out.contiguous()
+    base = _contour_base(alpha)  # d/dc of L = alpha d/dc L_r; the buffer holds base d/dc L_r
+    for t, c0, c_idx, idx in ((grad_logits, 1.0, 1.0, 1), (grad_contour, alpha / base, 1.0 / base, 2)):
         if t.numel():
-            _scale_kernel[(triton.cdiv(t.numel(), STATS_BLOCK),)](t, scales[i:], t.numel(), BLOCK=STATS_BLOCK)
+            _scale_kernel[(triton.cdiv(t.numel(), STATS_BLOCK),)](t, g, t.numel(), c0, c_idx, IDX=idx,
+                                                                  BLOCK=STATS_BLOCK)
 
 
 @_scale_op.register_fake
-def _scale_op_fake(grad_logits, grad_contour, grad_out):
+def _scale_op_fake(grad_logits, grad_contour, grad_out, alpha):
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index, reduction, \
         write_grads, _ = inputs
-    out, norm, gl, gc = output
-    ctx.mark_non_differentiable(norm, gl, gc)
+    out, gl, gc = output
+    ctx.mark_non_differentiable(gl, gc)
     ctx.set_materialize_grads(False)
     ctx.write_grads = write_grads
     ctx.has_contour = contour_logits is not None
@@ -366,7 +408,7 @@ def _setup_context(ctx, inputs, output) -> None:
     if write_grads:
         ctx.save_for_backward(gl, gc)
     else:
-        ctx.save_for_backward(norm, logits, labels, weight, contour_logits, contour_target, class_weight)
+        ctx.save_for_backward(out, logits, labels, weight, contour_logits, contour_target, class_weight)
 
 
 def _backward(ctx, grad_out, *_):
@@ -374,11 +416,11 @@ def _backward(ctx, grad_out, *_):
         return (None,) * 11
     if ctx.write_grads:
         gl, gc = ctx.saved_tensors  # unpacking a second time (retain_graph) fails: they were scaled in place
-        torch.ops.hmedn_fast.difficulty_guided_loss_scale_(gl, gc, grad_out)
+        torch.ops.hmedn_fast.difficulty_guided_loss_scale_(gl, gc, grad_out, ctx.options[0])
     else:
-        norm, logits, labels, weight, contour_logits, contour_target, class_weight = ctx.saved_tensors
+        out, logits, labels, weight, contour_logits, contour_target, class_weight = ctx.saved_tensors
         gl, gc = torch.ops.hmedn_fast.difficulty_guided_loss_backward(
-            grad_out, norm, logits, labels, weight, contour_logits, contour_target, class_weight, *ctx.options)
+            grad_out, out, logits, labels, weight, contour_logits, contour_target, class_weight, *ctx.options)
     return (gl, None, None, gc if ctx.has_contour else None) + (None,) * 7
 
 
@@ -415,6 +457,4 @@ def difficulty_guided_loss(
                    reduction, write_grads, check_values)[0]
     if reduction == "none":
         return out
-    seg, ctr = out[0], out[1]
-    total = seg + alpha * ctr
-    return (total, seg, ctr) if return_parts else total
+    return (out[0], out[1], out[2]) if return_parts else out[0]
