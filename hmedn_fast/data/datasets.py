@@ -160,6 +160,10 @@ class PatchDataset(torch.utils.data.Dataset):
     """``samples_per_epoch`` random patches per epoch; item ``i`` of epoch ``e`` depends only on
     ``(seed, e, i)``. Call :meth:`set_epoch` before each epoch.
 
+    Foreground oversampling: with probability ``foreground_prob`` the sample comes from a case (or slice)
+    holding foreground, centred on a voxel of a uniformly chosen foreground class; otherwise the case and the
+    patch position are uniform. (Choosing the case too matters for 2D slice stacks, many of which are empty.)
+
     Items: ``(image, label, seed)`` with image (C, *patch_size) float32, label (*patch_size) uint8 and the
     sample's seed (int) for augmentation.
     """
@@ -175,6 +179,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.items = list(items)
         self.patch_size = check_patch_size(patch_size, self.items[0].label.ndim)
         self.samples_per_epoch, self.seed, self.foreground_prob = samples_per_epoch, seed, foreground_prob
+        self.foreground_items = np.flatnonzero([bool(v.label.any()) for v in self.items])
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -186,8 +191,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         seed = sample_seed(self.seed, self.epoch, index)
         rng = np.random.default_rng((seed, 0))  # the augmentation draws from default_rng(seed): another stream
-        item = self.items[int(rng.integers(len(self.items)))]
-        image, label = sample_patch(item.image, item.label, self.patch_size, rng, self.foreground_prob)
+        foreground = rng.random() < self.foreground_prob and self.foreground_items.size > 0
+        pool = self.foreground_items if foreground else np.arange(len(self.items))
+        item = self.items[int(pool[rng.integers(pool.size)])]
+        image, label = sample_patch(item.image, item.label, self.patch_size, rng, float(foreground))
         return torch.from_numpy(image), torch.from_numpy(label), seed
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from hmedn_fast.train.trainer import NonFiniteLossError, TrainConfig
+from hmedn_fast.train.trainer import NonFiniteLossError, TrainConfig, jsonable
 
 _HELP = {
     "data": "'phantom', an MSD folder (imagesTr/, labelsTr/) or a PNG folder (images/, labels/)",
@@ -119,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
         if trainer is not None:
             shutdown(trainer.ctx)
     if trainer.ctx.is_main:
-        print(json.dumps({"best": result["best"], "out": result["out"],
-                          "last_epoch": result["history"][-1] if result["history"] else None}, default=str))
+        summary = {"best": result["best"], "out": result["out"],
+                   "last_epoch": result["history"][-1] if result["history"] else None,
+                   "memory_plan": trainer.memory_plan}
+        print(json.dumps(jsonable(summary), allow_nan=False))
     return 0
 
 

@@ -291,7 +291,7 @@ class Trainer:
         stored = record.get("config", {})
         now = self.config.to_dict()
         differ = {k: (stored.get(k), now[k]) for k in now
-                  if k not in RESUMABLE_CHANGES and _jsonable(stored.get(k)) != _jsonable(now[k])}
+                  if k not in RESUMABLE_CHANGES and jsonable(stored.get(k)) != jsonable(now[k])}
         if differ:
             raise ValueError(f"cannot resume {self.out / 'last.pt'}: options differ from the checkpoint's "
                              f"(stored, now): {differ}")
@@ -516,9 +516,9 @@ class Trainer:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
-        (self.out / "log.json").write_text(json.dumps({"config": self.config.to_dict(), "best": self.best,
-                                                       "memory_plan": self.memory_plan, "history": self.history},
-                                                      indent=1, default=str))
+        log = {"config": self.config.to_dict(), "best": self.best, "memory_plan": self.memory_plan,
+               "history": self.history}
+        (self.out / "log.json").write_text(json.dumps(jsonable(log), indent=1, allow_nan=False))
         plot_curves(self.history, self.out / "curves.png")
 
 
@@ -547,8 +547,15 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (tuples -> lists, unknown objects -> str, NaN / inf -> None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     return json.loads(json.dumps(value, default=str))
 
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "plot_curves", "SCHEDULES", "PRECISIONS"]
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "jsonable", "plot_curves", "SCHEDULES", "PRECISIONS"]
