@@ -81,34 +81,50 @@ struct Taps {
   explicit Taps(double sigma) : w(gaussian_half_taps(sigma)), r(static_cast<int>(w.size()) - 1) {}
 };
 
-// out[x] = sum_{j=-r..r} taps[|j|] * e[x + r + j], x = 0 .. len-1 (e holds len + 2r values).
-void conv_line(const float* e, int64_t len, const Taps& t, float* out) {
-  const float* c = e + t.r;
-  const float w0 = t.w[0];
-  for (int64_t x = 0; x < len; ++x) out[x] = w0 * c[x];
-  for (int j = 1; j <= t.r; ++j) {
-    const float wj = t.w[j];
-    const float* lo = c - j;
-    const float* hi = c + j;
-    for (int64_t x = 0; x < len; ++x) out[x] += wj * (lo[x] + hi[x]);
+// The hot loop is compiled for AVX2 next to the baseline and picked at load time (GCC/Clang ifunc).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define HMEDN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define HMEDN_CLONES
+#endif
+
+constexpr int64_t kSpan = 32;  // outputs accumulated in registers at once (4 AVX2 dependency chains)
+
+// out[x] = sum_{j=-r..r} taps[|j|] * c[x + j * step], x = 0 .. n-1, n a multiple of kSpan. `c` points at
+// the centre of output 0; the taps' neighbours lie `step` floats apart (1 along a row, the chunk width
+// in a gathered column block).
+HMEDN_CLONES void conv_span(const float* c, int64_t step, const float* taps, int r, int64_t n, float* out) {
+  for (int64_t x0 = 0; x0 < n; x0 += kSpan) {
+    float acc[kSpan];
+    for (int64_t x = 0; x < kSpan; ++x) acc[x] = taps[0] * c[x0 + x];
+    for (int j = 1; j <= r; ++j) {
+      const float wj = taps[j];
+      const float* lo = c + x0 - j * step;
+      const float* hi = c + x0 + j * step;
+      for (int64_t x = 0; x < kSpan; ++x) acc[x] += wj * (lo[x] + hi[x]);
+    }
+    for (int64_t x = 0; x < kSpan; ++x) out[x0 + x] = acc[x];
   }
 }
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct Fields3 {
   float* f[3];
 };
 
-// Row pass along W with the boundary classes fused: per row, the boundary classes, the reflected
-// fields f1 = B_all and f2 = mu[bclass] B_all, and their smoothing along W. Returns true on a bad label.
+// Row pass along W with the boundary classes fused: per row, the boundary classes, the reflected fields
+// f1 = B_all and f2 = mu[bclass] B_all (zero-padded to whole spans), and their smoothing along W.
+// Returns true on a label outside [0, num_classes).
 template <typename L>
 bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, const Taps& tw,
               const std::vector<float>& mu, int channels, Fields3 out) {
   const int rmax = std::max(tc.r, tw.r);
-  const int64_t rows = s.n * s.d * s.h, W = s.w, plane = s.d * s.h;
+  const int64_t rows = s.n * s.d * s.h, W = s.w, plane = s.d * s.h, span = round_up(W, kSpan);
   std::atomic<bool> bad{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
     std::vector<int> cls(W);
-    std::vector<float> f1(W + 2 * rmax), f2(channels == 3 ? W + 2 * rmax : 0);
+    std::vector<float> f1(span + 2 * rmax, 0.f), f2(channels == 3 ? span + 2 * rmax : 0, 0.f), row_out(span);
     bool local_bad = false;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / plane, dh = row - n * plane, d = dh / s.h, h = dh - d * s.h;
@@ -127,51 +143,49 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
         f1[q] = k > 0 ? 1.f : 0.f;
         if (channels == 3) f2[q] = k > 0 ? mu[k - 1] : 0.f;
       }
-      conv_line(f1.data() + rmax - tc.r, W, tc, out.f[0] + row * W);
-      conv_line(f1.data() + rmax - tw.r, W, tw, out.f[1] + row * W);
-      if (channels == 3) conv_line(f2.data() + rmax - tw.r, W, tw, out.f[2] + row * W);
+      const Taps* taps[3] = {&tc, &tw, &tw};
+      for (int c = 0; c < channels; ++c) {
+        const float* field = c == 2 ? f2.data() : f1.data();
+        conv_span(field + rmax, 1, taps[c]->w.data(), taps[c]->r, span, row_out.data());
+        std::memcpy(out.f[c] + row * W, row_out.data(), W * sizeof(float));
+      }
     }
     if (local_bad) bad = true;
   });
   return bad;
 }
 
-// Column pass over an (outer, len, inner) array along len, vectorised along inner in chunks. `out` may be
-// null (only the maxima are wanted); with `maxima` (size outer) the per-outer maxima of the result are
-// returned (results are non-negative there).
+// Column pass over an (outer, len, inner) array along len. Each task gathers a block of kChunk columns
+// of one outer slice, reflected by r lines on both sides, into a contiguous buffer (no cache-set
+// conflicts from power-of-two strides) and smooths it; `out` may be `in` (each task reads all of its
+// columns before writing them) or null (only the maxima are wanted);
+// with `maxima` (size outer) the per-outer maxima of the (non-negative) result are returned.
 void col_pass(const float* in, float* out, int64_t outer, int64_t len, int64_t inner, const Taps& t,
               float* maxima) {
-  constexpr int64_t kChunk = 256, kLines = 32;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk, blocks = (len + kLines - 1) / kLines;
-  const int64_t items = outer * chunks * blocks;
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (inner + kChunk - 1) / kChunk, items = outer * chunks;
   std::vector<float> item_max(maxima != nullptr ? items : 0, 0.f);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    float acc[kChunk];
+    std::vector<float> ext((len + 2 * t.r) * kChunk, 0.f);
+    float row[kChunk];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t o = item / (chunks * blocks), rest = item - o * chunks * blocks;
-      const int64_t i0 = (rest / blocks) * kChunk, l0 = (rest % blocks) * kLines;
+      const int64_t o = item / chunks, i0 = (item - o * chunks) * kChunk;
       const int64_t width = std::min(kChunk, inner - i0);
       const float* src = in + o * len * inner + i0;
+      for (int64_t q = 0; q < len + 2 * t.r; ++q)
+        std::memcpy(ext.data() + q * kChunk, src + reflect_index(q - t.r, len) * inner, width * sizeof(float));
       float m = 0.f;
-      for (int64_t l = l0; l < std::min(len, l0 + kLines); ++l) {
-        const float* c = src + l * inner;
-        for (int64_t x = 0; x < width; ++x) acc[x] = t.w[0] * c[x];
-        for (int j = 1; j <= t.r; ++j) {
-          const float wj = t.w[j];
-          const float* lo = src + reflect_index(l - j, len) * inner;
-          const float* hi = src + reflect_index(l + j, len) * inner;
-          for (int64_t x = 0; x < width; ++x) acc[x] += wj * (lo[x] + hi[x]);
-        }
-        if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, acc, width * sizeof(float));
-        if (maxima != nullptr)
-          for (int64_t x = 0; x < width; ++x) m = std::max(m, acc[x]);
+      for (int64_t l = 0; l < len; ++l) {
+        conv_span(ext.data() + (l + t.r) * kChunk, kChunk, t.w.data(), t.r, kChunk, row);
+        if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, row, width * sizeof(float));
+        for (int64_t x = 0; x < width; ++x) m = std::max(m, row[x]);
       }
       if (maxima != nullptr) item_max[item] = m;
     }
   });
   if (maxima != nullptr)
     for (int64_t o = 0; o < outer; ++o)
-      maxima[o] = *std::max_element(item_max.begin() + o * chunks * blocks, item_max.begin() + (o + 1) * chunks * blocks);
+      maxima[o] = *std::max_element(item_max.begin() + o * chunks, item_max.begin() + (o + 1) * chunks);
 }
 
 int num_channels(at::ArrayRef<double> mu) {
@@ -187,31 +201,37 @@ void make_targets_cpu_typed(const at::Tensor& labels, const Shape& s, int num_cl
   const int channels = num_channels(mu);
   const int64_t N = s.n, S = s.spatial();
   std::vector<float> mu_f(mu.begin(), mu.end());
-  at::Tensor ws = at::empty({(channels == 3 ? 4 : 2) * N * S}, labels.options().dtype(at::kFloat));
-  float* wsp = ws.data_ptr<float>();
-  float* x[3] = {contour.data_ptr<float>(), weight.data_ptr<float>(), wsp + 2 * N * S};
-  float* y[3] = {wsp, wsp + N * S, wsp + (s.spatial_dims == 3 && channels == 3 ? 3 : 2) * N * S};
-  Fields3 first = s.spatial_dims == 2 ? Fields3{{y[0], y[1], y[2]}} : Fields3{{x[0], x[1], x[2]}};
-  if (row_pass(labels.data_ptr<L>(), s, num_classes, tc, tw, mu_f, channels, first))
+  // Every pass works in place: fields [G_c(B_all), G_w(B_all), G_w(mu B_all)] live in (contour, weight)
+  // with 2 fields, in (contour, extra, weight) with 3 (extra only feeds the weight's normaliser).
+  at::Tensor extra = channels == 3 ? at::empty({N * S}, labels.options().dtype(at::kFloat)) : at::Tensor();
+  float* c_ptr = contour.data_ptr<float>();
+  float* w_ptr = weight.data_ptr<float>();
+  const Fields3 f = channels == 3 ? Fields3{{c_ptr, extra.data_ptr<float>(), w_ptr}} : Fields3{{c_ptr, w_ptr, nullptr}};
+  if (row_pass(labels.data_ptr<L>(), s, num_classes, tc, tw, mu_f, channels, f))
     fail_label_range(labels, num_classes, "hmedn_fast::make_targets");
-
   if (s.spatial_dims == 3) {  // along H, each (n, d) plane is an (H, W) array
-    for (int c = 0; c < channels; ++c) col_pass(x[c], y[c], N * s.d, s.h, s.w, c == 0 ? tc : tw, nullptr);
+    for (int c = 0; c < channels; ++c) col_pass(f.f[c], f.f[c], N * s.d, s.h, s.w, c == 0 ? tc : tw, nullptr);
   }
-  // last pass: along H (2D) or D (3D), each sample an (len, inner) array
+  // last pass: along H (2D) or D (3D), each sample an (len, inner) array; the maxima of the B_all fields
   const int64_t len = s.spatial_dims == 3 ? s.d : s.h, inner = S / len;
   std::vector<float> max_c(N), max_w(N);
-  col_pass(y[0], x[0], N, len, inner, tc, max_c.data());
-  col_pass(y[1], channels == 2 ? x[1] : nullptr, N, len, inner, tw, max_w.data());
-  if (channels == 3) col_pass(y[2], x[1], N, len, inner, tw, nullptr);
+  col_pass(f.f[0], f.f[0], N, len, inner, tc, max_c.data());
+  col_pass(f.f[1], channels == 2 ? f.f[1] : nullptr, N, len, inner, tw, max_w.data());
+  if (channels == 3) col_pass(f.f[2], f.f[2], N, len, inner, tw, nullptr);
 
   const float scale = channels == 3 ? 1.f : static_cast<float>(mu[0]);
   const float base = static_cast<float>(mu0);
-  at::parallel_for(0, N * S, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) {
-      const int64_t n = v / S;
-      x[0][v] = max_c[n] > 0.f ? x[0][v] / max_c[n] : 0.f;
-      x[1][v] = max_w[n] > 0.f ? base + scale * x[1][v] / max_w[n] : base;
+  constexpr int64_t kBlock = 16384;
+  const int64_t blocks = (S + kBlock - 1) / kBlock;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks, v0 = n * S + (item - n * blocks) * kBlock, v1 = std::min(v0 + kBlock, (n + 1) * S);
+      const float inv_c = max_c[n] > 0.f ? 1.f / max_c[n] : 0.f;
+      const float inv_w = max_w[n] > 0.f ? scale / max_w[n] : 0.f;
+      for (int64_t v = v0; v < v1; ++v) {
+        c_ptr[v] *= inv_c;
+        w_ptr[v] = base + inv_w * w_ptr[v];
+      }
     }
   });
 }
