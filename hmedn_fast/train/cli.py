@@ -30,14 +30,14 @@ _HELP = {
     "schedule": "learning-rate schedule: poly, cosine or constant",
     "precision": "auto (bf16 on CUDA), fp32, bf16 or fp16",
     "memory_budget": "e.g. 8GiB or 0.5 (of the GPU): plan checkpointing/batch/patch by trial steps",
-    "checkpointing": "fixed activation checkpointing level: none or blocks",
+    "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",
     "resume": "continue from OUT/last.pt exactly",
     "threads": "torch CPU threads",
 }
 _CHOICES = {"schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16"),
-            "checkpointing": ("none", "blocks")}
+            "checkpointing": ("none", "lean", "blocks")}
 
 
 def _literal(text: str) -> Any:

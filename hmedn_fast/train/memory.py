@@ -3,7 +3,7 @@
 ``plan_memory`` picks, in this order of preference, the first configuration whose *measured* peak memory of a
 training step fits ``budget * (1 - headroom)``:
 
-1. the requested patch and batch size with each checkpointing level, cheapest first (``"none"``, then
+1. the requested patch and batch size with each checkpointing level, cheapest first (``"none"``, ``"lean"``,
    ``"blocks"``): checkpointing costs recomputation, so it is used only when needed;
 2. with the most memory-saving level, the batch halved down to 1;
 3. then the patch shrunk, largest axis first, by ``multiple`` voxels down to ``min_size``.
@@ -14,12 +14,17 @@ backward + optimizer steps on the GPU; tests pass a model of it), so the decisio
 No configuration fitting raises ValueError with every trial listed.
 
 During training an out-of-memory error escalates to the next level (:class:`OOMEscalator`) and the step is
-retried. Levels are applied to a live model by :func:`set_block_checkpointing`, which wraps every residual
-dilated block and dense block in ``torch.utils.checkpoint`` (non-reentrant): their activations are recomputed
-in the backward pass. (BatchNorm running statistics see the recomputed forward too, i.e. are updated twice per
-step for the wrapped blocks; the batch statistics used for the output are unchanged.) When the model
-constructor takes ``checkpoint=`` (the memory-lean blocks), the planned level is passed there instead at
-build time.
+retried. Levels are applied to a live model by :func:`set_checkpointing` (parameters and state dict untouched):
+
+- ``"none"``: plain autograd everywhere;
+- ``"lean"``: the HR pathways' memory-lean residual blocks (:mod:`hmedn_fast.nn.lean`: block input and conv
+  outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation);
+- ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed), and every dense block of the
+  distilling pathway runs under ``torch.utils.checkpoint`` (non-reentrant; BatchNorm running statistics of
+  those blocks then see the recomputed forward too, i.e. are updated twice per step; the batch statistics
+  used for the output are unchanged).
+
+Every level gives the same gradients; only memory and time differ.
 """
 from __future__ import annotations
 
@@ -31,9 +36,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hmedn_fast.nn.blocks import DenseBlock, ResidualDilatedBlock
+from hmedn_fast.nn.blocks import DenseBlock
+from hmedn_fast.nn.pathways import HRPathway
 
-LEVELS = ("none", "blocks")
+LEVELS = ("none", "lean", "blocks")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -175,22 +181,22 @@ def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
     return run
 
 
-def set_block_checkpointing(model: nn.Module, level: str) -> int:
-    """Apply checkpointing ``level`` to a live model: ``"blocks"`` wraps the forward of every
-    :class:`ResidualDilatedBlock` and :class:`DenseBlock` in ``torch.utils.checkpoint`` (training mode only),
-    ``"none"`` removes the wrapping. Parameters and state dict are untouched. Returns the number of blocks
-    now wrapped."""
+def set_checkpointing(model: nn.Module, level: str) -> int:
+    """Apply checkpointing ``level`` (see the module doc) to every HR pathway and dense block of a live
+    ``model``. Returns the number of modules whose mode was set."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    wrapped = 0
+    count = 0
     for m in model.modules():
-        if not isinstance(m, (ResidualDilatedBlock, DenseBlock)):
-            continue
-        m.__dict__.pop("forward", None)  # back to the class's forward
-        if level == "blocks":
-            m.forward = _checkpointed_forward(m, m.forward)
-            wrapped += 1
-    return wrapped
+        if isinstance(m, HRPathway):
+            m.checkpoint = level
+            count += 1
+        elif isinstance(m, DenseBlock):
+            m.__dict__.pop("forward", None)  # back to the class's forward
+            if level == "blocks":
+                m.forward = _checkpointed_forward(m, m.forward)
+            count += 1
+    return count
 
 
 def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_channels: int, num_classes: int,

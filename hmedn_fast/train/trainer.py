@@ -24,7 +24,6 @@ where both masks are non-empty (NaN if none is); Dice over all cases.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import time
@@ -92,7 +91,7 @@ class TrainConfig:
         max_nonfinite: stop after this many skipped (non-finite) steps.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
-            (``"none"``/``"blocks"``; default ``"none"`` without a budget).
+            (``"none"``/``"lean"``/``"blocks"``; default ``"none"`` without a budget).
         phantom_cases, phantom_size: phantom source options.
         progress: tqdm progress bars. ``threads``: torch CPU threads (None: torch's default).
         resume: continue from ``out/last.pt``.
@@ -297,19 +296,10 @@ class Trainer:
                              f"(stored, now): {differ}")
         return record
 
-    def _model_kwargs(self, level: str) -> dict[str, Any]:
-        kwargs = {"in_channels": self.in_channels, "num_classes": self.num_classes, **self.config.overrides}
-        if self._constructor_checkpointing():
-            kwargs["checkpoint"] = level
-        return kwargs
-
-    def _constructor_checkpointing(self) -> bool:
-        return "checkpoint" in inspect.signature(MODELS[self.config.model].cls).parameters
-
     def _build_model(self, level: str) -> torch.nn.Module:
-        model = create_model(self.config.model, **self._model_kwargs(level))
-        if not self._constructor_checkpointing():
-            memory.set_block_checkpointing(model, level)
+        model = create_model(self.config.model, in_channels=self.in_channels, num_classes=self.num_classes,
+                             **{k: v for k, v in self.config.overrides.items() if k not in ("in_channels", "num_classes")})
+        memory.set_checkpointing(model, level)
         return model
 
     def _plan_memory(self) -> None:
@@ -353,7 +343,7 @@ class Trainer:
                     raise
                 warnings.warn(f"out of memory in a training step: escalating activation checkpointing to {level!r} "
                               f"and retrying", RuntimeWarning, stacklevel=2)
-                memory.set_block_checkpointing(self.net, level)
+                memory.set_checkpointing(self.net, level)
                 self.checkpoint_level = level
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

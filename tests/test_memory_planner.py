@@ -1,0 +1,158 @@
+"""Memory planner decisions (fake measurer), budget parsing, checkpointing levels, OOM escalation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hmedn_fast.models import create_model
+from hmedn_fast.train import TrainConfig, Trainer
+from hmedn_fast.train.memory import LEVELS, OOMEscalator, parse_memory_budget, plan_memory, set_checkpointing
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("text, total, expected", [
+    ("8GiB", None, 8 * GIB), ("512MB", None, 512 * 10**6), ("1e9", None, 10**9), ("2048", None, 2048),
+    ("1.5 KiB", None, 1536), ("0.5", 1000, 500), (0.25, 1000, 250), ("25%", 1000, 250), (4 * GIB, None, 4 * GIB)])
+def test_parse_memory_budget(text, total, expected):
+    assert parse_memory_budget(text, total) == expected
+
+
+@pytest.mark.parametrize("text, total, match", [("lots", None, "look like"), ("-1GiB", None, "look like"),
+                                                ("0", 1000, "fraction"), ("150%", 1000, "fraction"),
+                                                ("0.5", None, "CUDA"), (True, None, "look like")])
+def test_parse_memory_budget_errors(text, total, match):
+    with pytest.raises(ValueError, match=match):
+        parse_memory_budget(text, total)
+
+
+class FakeGPU:
+    """Peak bytes of a step: parameters + per-voxel activations by level (lean keeps 60%, blocks 30%)."""
+
+    factor = {"none": 1.0, "lean": 0.6, "blocks": 0.3}
+
+    def __init__(self, oom_above: float = math.inf):
+        self.oom_above, self.calls = oom_above, []
+
+    def __call__(self, level, patch, batch):
+        self.calls.append((level, tuple(patch), batch))
+        peak = 10**8 + 1000 * self.factor[level] * batch * math.prod(patch)
+        if peak > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return int(peak)
+
+
+def _peak(level, patch, batch):
+    return 10**8 + 1000 * FakeGPU.factor[level] * batch * math.prod(patch)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_plan_takes_the_cheapest_level_that_fits(level):
+    need = _peak(level, (64, 64, 64), 2)
+    budget = int(need / 0.9) + 1
+    fake = FakeGPU()
+    plan = plan_memory(budget, (64, 64, 64), 2, fake)
+    assert (plan.level, plan.patch_size, plan.batch_size) == (level, (64, 64, 64), 2)
+    assert plan.peak_bytes == int(need) and plan.peak_bytes <= 0.9 * budget
+    assert [c[0] for c in fake.calls] == list(LEVELS[:LEVELS.index(level) + 1])
+    assert len(plan.trials) == len(fake.calls)
+
+
+def test_plan_halves_the_batch_then_shrinks_the_patch():
+    budget = int(_peak("blocks", (64, 64, 64), 1) / 0.9) + 1
+    fake = FakeGPU()
+    plan = plan_memory(budget, (64, 64, 64), 4, fake)
+    assert (plan.level, plan.patch_size, plan.batch_size) == ("blocks", (64, 64, 64), 1)
+    assert [c[2] for c in fake.calls[3:]] == [2, 1]
+
+    budget = int(_peak("blocks", (48, 48, 48), 1) / 0.9) + 1
+    plan = plan_memory(budget, (64, 64, 64), 2, FakeGPU())
+    assert plan.level == "blocks" and plan.batch_size == 1
+    assert _peak("blocks", plan.patch_size, 1) <= 0.9 * budget
+    assert sorted(plan.patch_size) == [48, 48, 48]  # shrunk axis by axis, largest first, 16 at a time
+
+
+def test_plan_counts_out_of_memory_as_not_fitting():
+    fake = FakeGPU(oom_above=_peak("lean", (32, 32), 8) + 1)  # "none" OOMs, "lean" fits
+    plan = plan_memory(10 * GIB, (32, 32), 8, fake)
+    assert plan.level == "lean"
+    assert plan.trials[0]["peak_bytes"] is None and plan.trials[1]["peak_bytes"] == int(_peak("lean", (32, 32), 8))
+
+
+def test_plan_raises_when_nothing_fits():
+    with pytest.raises(ValueError, match="no configuration fits"):
+        plan_memory(10**8, (64, 64), 2, FakeGPU())
+    with pytest.raises(ValueError, match="budget_bytes"):
+        plan_memory(0, (64, 64), 2, FakeGPU())
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_memory(GIB, (64, 64), 0, FakeGPU())
+
+
+def test_escalator():
+    esc = OOMEscalator("none")
+    assert [esc.escalate(), esc.escalate(), esc.escalate()] == ["lean", "blocks", None]
+    with pytest.raises(ValueError, match="current"):
+        OOMEscalator("all")
+
+
+def _saved_bytes_and_grads(model, x):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        loss = out.seg.square().mean() + out.contour.square().mean() + sum(a.square().mean() for a in out.aux)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return sum(saved), grads
+
+
+def test_checkpointing_levels_keep_gradients_and_save_memory():
+    model = create_model("hmedn_2d", widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
+                         hr_blocks=3, norm="instance", dropout=0.0).double()
+    x = torch.randn(2, 5, 32, 32, dtype=torch.float64)
+    results = {}
+    for level in LEVELS:
+        assert set_checkpointing(model, level) > 0
+        results[level] = _saved_bytes_and_grads(model, x)
+    for level in LEVELS[1:]:
+        for name, g in results["none"][1].items():
+            torch.testing.assert_close(results[level][1][name], g, rtol=1e-10, atol=1e-12, msg=f"{level} {name}")
+    assert results["none"][0] > results["lean"][0] > results["blocks"][0]
+    with pytest.raises(ValueError, match="level"):
+        set_checkpointing(model, "everything")
+
+
+def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
+    cfg = TrainConfig(data="phantom", out=str(tmp_path), model="hmedn_2d", phantom_cases=3, phantom_size=32,
+                      overrides=dict(widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
+                                     hr_blocks=2), epochs=1, steps_per_epoch=1, progress=False)
+    trainer = Trainer(cfg)
+    real_forward, calls = trainer.net.forward, []
+
+    def flaky(x):
+        calls.append(trainer.checkpoint_level)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    trainer.net.forward = flaky
+    images, labels = torch.randn(2, 5, 32, 32), torch.randint(0, 4, (2, 32, 32), dtype=torch.uint8)
+    with pytest.warns(RuntimeWarning, match="escalating activation checkpointing to 'lean'"):
+        parts = trainer.train_step(images, labels)
+    assert calls == ["none", "lean"] and math.isfinite(parts["loss"])
+    assert trainer.net.net.hr.checkpoint == "lean"
+
+    def always_oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    trainer.net.forward = always_oom
+    with pytest.warns(RuntimeWarning, match="'blocks'"), pytest.raises(torch.OutOfMemoryError):
+        trainer.train_step(images, labels)
+    assert trainer.checkpoint_level == "blocks"
