@@ -207,8 +207,10 @@ def main() -> int:
         print(markdown(json.loads(args.table.read_text())))
         return 0
     for backend in ("cpu", "cuda"):
-        reason = targets_ext.unavailable(backend, torch.zeros(1, 1, 1, dtype=torch.long,
-                                                               device="cuda" if torch.cuda.is_available() else "cpu"))
+        if backend == "cuda" and not torch.cuda.is_available():
+            print("cannot run: no CUDA device", file=sys.stderr)
+            return 2
+        reason = targets_ext.unavailable(backend, torch.zeros(1, 1, 1, dtype=torch.long, device=backend))
         if reason is not None:
             print(f"cannot run: {backend} backend unavailable: {reason}", file=sys.stderr)
             return 2

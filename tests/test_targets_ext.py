@@ -61,8 +61,7 @@ def blob_labels(shape: tuple[int, ...], num_classes: int, dtype=torch.int64, gen
 
 def assert_targets_close(contour, weight, ref_c, ref_w, mu0: float, mu) -> None:
     """Contour within 1e-5; weight within 1e-5 on its normalised scale (W - mu0) / max|mu|."""
-    contour, weight = contour.double().cpu().numpy(), weight.double().cpu().numpy()
-    ref_c, ref_w = np.asarray(ref_c, dtype=np.float64), np.asarray(ref_w, dtype=np.float64)
+    contour, weight, ref_c, ref_w = (torch.as_tensor(x).double().cpu().numpy() for x in (contour, weight, ref_c, ref_w))
     scale = max(abs(float(m)) for m in mu)
     assert np.isfinite(contour).all() and np.isfinite(weight).all()
     np.testing.assert_allclose(contour, ref_c, rtol=0, atol=1e-5)
