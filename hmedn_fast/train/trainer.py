@@ -223,6 +223,9 @@ class Trainer:
         self.spatial_dims = int(cfg.overrides.get("spatial_dims", spec.spatial_dims))
         volumes = load_volumes(cfg.data, spatial_dims=self.spatial_dims, max_cases=cfg.max_cases,
                                phantom_cases=cfg.phantom_cases, phantom_size=cfg.phantom_size, seed=cfg.seed)
+        data_dims = volumes[0].label.ndim
+        if self.spatial_dims == 3 and data_dims == 2:
+            raise ValueError(f"model {cfg.model!r} is 3D but the data {cfg.data!r} is 2D")
         if resume_record:
             self.split = resume_record["split"]
         else:
@@ -234,9 +237,6 @@ class Trainer:
         by_name = {v.name: v for v in volumes}
         train_volumes = [by_name[n] for n in self.split["train"]]
         self.val_volumes = [by_name[n] for n in self.split["val"]]
-        data_dims = volumes[0].label.ndim
-        if self.spatial_dims == 3 and data_dims == 2:
-            raise ValueError(f"model {cfg.model!r} is 3D but the data {cfg.data!r} is 2D")
         self.stacked = self.spatial_dims == 2 and data_dims == 3
         self.train_items = (to_slice_stacks(train_volumes, cfg.slices, cfg.slice_axis) if self.stacked
                             else train_volumes)

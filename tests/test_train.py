@@ -1,0 +1,195 @@
+"""Trainer: short runs that learn (phantom, 6 hippocampus cases), logs and checkpoints, non-finite losses,
+bad configuration and bad data errors, the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmedn_fast.models.io import load_model
+from hmedn_fast.train import NonFiniteLossError, TrainConfig, Trainer
+from hmedn_fast.train.checkpoint import load_checkpoint
+from hmedn_fast.train.cli import main
+
+TINY_2D = dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
+               dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training runs use threads=1 (fast on a shared 2-core machine); restore the caller's setting."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(tmp_path, **kw) -> TrainConfig:
+    base = dict(data="phantom", out=str(tmp_path / "run"), model="hmedn_2d", overrides=TINY_2D, phantom_cases=6,
+                phantom_size=32, epochs=1, steps_per_epoch=2, batch_size=2, threads=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_phantom_run_learns_and_writes_its_files(tmp_path):
+    cfg = _config(tmp_path, phantom_cases=16, phantom_size=48, epochs=4, steps_per_epoch=10, batch_size=8, lr=3e-3,
+                  schedule="constant", val_every=2)
+    result = Trainer(cfg).fit()
+    history = result["history"]
+    first, last = history[1], history[-1]
+    # measured here: mean Dice 0.03 before training, 0.79 after these 40 steps (prostate/bladder/rectum
+    # 0.81 / 0.91 / 0.66)
+    assert last["val_dice_mean"] > 0.6 and min(last[f"val_dice_{c}"] for c in (1, 2, 3)) > 0.4
+    assert history[0]["train_loss"] > last["train_loss"]
+    assert "val_dice_mean" not in history[0] and first["val_dice_mean"] < last["val_dice_mean"]
+    assert all(math.isfinite(last[f"val_{m}_{c}"]) for m in ("assd", "hd95") for c in (1, 2, 3))
+    run = tmp_path / "run"
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    log = json.loads((run / "log.json").read_text())
+    assert log["best"] == {"score": last["val_dice_mean"], "epoch": 4} and log["config"]["lr"] == 3e-3
+    assert (run / "curves.png").stat().st_size > 1000 and set(json.loads((run / "split.json").read_text())) >= {
+        "train", "val"}
+    model, record = load_model(run / "best.pt")
+    assert record["best"]["epoch"] == 4 and model.num_classes == 4
+
+
+@pytest.mark.data
+def test_six_hippocampus_cases_learn(tmp_path, shared_data):
+    cfg = _config(tmp_path, data=str(shared_data / "msd_hippocampus"), max_cases=6, val_fraction=0.34, epochs=10,
+                  steps_per_epoch=10, batch_size=8, lr=3e-3, schedule="constant", foreground_prob=0.5, val_every=2)
+    trainer = Trainer(cfg)
+    assert (trainer.in_channels, trainer.num_classes, len(trainer.val_volumes)) == (5, 3, 2)
+    result = trainer.fit()
+    dice = [r["val_dice_mean"] for r in result["history"] if "val_dice_mean" in r]
+    # 2D model on 5-slice stacks, 100 steps; measured here: mean Dice 0.05 after 20 steps, best 0.62
+    # (anterior / posterior hippocampus 0.68 / 0.56)
+    assert dice[0] < 0.3 and result["best"]["score"] > 0.45
+    best = result["history"][result["best"]["epoch"] - 1]
+    assert best["val_dice_1"] > 0.3 and best["val_dice_2"] > 0.3
+    assert best["val_hd95_1"] < 20 and best["val_hd95_2"] < 20
+
+
+def test_3d_phantom_run(tmp_path):
+    cfg = _config(tmp_path, model="hmedn_3d_l2", phantom_cases=3, phantom_size=32, batch_size=1,
+                  overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=1, hr_channels=4, hr_blocks=1))
+    trainer = Trainer(cfg)
+    assert trainer.patch_size == (32, 32, 32) and trainer.in_channels == 1
+    row = trainer.fit()["history"][0]
+    assert math.isfinite(row["train_loss"]) and 0 <= row["val_dice_mean"] <= 1
+
+
+def _write_png(root):
+    rng = np.random.default_rng(0)
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        inst = np.zeros((40, 40), np.uint16)
+        inst[5:15, 5:15], inst[20:35, 18:30] = 1, 2
+        img = (inst > 0) * 120 + rng.integers(0, 60, (40, 40))
+        Image.fromarray(img.astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(inst).save(root / "labels" / f"{i}.png")
+
+
+def test_png_folder_run(tmp_path):
+    _write_png(tmp_path / "png")
+    trainer = Trainer(_config(tmp_path, data=str(tmp_path / "png"), overrides={**TINY_2D, "contour": False}))
+    assert (trainer.in_channels, trainer.num_classes, trainer.patch_size) == (1, 3, (48, 48))
+    assert math.isfinite(trainer.fit()["history"][0]["train_loss"])
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
+    trainer = Trainer(_config(tmp_path, steps_per_epoch=6, max_nonfinite=2))
+    real_forward = trainer.net.forward
+    calls = []
+
+    def poisoned(x):
+        calls.append(1)
+        out = real_forward(x)
+        if len(calls) in (2, 4, 5):
+            out.seg = out.seg * float("nan")
+        return out
+
+    trainer.net.forward = poisoned
+    before = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+    images, labels = torch.randn(2, 5, 32, 32), torch.randint(0, 4, (2, 32, 32), dtype=torch.uint8)
+    assert trainer.train_step(images, labels) is not None
+    after_first = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
+    assert any(not torch.equal(before[n], after_first[n]) for n in before)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        assert trainer.train_step(images, labels) is None
+    assert all(torch.equal(after_first[n], p) for n, p in trainer.net.named_parameters())  # step skipped
+    assert trainer.train_step(images, labels) is not None
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert trainer.train_step(images, labels) is None
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError, match="max_nonfinite=2"):
+        trainer.train_step(images, labels)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["nonfinite"] == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"model": "resnet"}, "model must be one of"), ({"batch_size": 0}, "batch_size"), ({"epochs": 1.5}, "epochs"),
+    ({"schedule": "step"}, "schedule"), ({"precision": "fp8"}, "precision"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"lr": 0}, "lr"), ({"slices": 4}, "slices"), ({"checkpointing": "all"}, "checkpointing"),
+    ({"num_classes": 1}, "num_classes"), ({"memory_budget": "8GiB", "checkpointing": "lean"}, "not both"),
+    ({"foreground_prob": 2.0}, "foreground_prob"), ({"grad_clip": -1.0}, "grad_clip")])
+def test_bad_configuration(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, **kw)
+
+
+def test_configuration_that_does_not_fit_the_data(tmp_path):
+    _write_png(tmp_path / "png")
+    with pytest.raises(ValueError, match="3D but the data"):
+        Trainer(_config(tmp_path, data=str(tmp_path / "png"), model="hmedn_3d_l2", overrides={}))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Trainer(_config(tmp_path, memory_budget="1GiB"))
+    with pytest.raises(ValueError, match="phantom.*in_channels=3"):
+        Trainer(_config(tmp_path, overrides={**TINY_2D, "in_channels": 3}))
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        Trainer(_config(tmp_path, out=str(tmp_path / "fresh"), resume=True))
+    Trainer(_config(tmp_path)).fit()
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(_config(tmp_path, resume=True, lr=0.5))
+
+
+def _write_msd(root, labels):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(1)
+    for i, label in enumerate(labels):
+        image = rng.normal(size=(12, 12, 12)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / f"case{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labelsTr" / f"case{i}.nii.gz"))
+
+
+def test_label_values_beyond_num_classes_name_the_file(tmp_path):
+    good = np.zeros((12, 12, 12), np.uint8)
+    good[3:8, 3:8, 3:8] = 1
+    bad = good.copy()
+    bad[0, 0, 0] = 3
+    _write_msd(tmp_path / "msd", [good, good, bad])
+    with pytest.raises(ValueError, match=r"case2\.nii\.gz holds value 3, beyond num_classes=3"):
+        Trainer(_config(tmp_path, data=str(tmp_path / "msd"), num_classes=3))
+
+
+def test_cli_reports_bad_data_and_trains(tmp_path, capsys):
+    good = np.zeros((12, 12, 12), np.uint8)
+    good[3:8, 3:8, 3:8] = 1
+    _write_msd(tmp_path / "msd", [good, good, good[:, :, :6]])
+    args = ["--data", str(tmp_path / "msd"), "--model", "hmedn_2d", "--out", str(tmp_path / "cli"), "--threads", "1",
+            "--no-progress", "--epochs", "1", "--steps-per-epoch", "1", "--slices", "3"]
+    args += [x for k, v in TINY_2D.items() for x in ("--set", f"{k}={v}")]
+    assert main(args) == 2
+    assert "case2.nii.gz" in capsys.readouterr().err
+    (tmp_path / "msd" / "imagesTr" / "case2.nii.gz").unlink()
+    (tmp_path / "msd" / "labelsTr" / "case2.nii.gz").unlink()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["last_epoch"]["epoch"] == 1 and summary["out"] == str(tmp_path / "cli")
+    record = load_checkpoint(tmp_path / "cli" / "last.pt")
+    assert record["overrides"]["widths"] == (8, 16, 32, 32) and record["slices"] == 3 and record["spatial_dims"] == 2
