@@ -185,10 +185,10 @@ def test_every_output_element_written(factor):
     nan = float("nan")
     out = torch.full(labels.shape, nan)
     fused._launch(*args, loss=2, out=out)
-    partials = torch.full((fused._num_programs(logits, labels), 2), nan)
+    total = torch.full((4,), nan)
     grads = (torch.full_like(logits, nan), torch.full_like(clog, nan))
-    fused._launch(*args, loss=1, partials=partials, grads=grads)
-    for t in (out, partials, *grads):
+    fused._launch(*args, loss=1, out=total, grads=grads)
+    for t in (out, total, *grads):
         assert torch.isfinite(t).all()
     ref = fused.difficulty_guided_loss(logits, labels, weight, clog, ctgt, 0.5, cw, 1, "none")
     torch.testing.assert_close(out, ref)
@@ -255,15 +255,36 @@ def test_backend_availability():
 
 
 @interpreted
-def test_second_backward_after_one_pass_is_refused():
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_second_backward_after_one_pass_is_refused(custom_op):
     from hmedn_fast.ops.triton import loss as fused
 
     logits, labels, *_ = inputs((1, 3, 4, 4))
     logits.requires_grad_(True)
-    loss = fused.difficulty_guided_loss(logits, labels, None, None, None, 1.0, None, None, "mean")
+    loss = fused.difficulty_guided_loss(logits, labels, None, None, None, 1.0, None, None, "mean",
+                                        custom_op=custom_op)
     loss.backward(torch.tensor(2.0), retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="backpropagated twice|modified by an inplace operation"):
         loss.backward()
+
+
+@interpreted
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_custom_op_path_equals_eager_path(reduction, one_pass):
+    """The custom op (used while torch.compile traces) and the eager autograd.Function agree exactly."""
+    from hmedn_fast.ops.triton import loss as fused
+
+    logits, labels, weight, clog, ctgt, cw = inputs((2, 3, 4, 6), (2,), ignore=2)
+    results = []
+    for custom_op in (False, True):
+        z, c = logits.clone().requires_grad_(True), clog.clone().requires_grad_(True)
+        out = fused.difficulty_guided_loss(z, labels, weight, c, ctgt, 0.7, cw, 2, reduction, one_pass=one_pass,
+                                           custom_op=custom_op)
+        (out * torch.linspace(0.5, 2.0, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), z.grad, c.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 @interpreted

@@ -30,6 +30,7 @@ from torch import Tensor
 
 BLOCK = 1024
 STATS_BLOCK = 4096
+RESCALE_PROGRAMS = 264  # grid of the in-place rescale (2 per H100 SM)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -78,9 +79,59 @@ def _visit(labels_ptr, weight_ptr, cw_ptr, gout_ptr, ctarget_ptr, out_ptr, lrow,
 
 
 @triton.jit
+def _finalize(partials_ptr, out_ptr, norm_ptr, num, divisor, alpha, NORM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    """Second reduction stage, fixed order: ``out = [L_s + alpha L_r, L_s, L_r, divisor]`` from (2, num) partials."""
+    offs = tl.arange(0, BLOCK)
+    seg = tl.zeros([BLOCK], tl.float32)
+    ctr = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, num, BLOCK):
+        mask = start + offs < num
+        seg += tl.load(partials_ptr + start + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        ctr += tl.load(partials_ptr + num + start + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    d = divisor
+    if NORM_PTR:
+        d = tl.maximum(tl.load(norm_ptr).to(tl.float32), 1.0)
+    seg_mean = tl.sum(seg, axis=0) / d
+    ctr_mean = tl.sum(ctr, axis=0) / d
+    tl.store(out_ptr, seg_mean + alpha * ctr_mean)
+    tl.store(out_ptr + 1, seg_mean)
+    tl.store(out_ptr + 2, ctr_mean)
+    tl.store(out_ptr + 3, d)
+
+
+@triton.jit
+def _rescale_kernel(a_ptr, na, b_ptr, nb, g0_ptr, g1_ptr, g2_ptr, b0, b2, HAS_G0: tl.constexpr,
+                    HAS_G1: tl.constexpr, HAS_G2: tl.constexpr, BLOCK: tl.constexpr):
+    """One-pass backward, in place: ``a *= g0 + g1`` (logits), ``b *= b0 g0 + b2 g2`` (contour logits), ``g``
+    the upstream gradients of (L, L_s, L_r) (absent ones 0). A grid-stride loop that reads and writes
+    nothing for a factor of 1 (the usual ``loss.backward()``)."""
+    g0 = 0.0
+    g1 = 0.0
+    g2 = 0.0
+    if HAS_G0:
+        g0 = tl.load(g0_ptr).to(tl.float32)
+    if HAS_G1:
+        g1 = tl.load(g1_ptr).to(tl.float32)
+    if HAS_G2:
+        g2 = tl.load(g2_ptr).to(tl.float32)
+    fa = g0 + g1
+    fb = b0 * g0 + b2 * g2
+    offs = tl.arange(0, BLOCK)
+    step = tl.num_programs(0) * BLOCK
+    for start in range(tl.program_id(0) * BLOCK, tl.where(fa != 1.0, na, 0), step):
+        mask = start + offs < na
+        x = tl.load(a_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(a_ptr + start + offs, (x * fa).to(a_ptr.dtype.element_ty), mask=mask)
+    for start in range(tl.program_id(0) * BLOCK, tl.where(fb != 1.0, nb, 0), step):
+        mask = start + offs < nb
+        x = tl.load(b_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(b_ptr + start + offs, (x * fb).to(b_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _loss_kernel(
     logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, norm_ptr, gscale_ptr,
-    partials_ptr, out_ptr, glogits_ptr, gclogits_ptr,
+    partials_ptr, counter_ptr, out_ptr, glogits_ptr, gclogits_ptr,
     K, S_low, HW_low, W_low, S_full, H_full, W_full,
     stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
     stride_cn, stride_cs, stride_dn, stride_ds,
@@ -90,7 +141,9 @@ def _loss_kernel(
     LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, NORM_PTR: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """LOSS: 0 none, 1 partial sums, 2 per-voxel map. GRAD: write gradients, scaled by ``1 / divisor``
+    """LOSS: 0 none, 1 ``out = [L, L_s, L_r, divisor]`` (partial sums per program; the last program to finish,
+    told by an integer atomic ticket, adds them in a fixed order), 2 per-voxel map in ``out``.
+    GRAD: write gradients, scaled by ``1 / divisor``
     (``max(norm_ptr[0], 1)`` with NORM_PTR) times, with GSCALE, the upstream gradients ``g`` of
     ``[total, L_s, L_r]``: ``g0 + g1`` for the logits, ``alpha g0 + g2`` for the contour logits; without
     GSCALE the contour gradient gets ``ctr_coef``. GOUT: per-voxel upstream gradient (reduction none)."""
@@ -142,9 +195,13 @@ def _loss_kernel(
             dctr += dctr_c
 
     if LOSS == 1:
-        slot = (n * tl.num_programs(0) + pid_s) * 2
+        num = tl.num_programs(0) * tl.num_programs(1)
+        slot = n * tl.num_programs(0) + pid_s
         tl.store(partials_ptr + slot, tl.sum(seg_acc, axis=0))
-        tl.store(partials_ptr + slot + 1, tl.sum(ctr_acc, axis=0))
+        tl.store(partials_ptr + num + slot, tl.sum(ctr_acc, axis=0))
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # orders the stores above before the ticket
+        if ticket == num - 1:
+            _finalize(partials_ptr, out_ptr, norm_ptr, num, divisor, alpha, NORM_PTR, BLOCK)
     if GRAD:
         inv = 1.0 / divisor
         if NORM_PTR:
@@ -191,39 +248,6 @@ def _label_stats_kernel(labels_ptr, stats_ptr, numel, K, ignore_index, HAS_IGNOR
     tl.store(stats_ptr + pid * 2 + 1, tl.sum(bad.to(tl.int32), axis=0))
 
 
-@triton.jit
-def _finalize_kernel(partials_ptr, out_ptr, norm_ptr, P, divisor, alpha, NORM_PTR: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """Second stage of the reduction, in a fixed order: out = [L_s + alpha L_r, L_s, L_r, divisor]."""
-    offs = tl.arange(0, BLOCK)
-    seg = tl.zeros([BLOCK], tl.float32)
-    ctr = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, P, BLOCK):
-        mask = start + offs < P
-        seg += tl.load(partials_ptr + (start + offs) * 2, mask=mask, other=0.0)
-        ctr += tl.load(partials_ptr + (start + offs) * 2 + 1, mask=mask, other=0.0)
-    d = divisor
-    if NORM_PTR:
-        d = tl.maximum(tl.load(norm_ptr).to(tl.float32), 1.0)
-    seg_mean = tl.sum(seg, axis=0) / d
-    ctr_mean = tl.sum(ctr, axis=0) / d
-    tl.store(out_ptr, seg_mean + alpha * ctr_mean)
-    tl.store(out_ptr + 1, seg_mean)
-    tl.store(out_ptr + 2, ctr_mean)
-    tl.store(out_ptr + 3, d)
-
-
-@triton.jit
-def _scale_kernel(x_ptr, gout_ptr, numel, c0, c_idx, IDX: tl.constexpr, BLOCK: tl.constexpr):
-    """x *= c0 g0 + c_idx g[IDX] in place, ``g`` the upstream gradient of [total, L_s, L_r]; reads and
-    writes nothing when that factor is 1 (the usual ``loss.backward()``)."""
-    factor = c0 * tl.load(gout_ptr).to(tl.float32) + c_idx * tl.load(gout_ptr + IDX).to(tl.float32)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < tl.where(factor != 1.0, numel, 0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(x_ptr + offs, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------- launchers
 def flat_spatial_stride(t: Tensor, first: int) -> int | None:
     """Stride of dims ``first:`` flattened to one index, or None when they do not flatten (size-1 dims skipped)."""
@@ -237,11 +261,11 @@ def flat_spatial_stride(t: Tensor, first: int) -> int | None:
 def _launch(
     logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
     contour_target: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Optional[int],
-    alpha: float, *, loss: int, partials: Optional[Tensor] = None, out: Optional[Tensor] = None,
-    grads: Optional[tuple[Tensor, Optional[Tensor]]] = None, divisor: float = 1.0, norm: Optional[Tensor] = None,
-    gscale: Optional[Tensor] = None, gout: Optional[Tensor] = None, ctr_coef: float = 1.0,
+    alpha: float, *, loss: int, out: Optional[Tensor] = None, grads: Optional[tuple[Tensor, Optional[Tensor]]] = None,
+    divisor: float = 1.0, norm: Optional[Tensor] = None, gscale: Optional[Tensor] = None,
+    gout: Optional[Tensor] = None, ctr_coef: float = 1.0,
 ) -> None:
-    """Run :func:`_loss_kernel` once, writing into the given buffers (see the kernel for the modes)."""
+    """Run :func:`_loss_kernel` once, writing into ``out`` / ``grads`` (see the kernel for the modes)."""
     n, k, *low = logits.shape
     full = labels.shape[1:]
     pad = [1] * (3 - len(low))
@@ -252,15 +276,18 @@ def _launch(
     has_contour = contour_logits is not None
     glogits, gclogits = grads if grads is not None else (logits, contour_logits)
     c_first = contour_logits.ndim - len(low) if has_contour else 0
-    dummy = logits
-    block = BLOCK if fd * fh * fw == 1 else max(64, BLOCK // triton.next_power_of_2(fd * fh * fw))
+    block = _block(fd * fh * fw)
     grid = (triton.cdiv(s_low, block), n)
+    dummy = logits
+    partials = counter = dummy
+    if loss == 1:
+        partials = torch.empty(2 * grid[0] * n, dtype=torch.float32, device=logits.device)
+        counter = torch.zeros(1, dtype=torch.int32, device=logits.device)
     _loss_kernel[grid](
         logits, labels, dummy if weight is None else weight, dummy if class_weight is None else class_weight,
         dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
         dummy if gout is None else gout, dummy if norm is None else norm, dummy if gscale is None else gscale,
-        dummy if partials is None else partials, dummy if out is None else out,
-        glogits, dummy if gclogits is None else gclogits,
+        partials, counter, dummy if out is None else out, glogits, dummy if gclogits is None else gclogits,
         k, s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
         logits.stride(0), logits.stride(1), flat_spatial_stride(logits, 2),
         glogits.stride(0), glogits.stride(1), flat_spatial_stride(glogits, 2),
@@ -275,11 +302,9 @@ def _launch(
     )
 
 
-def _num_programs(logits: Tensor, labels: Tensor) -> int:
-    n, _, *low = logits.shape
-    factor = labels[0].numel() // logits[0, 0].numel()
-    block = BLOCK if factor == 1 else max(64, BLOCK // triton.next_power_of_2(factor))
-    return n * triton.cdiv(logits[0, 0].numel(), block)
+def _block(children: int) -> int:
+    """Logit voxels per program: BLOCK, fewer when each covers several label voxels."""
+    return BLOCK if children == 1 else max(64, BLOCK // triton.next_power_of_2(children))
 
 
 def _label_stats(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> Tensor:
@@ -323,16 +348,14 @@ def _contour_base(alpha: float) -> float:
     return alpha if alpha != 0.0 else 1.0
 
 
-# ----------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hmedn_fast::difficulty_guided_loss", mutates_args=())
-def _loss_op(
-    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
-    contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int],
-    reduction: str, write_grads: bool, check_values: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(out, grad_logits, grad_contour)``. ``out``: float32 ``[L, L_s, L_r, divisor]`` (mean / sum)
-    or the per-voxel map (none). With ``write_grads`` (one-pass) the gradients of ``L`` (for the contour
-    logits, of ``L_r`` when alpha is 0), else empty tensors."""
+# ----------------------------------------------------------------------------------------------- passes
+def _forward(logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+             contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float,
+             ignore_index: Optional[int], reduction: str, write_grads: bool, check_values: bool,
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, grad_logits, grad_contour)``. ``out``: float32 ``[L, L_s, L_r, divisor]`` (mean / sum) or the
+    per-voxel map (none). With ``write_grads`` (one-pass) the gradients of ``L`` (for the contour logits,
+    of ``L_r`` when alpha is 0), else empty tensors."""
     divisor, norm = _divisor(logits, labels, contour_logits, ignore_index, reduction, check_values)
     gl, gc = _grad_buffers(logits, contour_logits, write_grads)
     args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
@@ -340,13 +363,91 @@ def _loss_op(
         out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
         _launch(*args, loss=2, out=out)
         return out, gl, gc
-    partials = torch.empty((_num_programs(logits, labels), 2), dtype=torch.float32, device=logits.device)
-    grads = (gl, gc if contour_logits is not None else None) if write_grads else None
-    _launch(*args, loss=1, partials=partials, grads=grads, divisor=divisor, norm=norm, ctr_coef=_contour_base(alpha))
     out = torch.empty(4, dtype=torch.float32, device=logits.device)
-    _finalize_kernel[(1,)](partials, out, partials if norm is None else norm, partials.shape[0], divisor, alpha,
-                           NORM_PTR=norm is not None, BLOCK=1024)
+    grads = (gl, gc if contour_logits is not None else None) if write_grads else None
+    _launch(*args, loss=1, out=out, grads=grads, divisor=divisor, norm=norm, ctr_coef=_contour_base(alpha))
     return out, gl, gc
+
+
+def _backward_two_pass(grad_out: Tensor, out: Tensor, logits: Tensor, labels: Tensor, weight: Optional[Tensor],
+                       contour_logits: Optional[Tensor], contour_target: Optional[Tensor],
+                       class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int], reduction: str,
+                       ) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad_out * out[:3])`` (mean / sum; ``out[3]`` holds the divisor) or of
+    ``sum(grad_out * map)`` (none) w.r.t. logits and contour logits, recomputed from the inputs."""
+    gl, gc = _grad_buffers(logits, contour_logits, True)
+    grads = (gl, gc if contour_logits is not None else None)
+    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
+    if reduction == "none":
+        _launch(*args, loss=0, grads=grads, gout=grad_out.contiguous(), ctr_coef=alpha)
+    else:
+        _launch(*args, loss=0, grads=grads, norm=out[3:], gscale=grad_out.contiguous())
+    return gl, gc
+
+
+def _rescale(gl: Tensor, gc: Tensor, g_total: Optional[Tensor], g_seg: Optional[Tensor],
+             g_ctr: Optional[Tensor], alpha: float) -> None:
+    """One-pass backward: scale the forward's gradients of ``L`` in place to the upstream gradients."""
+    base = _contour_base(alpha)  # d/dc of L = alpha d/dc L_r; the buffer holds base d/dc L_r
+    programs = max(1, min(triton.cdiv(max(gl.numel(), gc.numel()), STATS_BLOCK), RESCALE_PROGRAMS))
+    dummy = gl
+    _rescale_kernel[(programs,)](
+        gl, gl.numel(), gc, gc.numel(), dummy if g_total is None else g_total, dummy if g_seg is None else g_seg,
+        dummy if g_ctr is None else g_ctr, alpha / base, 1.0 / base,
+        HAS_G0=g_total is not None, HAS_G1=g_seg is not None, HAS_G2=g_ctr is not None, BLOCK=STATS_BLOCK,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- eager autograd
+class _FusedLoss(torch.autograd.Function):
+    """Eager path (lowest host overhead): the passes above under a plain autograd.Function."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
+                reduction, write_grads, check_values):
+        out, gl, gc = _forward(logits, labels, weight, contour_logits, contour_target, class_weight, alpha,
+                               ignore_index, reduction, write_grads, check_values)
+        ctx.set_materialize_grads(False)
+        ctx.write_grads, ctx.options = write_grads, (alpha, ignore_index, reduction)
+        ctx.has_contour, ctx.used = contour_logits is not None, False
+        if write_grads:
+            ctx.save_for_backward(gl, gc)
+        else:
+            ctx.save_for_backward(out, logits, labels, weight, contour_logits, contour_target, class_weight)
+        return out if reduction == "none" else (out[0], out[1], out[2])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return (None,) * 11
+        alpha, ignore_index, reduction = ctx.options
+        if ctx.write_grads:
+            if ctx.used:
+                raise RuntimeError("the one-pass fused loss cannot be backpropagated twice (its gradients are "
+                                   "rescaled in place); use one_pass=False with retain_graph")
+            ctx.used = True
+            gl, gc = ctx.saved_tensors
+            _rescale(gl, gc, *grads, alpha)
+        else:
+            out, *inputs = ctx.saved_tensors
+            if reduction == "none":
+                grad_out = grads[0]
+            else:
+                grad_out = torch.stack([torch.zeros_like(out[0]) if g is None else g.float() for g in grads])
+            gl, gc = _backward_two_pass(grad_out, out, *inputs, alpha, ignore_index, reduction)
+        return (gl, None, None, gc if ctx.has_contour else None) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("hmedn_fast::difficulty_guided_loss", mutates_args=())
+def _loss_op(
+    logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
+    contour_target: Optional[Tensor], class_weight: Optional[Tensor], alpha: float, ignore_index: Optional[int],
+    reduction: str, write_grads: bool, check_values: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward as a custom op for ``torch.compile``; see :func:`_forward`."""
+    return _forward(logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
+                    reduction, write_grads, check_values)
 
 
 @_loss_op.register_fake
@@ -362,15 +463,9 @@ def _loss_backward_op(
     contour_logits: Optional[Tensor], contour_target: Optional[Tensor], class_weight: Optional[Tensor],
     alpha: float, ignore_index: Optional[int], reduction: str,
 ) -> tuple[Tensor, Tensor]:
-    """Two-pass backward: gradients of ``sum(grad_out * out)`` w.r.t. logits and contour logits."""
-    gl, gc = _grad_buffers(logits, contour_logits, True)
-    grads = (gl, gc if contour_logits is not None else None)
-    args = (logits, labels, weight, contour_logits, contour_target, class_weight, ignore_index, alpha)
-    if reduction == "none":
-        _launch(*args, loss=0, grads=grads, gout=grad_out.contiguous(), ctr_coef=alpha)
-    else:  # out[3] holds the divisor
-        _launch(*args, loss=0, grads=grads, norm=out[3:], gscale=grad_out.contiguous())
-    return gl, gc
+    """Two-pass backward as a custom op; see :func:`_backward_two_pass`."""
+    return _backward_two_pass(grad_out, out, logits, labels, weight, contour_logits, contour_target, class_weight,
+                              alpha, ignore_index, reduction)
 
 
 @_loss_backward_op.register_fake
@@ -381,14 +476,9 @@ def _loss_backward_op_fake(grad_out, out, logits, labels, weight, contour_logits
 
 @torch.library.custom_op("hmedn_fast::difficulty_guided_loss_scale_", mutates_args=("grad_logits", "grad_contour"))
 def _scale_op(grad_logits: Tensor, grad_contour: Tensor, grad_out: Tensor, alpha: float) -> None:
-    """One-pass backward: rescale the forward's gradients of ``L`` to the upstream gradient ``grad_out`` of
-    ``[L, L_s, L_r, divisor]`` in place; no memory traffic for ``loss.backward()``."""
-    g = grad_out.contiguous()
-    base = _contour_base(alpha)  # d/dc of L = alpha d/dc L_r; the buffer holds base d/dc L_r
-    for t, c0, c_idx, idx in ((grad_logits, 1.0, 1.0, 1), (grad_contour, alpha / base, 1.0 / base, 2)):
-        if t.numel():
-            _scale_kernel[(triton.cdiv(t.numel(), STATS_BLOCK),)](t, g, t.numel(), c0, c_idx, IDX=idx,
-                                                                  BLOCK=STATS_BLOCK)
+    """One-pass backward as a custom op: :func:`_rescale` by the gradient of ``[L, L_s, L_r, divisor]``."""
+    g = grad_out.float().contiguous()
+    _rescale(grad_logits, grad_contour, g, g[1:], g[2:], alpha)
 
 
 @_scale_op.register_fake
@@ -436,11 +526,14 @@ def difficulty_guided_loss(
     logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
     contour_target: Optional[Tensor], alpha: float, class_weight: Optional[Tensor], ignore_index: Optional[int],
     reduction: str, *, return_parts: bool = False, check_values: bool = True, one_pass: Optional[bool] = None,
+    custom_op: Optional[bool] = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Triton backend of :func:`hmedn_fast.ops.difficulty_guided_loss` (inputs already checked there).
 
     ``one_pass``: None (automatic: the forward writes the gradients when grad mode is on, a logit
     requires grad and the reduction is mean / sum), or force it on / off (benchmarks; ignored for none).
+    ``custom_op``: None (automatic: the torch custom op while ``torch.compile`` traces, so the graph does
+    not break; the lighter autograd.Function in eager mode), or force either (tests).
     """
     full = labels.shape
     logits = _kernel_layout(logits, 2)
@@ -453,8 +546,13 @@ def difficulty_guided_loss(
     needs_grad = torch.is_grad_enabled() and (
         logits.requires_grad or (contour_logits is not None and contour_logits.requires_grad))
     write_grads = reduction != "none" and (needs_grad if one_pass is None else one_pass)
-    out = _loss_op(logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
-                   reduction, write_grads, check_values)[0]
+    args = (logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index, reduction,
+            write_grads, check_values)
+    if custom_op if custom_op is not None else torch.compiler.is_compiling():
+        out = _loss_op(*args)[0]
+        parts = out if reduction == "none" else (out[0], out[1], out[2])
+    else:
+        parts = _FusedLoss.apply(*args)
     if reduction == "none":
-        return out
-    return (out[0], out[1], out[2]) if return_parts else out[0]
+        return parts
+    return parts if return_parts else parts[0]
