@@ -69,5 +69,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, procs):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert a["history"][-1]["val_dice_mean"] == b["history"][-1]["val_dice_mean"]
+    steps = [(tmp_path / d / "steps.csv").read_text() for d in ("ref", "run")]
+    assert steps[0] == steps[1] and len(steps[0].splitlines()) == 17
     model, record = load_model(last)  # the training checkpoint is a model file for load_model / hmedn infer
     assert record["model"] == "hmedn_2d" and model.in_channels == 5

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,6 +21,7 @@ from hmedn_fast.train import NonFiniteLossError, TrainConfig, Trainer
 from hmedn_fast.train.checkpoint import load_checkpoint
 from hmedn_fast.train.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_2D = dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
                dropout=0.0)
 
@@ -193,3 +198,27 @@ def test_cli_reports_bad_data_and_trains(tmp_path, capsys):
     assert summary["last_epoch"]["epoch"] == 1 and summary["out"] == str(tmp_path / "cli")
     record = load_checkpoint(tmp_path / "cli" / "last.pt")
     assert record["overrides"]["widths"] == (8, 16, 32, 32) and record["slices"] == 3 and record["spatial_dims"] == 2
+
+
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, against 1 process with batch 4. Instance norm and
+    no dropout: per-sample computations, so only the gradient all-reduce differs (float rounding)."""
+    args = ["--data", "phantom", "--model", "hmedn_2d", "--phantom-cases", "6", "--phantom-size", "32",
+            "--epochs", "2", "--steps-per-epoch", "3", "--threads", "1", "--no-progress", "--val-every", "2"]
+    args += [x for k, v in {**TINY_2D, "norm": "instance"}.items() for x in ("--set", f"{k}={v!r}")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "hmedn_fast.train.cli", *args, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    single = subprocess.run([sys.executable, "-m", "hmedn_fast.train.cli", *args, "--batch-size", "4", "--out",
+                             str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out, _ = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, out
+    assert single.returncode == 0, single.stderr
+    curves = [np.loadtxt(tmp_path / d / "steps.csv", delimiter=",", skiprows=1) for d in ("one", "ddp")]
+    assert curves[0].shape == curves[1].shape == (6, 5)
+    np.testing.assert_allclose(curves[1][:, 3], curves[0][:, 3], rtol=1e-5)
+    assert curves[0][0, 3] != curves[0][-1, 3]
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("one", "ddp"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -6,6 +6,8 @@ One run lives in ``TrainConfig.out``:
 - ``last.pt`` / ``best.pt``: training checkpoints (:mod:`hmedn_fast.train.checkpoint`), readable by
   ``hmedn_fast.models.io.load_model`` and ``hmedn infer``; ``best.pt`` has the best mean validation Dice;
 - ``log.csv`` / ``log.json``: one row per epoch (losses, learning rate, validation metrics, time);
+- ``steps.csv``: one row per step (global step, epoch, step, loss, learning rate; ``nan`` for skipped steps),
+  cut back to the checkpoint's position on resume so it matches an uninterrupted run;
 - ``curves.png``: training loss and validation Dice per class against the epoch.
 
 Training step: (on the model's device) augmentation, forward under autocast (bf16 on CUDA by default),
@@ -324,6 +326,11 @@ class Trainer:
         self.history, self.best, self.nonfinite = record["history"], record["best"], record["nonfinite"]
         self.position = dict(record["position"])
         restore_rng_state(record["rng"])
+        steps = self.out / "steps.csv"
+        if self.ctx.is_main and steps.exists():  # drop the steps run after the checkpoint was written
+            done = self.position["epoch"] * self.config.steps_per_epoch + self.position["step"]
+            lines = steps.read_text().splitlines(keepends=True)
+            steps.write_text("".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= done]))
         if self.ctx.is_main:
             print(f"resumed {self.out / 'last.pt'} at epoch {self.position['epoch']} step {self.position['step']}",
                   flush=True)
@@ -406,7 +413,9 @@ class Trainer:
                 labels = labels.to(self.device, non_blocking=True)
                 if self.augment is not None:
                     images, labels = augment_batch(images, labels, seeds, self.augment)
+                lr = self.scheduler.get_last_lr()[0]
                 parts = self.train_step(images, labels)
+                self._log_step(parts, lr)
                 pos = self.position
                 if parts is not None:
                     for k, v in parts.items():
@@ -422,6 +431,19 @@ class Trainer:
             self.position["time"] += time.perf_counter() - tick
             self._end_epoch()
         return {"best": self.best, "history": self.history, "out": str(self.out)}
+
+    def _log_step(self, parts: dict[str, float] | None, lr: float) -> None:
+        if not self.ctx.is_main:
+            return
+        path = self.out / "steps.csv"
+        new = not path.exists()
+        pos = self.position
+        with open(path, "a") as f:
+            if new:
+                f.write("global_step,epoch,step,loss,lr\n")
+            loss = parts["loss"] if parts is not None else math.nan
+            f.write(f"{pos['epoch'] * self.config.steps_per_epoch + pos['step'] + 1},{pos['epoch'] + 1},"
+                    f"{pos['step'] + 1},{loss!r},{lr!r}\n")
 
     def _end_epoch(self) -> None:
         cfg, pos = self.config, self.position
