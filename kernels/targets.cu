@@ -1,18 +1,19 @@
 // CUDA kernels of the contour and difficulty-weight maps (SPEC section 2). Torch-free: raw pointers,
 // sizes and a stream; `nvcc -c kernels/targets.cu` compiles this file alone.
 //
-// One call = 3 kernels for 2D, 4 for 3D, each a separable Gaussian pass over all fields at once:
-//   1. row pass along W, fused with the boundary classes computed from the labels (shared-memory tile
-//      of 32 rows: coalesced label reads, conflict-free sliding windows, coalesced stores);
-//   2. column pass along H (3D: then along D), each thread sliding a window of kColOutputs outputs
-//      down one column in registers (coalesced loads across the warp);
-//      the last pass writes contour / weight unnormalised and reduces the per-sample maxima
-//      (atomicMax on the float bits, valid because the maxima are of non-negative fields);
-//   3. a normalisation pass.
-// Fields: channel 0 = G_sc(B_all), channel 1 = G_sw(B_all), channel 2 = G_sw(mu[bclass] B_all), the last
-// only when the mu_k differ (else weight = mu0 + mu * channel 1 / max channel 1).
-// Default sigmas (2 and 8, radii 8 and 32) use fully unrolled windows with the taps as compile-time
-// operands; any other radius up to kMaxRadius takes a generic runtime-radius path.
+// One call = 5 kernels (2D: 4), every Gaussian pass split over the fields (grid.z = field):
+//   1. boundary classes: one byte per voxel (the class when the mu_k differ, else 0/1), labels checked;
+//   2. row pass along W: a shared-memory tile of 32 rows (coalesced loads, conflict-free sliding
+//      windows with one row per lane, coalesced stores through the same tile);
+//   3. column passes along H (3D: then along D), each thread sliding a window of kColOutputs outputs
+//      down one column in registers (coalesced loads across the warp, reflected row offsets from a
+//      per-warp table); the last pass writes contour / weight unnormalised and reduces the per-sample
+//      maxima (atomicMax on the float bits, valid because the maxima are of non-negative fields);
+//   4. a normalisation pass.
+// Fields: 0 = G_sc(B_all), 1 = G_sw(B_all), 2 = G_sw(mu[bclass] B_all), the last only when the mu_k
+// differ (else weight = mu0 + mu * field 1 / max field 1).
+// Default sigmas (2 and 8, radii 8 and 32) use fully unrolled windows with compile-time taps indices;
+// any other radius up to kMaxRadius takes a generic runtime-radius path.
 #include "targets.cuh"
 
 #include <cuda_runtime.h>
@@ -80,126 +81,131 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// ---- pass 1: along W, boundary classes fused --------------------------------------------------------
-// Block: kRowLines rows x kRowTile outputs, 32 x kRowSegments threads. Shared: f1 (and f2) tiles of
-// kRowLines x pitch floats (pitch odd: lanes = rows read distinct banks), reused as the output stage.
-template <typename L, int C, int R0, int R1>
-__global__ void __launch_bounds__(32 * kRowSegments)
-row_pass_kernel(const L* __restrict__ labels, int64_t D, int64_t H, int64_t W, int64_t rows,
-                int num_classes, const __grid_constant__ Params p, float* __restrict__ out0,
-                float* __restrict__ out1, float* __restrict__ out2, int* __restrict__ error_flag) {
-  extern __shared__ float smem[];
-  const int r0 = R0 > 0 ? R0 : p.radius[0];
-  const int r1 = R1 > 0 ? R1 : p.radius[1];
-  const int rmax = r0 > r1 ? r0 : r1;
-  const int ext = kRowTile + 2 * rmax;
-  const int pitch = ext | 1;
-  float* f1 = smem;
-  float* f2 = smem + kRowLines * pitch;
-  const int lane = threadIdx.x, warp = threadIdx.y;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowLines;
-  const int64_t w0 = static_cast<int64_t>(blockIdx.y) * kRowTile;
-  const int64_t plane = D * H;
-
+// ---- pass 1: boundary classes ---------------------------------------------------------------------
+// One byte per voxel: the class k >= 1 of a boundary voxel when `classes` (the mu_k differ), else 1;
+// 0 off the boundary. Blocks run over (n, d) planes (grid.y, strided) and the H x W voxels of a plane.
+template <typename L>
+__global__ void bclass_kernel(const L* __restrict__ labels, int64_t planes, int64_t D, int64_t H, int64_t W,
+                              int num_classes, bool classes, uint8_t* __restrict__ bclass,
+                              int* __restrict__ error_flag) {
+  const int64_t hw_size = H * W;
+  const int64_t hw = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (hw >= hw_size) return;
+  const int64_t h = hw / W, w = hw - h * W;
   bool bad = false;
-  for (int r = warp; r < kRowLines; r += kRowSegments) {
-    const int64_t row = row0 + r;
-    if (row >= rows) break;
-    const int64_t n = row / plane, dh = row - n * plane;
-    const int64_t d = dh / H, h = dh - d * H;
-    const L* lab = labels + n * plane * W;
-    for (int q = lane; q < ext; q += 32) {
-      const int64_t w = reflect_fast(w0 - rmax + q, W);
-      const int k = boundary_class(lab, d, h, w, D, H, W, num_classes, &bad);
-      f1[r * pitch + q] = k > 0 ? 1.f : 0.f;
-      if constexpr (C == 3) f2[r * pitch + q] = k > 0 ? p.mu[k - 1] : 0.f;
-    }
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int64_t n = plane / D, d = plane - n * D;
+    const int k = boundary_class(labels + n * D * hw_size, d, h, w, D, H, W, num_classes, &bad);
+    bclass[plane * hw_size + hw] = static_cast<uint8_t>(classes ? k : (k > 0));
   }
   if (bad && error_flag != nullptr) *error_flag = 1;
-  __syncthreads();
+}
 
-  // lane = row, warp = segment of kRowOutputs outputs; window of output o starts at q = seg*T + o.
-  const int q0 = warp * kRowOutputs;
-  float acc[C][kRowOutputs];
-  const float* src1 = f1 + lane * pitch + q0;
-  window_conv<kRowOutputs, R0>([&](int t) { return src1[rmax - r0 + t]; }, p.taps[0], r0, acc[0]);
-  window_conv<kRowOutputs, R1>([&](int t) { return src1[rmax - r1 + t]; }, p.taps[1], r1, acc[1]);
-  if constexpr (C == 3) {
-    const float* src2 = f2 + lane * pitch + q0;
-    window_conv<kRowOutputs, R1>([&](int t) { return src2[rmax - r1 + t]; }, p.taps[1], r1, acc[2]);
+// ---- pass 2: along W ------------------------------------------------------------------------------
+// Block: kRowLines rows x kRowTile outputs of field blockIdx.z, 32 x kRowSegments threads. Shared: the
+// field's tile, kRowLines x pitch floats (pitch odd: lanes = rows read distinct banks), then the
+// output stage.
+template <int R>
+__device__ __forceinline__ void row_pass_field(const uint8_t* __restrict__ bclass, int64_t W, int64_t rows,
+                                               int64_t row0, int64_t w0, int field, const Params& p, int s,
+                                               float* __restrict__ out, float* smem) {
+  const int r = R > 0 ? R : p.radius[s];
+  const int ext = kRowTile + 2 * r;
+  const int pitch = ext | 1;
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments) {
+    const int64_t row = row0 + q_row;
+    if (row >= rows) break;
+    const uint8_t* b = bclass + row * W;
+    for (int q = lane; q < ext; q += 32) {
+      const int k = b[reflect_fast(w0 - r + q, W)];
+      smem[q_row * pitch + q] = field == 2 ? (k > 0 ? p.mu[k - 1] : 0.f) : (k > 0 ? 1.f : 0.f);
+    }
   }
+  __syncthreads();
+  // lane = row, warp = segment of kRowOutputs outputs; the window of output o starts at q = seg*T + o
+  const int q0 = warp * kRowOutputs;
+  float acc[kRowOutputs];
+  const float* src = smem + lane * pitch + q0;
+  window_conv<kRowOutputs, R>([&](int t) { return src[t]; }, p.taps[s], r, acc);
   __syncthreads();
   constexpr int stage_pitch = kRowTile + 1;
 #pragma unroll
-  for (int c = 0; c < C; ++c)
-#pragma unroll
-    for (int o = 0; o < kRowOutputs; ++o) smem[(c * kRowLines + lane) * stage_pitch + q0 + o] = acc[c][o];
+  for (int o = 0; o < kRowOutputs; ++o) smem[lane * stage_pitch + q0 + o] = acc[o];
   __syncthreads();
-  float* outs[3] = {out0, out1, out2};
-  for (int r = warp; r < kRowLines; r += kRowSegments) {
-    const int64_t row = row0 + r;
+  for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments) {
+    const int64_t row = row0 + q_row;
     if (row >= rows) break;
-    for (int q = lane; q < kRowTile && w0 + q < W; q += 32)
-#pragma unroll
-      for (int c = 0; c < C; ++c) outs[c][row * W + w0 + q] = smem[(c * kRowLines + r) * stage_pitch + q];
+    for (int q = lane; q < kRowTile && w0 + q < W; q += 32) out[row * W + w0 + q] = smem[q_row * stage_pitch + q];
   }
 }
 
-// ---- passes along H and D: layout (outer, L, inner), filtered axis L -------------------------------
 struct Fields {
   const float* in[3];
   float* out[3];  // LAST: out[0] = contour, out[1] = weight (unnormalised)
 };
 
+template <int R0, int R1>
+__global__ void __launch_bounds__(32 * kRowSegments)
+row_pass_kernel(const uint8_t* __restrict__ bclass, int64_t W, int64_t rows, const __grid_constant__ Params p,
+                const __grid_constant__ Fields f) {
+  extern __shared__ float smem[];
+  const int field = blockIdx.z;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowLines;
+  const int64_t w0 = static_cast<int64_t>(blockIdx.y) * kRowTile;
+  if (field == 0)
+    row_pass_field<R0>(bclass, W, rows, row0, w0, field, p, 0, f.out[0], smem);
+  else
+    row_pass_field<R1>(bclass, W, rows, row0, w0, field, p, 1, f.out[field], smem);
+}
+
+// ---- passes 3: along H and D, layout (outer, len, inner), filtered axis len; field blockIdx.z -----
+template <int R, bool LAST, int C>
+__device__ __forceinline__ void col_pass_field(const Fields& f, int field, int64_t outer, int64_t i, int64_t l0,
+                                               int64_t len, int64_t inner, const Params& p, int s,
+                                               int64_t* offs, float& m) {
+  const int r = R > 0 ? R : p.radius[s];
+  for (int t = threadIdx.x; t < kColOutputs + 2 * r; t += 32) offs[t] = reflect_index(l0 - r + t, len) * inner;
+  __syncwarp();
+  if (i >= inner || l0 >= len) return;
+  const int64_t base = outer * len * inner + i;
+  const float* __restrict__ src = f.in[field] + base;
+  float acc[kColOutputs];
+  window_conv<kColOutputs, R>([&](int t) { return src[offs[t]]; }, p.taps[s], r, acc);
+  float* dst = !LAST ? f.out[field] : (field == 0 ? f.out[0] : (field == C - 1 ? f.out[1] : nullptr));
+#pragma unroll
+  for (int o = 0; o < kColOutputs; ++o) {
+    if (l0 + o < len) {
+      if (dst != nullptr) dst[base + (l0 + o) * inner] = acc[o];
+      m = fmaxf(m, acc[o]);
+    }
+  }
+}
+
 template <int C, bool LAST, int R0, int R1>
 __global__ void __launch_bounds__(32 * kColWarps)
-col_pass_kernel(Fields f, int64_t len, int64_t inner, int64_t inner_tiles, const __grid_constant__ Params p,
+col_pass_kernel(const __grid_constant__ Fields f, int64_t len, int64_t inner, int64_t inner_tiles, const __grid_constant__ Params p,
                 float* __restrict__ maxima) {
+  __shared__ int64_t offsets[kColWarps][kColOutputs + 2 * kMaxRadius];
+  const int field = blockIdx.z;
   const int64_t outer = blockIdx.x / inner_tiles;
   const int64_t i = (blockIdx.x - outer * inner_tiles) * 32 + threadIdx.x;
   const int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kColWarps + threadIdx.y) * kColOutputs;
-  const int64_t base = outer * len * inner + i;
-  float m0 = 0.f, m1 = 0.f;
-  if (i < inner && l0 < len) {
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const int s = c == 0 ? 0 : 1;
-      float acc[kColOutputs];
-      const float* __restrict__ src = f.in[c] + base;
-      if (c == 0) {
-        const int r = R0 > 0 ? R0 : p.radius[0];
-        window_conv<kColOutputs, R0>([&](int t) { return src[reflect_fast(l0 - r + t, len) * inner]; },
-                                     p.taps[s], r, acc);
-      } else {
-        const int r = R1 > 0 ? R1 : p.radius[1];
-        window_conv<kColOutputs, R1>([&](int t) { return src[reflect_fast(l0 - r + t, len) * inner]; },
-                                     p.taps[s], r, acc);
-      }
-      float* dst = !LAST ? f.out[c] : (c == 0 ? f.out[0] : (c == C - 1 ? f.out[1] : nullptr));
-#pragma unroll
-      for (int o = 0; o < kColOutputs; ++o) {
-        if (l0 + o < len) {
-          if (dst != nullptr) dst[base + (l0 + o) * inner] = acc[o];
-          if (LAST && c == 0) m0 = fmaxf(m0, acc[o]);
-          if (LAST && c == 1) m1 = fmaxf(m1, acc[o]);
-        }
-      }
-    }
-  }
+  float m = 0.f;
+  if (field == 0)
+    col_pass_field<R0, LAST, C>(f, field, outer, i, l0, len, inner, p, 0, offsets[threadIdx.y], m);
+  else
+    col_pass_field<R1, LAST, C>(f, field, outer, i, l0, len, inner, p, 1, offsets[threadIdx.y], m);
   if constexpr (LAST) {
-    __shared__ float red[2][kColWarps];
-    m0 = warp_max(m0);
-    m1 = warp_max(m1);
-    if (threadIdx.x == 0) {
-      red[0][threadIdx.y] = m0;
-      red[1][threadIdx.y] = m1;
-    }
+    if (field > 1) return;  // block-uniform: only the B_all fields have maxima
+    __shared__ float red[kColWarps];
+    m = warp_max(m);
+    if (threadIdx.x == 0) red[threadIdx.y] = m;
     __syncthreads();
-    if (threadIdx.x < 2 && threadIdx.y == 0) {
-      float m = 0.f;
-      for (int k = 0; k < kColWarps; ++k) m = fmaxf(m, red[threadIdx.x][k]);
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+      for (int k = 1; k < kColWarps; ++k) m = fmaxf(m, red[k]);
       // non-negative floats order like their bit patterns as signed ints
-      if (m > 0.f) atomicMax(reinterpret_cast<int*>(maxima) + 2 * outer + threadIdx.x, __float_as_int(m));
+      if (m > 0.f) atomicMax(reinterpret_cast<int*>(maxima) + 2 * outer + field, __float_as_int(m));
     }
   }
 }
@@ -259,9 +265,9 @@ unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>(b < 4096 ? b : 4096);
 }
 
-template <typename L, int C, int R0, int R1>
-cudaError_t launch_all(const hmedn_targets_args& a, const Params& p, float* ws, float* maxima,
-                       cudaStream_t stream) {
+template <int C, int R0, int R1>
+cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const uint8_t* bclass, float* ws,
+                          float* maxima, cudaStream_t stream) {
   const int64_t N = a.batch, D = a.depth, H = a.height, W = a.width;
   const int64_t S = D * H * W;
   // 2D: row pass -> ws, H pass (last) -> outputs. 3D: row pass -> (contour, weight, ws[2]),
@@ -273,40 +279,34 @@ cudaError_t launch_all(const hmedn_targets_args& a, const Params& p, float* ws, 
   if (a.spatial_dims == 3 && C == 3) y[2] = ws + 3 * N * S;  // x[2] already holds the row pass's field
 
   const int rmax = p.radius[0] > p.radius[1] ? p.radius[0] : p.radius[1];
-  const int pitch = (kRowTile + 2 * rmax) | 1;
-  const size_t fields_bytes = sizeof(float) * kRowLines * pitch * (C == 3 ? 2 : 1);
-  const size_t stage_bytes = sizeof(float) * C * kRowLines * (kRowTile + 1);
-  const size_t row_smem = fields_bytes > stage_bytes ? fields_bytes : stage_bytes;
-  auto row_kernel = row_pass_kernel<L, C, R0, R1>;
+  const size_t tile_bytes = sizeof(float) * kRowLines * ((kRowTile + 2 * rmax) | 1);
+  const size_t stage_bytes = sizeof(float) * kRowLines * (kRowTile + 1);
+  const size_t row_smem = tile_bytes > stage_bytes ? tile_bytes : stage_bytes;
+  auto row_kernel = row_pass_kernel<R0, R1>;
   cudaError_t err = set_smem(reinterpret_cast<const void*>(row_kernel), row_smem);
   if (err != cudaSuccess) return err;
   const int64_t rows = N * D * H;
   const dim3 row_grid(static_cast<unsigned>((rows + kRowLines - 1) / kRowLines),
-                      static_cast<unsigned>((W + kRowTile - 1) / kRowTile));
+                      static_cast<unsigned>((W + kRowTile - 1) / kRowTile), C);
   row_kernel<<<row_grid, dim3(32, kRowSegments), row_smem, stream>>>(
-      static_cast<const L*>(a.labels), D, H, W, rows, a.num_classes, p, first[0], first[1], first[2],
-      a.error_flag);
+      bclass, W, rows, p, Fields{{nullptr, nullptr, nullptr}, {first[0], first[1], first[2]}});
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  err = cudaMemsetAsync(maxima, 0, 2 * N * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
   const dim3 block(32, kColWarps);
   const int64_t lines_per_block = static_cast<int64_t>(kColWarps) * kColOutputs;
   auto col_grid = [&](int64_t outer, int64_t len, int64_t inner) {
     return dim3(static_cast<unsigned>(outer * ((inner + 31) / 32)),
-                static_cast<unsigned>((len + lines_per_block - 1) / lines_per_block));
+                static_cast<unsigned>((len + lines_per_block - 1) / lines_per_block), C);
   };
-  Fields last{};
+  const Fields last{{y[0], y[1], y[2]}, {a.contour, a.weight, nullptr}};
   if (a.spatial_dims == 3) {
-    Fields h{{x[0], x[1], x[2]}, {y[0], y[1], y[2]}};
+    const Fields h{{x[0], x[1], x[2]}, {y[0], y[1], y[2]}};
     col_pass_kernel<C, false, R0, R1><<<col_grid(N * D, H, W), block, 0, stream>>>(h, H, W, (W + 31) / 32, p,
                                                                                    maxima);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    last = Fields{{y[0], y[1], y[2]}, {a.contour, a.weight, nullptr}};
     col_pass_kernel<C, true, R0, R1><<<col_grid(N, D, H * W), block, 0, stream>>>(last, D, H * W,
                                                                                   (H * W + 31) / 32, p, maxima);
   } else {
-    last = Fields{{y[0], y[1], y[2]}, {a.contour, a.weight, nullptr}};
     col_pass_kernel<C, true, R0, R1><<<col_grid(N, H, W), block, 0, stream>>>(last, H, W, (W + 31) / 32, p,
                                                                               maxima);
   }
@@ -319,14 +319,12 @@ cudaError_t launch_all(const hmedn_targets_args& a, const Params& p, float* ws, 
 }
 
 template <typename L>
-cudaError_t launch_typed(const hmedn_targets_args& a, const Params& p, int channels, float* ws, float* maxima,
-                         cudaStream_t stream) {
-  const bool defaults = p.radius[0] == 8 && p.radius[1] == 32;
-  if (channels == 2)
-    return defaults ? launch_all<L, 2, 8, 32>(a, p, ws, maxima, stream)
-                    : launch_all<L, 2, 0, 0>(a, p, ws, maxima, stream);
-  return defaults ? launch_all<L, 3, 8, 32>(a, p, ws, maxima, stream)
-                  : launch_all<L, 3, 0, 0>(a, p, ws, maxima, stream);
+cudaError_t launch_bclass(const hmedn_targets_args& a, bool classes, uint8_t* bclass, cudaStream_t stream) {
+  const int64_t planes = a.batch * a.depth, hw = a.height * a.width;
+  const dim3 grid(static_cast<unsigned>((hw + 255) / 256), static_cast<unsigned>(planes < 65535 ? planes : 65535));
+  bclass_kernel<<<grid, 256, 0, stream>>>(static_cast<const L*>(a.labels), planes, a.depth, a.height, a.width,
+                                          a.num_classes, classes, bclass, a.error_flag);
+  return cudaGetLastError();
 }
 
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -337,15 +335,15 @@ extern "C" size_t hmedn_targets_cuda_workspace_bytes(int64_t batch, int64_t dept
                                                       int num_classes, const float* mu) {
   const int64_t voxels = batch * depth * height * width;
   const int channels = num_channels(num_classes, mu);
-  const int buffers = channels == 3 ? 4 : 2;  // y[0..C) plus, with 3 channels, the row pass's third field
-  return align16(2 * batch * sizeof(float)) + buffers * voxels * sizeof(float);
+  const int buffers = channels == 3 ? 4 : 2;  // y[0..C) plus, with 3 fields, the row pass's third field
+  return align16(2 * batch * sizeof(float)) + align16(voxels) + buffers * voxels * sizeof(float);
 }
 
 extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStream_t stream) {
-  if (a == nullptr || a->batch < 1 || a->batch > 65535 || a->depth < 1 || a->height < 1 || a->width < 1 || a->num_classes < 2 ||
-      (a->spatial_dims != 2 && a->spatial_dims != 3) || (a->spatial_dims == 2 && a->depth != 1) ||
-      a->radius_contour < 0 || a->radius_contour > kMaxRadius || a->radius_weight < 0 ||
-      a->radius_weight > kMaxRadius)
+  if (a == nullptr || a->batch < 1 || a->batch > 65535 || a->depth < 1 || a->height < 1 || a->width < 1 ||
+      a->num_classes < 2 || (a->spatial_dims != 2 && a->spatial_dims != 3) ||
+      (a->spatial_dims == 2 && a->depth != 1) || a->radius_contour < 0 || a->radius_contour > kMaxRadius ||
+      a->radius_weight < 0 || a->radius_weight > kMaxRadius)
     return cudaErrorInvalidValue;
   const int channels = num_channels(a->num_classes, a->mu);
   if (channels == 3 && a->num_classes - 1 > kMaxClassWeights) return cudaErrorInvalidValue;
@@ -356,14 +354,27 @@ extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStrea
   for (int j = 0; j <= a->radius_weight; ++j) p.taps[1][j] = a->taps_weight[j];
   if (channels == 3)
     for (int k = 0; k < a->num_classes - 1; ++k) p.mu[k] = a->mu[k];
-  float* maxima = static_cast<float*>(a->workspace);
-  float* ws = reinterpret_cast<float*>(static_cast<char*>(a->workspace) + align16(2 * a->batch * sizeof(float)));
+  char* w = static_cast<char*>(a->workspace);
+  float* maxima = reinterpret_cast<float*>(w);
+  uint8_t* bclass = reinterpret_cast<uint8_t*>(w + align16(2 * a->batch * sizeof(float)));
+  float* ws = reinterpret_cast<float*>(w + align16(2 * a->batch * sizeof(float)) +
+                                       align16(a->batch * a->depth * a->height * a->width));
+  cudaError_t err = cudaMemsetAsync(maxima, 0, 2 * a->batch * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  const bool classes = channels == 3;
   switch (a->label_dtype) {
-    case HMEDN_LABEL_U8: return launch_typed<uint8_t>(*a, p, channels, ws, maxima, stream);
-    case HMEDN_LABEL_I32: return launch_typed<int32_t>(*a, p, channels, ws, maxima, stream);
-    case HMEDN_LABEL_I64: return launch_typed<int64_t>(*a, p, channels, ws, maxima, stream);
+    case HMEDN_LABEL_U8: err = launch_bclass<uint8_t>(*a, classes, bclass, stream); break;
+    case HMEDN_LABEL_I32: err = launch_bclass<int32_t>(*a, classes, bclass, stream); break;
+    case HMEDN_LABEL_I64: err = launch_bclass<int64_t>(*a, classes, bclass, stream); break;
     default: return cudaErrorInvalidValue;
   }
+  if (err != cudaSuccess) return err;
+  const bool defaults = p.radius[0] == 8 && p.radius[1] == 32;
+  if (channels == 2)
+    return defaults ? launch_passes<2, 8, 32>(*a, p, bclass, ws, maxima, stream)
+                    : launch_passes<2, 0, 0>(*a, p, bclass, ws, maxima, stream);
+  return defaults ? launch_passes<3, 8, 32>(*a, p, bclass, ws, maxima, stream)
+                  : launch_passes<3, 0, 0>(*a, p, bclass, ws, maxima, stream);
 }
 
 extern "C" cudaError_t hmedn_boundary_map_cuda(const void* labels, int label_dtype, int64_t batch, int64_t depth,
