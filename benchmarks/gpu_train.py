@@ -1,0 +1,274 @@
+"""GPU training benchmark: one training step of hmedn_3d_l2 at 1x4x128^3 in eager fp32, eager bf16 and the
+trainer's lean mode, against MONAI DynUNet (bf16) in the same run; the largest trainable cube under an 8 GiB
+cap; and (with 2+ GPUs) a DDP run against one GPU at the same global batch.
+
+    python benchmarks/gpu_train.py --out DIR [--iters 10] [--skip-ddp]
+
+A step = forward (under autocast for bf16) + loss + backward + AdamW step, on a fixed random batch. hmedn_3d_l2
+uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets made from the labels
+inside the step by the fast targets op, difficulty-guided CE + contour term + deep supervision, fused kernel on
+CUDA). Lean mode = bf16 autocast + activation checkpointing level ``"lean"`` (memory-lean HR pathway blocks,
+:mod:`hmedn_fast.train.memory`); ``"blocks"`` (dense blocks checkpointed too) is reported beside it. DynUNet is
+MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
+supervision) with plain cross-entropy, bf16 autocast.
+
+Times: CUDA events around each step after warm-up (p50 and mean ms). Peak memory: torch.cuda.max_memory_allocated
+over the timed steps (parameters, gradients, AdamW state and activations). Largest cube: under
+``torch.cuda.set_per_process_memory_fraction(8 GiB / total)``, the largest multiple of 16 in 64..256 for which
+two steps at batch 1 run without an out-of-memory error (binary search; monotone in the size).
+Writes DIR/train_<card>.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hmedn_fast.losses import HMEDNLoss  # noqa: E402
+from hmedn_fast.models import create_model  # noqa: E402
+from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
+
+CAP_BYTES = 8 * 2**30
+SIZES = list(range(64, 257, 16))
+CONFIGS = {  # name: (model, autocast dtype, checkpointing level)
+    "eager_fp32": ("hmedn_3d_l2", None, "none"),
+    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none"),
+    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean"),
+    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks"),
+    "dynunet_bf16": ("dynunet", torch.bfloat16, None),
+}
+
+
+def dynunet() -> torch.nn.Module:
+    from monai.networks.nets import DynUNet
+
+    strides = [1, 2, 2, 2, 2, 2]
+    return DynUNet(3, 4, 4, kernel_size=[3] * 6, strides=strides, upsample_kernel_size=strides[1:],
+                   norm_name="instance", deep_supervision=False)
+
+
+def make_step(config: str, size: int, batch: int = 1, seed: int = 0) -> Callable[[], float]:
+    """A closure running one training step of ``config`` on a fixed random (batch, 4, size^3) batch."""
+    name, dtype, level = CONFIGS[config]
+    torch.manual_seed(seed)
+    model = (dynunet() if name == "dynunet" else create_model(name)).cuda().train()
+    if level is not None:
+        set_checkpointing(model, level)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
+    x = torch.randn(batch, 4, size, size, size, device="cuda")
+    y = make_labels(batch, size)
+    loss_fn = HMEDNLoss(4, check_values=False).cuda() if name != "dynunet" else None
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x)
+        loss = loss_fn(out, y).total if loss_fn is not None else F.cross_entropy(out.float(), y.long())
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def make_labels(batch: int, size: int) -> torch.Tensor:
+    """Three nested blobs (labels 1-3) with random offsets: structures with boundaries, like the phantom."""
+    g = torch.linspace(-1, 1, size, device="cuda")
+    zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+    labels = torch.zeros(batch, size, size, size, dtype=torch.uint8, device="cuda")
+    gen = torch.Generator().manual_seed(1)
+    for n in range(batch):
+        for k, r in ((1, 0.7), (2, 0.45), (3, 0.2)):
+            c = (torch.rand(3, generator=gen) - 0.5) * 0.3
+            inside = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < r * r
+            labels[n][inside] = k
+    return labels
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
+    step = make_step(config, size)
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        losses.append(step())
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated()
+    del step
+    free()
+    return {"p50_ms": float(np.median(times)), "mean_ms": float(np.mean(times)), "peak_mib": peak / 2**20,
+            "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+
+
+def fits(config: str, size: int) -> bool:
+    try:
+        step = make_step(config, size)
+        step()
+        step()
+        torch.cuda.synchronize()
+        ok = True
+    except torch.OutOfMemoryError:
+        ok = False
+    step = None  # noqa: F841 - drop the closure (model, optimizer, batch) before freeing
+    free()
+    return ok
+
+
+def largest_cube(config: str) -> dict:
+    """Binary search over SIZES under the 8 GiB cap (set by the caller)."""
+    lo, hi, tried = -1, len(SIZES), {}
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        tried[SIZES[mid]] = fits(config, SIZES[mid])
+        lo, hi = (mid, hi) if tried[SIZES[mid]] else (lo, mid)
+    size = SIZES[lo] if lo >= 0 else None
+    return {"largest_cube": size, "voxels": size**3 if size else 0, "trials": tried,
+            "at_search_limit": lo == len(SIZES) - 1}
+
+
+def smoke() -> dict:
+    """Correctness before timing: fp32 gradients of every checkpointing level equal eager's (64^3), the bf16
+    loss is close to the fp32 one, and 8 lean steps lower the loss on a fixed batch."""
+    torch.manual_seed(0)
+    model = create_model("hmedn_3d_l2", dropout=0.0).cuda().train()
+    loss_fn = HMEDNLoss(4, check_values=False).cuda()
+    x, y = torch.randn(1, 4, 64, 64, 64, device="cuda"), make_labels(1, 64)
+    grads, losses = {}, {}
+    for level in ("none", "lean", "blocks"):
+        set_checkpointing(model, level)
+        model.zero_grad()
+        loss = loss_fn(model(x), y).total
+        loss.backward()
+        losses[level] = float(loss)
+        grads[level] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    rel = {lv: float((grads[lv] - grads["none"]).norm() / grads["none"].norm()) for lv in ("lean", "blocks")}
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(x)
+    bf16_loss = float(loss_fn(out, y).total)
+    step = make_step("lean", 64)
+    trained = [float(step()) for _ in range(8)]
+    del step, model
+    free()
+    return {"grad_rel_err_vs_eager_fp32": rel, "loss_fp32": losses["none"], "loss_bf16": bf16_loss,
+            "lean_losses_8_steps": trained,
+            "ok": all(v < 1e-3 for v in rel.values()) and abs(bf16_loss / losses["none"] - 1) < 0.05
+            and trained[-1] < trained[0]}
+
+
+def ddp_check(out: Path, steps: int = 20) -> dict:
+    """``hmedn train`` on the 3D phantom: torchrun on 2 GPUs (batch 1 each, SyncBatchNorm) against one GPU with
+    batch 2, same seed; per-step losses from each run's steps.csv."""
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs, found {torch.cuda.device_count()}"}
+    common = ["--data", "phantom", "--model", "hmedn_3d_l2", "--phantom-cases", "8", "--phantom-size", "64",
+              "--set", "dropout=0.0", "--epochs", "1", "--steps-per-epoch", str(steps), "--no-progress",
+              "--val-every", "1", "--patch-size", "64", "64", "64"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmds = {"one_gpu_batch2": [sys.executable, "-m", "hmedn_fast.train.cli", *common, "--batch-size", "2"],
+                "ddp_2gpu_batch1": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                    "2", "-m", "hmedn_fast.train.cli", *common, "--batch-size", "1"]}
+        for name, cmd in cmds.items():
+            run_env = env if name.startswith("ddp") else {**env, "CUDA_VISIBLE_DEVICES": "0"}
+            p = subprocess.run([*cmd, "--out", f"{tmp}/{name}"], env=run_env, capture_output=True, text=True,
+                               timeout=400)
+            if p.returncode != 0:
+                return {"failed": name, "log": (p.stdout + p.stderr)[-3000:]}
+            table = np.loadtxt(f"{tmp}/{name}/steps.csv", delimiter=",", skiprows=1, ndmin=2)
+            runs[name] = {"loss": table[:, 3].tolist(), "summary": json.loads(p.stdout.strip().splitlines()[-1])}
+            (out / f"train_ddp_{name}_steps.csv").write_text(Path(f"{tmp}/{name}/steps.csv").read_text())
+    a, b = (np.array(runs[k]["loss"]) for k in cmds)
+    return {**runs, "max_rel_diff": float(np.max(np.abs(a - b) / np.abs(a))),
+            "mean_rel_diff": float(np.mean(np.abs(a - b) / np.abs(a)))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-ddp", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_train.py needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = True
+    card = torch.cuda.get_device_name()
+    configs = dict(CONFIGS)
+    try:
+        import monai
+        monai_version = monai.__version__
+    except ImportError as exc:
+        monai_version = None
+        configs.pop("dynunet_bf16")
+        print(f"MONAI DynUNet baseline skipped: {exc}", flush=True)
+    result = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                           "monai": monai_version, "python": platform.python_version()},
+              "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30}
+    result["smoke"] = smoke()
+    print("smoke:", json.dumps(result["smoke"]), flush=True)
+
+    result["step"] = {}
+    for name in configs:
+        result["step"][name] = time_steps(name, 128, args.warmup, args.iters)
+        r = result["step"][name]
+        print(f"{name:14s} step p50 {r['p50_ms']:8.1f} ms  mean {r['mean_ms']:8.1f} ms  peak {r['peak_mib']:8.0f} MiB",
+              flush=True)
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
+    result["largest_cube_8gib"] = {}
+    for name in configs:
+        result["largest_cube_8gib"][name] = largest_cube(name)
+        print(f"{name:14s} largest cube under 8 GiB: {result['largest_cube_8gib'][name]['largest_cube']}", flush=True)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+    steps, cubes = result["step"], result["largest_cube_8gib"]
+    targets = {"lean_voxels_vs_eager_fp32": cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)}
+    if "dynunet_bf16" in steps:
+        targets["lean_speedup_vs_dynunet_bf16"] = steps["dynunet_bf16"]["p50_ms"] / steps["lean"]["p50_ms"]
+        targets["lean_peak_fraction_of_dynunet_bf16"] = steps["lean"]["peak_mib"] / steps["dynunet_bf16"]["peak_mib"]
+    result["targets"] = targets
+    print("targets:", json.dumps(targets), flush=True)
+    if not args.skip_ddp:
+        result["ddp"] = ddp_check(args.out)
+        print("ddp:", json.dumps({k: v for k, v in result["ddp"].items() if "diff" in k or k in ("skipped", "failed")}),
+              flush=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
+    path = args.out / f"train_{slug}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
