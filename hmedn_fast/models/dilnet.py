@@ -18,17 +18,17 @@ class DilNet(SegmentationModel):
         channels: width of the blocks.
         num_blocks: 9 (DilNet1, DilNet2) or 6 (DilNet3).
         dilations: (3, 5) for DilNet1/3, (2, 4) for DilNet2.
-        contour, norm, init: as :class:`hmedn_fast.models.HMEDN`.
+        contour, norm, init, checkpoint: as :class:`hmedn_fast.models.HMEDN`.
 
     ``receptive_field`` reports the extent of the input one output voxel sees.
     """
 
     def __init__(self, in_channels: int = 5, num_classes: int = 4, spatial_dims: int = 2, channels: int = 64,
                  num_blocks: int = 9, dilations: Sequence[int] = (3, 5), contour: bool = False,
-                 norm: NormSpec = "batch", init: str = "xavier") -> None:
+                 norm: NormSpec = "batch", init: str = "xavier", checkpoint: str = "none") -> None:
         super().__init__(in_channels, num_classes, spatial_dims)
         self.net = HRPathway(in_channels, channels, num_blocks, dilations, num_classes, spatial_dims, norm,
-                             dense=False)
+                             dense=False, checkpoint=checkpoint)
         self._finish(channels, contour, norm, init)
 
     @property

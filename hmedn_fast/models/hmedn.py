@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from ..nn.layers import NormSpec
-from ..nn.pathways import DistillingPathway, HRPathway
+from ..nn.pathways import CHECKPOINT_MODES, DistillingPathway, HRPathway
 from .base import SegmentationModel
 
 
@@ -30,6 +30,8 @@ class HMEDN(SegmentationModel):
         norm: "batch" | "instance" | "group" | (name, kwargs).
         dropout: dropout at the end of each stage.
         init: "xavier" (paper) or "default" (PyTorch's).
+        checkpoint: backward-memory mode of the HR pathway's blocks, "none" | "lean" | "blocks" | "auto"
+            (see :class:`hmedn_fast.nn.HRPathway`); same gradients in every mode.
 
     Input (N, in_channels, *spatial), any size; output :class:`SegmentationOutput` with ``seg`` (N, K, *spatial),
     ``contour`` (N, 1, *spatial) or None, ``aux`` = 3 HED side logits (stages 1-3) and the HR head's logits.
@@ -39,8 +41,11 @@ class HMEDN(SegmentationModel):
                  widths: Sequence[int] = (32, 64, 128, 256, 512), growth_rates: int | Sequence[int] = 16,
                  num_layers: int | Sequence[int] = 4, hr_stage: int | None = None, hr_channels: int = 32,
                  hr_blocks: int = 9, hr_dilations: Sequence[int] = (2, 4), contour: bool = False,
-                 norm: NormSpec = "batch", dropout: float = 0.0, init: str = "xavier") -> None:
+                 norm: NormSpec = "batch", dropout: float = 0.0, init: str = "xavier",
+                 checkpoint: str = "none") -> None:
         super().__init__(in_channels, num_classes, spatial_dims)
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
         depth = len(widths) - 1
         hr = None
         if hr_stage is not None:
@@ -48,7 +53,7 @@ class HMEDN(SegmentationModel):
                 raise ValueError(f"hr_stage must be an int in [1, {depth}] (1 = full resolution) or None, "
                                  f"got {hr_stage!r}")
             hr = HRPathway(widths[hr_stage - 1], hr_channels, hr_blocks, hr_dilations, num_classes, spatial_dims,
-                           norm)
+                           norm, checkpoint=checkpoint)
         self.size_multiple = 2 ** depth
         self.hr_stage = hr_stage
         self.net = DistillingPathway(in_channels, num_classes, widths, growth_rates, num_layers, spatial_dims, norm,

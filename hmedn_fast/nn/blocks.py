@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .lean import MODES, LeanResidualBlock, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
 
@@ -22,6 +23,9 @@ class ResidualDilatedBlock(nn.Module):
         spatial_dims: 2 or 3.
         norm: "batch" (default), "instance", "group" or a ``(name, kwargs)`` tuple.
         kernel_size: odd kernel size (3 in the paper).
+        checkpoint: what the backward pass keeps (see :mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
+            "lean" (block input and conv outputs; norm + ReLU recomputed) or "blocks" (block input only;
+            convs recomputed too). Gradients are the same in every mode. Settable as an attribute.
 
     Shapes: (N, C, *spatial) -> (N, C, *spatial), same dtype.
     """
@@ -29,10 +33,11 @@ class ResidualDilatedBlock(nn.Module):
     fusable_pairs = (("conv1", "norm1"), ("conv2", "norm2"))  # conv -> norm pairs for nn.fusion
 
     def __init__(self, channels: int, dilations: Sequence[int] = (2, 4), spatial_dims: int = 2,
-                 norm: NormSpec = "batch", kernel_size: int = 3) -> None:
+                 norm: NormSpec = "batch", kernel_size: int = 3, checkpoint: str = "none") -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         check_positive_int("channels", channels)
+        self.checkpoint = checkpoint
         if len(dilations) != 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dilations):
             raise ValueError(f"dilations must be two positive ints (d1, d2), got {dilations!r}")
         if kernel_size % 2 == 0 or kernel_size < 1:
@@ -50,7 +55,23 @@ class ResidualDilatedBlock(nn.Module):
         """Extent (voxels along each axis) of the input region one output voxel depends on."""
         return 1 + (self.kernel_size - 1) * sum(self.dilations)
 
+    @property
+    def checkpoint(self) -> str:
+        """Backward-memory mode: "none" | "lean" | "blocks"."""
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"checkpoint must be one of {MODES} for a block, got {mode!r}")
+        self._checkpoint = mode
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._checkpoint != "none" and torch.is_grad_enabled() and supports(self.norm1) and supports(self.norm2)
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            n1, n2 = self.norm1, self.norm2
+            return LeanResidualBlock.apply(x, self, self._checkpoint == "blocks", self.conv1.weight, n1.weight,
+                                           n1.bias, self.conv2.weight, n2.weight, n2.bias)
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
         return torch.relu(y + x)

@@ -7,9 +7,13 @@ import torch
 from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
+from .lean import dense_fusion_sum
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
                      max_pool, upsample_to)
 from .layers import dropout as dropout_layer
+
+
+CHECKPOINT_MODES = ("none", "lean", "blocks", "auto")
 
 
 class HRPathway(nn.Module):
@@ -30,6 +34,14 @@ class HRPathway(nn.Module):
         spatial_dims: 2 or 3.
         norm: "batch", "instance", "group" or a ``(name, kwargs)`` tuple.
         dense: use the dense fusion (True) or return the last block (False).
+        checkpoint: what the blocks keep for backward (:mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
+            "lean" (block inputs + conv outputs; norm + ReLU recomputed), "blocks" (block inputs only; convs
+            recomputed too) or "auto". Outside "none" the dense fusion is computed as a sum of per-input 1x1
+            convolutions (no concatenation kept). Gradients are the same in every mode.
+        memory_budget: bytes for "auto" (default: half the CUDA device's free memory at forward time;
+            unlimited on CPU). Rule: "lean" when its kept activations, about ``(3 * num_blocks + 4) * N * L *
+            prod(spatial)`` elements of the compute dtype, fit in the budget, else "blocks"; "none" when
+            gradients are off.
 
     Shapes: forward((N, C_in, *spatial)) -> ``(features, logits)`` with features (N, L, *spatial) and logits
     (N, K, *spatial) or None. Spatial sizes are kept (no striding).
@@ -37,7 +49,8 @@ class HRPathway(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, num_blocks: int = 9,
                  dilations: Sequence[int] | Sequence[Sequence[int]] = (2, 4), num_classes: int | None = None,
-                 spatial_dims: int = 2, norm: NormSpec = "batch", dense: bool = True) -> None:
+                 spatial_dims: int = 2, norm: NormSpec = "batch", dense: bool = True, checkpoint: str = "none",
+                 memory_budget: int | None = None) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
         check_positive_int("in_channels", in_channels)
@@ -53,6 +66,40 @@ class HRPathway(nn.Module):
         self.fuse = (ConvNormReLU(spatial_dims, channels * (num_blocks + 1), channels, 1, norm_spec=norm)
                      if dense else None)
         self.head = conv(spatial_dims, channels, num_classes, 1, bias=True) if num_classes else None
+        self.checkpoint = checkpoint
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget < 0):
+            raise ValueError(f"memory_budget must be a non-negative int (bytes) or None, got {memory_budget!r}")
+        self.memory_budget = memory_budget
+        self.dense_sum: bool | None = None  # None: sum of 1x1 convs outside "none"; True/False force it
+
+    @property
+    def checkpoint(self) -> str:
+        """Backward-memory mode: "none" | "lean" | "blocks" | "auto"."""
+        return self._checkpoint
+
+    @checkpoint.setter
+    def checkpoint(self, mode: str) -> None:
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {mode!r}")
+        self._checkpoint = mode
+        for block in self.blocks:
+            block.checkpoint = "none" if mode == "auto" else mode
+
+    def resolve_checkpoint(self, x: torch.Tensor) -> str:
+        """The mode the blocks use for input ``x`` ("auto" resolved by the rule of the class docstring)."""
+        if self._checkpoint != "auto":
+            return self._checkpoint
+        if not torch.is_grad_enabled():
+            return "none"
+        dev = x.device.type
+        itemsize = (torch.finfo(torch.get_autocast_dtype(dev)).bits // 8 if torch.is_autocast_enabled(dev)
+                    else x.element_size())
+        kept = (3 * len(self.blocks) + 4) * x.shape[0] * self.channels * x[0, 0].numel() * itemsize
+        budget = self.memory_budget
+        if budget is None:
+            budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else float("inf")
+        return "lean" if kept <= budget else "blocks"
 
     @property
     def receptive_field(self) -> int:
@@ -60,12 +107,19 @@ class HRPathway(nn.Module):
         return 1 + 2 + sum(b.receptive_field - 1 for b in self.blocks)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mode = self.resolve_checkpoint(x)
         y = self.proj(x)
         outs = [y]
         for block in self.blocks:
+            block.checkpoint = mode
             y = block(y)
             outs.append(y)
-        feats = self.fuse(torch.cat(outs, 1)) if self.fuse is not None else y
+        if self.fuse is None:
+            feats = y
+        elif self.dense_sum or (self.dense_sum is None and mode != "none"):
+            feats = self.fuse[2](self.fuse[1](dense_fusion_sum(outs, self.fuse[0])))
+        else:
+            feats = self.fuse(torch.cat(outs, 1))
         return feats, (self.head(feats) if self.head is not None else None)
 
 

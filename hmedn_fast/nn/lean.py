@@ -1,0 +1,144 @@
+"""Memory-lean autograd of the residual dilated block and of the HR pathway's dense fusion.
+
+Eager autograd keeps four full-size tensors per residual dilated block for the backward pass (the first
+conv's output, the first ReLU's output, the second conv's output and the block output). The custom
+:class:`LeanResidualBlock` function keeps less and recomputes the rest in its backward:
+
+- ``"lean"``: the block input (the previous block's output, alive anyway) and the two conv outputs; norm and
+  ReLU are recomputed (memory-bound, cheap), the convolutions are not. 2 tensors per block instead of 4.
+- ``"blocks"``: the block input only; both convolutions are recomputed too (one extra forward of the block's
+  convs, as ``torch.utils.checkpoint``, but without re-running the norms' running-statistics update).
+
+Norm statistics are recomputed from the saved conv outputs in the same way as the forward computed them
+(batch statistics in training, running statistics in eval), so gradients equal eager autograd's. The norm +
+(residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (fused Triton kernels on CUDA), the
+convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
+Autocast is honoured: the backward replays the forward's autocast state and computes conv gradients in the
+dtype the forward convolutions ran in. The function is differentiable once (no double backward).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..ops.norm_act import norm_act
+
+MODES = ("none", "lean", "blocks")
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
+
+
+def supports(norm: nn.Module) -> bool:
+    """True for the norm modules the lean function reproduces (BatchNorm, InstanceNorm, GroupNorm)."""
+    return isinstance(norm, _NORMS)
+
+
+def norm_call(norm: nn.Module, update: bool) -> dict:
+    """Keyword arguments of :func:`norm_act` that reproduce ``norm``'s forward.
+
+    ``update=True`` mirrors the module exactly (counting the batch and updating running statistics in
+    training); ``update=False`` gives the same normalisation without touching any buffer (for recomputation).
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return dict(kind="group", num_groups=norm.num_groups, eps=norm.eps)
+    kind = "batch" if isinstance(norm, nn.modules.batchnorm._BatchNorm) else "instance"
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if update and norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or norm.running_mean is None
+    keep_running = not batch_stats or (update and norm.track_running_stats)
+    return dict(kind=kind, eps=norm.eps, momentum=momentum, training=batch_stats,
+                running_mean=norm.running_mean if keep_running else None,
+                running_var=norm.running_var if keep_running else None)
+
+
+def _conv(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
+    fn = F.conv2d if weight.ndim == 4 else F.conv3d
+    return fn(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
+                   need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of ``_conv`` in the dtype ``grad`` has (the forward's compute dtype)."""
+    dt = grad.dtype
+    gi, gw, _ = torch.ops.aten.convolution_backward(
+        grad, inp.to(dt), weight.to(dt), None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
+        [0] * (weight.ndim - 2), conv.groups, [need_input, need_weight, False])
+    return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
+
+
+def _grads(outputs: Tensor, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
+    """autograd.grad over the inputs that require grad, None for the others."""
+    live = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(outputs, live, grad)) if live else iter(())
+    return [next(got) if t is not None and t.requires_grad else None for t in inputs]
+
+
+class LeanResidualBlock(torch.autograd.Function):
+    """``relu(norm2(conv2(relu(norm1(conv1(x))))) + x)`` saving only x (and, unless ``recompute_convs``,
+    the two conv outputs). Inputs: x, the block module, ``recompute_convs``, then the six parameters
+    (conv1.weight, norm1.weight, norm1.bias, conv2.weight, norm2.weight, norm2.bias; norm ones may be None)."""
+
+    @staticmethod
+    def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
+        c1 = _conv(x, w1, block.conv1)
+        a1 = norm_act(c1, g1, b1, **norm_call(block.norm1, update=True))
+        c2 = _conv(a1, w2, block.conv2)
+        y = norm_act(c2, g2, b2, residual=x, **norm_call(block.norm2, update=True))
+        ctx.block, ctx.recompute_convs = block, recompute_convs
+        ctx.norm_args = (norm_call(block.norm1, update=False), norm_call(block.norm2, update=False))
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        saved = (None, None) if recompute_convs else (c1, c2)
+        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, *saved)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, w1, g1, b1, w2, g2, b2, c1, c2 = ctx.saved_tensors
+        block, (n1, n2) = ctx.block, ctx.norm_args
+        dev, autocast_on, autocast_dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        with torch.enable_grad(), torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+            if c1 is None:
+                with torch.no_grad():
+                    c1 = _conv(x, w1, block.conv1)
+            c1 = c1.detach().requires_grad_()
+            a1 = norm_act(c1, g1, b1, **n1)
+            if c2 is None:
+                with torch.no_grad():
+                    c2 = _conv(a1.detach(), w2, block.conv2)
+            c2 = c2.detach().requires_grad_()
+            xr = x.detach().requires_grad_(need[0])
+            y = norm_act(c2, g2, b2, residual=xr, **n2)
+            gc2, gx_res, gg2, gb2 = _grads(y, [c2, xr, g2, b2], gy)
+            del y
+            ga1, gw2 = _conv_backward(gc2, a1.detach(), w2, block.conv2, True, need[6])
+            gc1, gg1, gb1 = _grads(a1, [c1, g1, b1], ga1.to(a1.dtype))
+            gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
+        if gx is not None:
+            gx = gx + gx_res.to(gx.dtype)
+        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+
+
+def dense_fusion_sum(features: list[Tensor], conv: nn.Module) -> Tensor:
+    """A 1x1 convolution over ``torch.cat(features, 1)`` computed as the sum of per-input 1x1 convolutions
+    with the matching slices of ``conv.weight`` (no concatenation is materialised or saved for backward).
+
+    Args:
+        features: tensors (N, C_i, *spatial) with sum C_i = ``conv.in_channels``.
+        conv: a 1x1 ``nn.Conv2d`` / ``nn.Conv3d`` (groups=1).
+
+    Returns:
+        (N, conv.out_channels, *spatial), equal to ``conv(torch.cat(features, 1))``.
+    """
+    fn = F.conv2d if conv.weight.ndim == 4 else F.conv3d
+    out, start = None, 0
+    for i, f in enumerate(features):
+        w = conv.weight[:, start:start + f.shape[1]]
+        start += f.shape[1]
+        term = fn(f, w, conv.bias if i == 0 else None)
+        out = term if out is None else out + term
+    return out

@@ -1,0 +1,165 @@
+"""Memory-lean residual dilated block and HR pathway checkpoint modes: float64 gradcheck of the custom autograd,
+identical outputs / gradients / running statistics across modes, less memory kept for backward, the "auto"
+rule, the concatenation-free dense fusion, and clear errors."""
+import pytest
+import torch
+from torch import nn
+
+from hmedn_fast.models import create_model
+from hmedn_fast.nn import HRPathway, ResidualDilatedBlock
+from hmedn_fast.nn.lean import LeanResidualBlock, dense_fusion_sum
+
+NORMS = ["batch", "instance", ("group", {"num_groups": 2})]
+
+
+def randomise(module: nn.Module) -> nn.Module:
+    """Non-trivial norm affine parameters (fresh ones are 1 / 0)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.3)
+    return module
+
+
+@pytest.mark.parametrize("recompute_convs", [False, True])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_gradcheck_float64(spatial_dims, norm, recompute_convs):
+    block = randomise(ResidualDilatedBlock(4, (1, 2), spatial_dims, norm)).double()
+    size = (5, 6) if spatial_dims == 2 else (3, 4, 4)
+    x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
+    params = [block.conv1.weight, block.norm1.weight, block.norm1.bias, block.conv2.weight, block.norm2.weight,
+              block.norm2.bias]
+    fn = lambda x, *p: LeanResidualBlock.apply(x, block, recompute_convs, *p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def _run(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    out = module(x)
+    y = out[0] if isinstance(out, tuple) else out
+    y.backward(gy)
+    return y.detach(), [x.grad] + [p.grad for p in module.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_pathway_modes_give_identical_outputs_gradients_and_statistics(norm):
+    torch.manual_seed(3)
+    ref = randomise(HRPathway(3, 6, num_blocks=3, dilations=[(1, 2), (2, 3), (3, 1)], num_classes=2, norm=norm))
+    ref = ref.double()
+    initial = {k: v.clone() for k, v in ref.state_dict().items()}
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    gy = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    y_ref, g_ref = _run(ref, x, gy)
+    for mode in ("lean", "blocks", "auto"):
+        other = HRPathway(3, 6, num_blocks=3, dilations=[(1, 2), (2, 3), (3, 1)], num_classes=2, norm=norm,
+                          checkpoint=mode).double()
+        other.load_state_dict(initial)
+        y, g = _run(other, x, gy)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        assert len(g) == len(g_ref) > 10
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for (name, a), b in zip(other.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct tensors autograd keeps for backward during module(x)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
+def test_lean_modes_keep_less_for_backward():
+    path = HRPathway(4, 8, num_blocks=4, dilations=(2, 3), num_classes=2)
+    x = torch.randn(1, 4, 24, 24)
+    kept = {}
+    for mode in ("none", "lean", "blocks"):
+        path.checkpoint = mode
+        kept[mode] = _saved_bytes(path, x)
+    full = 8 * 24 * 24 * 4  # one (1, L, H, W) float32 tensor
+    # per block eager keeps conv1 out, ReLU out, conv2 out, block out; lean drops the ReLU out, blocks also
+    # both conv outputs (block outputs stay: the dense fusion needs them); lean and blocks also drop the
+    # 5-tensor concatenation of the dense fusion
+    assert kept["none"] - kept["lean"] >= (4 + 5) * full
+    assert kept["lean"] - kept["blocks"] >= 2 * 4 * full
+
+
+def test_auto_rule():
+    path = HRPathway(3, 8, num_blocks=2, dilations=(1, 2))
+    x = torch.randn(2, 3, 10, 12)
+    need = (3 * 2 + 4) * 2 * 8 * 10 * 12 * 4
+    path.checkpoint = "auto"
+    path.memory_budget = need
+    assert path.resolve_checkpoint(x) == "lean"
+    path.memory_budget = need - 1
+    assert path.resolve_checkpoint(x) == "blocks"
+    with torch.no_grad():
+        assert path.resolve_checkpoint(x) == "none"
+    path.memory_budget = None
+    assert path.resolve_checkpoint(x) == "lean"  # CPU: unlimited
+
+
+def test_dense_fusion_sum_equals_concatenation():
+    conv = nn.Conv3d(12, 5, 1, bias=True)
+    feats = [torch.randn(2, 4, 3, 4, 5, dtype=torch.float64) for _ in range(3)]
+    conv = conv.double()
+    torch.testing.assert_close(dense_fusion_sum(feats, conv), conv(torch.cat(feats, 1)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,kw,size", [("dilnet3", dict(channels=8, num_blocks=2), (20, 18)),
+                                          ("hrdn_l2", dict(widths=(8, 12, 16, 20), growth_rates=4, num_layers=1,
+                                                           hr_channels=6, hr_blocks=2), (16, 20))])
+def test_models_checkpoint_modes_same_gradients(name, kw, size):
+    torch.manual_seed(1)
+    ref = create_model(name, **kw)
+    x = torch.randn(2, 5, *size)
+    grads = {}
+    for mode in ("none", "blocks", "lean"):
+        model = create_model(name, checkpoint=mode, **kw)
+        model.load_state_dict(ref.state_dict())
+        model.train()
+        out = model(x)
+        (out.seg.square().mean() + sum(a.square().mean() for a in out.aux)).backward()
+        grads[mode] = [p.grad for p in model.parameters()]
+    for mode in ("blocks", "lean"):
+        for a, b in zip(grads[mode], grads["none"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_autocast_matches_eager():
+    torch.manual_seed(2)
+    ref = randomise(ResidualDilatedBlock(8, (2, 3), spatial_dims=3))
+    lean = ResidualDilatedBlock(8, (2, 3), spatial_dims=3, checkpoint="blocks")
+    lean.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 6, 7, 8)
+    results = []
+    for block in (ref, lean):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(xi)
+        y.float().square().sum().backward()
+        results.append([y.float(), xi.grad, block.conv1.weight.grad, block.norm2.bias.grad])
+    assert results[1][0].dtype == torch.float32 and lean.conv1.weight.grad.dtype == torch.float32
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+def test_bad_checkpoint_arguments():
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        ResidualDilatedBlock(4, (1, 2), checkpoint="auto")
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        HRPathway(3, 4, num_blocks=1, checkpoint="everything")
+    with pytest.raises(ValueError, match="memory_budget"):
+        HRPathway(3, 4, num_blocks=1, memory_budget=-5)
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        create_model("dstnet2", checkpoint="full")
+    with pytest.raises(ValueError, match="checkpoint must be one of"):
+        create_model("dilnet1", checkpoint="yes")
