@@ -258,13 +258,16 @@ def test_compiled_engine_cpu_matches_eager():
 @pytest.mark.cuda
 def test_cudagraph_engine_matches_eager_on_gpu():
     model = tiny_3d().cuda()
-    x = torch.randn(3, 4, 16, 16, 16, device="cuda")
-    ref = torch.softmax(EagerEngine(model)(x)[0], 1)
+    x = torch.randn(3, 4, 16, 16, 16, device="cuda")  # fewer windows than the static batch
+    ref_seg, ref_contour = EagerEngine(model, fuse=False)(x)
     for compile_ in (False, True):
+        engine = CompiledEngine(model, (16, 16, 16), batch=4, dtype=torch.float32, compile=compile_)
+        seg, contour = engine(x)
+        scale = ref_seg.abs().max()
+        assert (seg - ref_seg).abs().max() < 1e-2 * scale  # TF32 convolutions on both sides
+        assert (contour - ref_contour).abs().max() < 1e-2 * ref_contour.abs().max()
         engine = CompiledEngine(model, (16, 16, 16), batch=4, dtype=torch.bfloat16, compile=compile_)
-        probs = torch.softmax(engine(x)[0], 1)
-        assert (probs - ref).abs().max() < 0.05
-        assert (probs.argmax(1) == ref.argmax(1)).float().mean() > 0.99
+        assert (torch.softmax(engine(x)[0], 1) - torch.softmax(ref_seg, 1)).abs().max() < 0.05
     volume = torch.randn(1, 4, 40, 30, 20, device="cuda")
     on_gpu = sliding_window_inference(volume, engine, overlap=0.5, sw_batch_size=4)
     on_cpu = sliding_window_inference(volume, engine, overlap=0.5, sw_batch_size=4, accumulate_device="cpu")

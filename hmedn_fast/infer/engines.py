@@ -161,13 +161,17 @@ class CompiledEngine(Engine):
         compile: run ``torch.compile`` (mode ``compile_mode``) before capture.
         compile_mode: a ``torch.compile`` mode without its own CUDA graphs ("default",
             "max-autotune-no-cudagraphs").
+        compile_options: Inductor options for ``torch.compile(options=...)``, e.g. ``{"freezing": True}``; used
+            instead of ``compile_mode`` (torch.compile takes one or the other).
+        channels_last: run in channels-last memory format.
         fuse: fold BatchNorm into the convolutions.
         warmup: eager / compiled runs before capture (compilation and cuDNN autotuning happen there).
     """
 
     def __init__(self, model: SegmentationModel, window: Sequence[int], batch: int = 1,
                  device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, cuda_graph: bool = True,
-                 compile: bool = True, compile_mode: str = "default", fuse: bool = True, warmup: int = 3) -> None:
+                 compile: bool = True, compile_mode: str = "default", compile_options: dict | None = None,
+                 channels_last: bool = True, fuse: bool = True, warmup: int = 3) -> None:
         check_model(model)
         self.device = torch.device(device)
         if cuda_graph and self.device.type != "cuda":
@@ -180,7 +184,7 @@ class CompiledEngine(Engine):
         self.dtype = _check_dtype(dtype)
         self._describe(model)
         self.window, self.batch = _check_window(window, model.spatial_dims), batch
-        fmt = _channels_last(model.spatial_dims)
+        fmt = _channels_last(model.spatial_dims) if channels_last else torch.contiguous_format
         net = TensorOutputs(inference_model(model, fuse)).to(self.device, self.dtype, memory_format=fmt).eval()
         self.static_input = torch.zeros((batch, self.in_channels) + self.window, device=self.device,
                                         dtype=self.dtype).contiguous(memory_format=fmt)
@@ -188,7 +192,8 @@ class CompiledEngine(Engine):
         fn = net
         if compile:
             try:
-                fn = torch.compile(net, mode=compile_mode, dynamic=False)
+                kwargs = {"options": dict(compile_options)} if compile_options else {"mode": compile_mode}
+                fn = torch.compile(net, dynamic=False, **kwargs)
                 self._warm(fn, warmup)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager graph
