@@ -1,23 +1,26 @@
-"""Fused Triton kernels of the difficulty-guided loss, registered as torch custom ops.
+"""Fused Triton kernels of the difficulty-guided loss (eager autograd.Function + torch custom ops).
 
 One kernel (:func:`_loss_kernel`) serves every pass. A program owns ``BLOCK`` voxels of the logits' grid
 of one sample; for each it computes ``logsumexp`` over the K classes with an online softmax (one pass
-over the classes, any K), then visits the label voxels it covers (1 when logits and labels share a
-resolution, ``fd*fh*fw`` when the logits are an integer fraction of it: nearest upsampling without
-materialising it), reading labels, weight map, contour target and (backward of ``none``) the upstream
-gradient once, and accumulates
+over the classes, unrolled: K is a compile-time constant), then visits the label voxels it covers (1 when
+logits and labels share a resolution, ``fd*fh*fw`` when the logits are an integer fraction of it:
+nearest upsampling without materialising it), reading labels, weight map, contour target and (backward
+of ``none``) the upstream gradient once, and accumulates
 
-- the loss: per-program partial sums of ``L_s`` and ``L_r``, reduced in a fixed order by a one-program
-  kernel into ``[L, L_s, L_r, divisor]`` (a deterministic two-stage reduction, no float atomics), or the
-  per-voxel map for ``reduction="none"``;
+- the loss: per-program partial sums of ``L_s`` and ``L_r``; the last program to finish (integer atomic
+  ticket) adds them in a fixed order into ``[L, L_s, L_r, divisor]`` (a deterministic two-stage
+  reduction in one launch, no float atomics), or the per-voxel map for ``reduction="none"``;
 - the gradients: ``d/dz_k = s_seg (sum_v w_v p_k - sum_{v: y_v = k} w_v)`` and
   ``d/dc = s_ctr 2 sigmoid'(c) sum_v (sigmoid(c) - C_v)``, written in the same pass.
 
 Forward modes: *one-pass* (``write_grads=True``, used for mean / sum under grad mode): the forward also
 writes the gradients for an upstream gradient of 1 and the backward only rescales them in place (a
-kernel that reads nothing when the scale is 1); *two-pass*: the backward recomputes from the inputs.
+kernel that moves no data when the factor is 1); *two-pass*: the backward recomputes from the inputs.
 Logits and contour logits are read in place in NC* or channels-last layout (any strides whose spatial
 dims flatten to one stride); labels, weight and contour target are (N, *spatial) contiguous.
+Eager calls run the passes under :class:`_FusedLoss` (lowest host overhead); while ``torch.compile``
+traces, the custom ops ``hmedn_fast::difficulty_guided_loss`` (+ ``_backward``, ``_scale_``) run them.
+See ``docs/decisions/loss.md``.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from torch import Tensor
 
 BLOCK = 1024
 STATS_BLOCK = 4096
+NUM_WARPS = 8  # measured best with BLOCK = 1024 on H200 (2x4x128^3 fp32: 64.6 us vs 71.3 with 4)
 RESCALE_PROGRAMS = 264  # grid of the in-place rescale (2 per H100 SM)
 
 
@@ -54,18 +58,13 @@ def _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore
 
 
 @triton.jit
-def _visit(labels_ptr, weight_ptr, cw_ptr, gout_ptr, ctarget_ptr, out_ptr, lrow, stride_lk, lse, sig, idx, mask,
-           K, ignore_index, alpha,
-           HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, GOUT: tl.constexpr,
-           HAS_CONTOUR: tl.constexpr, LOSS: tl.constexpr):
-    """One label voxel per row: (label, effective weight, seg loss, contour loss, contour gradient sum)."""
-    y, valid, w = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
-                                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+def _terms(valid, w, z_y, lse, sig, ctarget_ptr, gout_ptr, out_ptr, idx, mask, alpha,
+           GOUT: tl.constexpr, HAS_CONTOUR: tl.constexpr, LOSS: tl.constexpr):
+    """Per label voxel: (seg loss, contour loss, contour gradient sum); writes the map for LOSS == 2."""
     seg = tl.zeros_like(lse)
     ctr = tl.zeros_like(lse)
     dctr = tl.zeros_like(lse)
     if LOSS != 0:
-        z_y = tl.load(lrow + y * stride_lk, mask=valid, other=0.0).to(tl.float32)
         seg = w * (lse - z_y)
     if HAS_CONTOUR:
         diff = tl.where(valid, sig - tl.load(ctarget_ptr + idx, mask=valid, other=0.0).to(tl.float32), 0.0)
@@ -75,7 +74,7 @@ def _visit(labels_ptr, weight_ptr, cw_ptr, gout_ptr, ctarget_ptr, out_ptr, lrow,
             dctr = diff * tl.load(gout_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if LOSS == 2:
         tl.store(out_ptr + idx, seg + alpha * ctr, mask=mask)
-    return y, w, seg, ctr, dctr
+    return seg, ctr, dctr
 
 
 @triton.jit
@@ -132,11 +131,11 @@ def _rescale_kernel(a_ptr, na, b_ptr, nb, g0_ptr, g1_ptr, g2_ptr, b0, b2, HAS_G0
 def _loss_kernel(
     logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, norm_ptr, gscale_ptr,
     partials_ptr, counter_ptr, out_ptr, glogits_ptr, gclogits_ptr,
-    K, S_low, HW_low, W_low, S_full, H_full, W_full,
+    S_low, HW_low, W_low, S_full, H_full, W_full,
     stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
     stride_cn, stride_cs, stride_dn, stride_ds,
     ignore_index, alpha, divisor, ctr_coef,
-    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+    K: tl.constexpr, FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_CONTOUR: tl.constexpr,
     LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, NORM_PTR: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -152,27 +151,37 @@ def _loss_kernel(
     u = pid_s * BLOCK + tl.arange(0, BLOCK)
     mask = u < S_low
     lrow = logits_ptr + n * stride_ln + u * stride_ls
+    fbase = n * S_full
+    labels_ptr += fbase
+    weight_ptr += fbase
+    gout_ptr += fbase
+    ctarget_ptr += fbase
+    map_ptr = out_ptr + fbase  # per-voxel map (LOSS == 2); out_ptr itself is the [L, L_s, L_r, divisor] output
+    NUM_CHILD: tl.constexpr = FD * FH * FW
+    if NUM_CHILD == 1:  # labels first, so that the class loop also picks z[y]
+        y1, valid1, w1 = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, u, mask, K, ignore_index,
+                                       HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+    z_y = tl.zeros([BLOCK], tl.float32)
 
-    # online softmax over the classes: running max m and running sum s of exp(z - m)
+    # online softmax over the classes (unrolled): running max m and running sum s of exp(z - m)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         z = tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, z)
         s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
         m = m_new
+        if NUM_CHILD == 1:
+            z_y = tl.where(y1 == k, z, z_y)
     lse = m + tl.log(s)
     sig = tl.zeros_like(lse)
     if HAS_CONTOUR:
         sig = tl.sigmoid(tl.load(clogits_ptr + n * stride_cn + u * stride_cs, mask=mask, other=0.0).to(tl.float32))
 
-    fbase = n * S_full
-    NUM_CHILD: tl.constexpr = FD * FH * FW
     if NUM_CHILD == 1:
-        y1, wsum, seg_acc, ctr_acc, dctr = _visit(
-            labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase, ctarget_ptr + fbase, out_ptr + fbase,
-            lrow, stride_lk, lse, sig, u, mask, K, ignore_index, alpha,
-            HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT, HAS_CONTOUR, LOSS)
+        wsum = w1
+        seg_acc, ctr_acc, dctr = _terms(valid1, w1, z_y, lse, sig, ctarget_ptr, gout_ptr, map_ptr, u, mask, alpha,
+                                        GOUT, HAS_CONTOUR, LOSS)
     else:
         # label index of the block's first voxel; child c adds ((cd * H + ch) * W + cw)
         ud = u // HW_low
@@ -184,11 +193,13 @@ def _loss_kernel(
         ctr_acc = tl.zeros_like(lse)
         dctr = tl.zeros_like(lse)
         for c in range(NUM_CHILD):
-            off = ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
-            _, w_c, seg_c, ctr_c, dctr_c = _visit(
-                labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase, ctarget_ptr + fbase,
-                out_ptr + fbase, lrow, stride_lk, lse, sig, first + off, mask, K, ignore_index, alpha,
-                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT, HAS_CONTOUR, LOSS)
+            idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+            y_c, valid_c, w_c = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
+                                              HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+            if LOSS != 0:
+                z_y = tl.load(lrow + y_c * stride_lk, mask=valid_c, other=0.0).to(tl.float32)
+            seg_c, ctr_c, dctr_c = _terms(valid_c, w_c, z_y, lse, sig, ctarget_ptr, gout_ptr, map_ptr, idx, mask,
+                                          alpha, GOUT, HAS_CONTOUR, LOSS)
             wsum += w_c
             seg_acc += seg_c
             ctr_acc += ctr_c
@@ -213,16 +224,15 @@ def _loss_kernel(
             seg_scale = inv * (g0 + tl.load(gscale_ptr + 1).to(tl.float32))
             ctr_scale = inv * (alpha * g0 + tl.load(gscale_ptr + 2).to(tl.float32))
         grow = glogits_ptr + n * stride_gn + u * stride_gs
-        for k in range(K):
+        for k in tl.static_range(K):
             p = tl.exp(tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32) - lse)
             if NUM_CHILD == 1:
                 h = tl.where(y1 == k, wsum, 0.0)
             else:
                 h = tl.zeros_like(lse)
                 for c in range(NUM_CHILD):
-                    off = ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
-                    y_c, _, w_c = _label_weight(labels_ptr + fbase, weight_ptr + fbase, cw_ptr, gout_ptr + fbase,
-                                                first + off, mask, K, ignore_index,
+                    idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+                    y_c, _, w_c = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
                                                 HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
                     h += tl.where(y_c == k, w_c, 0.0)
             g = seg_scale * (wsum * p - h)
@@ -288,7 +298,7 @@ def _launch(
         dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
         dummy if gout is None else gout, dummy if norm is None else norm, dummy if gscale is None else gscale,
         partials, counter, dummy if out is None else out, glogits, dummy if gclogits is None else gclogits,
-        k, s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
+        s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
         logits.stride(0), logits.stride(1), flat_spatial_stride(logits, 2),
         glogits.stride(0), glogits.stride(1), flat_spatial_stride(glogits, 2),
         contour_logits.stride(0) if has_contour else 0,
@@ -296,9 +306,10 @@ def _launch(
         gclogits.stride(0) if has_contour else 0,
         flat_spatial_stride(gclogits, c_first) if has_contour else 0,
         0 if ignore_index is None else ignore_index, alpha, divisor, ctr_coef,
-        FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
+        K=k, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
         HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
-        GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block, num_warps=4,
+        GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block,
+        num_warps=NUM_WARPS,
     )
 
 
