@@ -228,7 +228,7 @@ def _figure(path: Path, split: _Split, preds: dict[str, list[np.ndarray]], resul
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*colors[i % 10], 1.0) for i in range(k - 1)])
     cases = list(range(min(2, len(split.test))))
     columns = [("truth", None), *((m, m) for m in ("unet_2d", "hmedn_2d"))]
-    fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.2 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.4 * len(cases) + 0.8), squeeze=False, layout="constrained")
     for row, i in enumerate(cases):
         name, stack, truth = split.test[i]
         s = int(np.argmax([(t > 0).sum() for t in truth]))  # slice with the most foreground
@@ -248,10 +248,9 @@ def _figure(path: Path, split: _Split, preds: dict[str, list[np.ndarray]], resul
             ax.axis("off")
     handles = [Patch(color=colors[(c - 1) % 10], label=split.class_names[c]) for c in range(1, k)]
     handles.append(Patch(facecolor="none", edgecolor="black", label="truth contour (white)"))
-    fig.legend(handles=handles, loc="lower center", ncol=k, fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=k + 1, fontsize=9, frameon=False)
     means = ", ".join(f"{m}: mean Dice {results[m]['metrics']['mean']['dice']:.3f}" for m in MODELS)
     fig.suptitle(f"Held-out cases. {means}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
