@@ -15,9 +15,8 @@ from torch import Tensor
 from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
 from hmedn_fast.ops.reference import loss as reference
 
-LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # logits and per-voxel maps
 LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -57,7 +56,7 @@ def check_inputs(
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     device = logits.device
-    _check_tensor("logits", logits, LOGIT_DTYPES, device)
+    _check_tensor("logits", logits, FLOAT_DTYPES, device)
     if logits.ndim not in (4, 5):
         raise ValueError(f"logits must be (N, K, H, W) or (N, K, D, H, W), got shape {tuple(logits.shape)}")
     n, k, *low = logits.shape
@@ -79,7 +78,7 @@ def check_inputs(
     _check_map("weight", weight, n, full, FLOAT_DTYPES, device)
     if (contour_logits is None) != (contour_target is None):
         raise ValueError("contour_logits and contour_target must be given together (or both None)")
-    _check_map("contour_logits", contour_logits, n, tuple(low), LOGIT_DTYPES, device)
+    _check_map("contour_logits", contour_logits, n, tuple(low), FLOAT_DTYPES, device)
     _check_map("contour_target", contour_target, n, full, FLOAT_DTYPES, device)
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -135,8 +134,9 @@ def raise_for_flags(
 def check_input_values(logits: Tensor, labels: Tensor, contour_logits: Tensor | None, ignore_index: int | None) -> None:
     """Label range and NaN checks with PyTorch ops; one host synchronisation when all is well."""
     low, high = torch.aminmax(labels)
+    device = logits.device
     flags = torch.stack(
-        [(low < 0) | (high >= logits.shape[1]), nan_flag(logits, logits.device), nan_flag(contour_logits, logits.device)]
+        [(low < 0) | (high >= logits.shape[1]), nan_flag(logits, device), nan_flag(contour_logits, device)]
     ).tolist()
     raise_for_flags(flags, logits, labels, contour_logits, ignore_index)
 
