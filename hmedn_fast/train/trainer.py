@@ -261,6 +261,10 @@ class Trainer:
         if resume_record:
             self.checkpoint_level = resume_record["checkpoint_level"]
             self.patch_size, self.batch_size = tuple(resume_record["patch_size"]), resume_record["batch_size"]
+            if self.memory_plan and self.device.type == "cuda":  # the budget stays a hard cap
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(self.memory_plan["budget_bytes"] / total, 1.0),
+                                                           self.device)
         elif cfg.memory_budget is not None:
             self._plan_memory()
         torch.manual_seed(cfg.seed)
