@@ -40,8 +40,8 @@ struct Shape {
 
 void check_labels_meta(const at::Tensor& labels, int64_t num_classes, const char* op) {
   const auto t = labels.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kByte || t == at::kInt || t == at::kLong, op,
-                   ": labels must be an integer tensor of dtype uint8, int32 or int64, got ", t);
+  TORCH_CHECK_TYPE(t == at::kByte || t == at::kShort || t == at::kInt || t == at::kLong, op,
+                   ": labels must be an integer tensor of dtype uint8, int16, int32 or int64, got ", t);
   TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4, op,
                     ": labels must have shape (N, H, W) or (N, D, H, W), got ", labels.dim(), " dims");
   TORCH_CHECK_VALUE(num_classes >= 2, op, ": num_classes must be >= 2 (background + 1 class), got ",
@@ -81,19 +81,14 @@ struct Taps {
   explicit Taps(double sigma) : w(gaussian_half_taps(sigma)), r(static_cast<int>(w.size()) - 1) {}
 };
 
-// The hot loop is compiled for AVX2 next to the baseline and picked at load time (GCC/Clang ifunc).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define HMEDN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define HMEDN_CLONES
-#endif
-
 constexpr int64_t kSpan = 32;  // outputs accumulated in registers at once (4 AVX2 dependency chains)
 
 // out[x] = sum_{j=-r..r} taps[|j|] * c[x + j * step], x = 0 .. n-1, n a multiple of kSpan. `c` points at
 // the centre of output 0; the taps' neighbours lie `step` floats apart (1 along a row, the chunk width
-// in a gathered column block).
-HMEDN_CLONES void conv_span(const float* c, int64_t step, const float* taps, int r, int64_t n, float* out) {
+// in a gathered column block). FMA: fused multiply-adds (only where the CPU has them).
+template <bool FMA>
+inline __attribute__((always_inline)) void conv_span_impl(const float* c, int64_t step, const float* taps, int r,
+                                                          int64_t n, float* out) {
   for (int64_t x0 = 0; x0 < n; x0 += kSpan) {
     float acc[kSpan];
     for (int64_t x = 0; x < kSpan; ++x) acc[x] = taps[0] * c[x0 + x];
@@ -101,17 +96,70 @@ HMEDN_CLONES void conv_span(const float* c, int64_t step, const float* taps, int
       const float wj = taps[j];
       const float* lo = c + x0 - j * step;
       const float* hi = c + x0 + j * step;
-      for (int64_t x = 0; x < kSpan; ++x) acc[x] += wj * (lo[x] + hi[x]);
+      for (int64_t x = 0; x < kSpan; ++x) {
+        if constexpr (FMA) acc[x] = __builtin_fmaf(wj, lo[x] + hi[x], acc[x]);
+        else acc[x] += wj * (lo[x] + hi[x]);
+      }
     }
     for (int64_t x = 0; x < kSpan; ++x) out[x0 + x] = acc[x];
   }
 }
+
+using ConvSpan = void (*)(const float*, int64_t, const float*, int, int64_t, float*);
+
+void conv_span_baseline(const float* c, int64_t step, const float* taps, int r, int64_t n, float* out) {
+  conv_span_impl<false>(c, step, taps, r, n, out);
+}
+
+// The hot loop again, compiled for AVX2 + FMA and picked at load time when the CPU has both.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void conv_span_avx2(const float* c, int64_t step, const float* taps, int r,
+                                                         int64_t n, float* out) {
+  conv_span_impl<true>(c, step, taps, r, n, out);
+}
+
+ConvSpan pick_conv_span() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? conv_span_avx2 : conv_span_baseline;
+}
+#else
+ConvSpan pick_conv_span() { return conv_span_baseline; }
+#endif
+
+const ConvSpan conv_span = pick_conv_span();
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct Fields3 {
   float* f[3];
 };
+
+// Boundary classes of one row (d, h) of a sample, as boundary_class() of kernels/targets.cuh computes
+// them voxel by voxel, written as whole-row comparisons that vectorise: a missing neighbour (image
+// edge) is replaced by the voxel itself, which never differs. Returns whether the row has a boundary.
+template <typename L>
+bool row_classes(const L* lab, int64_t d, int64_t h, const Shape& s, int num_classes, int* cls, bool& bad) {
+  const int64_t W = s.w, HW = s.h * s.w;
+  const L* row = lab + (d * s.h + h) * W;
+  const L* up = h > 0 ? row - W : row;
+  const L* down = h + 1 < s.h ? row + W : row;
+  const L* front = d > 0 ? row - HW : row;
+  const L* back = d + 1 < s.d ? row + HW : row;
+  int any = 0, invalid = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t k = static_cast<int64_t>(row[w]);
+    const L left = row[w > 0 ? w - 1 : w], right = row[w + 1 < W ? w + 1 : w];
+    const int edge = (up[w] != row[w]) | (down[w] != row[w]) | (front[w] != row[w]) | (back[w] != row[w]) |
+                     (left != row[w]) | (right != row[w]);
+    const int valid = (k >= 0) & (k < num_classes);
+    invalid |= !valid;
+    const int c = (edge & valid & (k > 0)) ? static_cast<int>(k) : 0;
+    cls[w] = c;
+    any |= c;
+  }
+  if (invalid) bad = true;
+  return any != 0;
+}
 
 // Row pass along W with the boundary classes fused: per row, the boundary classes, the reflected fields
 // f1 = B_all and f2 = mu[bclass] B_all (zero-padded to whole spans), and their smoothing along W.
@@ -129,17 +177,14 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / plane, dh = row - n * plane, d = dh / s.h, h = dh - d * s.h;
       const L* lab = labels + n * plane * W;
-      bool any = false;
-      for (int64_t w = 0; w < W; ++w) {
-        cls[w] = boundary_class(lab, d, h, w, s.d, s.h, W, num_classes, &local_bad);
-        any = any || cls[w] > 0;
-      }
+      const bool any = row_classes(lab, d, h, s, num_classes, cls.data(), local_bad);
       if (!any) {
         for (int c = 0; c < channels; ++c) std::memset(out.f[c] + row * W, 0, W * sizeof(float));
         continue;
       }
       for (int64_t q = 0; q < W + 2 * rmax; ++q) {
-        const int k = cls[reflect_index(q - rmax, W)];
+        const int64_t w = q - rmax;
+        const int k = cls[w >= 0 && w < W ? w : reflect_index(w, W)];
         f1[q] = k > 0 ? 1.f : 0.f;
         if (channels == 3) f2[q] = k > 0 ? mu[k - 1] : 0.f;
       }
@@ -155,30 +200,40 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
   return bad;
 }
 
-// Column pass over an (outer, len, inner) array along len. Each task gathers a block of kChunk columns
-// of one outer slice, reflected by r lines on both sides, into a contiguous buffer (no cache-set
-// conflicts from power-of-two strides) and smooths it; `out` may be `in` (each task reads all of its
-// columns before writing them) or null (only the maxima are wanted);
-// with `maxima` (size outer) the per-outer maxima of the (non-negative) result are returned.
+// Column pass over an (outer, len, inner) array along len. Each task gathers a block of up to kChunk
+// columns of one outer slice, reflected by r lines on both sides, into a contiguous buffer (long
+// contiguous copies; no cache-set conflicts from power-of-two strides) and smooths it; `out` may be `in`
+// (each task reads all of its columns before writing them) or null (only the maxima are wanted); with
+// `maxima` (size outer) the per-outer maxima of the (non-negative) result are returned.
 void col_pass(const float* in, float* out, int64_t outer, int64_t len, int64_t inner, const Taps& t,
               float* maxima) {
-  constexpr int64_t kChunk = 64;
-  const int64_t chunks = (inner + kChunk - 1) / kChunk, items = outer * chunks;
+  constexpr int64_t kChunk = 512;
+  const int64_t chunk = std::min(kChunk, round_up(inner, kSpan));
+  const int64_t chunks = (inner + chunk - 1) / chunk, items = outer * chunks;
   std::vector<float> item_max(maxima != nullptr ? items : 0, 0.f);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ext((len + 2 * t.r) * kChunk, 0.f);
-    float row[kChunk];
+    const int64_t ext_len = len + 2 * t.r;
+    std::vector<float> ext(ext_len * chunk, 0.f), row(chunk);
+    std::vector<int64_t> nonzero(ext_len + 1);  // prefix counts of gathered lines holding a non-zero
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t o = item / chunks, i0 = (item - o * chunks) * kChunk;
-      const int64_t width = std::min(kChunk, inner - i0);
+      const int64_t o = item / chunks, i0 = (item - o * chunks) * chunk;
+      const int64_t width = std::min(chunk, inner - i0), span = round_up(width, kSpan);
       const float* src = in + o * len * inner + i0;
-      for (int64_t q = 0; q < len + 2 * t.r; ++q)
-        std::memcpy(ext.data() + q * kChunk, src + reflect_index(q - t.r, len) * inner, width * sizeof(float));
+      for (int64_t q = 0; q < ext_len; ++q) {
+        float* line = ext.data() + q * chunk;
+        std::memcpy(line, src + reflect_index(q - t.r, len) * inner, width * sizeof(float));
+        int any = 0;
+        for (int64_t x = 0; x < width; ++x) any |= line[x] != 0.f;
+        nonzero[q + 1] = nonzero[q] + any;
+      }
       float m = 0.f;
       for (int64_t l = 0; l < len; ++l) {
-        conv_span(ext.data() + (l + t.r) * kChunk, kChunk, t.w.data(), t.r, kChunk, row);
-        if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, row, width * sizeof(float));
-        for (int64_t x = 0; x < width; ++x) m = std::max(m, row[x]);
+        // boundaries are sparse: a window of zero lines gives a zero line without the convolution
+        if (nonzero[l + 2 * t.r + 1] == nonzero[l]) std::fill(row.begin(), row.begin() + width, 0.f);
+        else conv_span(ext.data() + (l + t.r) * chunk, chunk, t.w.data(), t.r, span, row.data());
+        if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, row.data(), width * sizeof(float));
+        if (maxima != nullptr)
+          for (int64_t x = 0; x < width; ++x) m = std::max(m, row[x]);
       }
       if (maxima != nullptr) item_max[item] = m;
     }
@@ -273,6 +328,7 @@ at::Tensor boundary_map_cpu(const at::Tensor& labels_in, int64_t num_classes) {
   const int k = static_cast<int>(num_classes);
   switch (labels.scalar_type()) {
     case at::kByte: bad = boundary_map_cpu_typed(labels.data_ptr<uint8_t>(), s, k, out.data_ptr<bool>()); break;
+    case at::kShort: bad = boundary_map_cpu_typed(labels.data_ptr<int16_t>(), s, k, out.data_ptr<bool>()); break;
     case at::kInt: bad = boundary_map_cpu_typed(labels.data_ptr<int32_t>(), s, k, out.data_ptr<bool>()); break;
     default: bad = boundary_map_cpu_typed(labels.data_ptr<int64_t>(), s, k, out.data_ptr<bool>()); break;
   }
@@ -292,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cpu(const at::Tensor& labels_in,
   const int k = static_cast<int>(num_classes);
   switch (labels.scalar_type()) {
     case at::kByte: make_targets_cpu_typed<uint8_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
+    case at::kShort: make_targets_cpu_typed<int16_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
     case at::kInt: make_targets_cpu_typed<int32_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
     default: make_targets_cpu_typed<int64_t>(labels, s, k, tc, tw, mu0, mu, contour, weight); break;
   }
@@ -316,7 +373,12 @@ std::tuple<at::Tensor, at::Tensor> make_targets_meta(const at::Tensor& labels, i
 
 #ifdef HMEDN_WITH_CUDA
 int label_code(at::ScalarType t) {
-  return t == at::kByte ? HMEDN_LABEL_U8 : (t == at::kInt ? HMEDN_LABEL_I32 : HMEDN_LABEL_I64);
+  switch (t) {
+    case at::kByte: return HMEDN_LABEL_U8;
+    case at::kShort: return HMEDN_LABEL_I16;
+    case at::kInt: return HMEDN_LABEL_I32;
+    default: return HMEDN_LABEL_I64;
+  }
 }
 
 void check_cuda(cudaError_t err, const char* op) {

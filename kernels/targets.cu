@@ -83,20 +83,19 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // ---- pass 1: boundary classes ---------------------------------------------------------------------
 // One byte per voxel: the class k >= 1 of a boundary voxel when `classes` (the mu_k differ), else 1;
-// 0 off the boundary. Blocks run over (n, d) planes (grid.y, strided) and the H x W voxels of a plane.
+// 0 off the boundary. Blocks of 32 x 8 voxels of a plane run over the (n, d) planes (grid.z, strided).
 template <typename L>
 __global__ void bclass_kernel(const L* __restrict__ labels, int64_t planes, int64_t D, int64_t H, int64_t W,
                               int num_classes, bool classes, uint8_t* __restrict__ bclass,
                               int* __restrict__ error_flag) {
-  const int64_t hw_size = H * W;
-  const int64_t hw = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (hw >= hw_size) return;
-  const int64_t h = hw / W, w = hw - h * W;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (w >= W || h >= H) return;
   bool bad = false;
-  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
     const int64_t n = plane / D, d = plane - n * D;
-    const int k = boundary_class(labels + n * D * hw_size, d, h, w, D, H, W, num_classes, &bad);
-    bclass[plane * hw_size + hw] = static_cast<uint8_t>(classes ? k : (k > 0));
+    const int k = boundary_class(labels + n * D * H * W, d, h, w, D, H, W, num_classes, &bad);
+    bclass[(plane * H + h) * W + w] = static_cast<uint8_t>(classes ? k : (k > 0));
   }
   if (bad && error_flag != nullptr) *error_flag = 1;
 }
@@ -113,14 +112,21 @@ __device__ __forceinline__ void row_pass_field(const uint8_t* __restrict__ bclas
   const int ext = kRowTile + 2 * r;
   const int pitch = ext | 1;
   const int lane = threadIdx.x, warp = threadIdx.y;
-  for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments) {
+  auto fill = [&](int q_row, int q) {
     const int64_t row = row0 + q_row;
-    if (row >= rows) break;
-    const uint8_t* b = bclass + row * W;
-    for (int q = lane; q < ext; q += 32) {
-      const int k = b[reflect_fast(w0 - r + q, W)];
+    if (row < rows && q < ext) {
+      const int k = bclass[row * W + reflect_fast(w0 - r + q, W)];
       smem[q_row * pitch + q] = field == 2 ? (k > 0 ? p.mu[k - 1] : 0.f) : (k > 0 ? 1.f : 0.f);
     }
+  };
+  if constexpr (R > 0) {  // all loads independent and unrolled, so they are in flight together
+#pragma unroll
+    for (int rr = 0; rr < kRowLines / kRowSegments; ++rr)
+#pragma unroll
+      for (int k = 0; k < (kRowTile + 2 * R + 31) / 32; ++k) fill(warp + rr * kRowSegments, lane + 32 * k);
+  } else {
+    for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments)
+      for (int q = lane; q < ext; q += 32) fill(q_row, q);
   }
   __syncthreads();
   // lane = row, warp = segment of kRowOutputs outputs; the window of output o starts at q = seg*T + o
@@ -320,9 +326,10 @@ cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const ui
 
 template <typename L>
 cudaError_t launch_bclass(const hmedn_targets_args& a, bool classes, uint8_t* bclass, cudaStream_t stream) {
-  const int64_t planes = a.batch * a.depth, hw = a.height * a.width;
-  const dim3 grid(static_cast<unsigned>((hw + 255) / 256), static_cast<unsigned>(planes < 65535 ? planes : 65535));
-  bclass_kernel<<<grid, 256, 0, stream>>>(static_cast<const L*>(a.labels), planes, a.depth, a.height, a.width,
+  const int64_t planes = a.batch * a.depth;
+  const dim3 grid(static_cast<unsigned>((a.width + 31) / 32), static_cast<unsigned>((a.height + 7) / 8),
+                  static_cast<unsigned>(planes < 65535 ? planes : 65535));
+  bclass_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const L*>(a.labels), planes, a.depth, a.height, a.width,
                                           a.num_classes, classes, bclass, a.error_flag);
   return cudaGetLastError();
 }
@@ -364,6 +371,7 @@ extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStrea
   const bool classes = channels == 3;
   switch (a->label_dtype) {
     case HMEDN_LABEL_U8: err = launch_bclass<uint8_t>(*a, classes, bclass, stream); break;
+    case HMEDN_LABEL_I16: err = launch_bclass<int16_t>(*a, classes, bclass, stream); break;
     case HMEDN_LABEL_I32: err = launch_bclass<int32_t>(*a, classes, bclass, stream); break;
     case HMEDN_LABEL_I64: err = launch_bclass<int64_t>(*a, classes, bclass, stream); break;
     default: return cudaErrorInvalidValue;
@@ -386,6 +394,10 @@ extern "C" cudaError_t hmedn_boundary_map_cuda(const void* labels, int label_dty
   switch (label_dtype) {
     case HMEDN_LABEL_U8:
       boundary_map_kernel<<<grid, 256, 0, stream>>>(static_cast<const uint8_t*>(labels), batch, depth, height,
+                                                   width, num_classes, out, error_flag);
+      break;
+    case HMEDN_LABEL_I16:
+      boundary_map_kernel<<<grid, 256, 0, stream>>>(static_cast<const int16_t*>(labels), batch, depth, height,
                                                    width, num_classes, out, error_flag);
       break;
     case HMEDN_LABEL_I32:

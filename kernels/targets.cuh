@@ -91,7 +91,7 @@ inline std::vector<float> gaussian_half_taps(double sigma, double truncate = 4.0
 extern "C" {
 
 // Label element types accepted by the launchers.
-enum hmedn_label_dtype { HMEDN_LABEL_U8 = 0, HMEDN_LABEL_I32 = 1, HMEDN_LABEL_I64 = 2 };
+enum hmedn_label_dtype { HMEDN_LABEL_U8 = 0, HMEDN_LABEL_I32 = 1, HMEDN_LABEL_I64 = 2, HMEDN_LABEL_I16 = 3 };
 
 // One make_targets call. All pointers except taps / mu are device pointers; taps and mu are host arrays
 // copied into the kernels' parameters. Sizes: labels, contour and weight (N, D, H, W) contiguous.

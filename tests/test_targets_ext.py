@@ -81,7 +81,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,num_classes,mu,sc,sw", CASES)
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_make_targets_matches_scipy(device, shape, num_classes, mu, sc, sw, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, num_classes, dtype)).encode()))
     labels = torch.stack([blob_labels(shape, num_classes, dtype, gen) for _ in range(2)])
@@ -181,7 +181,7 @@ def test_bad_label_dtype(device):
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         targets_ext.make_targets(labels.float(), 3, 2.0, 8.0, MU0, (25.0, 25.0))
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
-        targets_ext.boundary_map(labels.to(torch.int16), 3)
+        targets_ext.boundary_map(labels.to(torch.bool), 3)
 
 
 @pytest.mark.parametrize("bad_value", [-1, 3, 200])

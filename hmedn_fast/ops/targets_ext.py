@@ -54,7 +54,7 @@ def boundary_map(labels: Tensor, num_classes: int) -> Tensor:
     """Per-class face boundaries ``B_k``, ``k = 1 .. num_classes - 1``.
 
     Args:
-        labels: uint8 / int32 / int64 ``(N, H, W)`` or ``(N, D, H, W)``, values in ``[0, num_classes)``.
+        labels: uint8 / int16 / int32 / int64 ``(N, H, W)`` or ``(N, D, H, W)``, values in ``[0, num_classes)``.
         num_classes: ``K`` (background included), >= 2.
     Returns:
         bool ``(N, K - 1, *spatial)`` on the labels' device.
@@ -74,7 +74,7 @@ def make_targets(
     """Contour target and difficulty weight map (SPEC section 2) in one fused call.
 
     Args:
-        labels: uint8 / int32 / int64 ``(N, H, W)`` or ``(N, D, H, W)``, values in ``[0, num_classes)``;
+        labels: uint8 / int16 / int32 / int64 ``(N, H, W)`` or ``(N, D, H, W)``, values in ``[0, num_classes)``;
             any strides (made contiguous inside).
         num_classes: ``K`` (background included), >= 2.
         sigma_contour: Gaussian sigma of the contour target, > 0 (CUDA: < 32).
