@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import platform
@@ -131,7 +132,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(impls: dict, x, gf, gl) -> dict:
     """Relative errors (max |a - b| / max |b|) of features and of input / parameter gradients (worst tensor)
-    vs eager fp32, with TF32 off (else fp32 convolutions themselves differ by ~1e-3)."""
+    vs the eager pathway in float64, with TF32 off (else fp32 convolutions themselves differ by ~1e-3)."""
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -141,24 +142,26 @@ def check(impls: dict, x, gf, gl) -> dict:
 
 
 def _check(impls: dict, x, gf, gl) -> dict:
-    ref_mod = impls["eager_fp32"][0]
-    ref_f, ref_gx = step(ref_mod, x, gf, gl, False)
-    ref_grads = [p.grad.clone() for p in ref_mod.parameters()]
+    eager = impls["eager_fp32"][0]
+    ref_mod = copy.deepcopy(eager).double()
+    ref_f, ref_gx = step(ref_mod, x.double(), gf.double(), gl.double(), False)
+    ref_grads = [p.grad for p in ref_mod.parameters()]
     out = {}
     for name, (module, cl) in impls.items():
-        if name == "eager_fp32":
-            continue
-        unwrap(module).load_state_dict(ref_mod.state_dict())
+        unwrap(module).load_state_dict(eager.state_dict())
         f, gx = step(module, x, gf, gl, cl)
         grads = [rel_err(gx, ref_gx)] + [rel_err(p.grad, r) for p, r in zip(module.parameters(), ref_grads)]
         out[name] = dict(features_err=rel_err(f, ref_f), grads_err=max(grads), bf16=cl)
-    # fp32: within 1e-4 of eager fp32. bf16: features within 2e-2 of eager fp32; gradients no further from
-    # eager fp32 than 1.5x eager bf16's own distance (BatchNorm backward cancels the mean, so bf16 gradients
-    # of every implementation, eager included, differ from fp32 by far more than 2e-2 of their max)
-    eager_bf16 = out["eager_bf16_cl"]["grads_err"]
+    # errors against the float64 eager pathway. fp32: within 1e-4, or within 2x eager fp32's own error
+    # (gradients through 9 BatchNorm blocks cancel heavily). bf16: features within 2e-2; gradients within
+    # 1.5x eager bf16's own error (BatchNorm backward removes the mean, so every bf16 implementation, eager
+    # included, is far more than 2e-2 of the max away from float64 in some parameter gradient)
+    e32, e16 = out["eager_fp32"], out["eager_bf16_cl"]
     for r in out.values():
-        r["ok"] = bool(r["features_err"] <= 2e-2 and r["grads_err"] <= 1.5 * eager_bf16 if r["bf16"]
-                       else max(r["features_err"], r["grads_err"]) <= 1e-4)
+        if r["bf16"]:
+            r["ok"] = bool(r["features_err"] <= 2e-2 and r["grads_err"] <= 1.5 * e16["grads_err"])
+        else:
+            r["ok"] = bool(all(r[k] <= max(1e-4, 2 * e32[k]) for k in ("features_err", "grads_err")))
     return out
 
 
@@ -340,7 +343,7 @@ def print_tables(report: dict) -> None:
               f"{'grad err':>9s} ok")
         for impl, r in res["rows"].items():
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            err = f"{r['features_err']:9.1e} {r['grads_err']:9.1e}" if "ok" in r else f"{'ref':>9s} {'ref':>9s}"
+            err = f"{r['features_err']:9.1e} {r['grads_err']:9.1e}"
             print(f"{impl:28s} {r['ms']:8.2f} {r['tflops']:8.1f} {peak:>9s} {r['speedup_vs_best_eager']:8.2f} "
                   f"{err} {r.get('ok', '')}")
     for name, res in report["norm_act"].items():
