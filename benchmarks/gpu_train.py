@@ -166,13 +166,13 @@ def smoke() -> dict:
         model.zero_grad()
         loss = loss_fn(model(x), y).total
         loss.backward()
-        losses[level] = float(loss)
+        losses[level] = float(loss.detach())
         grads[level] = torch.cat([p.grad.flatten() for p in model.parameters()])
     rel = {lv: float((grads[lv] - grads["none"]).norm() / grads["none"].norm()) for lv in ("lean", "blocks")}
     model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(x)
-    bf16_loss = float(loss_fn(out, y).total)
+    bf16_loss = float(loss_fn(out, y).total.detach())
     step = make_step("lean", 64)
     trained = [float(step()) for _ in range(8)]
     del step, model
