@@ -12,7 +12,9 @@ from typing import Sequence
 
 from hmedn_fast import __version__
 
-COMMAND_MODULES: tuple[str, ...] = ("hmedn_fast.demo", "hmedn_fast.train.cli", "hmedn_fast.infer.cli", "hmedn_fast.export.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "hmedn_fast.demo", "hmedn_fast.train.cli", "hmedn_fast.infer.cli", "hmedn_fast.export.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

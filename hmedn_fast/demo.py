@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,14 +74,23 @@ QUICK = DemoSettings(train_samples=64, test_samples=8, epochs=14)
 MSD_EPOCHS = 3
 
 
+class _Case(NamedTuple):
+    """A held-out case: (S, C, h, w) input stacks, (S, h, w) labels, spacing in mm of the metric's axes
+    ((h, w) for a single 2D image, S == 1; (S, h, w) for a volume)."""
+
+    name: str
+    stack: np.ndarray
+    truth: np.ndarray
+    spacing: tuple[float, ...]
+
+
 @dataclass
 class _Split:
-    """Training arrays and held-out cases: each case a (S, C, h, w) stack and its (S, h, w) labels."""
+    """Training arrays (N, C, h, w) / (N, h, w), held-out cases and class names (index = label)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
-    test: list[tuple[str, np.ndarray, np.ndarray]]
-    spacing: tuple[float, ...]  # per axis of a test case's labels ((h, w) if S == 1, else (S, h, w))
+    test: list[_Case]
     class_names: list[str]
 
 
@@ -91,8 +100,9 @@ def _phantom_split(s: DemoSettings, seed: int, progress: bool) -> _Split:
     images = np.stack([im.numpy() for im, _ in items])
     labels = np.stack([lab.numpy().astype(np.uint8) for _, lab in items])
     n = s.train_samples
-    test = [(f"phantom_{i:03d}", images[i:i + 1], labels[i:i + 1]) for i in range(n, len(items))]
-    return _Split(images[:n], labels[:n], test, ds.config.spacing, list(PHANTOM_CLASSES))
+    test = [_Case(f"phantom_{i:03d}", images[i:i + 1], labels[i:i + 1], ds.config.spacing)
+            for i in range(n, len(items))]
+    return _Split(images[:n], labels[:n], test, list(PHANTOM_CLASSES))
 
 
 def _msd_split(root: Path, seed: int, max_cases: int | None) -> _Split:
@@ -103,15 +113,15 @@ def _msd_split(root: Path, seed: int, max_cases: int | None) -> _Split:
         raise ValueError(f"--data {root}: need at least 2 cases (training and test), got {len(pairs)}")
     n_test = max(1, round(0.2 * len(pairs)))
     train = MSDSliceDataset(pairs[n_test:])
-    test, num_classes, spacing = [], train.num_classes, None
+    test, num_classes = [], train.num_classes
     for image_path, label_path in pairs[:n_test]:
         vol = load_msd_case(image_path, label_path)
         stack, lab = slice_stack(vol.image, vol.label, axis=2)
-        test.append((vol.name, stack, lab))
-        num_classes = max(num_classes, int(vol.label.max()) + 1)
         spacing = (vol.spacing[2], vol.spacing[0], vol.spacing[1])  # slice axis first, as slice_stack puts it
+        test.append(_Case(vol.name, stack, lab, spacing))
+        num_classes = max(num_classes, int(vol.label.max()) + 1)
     names = _msd_class_names(root, num_classes)
-    return _Split(train.images, train.labels, test, spacing, names)
+    return _Split(train.images, train.labels, test, names)
 
 
 def _msd_class_names(root: Path, num_classes: int) -> list[str]:
@@ -174,11 +184,11 @@ def _evaluate(preds: list[np.ndarray], split: _Split) -> dict[str, Any]:
     """Per-structure mean Dice / ASSD / HD95 over the test cases (3D when a case has several slices)."""
     k = len(split.class_names)
     rows = {"dice": [], "assd": [], "hd95": []}
-    for pred, (_, _, truth) in zip(preds, split.test):
-        p, t = (pred[0], truth[0]) if truth.shape[0] == 1 else (pred, truth)
+    for pred, case in zip(preds, split.test):
+        p, t = (pred[0], case.truth[0]) if case.truth.shape[0] == 1 else (pred, case.truth)
         rows["dice"].append(metrics.dice(p, t, num_classes=k))
-        rows["assd"].append(metrics.assd(p, t, spacing=split.spacing, num_classes=k))
-        rows["hd95"].append(metrics.hausdorff(p, t, spacing=split.spacing, percentile=95, num_classes=k))
+        rows["assd"].append(metrics.assd(p, t, spacing=case.spacing, num_classes=k))
+        rows["hd95"].append(metrics.hausdorff(p, t, spacing=case.spacing, percentile=95, num_classes=k))
     table = {name: np.array(v) for name, v in rows.items()}  # (cases, K - 1)
     out: dict[str, Any] = {}
     for c, name in enumerate(split.class_names[1:]):
@@ -230,7 +240,7 @@ def _figure(path: Path, split: _Split, preds: dict[str, list[np.ndarray]], resul
     columns = [("truth", None), *((m, m) for m in ("unet_2d", "hmedn_2d"))]
     fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.4 * len(cases) + 0.8), squeeze=False, layout="constrained")
     for row, i in enumerate(cases):
-        name, stack, truth = split.test[i]
+        name, stack, truth, _ = split.test[i]
         s = int(np.argmax([(t > 0).sum() for t in truth]))  # slice with the most foreground
         image = stack[s, stack.shape[1] // 2]
         panels = [("image", None)] + [(title, truth[s] if m is None else preds[m][i][s]) for title, m in columns]
@@ -316,21 +326,21 @@ def run_demo(out: str | Path = "hmedn_demo_out", *, data: str | Path | None = No
         t0 = time.perf_counter()
         losses = _train(model, loss_fn, split, settings, dev, seed, progress, f"train {name}")
         t1 = time.perf_counter()
-        preds[name] = [_predict(model, stack, dev, settings.batch_size * 4) for _, stack, _ in split.test]
+        preds[name] = [_predict(model, stack, dev, settings.batch_size * 4) for _, stack, _, _ in split.test]
         results[name] = {"parameters": count_parameters(model), "loss": "HMEDNLoss" if name == "hmedn_2d" else
                          "cross-entropy", "train_seconds": round(t1 - t0, 2), "steps": len(losses),
                          "final_loss": float(np.mean(losses[-10:])), "metrics": _evaluate(preds[name], split)}
     table = format_table(results, split.class_names)
     _figure(out / "comparison.png", split, preds, results)
-    np.savez_compressed(out / "predictions.npz", **{f"{case}/{key}": arr for i, (case, _, truth) in enumerate(split.test)
-                                                     for key, arr in [("truth", truth)] +
-                                                     [(m, preds[m][i]) for m in MODELS]})
+    saved = {f"{case.name}/truth": case.truth for case in split.test}
+    saved.update({f"{case.name}/{m}": preds[m][i] for i, case in enumerate(split.test) for m in MODELS})
+    np.savez_compressed(out / "predictions.npz", **saved)
     summary = {
         "data": str(data) if data is not None else "phantom",
         "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
         "seed": seed, "quick": quick, "width_divisor": divisor, "settings": asdict(settings),
-        "train_samples": int(len(split.train_images)), "test_cases": [c for c, _, _ in split.test],
-        "spacing_mm": list(split.spacing), "classes": split.class_names, "models": results,
+        "train_samples": int(len(split.train_images)), "test_cases": [c.name for c in split.test],
+        "spacing_mm": {c.name: list(c.spacing) for c in split.test}, "classes": split.class_names, "models": results,
         "total_seconds": round(time.perf_counter() - start, 2), "table": table.splitlines(),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=False))

@@ -44,7 +44,7 @@ def _check_against_predictions(out: Path, summary: dict) -> None:
                     truth, pred = truth[0], pred[0]
                 dices.append(_dice64(pred, truth, k))
                 if (pred == k).any() and (truth == k).any():
-                    assds.append(_monai_assd(pred, truth, k, summary["spacing_mm"]))
+                    assds.append(_monai_assd(pred, truth, k, summary["spacing_mm"][case]))
             entry = summary["models"][model]["metrics"][name]
             assert entry["dice"] == pytest.approx(np.mean(dices), abs=1e-9)
             if assds:
@@ -78,7 +78,7 @@ def test_demo_on_msd_folder(shared_data, tmp_path):
     summary = run_demo(tmp_path, data=shared_data / "msd_hippocampus", epochs=1, max_cases=3, device="cpu",
                        seed=3, progress=False)
     assert summary["classes"] == ["background", "class 1", "class 2"]
-    assert len(summary["test_cases"]) == 1 and len(summary["spacing_mm"]) == 3
+    assert len(summary["test_cases"]) == 1 and len(summary["spacing_mm"][summary["test_cases"][0]]) == 3
     saved = np.load(tmp_path / "predictions.npz")
     case = summary["test_cases"][0]
     assert saved[f"{case}/truth"].ndim == 3 and saved[f"{case}/hmedn_2d"].shape == saved[f"{case}/truth"].shape
