@@ -4,8 +4,8 @@ window (128^3 windows), across engines. Checks every engine against eager fp32 f
     python benchmarks/gpu_infer.py --out DIR [--model hmedn_3d_l2] [--iters 30]
 
 Engines: eager fp32 (PyTorch defaults: TF32 convolutions allowed), eager bf16 (autocast), torch.compile default
-mode (fp32 model, no fusion: what a user gets from one call), the low-latency path (CompiledEngine: fused, bf16,
-channels-last, torch.compile, CUDA graph), ONNX Runtime (CPU; CUDA provider if installed; 1-2 runs on the
+mode (fp32 model, no fusion: what a user gets from one call), the low-latency path (CompiledEngine: fused,
+bf16 or fp16 weights, channels-last, torch.compile, CUDA graph), ONNX Runtime (CPU; CUDA provider if installed; 1-2 runs on the
 volume-sized window, it is slow) and TensorRT (only when ``import tensorrt`` works; fp16 engine).
 Times: CUDA events around each call (host wall clock for ONNX Runtime CPU), after warm-up; p50/p90/p99 in ms.
 Peak memory: torch.cuda.max_memory_allocated during the timed calls (PyTorch allocations only, so not
@@ -136,8 +136,11 @@ def main() -> int:
         "compile_default_fp32": build("compile_default_fp32", lambda: TorchCompileDefault(model)),
         "compiled_cudagraph_bf16": build("compiled_cudagraph_bf16",
                                          lambda: CompiledEngine(model, WINDOW, 1, dev, torch.bfloat16)),
+        "compiled_cudagraph_fp16": build("compiled_cudagraph_fp16",
+                                         lambda: CompiledEngine(model, WINDOW, 1, dev, torch.float16)),
     }
-    print("compiled:", engines["compiled_cudagraph_bf16"].compiled, "build seconds:", results["compile_s"], flush=True)
+    print("compiled:", engines["compiled_cudagraph_bf16"].compiled, engines["compiled_cudagraph_fp16"].compiled,
+          "build seconds:", results["compile_s"], flush=True)
 
     # 1. agreement with eager fp32 on one window (before any timing)
     ref = torch.softmax(engines["eager_fp32"](x)[0], 1)

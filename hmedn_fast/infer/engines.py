@@ -13,6 +13,7 @@ None). :func:`hmedn_fast.infer.sliding_window_inference` takes any of them (or a
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..models.base import SegmentationModel
+from ..nn.fusion import fuse_for_inference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,16 +52,10 @@ def check_model(model: object) -> SegmentationModel:
 
 def inference_model(model: SegmentationModel, fuse: bool = True) -> SegmentationModel:
     """An eval-mode copy of ``model`` for inference: BatchNorm folded into the convolutions when ``fuse``
-    (:func:`hmedn_fast.nn.fusion.fuse_for_inference`, imported lazily), else a plain eval copy. ``model`` itself
-    is not modified."""
+    (:func:`hmedn_fast.nn.fusion.fuse_for_inference`), else a plain eval copy. ``model`` itself is not
+    modified."""
     check_model(model)
-    if fuse:
-        from ..nn.fusion import fuse_for_inference
-
-        return fuse_for_inference(model)
-    import copy
-
-    return copy.deepcopy(model).eval()
+    return fuse_for_inference(model) if fuse else copy.deepcopy(model).eval()
 
 
 def _check_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +145,8 @@ class CompiledEngine(Engine):
 
     Calls with fewer than ``batch`` windows copy them into the static input and return the first rows.
     If ``torch.compile`` fails (no Triton, unsupported platform), the engine warns and captures the eager
-    fused model instead (``engine.compiled`` is then False), so the path always works.
+    fused model instead (``engine.compiled`` is then False), so the path always works. cuDNN autotuning
+    (``cudnn.benchmark``) is switched on while warming up and capturing, then restored.
 
     Args:
         model: a :class:`SegmentationModel` (copied).
@@ -189,24 +186,29 @@ class CompiledEngine(Engine):
         self.static_input = torch.zeros((batch, self.in_channels) + self.window, device=self.device,
                                         dtype=self.dtype).contiguous(memory_format=fmt)
         self.compiled = False
-        fn = net
-        if compile:
-            try:
-                kwargs = {"options": dict(compile_options)} if compile_options else {"mode": compile_mode}
-                fn = torch.compile(net, dynamic=False, **kwargs)
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # autotune convolutions once; the graph then replays the choice
+        try:
+            fn = net
+            if compile:
+                try:
+                    kwargs = {"options": dict(compile_options)} if compile_options else {"mode": compile_mode}
+                    fn = torch.compile(net, dynamic=False, **kwargs)
+                    self._warm(fn, warmup)
+                    self.compiled = True
+                except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager graph
+                    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager fused model",
+                                  RuntimeWarning, stacklevel=2)
+                    fn = net
+            if not self.compiled:
                 self._warm(fn, warmup)
-                self.compiled = True
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to the eager graph
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager fused model",
-                              RuntimeWarning, stacklevel=2)
-                fn = net
-        if not self.compiled:
-            self._warm(fn, warmup)
-        self.graph = None
-        if cuda_graph:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(self.graph):
-                self.static_output = fn(self.static_input)
+            self.graph = None
+            if cuda_graph:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(self.graph):
+                    self.static_output = fn(self.static_input)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         self._fn = fn
 
     def _warm(self, fn, steps: int) -> None:

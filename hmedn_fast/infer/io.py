@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -76,6 +75,8 @@ def read_image(path: str | os.PathLike) -> LoadedImage:
     kind = _kind(path)
     try:
         if kind == "nifti":
+            import nibabel as nib
+
             img = nib.load(str(path))
             data = np.asarray(img.dataobj, dtype=np.float32)
         else:
@@ -151,6 +152,8 @@ def write_labels(labels: np.ndarray, like: LoadedImage, out_dir: str | os.PathLi
         path = out_dir / f"{stem(like.path)}.png"
         Image.fromarray(labels.astype(dtype)).save(path)
         return path
+    import nibabel as nib
+
     src = like.nifti
     header = src.header.copy()
     header.set_data_dtype(dtype)
