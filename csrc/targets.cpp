@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +33,21 @@ using hmedn::targets::boundary_class;
 using hmedn::targets::gaussian_half_taps;
 using hmedn::targets::reflect_index;
 
+// Numbers in error messages are formatted here, never streamed (c10::str): on one GPU image the
+// extension's inlined std::ostream number insertion picked a wrong locale facet and crashed (libstdc++
+// headers of the build compiler vs the libstdc++ loaded in the process). snprintf has no facets.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + num(sizes[i]);
+  return out + ")";
+}
+
 // ---- input checks (shared by every backend, Meta included) -----------------------------------------
 struct Shape {
   int64_t n, d, h, w;
@@ -43,15 +60,15 @@ void check_labels_meta(const at::Tensor& labels, int64_t num_classes, const char
   TORCH_CHECK_TYPE(t == at::kByte || t == at::kShort || t == at::kInt || t == at::kLong, op,
                    ": labels must be an integer tensor of dtype uint8, int16, int32 or int64, got ", t);
   TORCH_CHECK_VALUE(labels.dim() == 3 || labels.dim() == 4, op,
-                    ": labels must have shape (N, H, W) or (N, D, H, W), got ", labels.dim(), " dims");
+                    ": labels must have shape (N, H, W) or (N, D, H, W), got ", num(labels.dim()), " dims");
   TORCH_CHECK_VALUE(num_classes >= 2, op, ": num_classes must be >= 2 (background + 1 class), got ",
-                    num_classes);
-  TORCH_CHECK_VALUE(num_classes <= (int64_t{1} << 30), op, ": num_classes=", num_classes, " is too large");
+                    num(num_classes));
+  TORCH_CHECK_VALUE(num_classes <= (int64_t{1} << 30), op, ": num_classes=", num(num_classes), " is too large");
 }
 
 Shape check_labels(const at::Tensor& labels, int64_t num_classes, const char* op) {
   check_labels_meta(labels, num_classes, op);
-  TORCH_CHECK_VALUE(labels.numel() > 0, op, ": labels must not be empty, got shape ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.numel() > 0, op, ": labels must not be empty, got shape ", shape_str(labels.sizes()));
   const bool three = labels.dim() == 4;
   return Shape{labels.size(0), three ? labels.size(1) : 1, labels.size(-2), labels.size(-1), three ? 3 : 2};
 }
@@ -59,19 +76,20 @@ Shape check_labels(const at::Tensor& labels, int64_t num_classes, const char* op
 void check_params(int64_t num_classes, double sigma_contour, double sigma_weight, double mu0,
                   at::ArrayRef<double> mu, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(sigma_contour) && sigma_contour > 0, op,
-                    ": sigma_contour must be a finite number > 0, got ", sigma_contour);
+                    ": sigma_contour must be a finite number > 0, got ", num(sigma_contour));
   TORCH_CHECK_VALUE(std::isfinite(sigma_weight) && sigma_weight > 0, op,
-                    ": sigma_weight must be a finite number > 0, got ", sigma_weight);
-  TORCH_CHECK_VALUE(std::isfinite(mu0), op, ": mu0 must be finite, got ", mu0);
+                    ": sigma_weight must be a finite number > 0, got ", num(sigma_weight));
+  TORCH_CHECK_VALUE(std::isfinite(mu0), op, ": mu0 must be finite, got ", num(mu0));
   TORCH_CHECK_VALUE(static_cast<int64_t>(mu.size()) == num_classes - 1, op, ": mu must hold num_classes - 1 = ",
-                    num_classes - 1, " per-class weights, got ", mu.size());
-  for (const double m : mu) TORCH_CHECK_VALUE(std::isfinite(m), op, ": mu must be finite, got ", m);
+                    num(num_classes - 1), " per-class weights, got ", num(static_cast<int64_t>(mu.size())));
+  for (const double m : mu) TORCH_CHECK_VALUE(std::isfinite(m), op, ": mu must be finite, got ", num(m));
 }
 
 [[noreturn]] void fail_label_range(const at::Tensor& labels, int64_t num_classes, const char* op) {
   const auto mm = at::aminmax(labels);
-  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, num_classes) = [0, ", num_classes, "), found values in [",
-                    std::get<0>(mm).item<int64_t>(), ", ", std::get<1>(mm).item<int64_t>(), "]");
+  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, num_classes) = [0, ", num(num_classes),
+                    "), found values in [", num(std::get<0>(mm).item<int64_t>()), ", ",
+                    num(std::get<1>(mm).item<int64_t>()), "]");
 }
 
 // ---- CPU kernels -------------------------------------------------------------------------------------
@@ -387,7 +405,7 @@ void check_cuda(cudaError_t err, const char* op) {
 
 at::Tensor boundary_map_cuda(const at::Tensor& labels_in, int64_t num_classes) {
   const Shape s = check_labels(labels_in, num_classes, kBoundaryOp);
-  TORCH_CHECK_VALUE(s.n <= 65535, kBoundaryOp, ": the CUDA kernel takes at most 65535 samples, got ", s.n);
+  TORCH_CHECK_VALUE(s.n <= 65535, kBoundaryOp, ": the CUDA kernel takes at most 65535 samples, got ", num(s.n));
   const c10::cuda::CUDAGuard guard(labels_in.device());
   const at::Tensor labels = labels_in.contiguous();
   at::Tensor out = at::empty(boundary_sizes(labels, num_classes), labels.options().dtype(at::kBool));
@@ -405,17 +423,17 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
                                                      at::ArrayRef<double> mu, bool check_labels_flag) {
   const Shape s = check_labels(labels_in, num_classes, kTargetsOp);
   check_params(num_classes, sigma_contour, sigma_weight, mu0, mu, kTargetsOp);
-  TORCH_CHECK_VALUE(s.n <= 65535, kTargetsOp, ": the CUDA kernels take at most 65535 samples, got ", s.n);
+  TORCH_CHECK_VALUE(s.n <= 65535, kTargetsOp, ": the CUDA kernels take at most 65535 samples, got ", num(s.n));
   const std::vector<float> tc = gaussian_half_taps(sigma_contour), tw = gaussian_half_taps(sigma_weight);
   const int max_radius = hmedn::targets::kMaxRadius;
   TORCH_CHECK_VALUE(static_cast<int>(std::max(tc.size(), tw.size())) - 1 <= max_radius, kTargetsOp,
-                    ": the CUDA kernels take Gaussian radii int(4 sigma + 0.5) <= ", max_radius,
-                    " (sigma < 32); got sigma_contour=", sigma_contour, ", sigma_weight=", sigma_weight,
+                    ": the CUDA kernels take Gaussian radii int(4 sigma + 0.5) <= ", num(int64_t{max_radius}),
+                    " (sigma < 32); got sigma_contour=", num(sigma_contour), ", sigma_weight=", num(sigma_weight),
                     "; use the cpu backend");
   const std::vector<float> mu_f(mu.begin(), mu.end());
   TORCH_CHECK_VALUE(num_channels(mu) == 2 || num_classes - 1 <= hmedn::targets::kMaxClassWeights, kTargetsOp,
-                    ": the CUDA kernels take at most ", hmedn::targets::kMaxClassWeights,
-                    " different per-class weights mu; got ", mu.size());
+                    ": the CUDA kernels take at most ", num(int64_t{hmedn::targets::kMaxClassWeights}),
+                    " different per-class weights mu; got ", num(static_cast<int64_t>(mu.size())));
 
   const c10::cuda::CUDAGuard guard(labels_in.device());
   const at::Tensor labels = labels_in.contiguous();
@@ -447,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
   const cudaError_t err = hmedn_targets_cuda(&args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, kTargetsOp,
                     ": arguments outside the CUDA kernels' limits (Gaussian tile larger than the device's "
-                    "shared memory for sigma_contour=", sigma_contour, ", sigma_weight=", sigma_weight,
+                    "shared memory for sigma_contour=", num(sigma_contour), ", sigma_weight=", num(sigma_weight),
                     "); use the cpu backend");
   check_cuda(err, kTargetsOp);
   if (check_labels_flag && flag.item<int>() != 0) fail_label_range(labels, num_classes, kTargetsOp);
