@@ -9,7 +9,6 @@ from onnx import helper
 from hmedn_fast.export import build_tensorrt_engine, check_profile, check_standard_ops, export_onnx, export_torchscript
 from hmedn_fast.export.cli import main as export_main
 from hmedn_fast.export.onnx import onnx_parity
-from hmedn_fast.infer.engines import OnnxRuntimeEngine
 from hmedn_fast.models import create_model, list_models
 from hmedn_fast.models.io import save_model
 
@@ -49,11 +48,8 @@ def test_onnx_parity_every_model(name, tmp_path):
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert [o.name for o in proto.graph.output] == ["seg"] + (["contour"] if model.contour_head is not None else [])
-    x = small_input(model)
-    assert onnx_parity(model, path, x) < 1e-4
-    seg, contour = OnnxRuntimeEngine(path, providers=["CPUExecutionProvider"])(x)
-    assert seg.shape == (2, model.num_classes) + x.shape[2:]
-    assert (contour is None) == (model.contour_head is None)
+    # batch 2 (2D) and sizes unlike the tracing example: dynamic axes; onnx_parity also compares shapes
+    assert onnx_parity(model, path, small_input(model, batch=2 if model.spatial_dims == 2 else 1)) < 1e-4
     # export must not touch the model (mode, weights, statistics)
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -102,7 +102,11 @@ def check_standard_ops(model_proto, opset: int = MIN_OPSET) -> None:
 
 def onnx_parity(model: SegmentationModel, path: str | os.PathLike, image: torch.Tensor) -> float:
     """Largest absolute difference between ONNX Runtime (CPU) and ``model.eval()`` (PyTorch, float32, CPU)
-    over the outputs (``seg`` and ``contour`` logits) for ``image`` (N, C, *spatial)."""
+    over the outputs (``seg`` and ``contour`` logits) for ``image`` (N, C, *spatial).
+
+    Raises:
+        ValueError: the ONNX outputs differ from PyTorch's in shape or in having a contour output.
+    """
     from ..infer.engines import OnnxRuntimeEngine
 
     engine = OnnxRuntimeEngine(path, providers=["CPUExecutionProvider"])
@@ -110,7 +114,10 @@ def onnx_parity(model: SegmentationModel, path: str | os.PathLike, image: torch.
     ref = inference_model(model, fuse=False).cpu()
     with torch.no_grad():
         out = ref(image.cpu().float())
-    diffs = [np.abs(seg.numpy() - out.seg.numpy()).max()]
-    if out.contour is not None:
-        diffs.append(np.abs(contour.numpy() - out.contour.numpy()).max())
-    return float(max(diffs))
+    pairs = [(seg, out.seg)] + ([(contour, out.contour)] if out.contour is not None else [])
+    if contour is None and out.contour is not None:
+        raise ValueError(f"ONNX model {path} has no 'contour' output, the PyTorch model has one")
+    for got, want in pairs:
+        if got.shape != want.shape:
+            raise ValueError(f"ONNX Runtime output shape {tuple(got.shape)} != PyTorch's {tuple(want.shape)}")
+    return float(max(np.abs(got.numpy() - want.numpy()).max() for got, want in pairs))
