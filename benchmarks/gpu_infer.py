@@ -95,8 +95,8 @@ def agreement(probs: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def card_slug(name: str) -> str:
-    m = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", name.upper())
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")).lower()
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (the results/ file-name convention)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def main() -> int:
@@ -204,7 +204,7 @@ def main() -> int:
 
     name = torch.cuda.get_device_name()
     record = {
-        "benchmark": "infer", "model": args.model, "card": name, "date": datetime.datetime.now().isoformat(),
+        "benchmark": "infer", "model": args.model, "card": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "triton": triton.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "settings": {"window": WINDOW, "volume": (model.in_channels,) + VOLUME, "sliding_window": sw,
