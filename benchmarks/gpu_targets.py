@@ -193,7 +193,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['backend']} | {r['ms_per_call']:.3f} | {r['ms_per_sample']:.4f} | "
                          f"{r['speedup_vs_scipy']:.0f}x | {floor} |")
     lines += ["", "Max errors (fp32 vs reference / scipy float64; weight on its (W - mu0) / mu scale): "
-              + ", ".join(f"{k}: {v:.1e}" for w in result["checks"].values() for k, v in w.items())]
+              + "; ".join(f"{name} {k}: {v:.1e}" for name, w in result["checks"].items() for k, v in w.items())]
     return "\n".join(lines)
 
 

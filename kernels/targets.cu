@@ -54,13 +54,16 @@ __device__ __forceinline__ void window_conv(const Load& load, const float* __res
 #pragma unroll
   for (int o = 0; o < T; ++o) acc[o] = 0.f;
   if constexpr (RC > 0) {
+    float w[RC + 1];  // taps in registers: FFMA operands, not a load per multiply
+#pragma unroll
+    for (int j = 0; j <= RC; ++j) w[j] = taps[j];
 #pragma unroll
     for (int t = 0; t < T + 2 * RC; ++t) {
       const float v = load(t);
 #pragma unroll
       for (int o = 0; o < T; ++o) {
         const int j = t - o - RC;
-        if (j >= -RC && j <= RC) acc[o] = fmaf(taps[j < 0 ? -j : j], v, acc[o]);
+        if (j >= -RC && j <= RC) acc[o] = fmaf(w[j < 0 ? -j : j], v, acc[o]);
       }
     }
   } else {
