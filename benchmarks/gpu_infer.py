@@ -5,9 +5,10 @@ window (128^3 windows), across engines. Checks every engine against eager fp32 f
 
 Engines: eager fp32 (PyTorch defaults: TF32 convolutions allowed), eager bf16 (autocast), torch.compile default
 mode (fp32 model, no fusion: what a user gets from one call), the low-latency path (CompiledEngine: fused,
-bf16 or fp16 weights, channels-last, torch.compile, CUDA graph), ONNX Runtime (CPU; CUDA provider if installed; 1-2 runs on the
-volume-sized window, it is slow) and TensorRT (only when ``import tensorrt`` works; fp16 engine).
+bf16 or fp16 weights, channels-last, torch.compile, CUDA graph), ONNX Runtime (CPU, 1-2 runs on the window:
+it is slow; CUDA provider if installed) and TensorRT (only when ``import tensorrt`` works; fp16 engine).
 Times: CUDA events around each call (host wall clock for ONNX Runtime CPU), after warm-up; p50/p90/p99 in ms.
+Floor: FLOPs of one window forward / the card's measured bf16 matrix-product rate ("floor/t" = floor / time).
 Peak memory: torch.cuda.max_memory_allocated during the timed calls (PyTorch allocations only, so not
 meaningful for ONNX Runtime / TensorRT). Writes DIR/infer_<card>.json and prints a table.
 """
@@ -87,6 +88,19 @@ def time_host(fn, warmup: int, iters: int) -> dict:
     return percentiles(times)
 
 
+def window_floor(model, x: torch.Tensor) -> dict:
+    """The compute floor of one window: FLOPs of a forward (torch.utils.flop_counter) / the measured bf16
+    rate of an 8192^3 matrix product on this card."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    a = torch.randn(8192, 8192, device=x.device, dtype=torch.bfloat16)
+    rate = 2 * 8192**3 / (time_cuda(lambda: a @ a, 3, 10)["p50_ms"] * 1e-3)
+    flops = counter.get_total_flops()
+    return {"gflop_per_window": flops / 1e9, "bf16_matmul_tflops": rate / 1e12, "floor_ms": flops / rate * 1e3}
+
+
 def agreement(probs: torch.Tensor, ref: torch.Tensor) -> dict:
     """Max |p - p_ref| of the class probabilities and the fraction of voxels with the same argmax."""
     probs, ref = probs.float().to(ref.device), ref.float()
@@ -120,7 +134,8 @@ def main() -> int:
                 m.running_var.uniform_(0.5, 2.0)
     model = model.to(dev)
     x = torch.randn((1, model.in_channels) + WINDOW, device=dev)
-    results: dict = {"window": {}, "volume": {}, "checks": {}, "compile_s": {}}
+    results: dict = {"window": {}, "volume": {}, "checks": {}, "compile_s": {}, "floor": window_floor(model, x)}
+    print("floor:", results["floor"], flush=True)
 
     def build(name, make):
         t = time.perf_counter()
@@ -185,6 +200,7 @@ def main() -> int:
     base = results["window"]["eager_fp32"]["p50_ms"]
     for r in results["window"].values():
         r["vs_eager_fp32"] = round(r["p50_ms"] / base, 3)
+        r["floor_fraction"] = round(results["floor"]["floor_ms"] / r["p50_ms"], 3)
 
     # 3. whole volume, sliding window (128^3 windows, overlap 0.5, one window per call)
     del engines["compile_default_fp32"]
@@ -204,7 +220,8 @@ def main() -> int:
 
     name = torch.cuda.get_device_name()
     record = {
-        "benchmark": "infer", "model": args.model, "card": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "infer", "model": args.model, "card": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "triton": triton.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "settings": {"window": WINDOW, "volume": (model.in_channels,) + VOLUME, "sliding_window": sw,
@@ -217,13 +234,16 @@ def main() -> int:
     path = out / f"infer_{card_slug(name)}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"\n{args.model} on {name}, torch {torch.__version__}")
-    print(f"{'engine':28s} {'window p50':>11s} {'p90':>8s} {'p99':>8s} {'x eager':>8s} {'peak MiB':>9s} "
-          f"{'volume p50':>11s} {'peak MiB':>9s}")
+    fl = results["floor"]
+    print(f"window floor: {fl['gflop_per_window']:.0f} GFLOP / {fl['bf16_matmul_tflops']:.0f} TFLOP/s (bf16 matmul) "
+          f"= {fl['floor_ms']:.2f} ms")
+    print(f"{'engine':28s} {'window p50':>11s} {'p90':>8s} {'p99':>8s} {'x eager':>8s} {'floor/t':>8s} "
+          f"{'peak MiB':>9s} {'volume p50':>11s} {'peak MiB':>9s}")
     for key, r in results["window"].items():
         v = results["volume"].get(key, {})
         print(f"{key:28s} {r['p50_ms']:11.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['vs_eager_fp32']:8.3f} "
-              f"{r.get('peak_mem_mib', float('nan')):9.0f} {v.get('p50_ms', float('nan')):11.1f} "
-              f"{v.get('peak_mem_mib', float('nan')):9.0f}")
+              f"{r['floor_fraction']:8.3f} {r.get('peak_mem_mib', float('nan')):9.0f} "
+              f"{v.get('p50_ms', float('nan')):11.1f} {v.get('peak_mem_mib', float('nan')):9.0f}")
     print(f"checks passed: {ok}; wrote {path}")
     return 0 if ok else 1
 

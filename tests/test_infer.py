@@ -317,7 +317,8 @@ def test_msd_nifti_round_trip(shared_data, tmp_path):
     back = nib.load(str(write_labels(labels, image, tmp_path)))
     np.testing.assert_array_equal(back.affine, src.affine)
     np.testing.assert_array_equal(back.header.get_zooms(), src.header.get_zooms()[:3])
-    assert (back.header["qform_code"], back.header["sform_code"]) == (src.header["qform_code"], src.header["sform_code"])
+    for key in ("qform_code", "sform_code"):
+        assert back.header[key] == src.header[key]
     np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
 
 
