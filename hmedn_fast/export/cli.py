@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``export`` on an ``argparse`` subparsers object (sets ``func=run``)."""
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX / TensorRT / TorchScript",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m hmedn_fast.export.cli ARGS``."""
-    parser = argparse.ArgumentParser(prog="hmedn export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hmedn export", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

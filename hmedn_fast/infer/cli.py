@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``infer`` on an ``argparse`` subparsers object (sets ``func=run``)."""
     p = subparsers.add_parser("infer", help="segment NIfTI / PNG images with a trained checkpoint",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point: ``python -m hmedn_fast.infer.cli ARGS``."""
-    parser = argparse.ArgumentParser(prog="hmedn infer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hmedn infer", description=__doc__.split("\n\n")[0].replace("``", ""))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
