@@ -142,15 +142,17 @@ def fits(config: str, size: int) -> bool:
 
 
 def largest_cube(config: str) -> dict:
-    """Binary search over SIZES under the 8 GiB cap (set by the caller)."""
-    lo, hi, tried = -1, len(SIZES), {}
+    """Binary search over SIZES under the 8 GiB cap (set by the caller). DynUNet's five stride-2 stages need
+    sizes divisible by 32 (its skip concatenation fails otherwise), so it searches those only."""
+    sizes = [s for s in SIZES if s % (32 if config.startswith("dynunet") else 16) == 0]
+    lo, hi, tried = -1, len(sizes), {}
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        tried[SIZES[mid]] = fits(config, SIZES[mid])
-        lo, hi = (mid, hi) if tried[SIZES[mid]] else (lo, mid)
-    size = SIZES[lo] if lo >= 0 else None
+        tried[sizes[mid]] = fits(config, sizes[mid])
+        lo, hi = (mid, hi) if tried[sizes[mid]] else (lo, mid)
+    size = sizes[lo] if lo >= 0 else None
     return {"largest_cube": size, "voxels": size**3 if size else 0, "trials": tried,
-            "at_search_limit": lo == len(SIZES) - 1}
+            "at_search_limit": lo == len(sizes) - 1}
 
 
 def smoke() -> dict:
