@@ -33,7 +33,9 @@ class HMEDNLoss(nn.Module):
     labels without gradient unless given to :meth:`forward`); ignored voxels are set to background
     for that computation only. Auxiliary (deep-supervision) logits may be at an integer fraction of the
     label resolution: their loss is that of the nearest-upsampled logits, computed without
-    materialising them (see ``docs/decisions/loss.md``). Dispatch picks the fused Triton kernel on CUDA.
+    materialising them (see ``docs/decisions/loss.md``); when the output says the aux scales
+    (``output.aux_scales``) and the label size is not a whole multiple of them (odd input sizes), the term
+    covers the aux cells lying wholly inside the labels. Dispatch picks the fused Triton kernel on CUDA.
 
     Args:
         num_classes: K, background included (must match the logits' channels).
@@ -134,10 +136,34 @@ class HMEDNLoss(nn.Module):
         if with_contour:
             parts["contour"] = contour.detach()
         for i, aux in enumerate(output.aux):
-            term = difficulty_guided_loss(aux, labels, weight, **common)
+            scale = output.aux_scales[i] if i < len(output.aux_scales) else None
+            aligned = _tile_aligned(aux, labels, weight, scale)
+            if aligned is None:  # the input is smaller than one aux cell: no term
+                continue
+            term = difficulty_guided_loss(*aligned, **common)
             total = total + self._aux_weight(i, len(output.aux)) * term
             parts[f"aux{i}"] = term.detach()
         return LossOutput(total, parts)
+
+
+def _tile_aligned(aux: Tensor, labels: Tensor, weight: Tensor | None, scale: tuple[int, ...] | None):
+    """``(aux, labels, weight)`` restricted to the aux cells that lie wholly inside the labels.
+
+    A model's aux map at factor ``f`` has ``ceil(size / f)`` cells per axis when the input size is not a multiple
+    of ``f`` (see :class:`SegmentationOutput`); its last, partial cell is left out of the deep-supervision term
+    and the labels (and weight map) are cropped to the whole cells. Without a known ``scale`` (e.g. a user's
+    model), or when the sizes already tile exactly, the tensors are returned as they are. Returns None when
+    not one whole cell fits.
+    """
+    full, low = labels.shape[1:], aux.shape[2:]
+    if scale is None or all(f == n * s for f, n, s in zip(full, low, scale)):
+        return aux, labels, weight
+    keep = [min(n, f // s) for f, n, s in zip(full, low, scale)]
+    if any(k == 0 for k in keep):
+        return None
+    low_idx = (slice(None), slice(None)) + tuple(slice(0, k) for k in keep)
+    full_idx = (slice(None),) + tuple(slice(0, k * s) for k, s in zip(keep, scale))
+    return aux[low_idx], labels[full_idx], weight[full_idx] if weight is not None else None
 
 
 __all__ = ["DEFAULT_AUX_WEIGHT", "HMEDNLoss", "LossOutput"]

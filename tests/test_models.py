@@ -166,3 +166,25 @@ def test_save_load_roundtrip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_hmedn_loss_on_odd_sizes_uses_whole_aux_cells():
+    """aux maps of an odd-size input have ceil(size / f) cells; HMEDNLoss scores the whole cells only, which
+    equals the loss of the model's aux logits cropped by hand against the cropped labels."""
+    from hmedn_fast.losses import HMEDNLoss
+    from hmedn_fast.ops import difficulty_guided_loss
+    model = create_model("hrdn_l2", num_classes=3).eval()
+    x = torch.randn(2, 5, 37, 53)
+    labels = torch.randint(0, 3, (2, 37, 53))
+    with torch.no_grad():
+        out = model(x)
+    assert out.aux_scales == [(2, 2), (4, 4), (8, 8), (2, 2)]
+    assert [tuple(a.shape[2:]) for a in out.aux] == [(19, 27), (10, 14), (5, 7), (19, 27)]
+    loss_fn = HMEDNLoss(3, aux_weights=1.0, use_weight_map=False)
+    res = loss_fn(out, labels)
+    for i, (a, (f, _)) in enumerate(zip(out.aux, out.aux_scales)):
+        h, w = 37 // f, 53 // f
+        expected = difficulty_guided_loss(a[:, :, :h, :w], labels[:, :h * f, :w * f], backend="reference")
+        torch.testing.assert_close(res.parts[f"aux{i}"], expected)
+    main = difficulty_guided_loss(out.seg, labels, backend="reference")
+    torch.testing.assert_close(res.total, main + sum(res.parts[f"aux{i}"] for i in range(4)))

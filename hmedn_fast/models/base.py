@@ -82,8 +82,9 @@ class SegmentationModel(nn.Module):
         xp = F.pad(x, pad) if any(pad) else x
         feats, seg, aux = self.forward_padded(xp)
         contour = self.contour_head(feats) if self.contour_head is not None else None
+        scales = [tuple(int(p) // int(a) for p, a in zip(xp.shape[2:], t.shape[2:])) for t in aux]
         return SegmentationOutput(seg=_crop(seg, size), contour=_crop(contour, size) if contour is not None else None,
-                                  aux=[_crop_scaled(a, size, xp.shape[2:]) for a in aux])
+                                  aux=[_crop_scaled(a, size, xp.shape[2:]) for a in aux], aux_scales=scales)
 
 
 def _crop(t: torch.Tensor, size) -> torch.Tensor:
