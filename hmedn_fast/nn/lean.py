@@ -11,7 +11,7 @@ conv's output, the first ReLU's output, the second conv's output and the block o
 
 Norm statistics are recomputed from the saved conv outputs in the same way as the forward computed them
 (batch statistics in training, running statistics in eval), so gradients equal eager autograd's. The norm +
-(residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (fused Triton kernels on CUDA), the
+(residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (its automatic backend; the fused Triton kernels when forced), the
 convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
 Autocast is honoured: the backward replays the forward's autocast state and computes conv gradients in the
 dtype the forward convolutions ran in. The function is differentiable once (no double backward).
