@@ -71,7 +71,7 @@ class DemoSettings:
 
 DEFAULT = DemoSettings()
 QUICK = DemoSettings(train_samples=64, test_samples=8, epochs=14)
-MSD_EPOCHS = 3
+MSD_EPOCHS = 1
 
 
 class _Case(NamedTuple):
@@ -238,7 +238,9 @@ def _figure(path: Path, split: _Split, preds: dict[str, list[np.ndarray]], resul
     cmap = ListedColormap([(0, 0, 0, 0)] + [(*colors[i % 10], 1.0) for i in range(k - 1)])
     cases = list(range(min(2, len(split.test))))
     columns = [("truth", None), *((m, m) for m in ("unet_2d", "hmedn_2d"))]
-    fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.4 * len(cases) + 0.8), squeeze=False, layout="constrained")
+    aspect = split.test[0].truth.shape[1] / split.test[0].truth.shape[2]  # panel height / width
+    fig, axes = plt.subplots(len(cases), 4, figsize=(12, (3 * aspect + 0.4) * len(cases) + 0.8), squeeze=False,
+                             layout="constrained")
     for row, i in enumerate(cases):
         name, stack, truth, _ = split.test[i]
         s = int(np.argmax([(t > 0).sum() for t in truth]))  # slice with the most foreground
@@ -288,7 +290,7 @@ def run_demo(out: str | Path = "hmedn_demo_out", *, data: str | Path | None = No
     Args:
         out: output folder (created).
         data: MSD-layout folder, or None for the phantom.
-        epochs: training epochs (default 20 on the phantom, 14 with ``quick``, 3 on MSD data).
+        epochs: training epochs (default 20 on the phantom, 14 with ``quick``, 1 on MSD data).
         device: "auto" (None), "cpu", "cuda" or "cuda:N".
         seed: seeds the data, the initialisation, the batch order and the augmentation.
         quick: smaller phantom budget (CI smoke run).
