@@ -28,3 +28,22 @@ def shared_data() -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def interpreter_suite():
+    """Run a test file's non-cuda tests again in a subprocess with TRITON_INTERPRET=1 (it must be set before
+    triton is imported, which other test modules of this process may already have done) and assert they pass."""
+    import subprocess
+    import sys
+
+    def run(test_file: str) -> None:
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider", "-m", "not cuda"]
+        done = subprocess.run(cmd, env=env, cwd=Path(test_file).parents[1], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+        assert " passed" in done.stdout and " failed" not in done.stdout
+
+    return run

@@ -7,9 +7,6 @@ are skipped in the parent process). GPU tests are marked ``cuda``.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +17,8 @@ not_interpreted = pytest.mark.skipif(INTERPRET, reason="GPU tests run without th
 
 
 @not_interpreted
-def test_interpreter_suite():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-m", "not cuda"]
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout
+def test_interpreter_suite(interpreter_suite):
+    interpreter_suite(__file__)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

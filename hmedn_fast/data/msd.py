@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from .files import pair_with_labels
 
 _SUFFIXES = (".nii.gz", ".nii")
 
@@ -62,13 +63,7 @@ def find_msd_cases(root: str | Path) -> list[tuple[Path, Path]]:
                     if not p.name.startswith(".") and p.name.endswith(_SUFFIXES))
     if not images:
         raise ValueError(f"{images_dir} holds no .nii or .nii.gz file")
-    pairs = []
-    for image in images:
-        label = labels_dir / image.name
-        if not label.is_file():
-            raise FileNotFoundError(f"label file {label} for image {image} is missing")
-        pairs.append((image, label))
-    return pairs
+    return pair_with_labels(images, labels_dir)
 
 
 def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from .files import pair_with_labels
 
 PNG_CLASSES = ("background", "interior", "boundary")
 
@@ -96,10 +97,4 @@ def find_png_pairs(root: str | Path) -> list[tuple[Path, Path]]:
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
     if not images:
         raise ValueError(f"{images_dir} holds no .png file")
-    pairs = []
-    for image in images:
-        label = labels_dir / image.name
-        if not label.is_file():
-            raise FileNotFoundError(f"label file {label} for image {image} is missing")
-        pairs.append((image, label))
-    return pairs
+    return pair_with_labels(images, labels_dir)
