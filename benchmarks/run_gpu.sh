@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/run_gpu.sh OUTDIR [name ...]      e.g.  bash benchmarks/run_gpu.sh /tmp/out loss targets
 #
-# Packages missing on the GPU machine (nibabel, monai) travel as wheels in .whl/ (see docs/GPU.md).
+# Packages missing on the GPU machine (nibabel, monai) travel as wheels in .whl/ (git-ignored), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl nibabel==5.4.2 monai==1.6.1
 set -uo pipefail
 OUTDIR=${1:?usage: run_gpu.sh OUTDIR [name ...]}
 shift || true
