@@ -1,6 +1,7 @@
 """Memory planner decisions (fake measurer), budget parsing, checkpointing levels, OOM escalation."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -156,3 +157,21 @@ def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
     with pytest.warns(RuntimeWarning, match="'blocks'"), pytest.raises(torch.OutOfMemoryError):
         trainer.train_step(images, labels)
     assert trainer.checkpoint_level == "blocks"
+
+
+def test_checkpointing_levels_keep_batchnorm_running_statistics():
+    """A training step at every level leaves the same BatchNorm running statistics and batch counters as
+    plain autograd: the recomputed forward of checkpointed blocks must not update them a second time."""
+    base = create_model("hmedn_2d", widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
+                        hr_blocks=2, norm="batch", dropout=0.0).double().train()
+    x = torch.randn(2, 5, 16, 16, dtype=torch.float64)
+    states = {}
+    for level in LEVELS:
+        model = copy.deepcopy(base)
+        set_checkpointing(model, level)
+        _saved_bytes_and_grads(model, x)
+        states[level] = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in states["none"].items())  # the step did update
+    for level in LEVELS[1:]:
+        for k, v in states["none"].items():
+            torch.testing.assert_close(states[level][k], v, rtol=1e-12, atol=1e-14, msg=f"{level} {k}")

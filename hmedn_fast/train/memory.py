@@ -20,14 +20,14 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
 - ``"lean"``: the HR pathways' memory-lean residual blocks (:mod:`hmedn_fast.nn.lean`: block input and conv
   outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation);
 - ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed), and every dense block of the
-  distilling pathway runs under ``torch.utils.checkpoint`` (non-reentrant; BatchNorm running statistics of
-  those blocks then see the recomputed forward too, i.e. are updated twice per step; the batch statistics
-  used for the output are unchanged).
+  distilling pathway runs under ``torch.utils.checkpoint`` (non-reentrant; the recomputation in backward
+  leaves the BatchNorm running statistics alone, so they are updated once per step as without checkpointing).
 
 Every level gives the same gradients; only memory and time differ.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -173,10 +173,29 @@ class OOMEscalator:
         return self.current
 
 
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """BatchNorm layers of ``module`` use batch statistics but leave their running statistics (and batch
+    counters) as they were: for the recomputed forward of a checkpointed block."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
+    def contexts():
+        return contextlib.nullcontext(), _running_stats_frozen(module)
+
     def run(*args, **kwargs):
         if torch.is_grad_enabled() and module.training:
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         return forward(*args, **kwargs)
     return run
 
