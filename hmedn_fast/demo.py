@@ -39,6 +39,7 @@ from hmedn_fast.data.augment import AugmentConfig, augment_batch
 from hmedn_fast.data.msd import MSDSliceDataset, find_msd_cases, load_msd_case, slice_stack
 from hmedn_fast.data.phantom import PHANTOM_CLASSES, PhantomDataset
 from hmedn_fast.data.sampling import sample_seed
+from hmedn_fast.device import resolve_device
 from hmedn_fast.losses import HMEDNLoss
 from hmedn_fast.models import count_parameters, create_model
 
@@ -265,21 +266,6 @@ def _figure(path: Path, split: _Split, preds: dict[str, list[np.ndarray]], resul
     fig.suptitle(f"Held-out cases. {means}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` / ``"auto"``: CUDA when available, else CPU. Raises ValueError for unknown or unavailable."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return dev
 
 
 def run_demo(out: str | Path = "hmedn_demo_out", *, data: str | Path | None = None, epochs: int | None = None,

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..device import resolve_device
 from .io import SUFFIXES, normalize, read_image, write_labels
 
 ENGINES = ("eager", "compiled", "onnx", "tensorrt")
@@ -89,7 +90,7 @@ def make_engine(args: argparse.Namespace, model, roi, workdir: Path):
     """The engine ``--engine`` asks for (ValueError when its options are missing)."""
     from . import engines
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     if args.engine == "eager":
         return engines.EagerEngine(model, device, dtype)

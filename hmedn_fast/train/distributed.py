@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hmedn_fast.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -33,20 +35,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available else ``cpu``; anything else is passed to ``torch.device``
-    (ValueError when CUDA is asked for but absent)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def init_distributed(device: str = "auto") -> DistContext:
