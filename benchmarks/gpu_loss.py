@@ -6,7 +6,8 @@ For each case (shapes 2x4x128^3 and 10x4x208x144, fp32 / bf16 logits, uint8 / in
 and contour term on) it first checks the fused loss and its gradients against the float64 reference on
 the GPU, then times forward + backward of: eager PyTorch (``F.cross_entropy`` + weight + contour MSE, what
 one would write by hand), ``torch.compile`` of it, and the fused op (default: one-pass with the value
-checks; ``nocheck``: one-pass without them; ``2pass``: two-pass without them). Per implementation:
+checks; ``nocheck``: one-pass without them; ``nocheck_plain``: the same launched through ``kernel[grid](...)`` instead of
+:class:`~hmedn_fast.ops.triton.launch.FastLauncher`; ``2pass``: two-pass without them). Per implementation:
 wall time (host clock around synchronised batches, median), GPU kernel time (sum of the kernels'
 durations from torch.profiler), CUDA-graph replay time of the step (no launch overhead; not for the
 checked variant, which synchronises) and peak extra memory (over the inputs, gradients included). The floor is
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmedn_fast.ops import difficulty_guided_loss  # noqa: E402
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
+from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
 
 SHAPES = {"2x4x128^3": (2, 4, 128, 128, 128), "10x4x208x144": (10, 4, 208, 144)}
 LOGIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -67,6 +69,7 @@ def implementations(with_compile: bool) -> dict[str, Callable]:
         "eager": eager_loss,
         "fused": lambda *a: difficulty_guided_loss(*a, backend="triton"),
         "fused_nocheck": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
+        "fused_nocheck_plain": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
         "fused_2pass": lambda *a: fused.difficulty_guided_loss(*a, 1.0, None, None, "mean", check_values=False,
                                                                one_pass=False),
     }
@@ -233,11 +236,13 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                 entry = {"shape": shape_name, "logits": dname, "labels": lname, "floor_us": floor * 1e6,
                          "bytes_in": nbytes_in, "bytes_grad": nbytes_grad, "check": check(case, dtype), "impls": {}}
                 for name, fn in implementations(with_compile).items():
+                    FastLauncher.enabled = not name.endswith("_plain")  # plain: every launch via kernel[grid]
                     wall = wall_time(fn, case, batches, per_batch)
                     gpu, per_kernel = kernel_time(fn, case)
                     mem = peak_extra_memory(fn, case)
                     # graph replay needs no host sync inside the step: not for the checked variant
                     graph = graph_time(fn, case) * 1e6 if name in GRAPHABLE else None
+                    FastLauncher.enabled = True
                     entry["impls"][name] = {"wall_us": wall * 1e6, "gpu_us": gpu * 1e6, "graph_us": graph,
                                             "peak_extra_bytes": mem,
                                             "memory_ratio": mem / nbytes_grad,

@@ -1,0 +1,80 @@
+"""Low-overhead repeat launches of a Triton kernel.
+
+``kernel[grid](*args, **constexprs)`` costs tens of microseconds of host time per call on the GPU machines
+(binding ~40 arguments, computing their specialisation and the cache key, then launching): more than the
+fused loss's GPU time at training sizes. :class:`FastLauncher` does the first launch of each specialisation
+through Triton (which compiles it and returns the compiled kernel), remembers the compiled kernel under a
+key that captures everything Triton specialises on, and later calls the compiled kernel's launcher directly.
+
+Key per argument (a superset of Triton's specialisation, so two calls with one key always run one binary):
+tensors: dtype, device index and 16-byte alignment of the data pointer; ints: value 1 or not, divisibility
+by 16, and 32- or 64-bit range; bools, None and constexprs: their value; floats: only their type.
+On the CPU (``TRITON_INTERPRET=1``) or whenever ``FastLauncher.enabled`` is False it is a plain launch.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _arg_key(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.device.index, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return (a == 1, a % 16 == 0, _INT32[0] <= a <= _INT32[1])
+    if isinstance(a, float):
+        return float
+    raise TypeError(f"FastLauncher: unsupported kernel argument type {type(a).__name__}")
+
+
+class FastLauncher:
+    """``FastLauncher(jit_fn)(grid, *args, **constexprs)`` launches ``jit_fn[grid](*args, **constexprs)``.
+
+    ``args`` are the kernel's leading runtime arguments in order, ``constexprs`` its remaining
+    (``tl.constexpr`` and launch option) arguments by name, e.g. ``num_warps``. Launch options are part of the
+    key like the constexprs.
+    """
+
+    enabled = True  # class-wide switch (benchmarks compare both paths)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.cache: dict[tuple, tuple[Any, tuple]] = {}
+        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def __call__(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
+        if self.interpret or not FastLauncher.enabled:
+            self.fn[grid](*args, **constexprs)
+            return
+        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()))
+        hit = self.cache.get(key)
+        if hit is None:
+            kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches
+            self.cache[key] = (kernel, tuple(constexprs[n] for n in self.fn.arg_names[len(args):]))
+            return
+        kernel, tail = hit
+        try:
+            self._run(kernel, grid, (*args, *tail))
+        except (TypeError, AttributeError, ImportError) as err:  # a Triton whose launcher API differs
+            FastLauncher.enabled = False
+            warnings.warn(f"hmedn_fast: direct Triton launches disabled ({err!r}); using kernel[grid](...)")
+            self.fn[grid](*args, **constexprs)
+
+    @staticmethod
+    def _run(kernel: Any, grid: tuple[int, ...], full: tuple) -> None:
+        """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later)."""
+        from triton import knobs
+
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+        device = next(a.device for a in full if isinstance(a, torch.Tensor))
+        stream = torch.cuda.current_stream(device).cuda_stream
+        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
+                   kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
+                   knobs.runtime.launch_exit_hook, *full)

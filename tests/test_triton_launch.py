@@ -1,0 +1,60 @@
+"""FastLauncher (hmedn_fast.ops.triton.launch): its specialisation key, and on the GPU that repeat launches
+through the cached compiled kernel give what ``kernel[grid](...)`` gives, across specialisations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hmedn_fast.ops.triton.launch import FastLauncher, _arg_key  # noqa: E402
+
+
+def test_key_separates_what_triton_specialises_on():
+    x = torch.randn(64)
+    assert _arg_key(x) != _arg_key(x.double())  # dtype
+    assert _arg_key(x) != _arg_key(x[1:])  # 16-byte alignment of the pointer
+    assert _arg_key(x) == _arg_key(torch.randn(32))
+    assert _arg_key(1) != _arg_key(3)  # value 1
+    assert _arg_key(16) != _arg_key(17)  # divisibility by 16
+    assert _arg_key(32) == _arg_key(48)
+    assert _arg_key(2**31) != _arg_key(2**31 - 16)  # 64-bit range
+    assert _arg_key(True) != _arg_key(False) and _arg_key(None) is None
+    assert _arg_key(0.5) == _arg_key(2.0)
+    with pytest.raises(TypeError, match="unsupported kernel argument"):
+        _arg_key("text")
+
+
+@pytest.mark.cuda
+def test_repeat_launches_equal_plain_launches():
+    """Scale-and-shift kernel over strided views: every specialisation (alignment, stride 1 or not, sizes
+    divisible by 16 or not, dtype) launched twice through FastLauncher (compile, then cached path) equals the
+    same kernel launched plainly; outputs are poisoned first."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def axpb(x_ptr, y_ptr, n, stride, a, BLOCK: tl.constexpr, RELU: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v = tl.load(x_ptr + offs * stride, mask=mask).to(tl.float32) * a + 1.0
+        if RELU:
+            v = tl.maximum(v, 0.0)
+        tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+    fast = FastLauncher(axpb)
+    base = torch.randn(4099, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        for offset in (0, 1):
+            for stride in (1, 2):
+                for n in (1, 1024, 1000):
+                    x = base.to(dtype)[offset:offset + n * stride]
+                    for relu in (False, True):
+                        want = torch.full((n,), float("nan"), device="cuda", dtype=dtype)
+                        axpb[(triton.cdiv(n, 256),)](x, want, n, stride, -0.5, BLOCK=256, RELU=relu)
+                        for _ in range(2):
+                            got = torch.full((n,), float("nan"), device="cuda", dtype=dtype)
+                            fast((triton.cdiv(n, 256),), x, got, n, stride, -0.5, BLOCK=256, RELU=relu)
+                            assert FastLauncher.enabled
+                            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(fast.cache) > 1
