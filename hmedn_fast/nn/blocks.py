@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .lean import MODES, LeanResidualBlock, supports
+from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
 
@@ -70,8 +70,9 @@ class ResidualDilatedBlock(nn.Module):
         if (self._checkpoint != "none" and torch.is_grad_enabled() and supports(self.norm1) and supports(self.norm2)
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             n1, n2 = self.norm1, self.norm2
-            return LeanResidualBlock.apply(x, self, self._checkpoint == "blocks", self.conv1.weight, n1.weight,
-                                           n1.bias, self.conv2.weight, n2.weight, n2.bias)
+            fn = LeanBatchNormBlock if is_batch_norm(n1) and is_batch_norm(n2) else LeanResidualBlock
+            return fn.apply(x, self, self._checkpoint == "blocks", self.conv1.weight, n1.weight, n1.bias,
+                            self.conv2.weight, n2.weight, n2.bias)
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
         return torch.relu(y + x)

@@ -13,6 +13,9 @@ Norm statistics are recomputed from the saved conv outputs in the same way as th
 (batch statistics in training, running statistics in eval), so gradients equal eager autograd's. The norm +
 (residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (its automatic backend; the fused Triton kernels when forced), the
 convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
+Blocks whose two norms are BatchNorm (the default) run :class:`LeanBatchNormBlock` instead: the same saved
+tensors, replayed with the forward's batch statistics and differentiated with ATen's BatchNorm and convolution
+backward kernels directly (no nested autograd: the generic function is host-bound on small volumes).
 Autocast is honoured: the backward replays the forward's autocast state and computes conv gradients in the
 dtype the forward convolutions ran in. The function is differentiable once (no double backward).
 """
@@ -33,6 +36,11 @@ def supports(norm: nn.Module) -> bool:
     return isinstance(norm, _NORMS)
 
 
+def is_batch_norm(norm: nn.Module) -> bool:
+    """True for BatchNorm modules (served by :class:`LeanBatchNormBlock`)."""
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm)
+
+
 def norm_call(norm: nn.Module, update: bool) -> dict:
     """Keyword arguments of :func:`norm_act` that reproduce ``norm``'s forward.
 
@@ -41,7 +49,7 @@ def norm_call(norm: nn.Module, update: bool) -> dict:
     """
     if isinstance(norm, nn.GroupNorm):
         return dict(kind="group", num_groups=norm.num_groups, eps=norm.eps)
-    kind = "batch" if isinstance(norm, nn.modules.batchnorm._BatchNorm) else "instance"
+    kind = "batch" if is_batch_norm(norm) else "instance"
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if update and norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
         norm.num_batches_tracked.add_(1)
@@ -121,6 +129,85 @@ class LeanResidualBlock(torch.autograd.Function):
         if gx is not None:
             gx = gx + gx_res.to(gx.dtype)
         return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+
+
+def _batch_norm(c: Tensor, weight: Tensor | None, bias: Tensor | None, call: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``norm(c)`` of a BatchNorm described by ``call`` (:func:`norm_call`), running statistics updated as the
+    module would, and the ``(mean, 1 / sqrt(var + eps))`` it normalised with (to replay it without reducing)."""
+    out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        c, weight, bias, call["running_mean"], call["running_var"], call["training"], call["momentum"], call["eps"])
+    if call["training"]:
+        return out, save_mean, save_invstd
+    var = call["running_var"]
+    return out, call["running_mean"].clone(), var.double().add(call["eps"]).rsqrt().to(var.dtype)
+
+
+def _variance(invstd: Tensor, eps: float) -> Tensor:
+    return invstd.double().pow(-2).sub(eps).to(invstd.dtype)
+
+
+class LeanBatchNormBlock(torch.autograd.Function):
+    """:class:`LeanResidualBlock` for BatchNorm blocks (the default norm) without nested autograd.
+
+    The forward keeps each norm's mean and inverse standard deviation (C floats); the backward replays ``relu(norm1(c1))`` with
+    them (one elementwise pass, no statistics reduction), takes the second ReLU's mask from the block output
+    (saved: the next block's input, alive anyway), and calls ``native_batch_norm_backward`` and
+    ``convolution_backward`` directly: the same kernels eager autograd runs, far fewer host-side steps.
+    Inputs as :class:`LeanResidualBlock`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
+        call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
+        c1 = _conv(x, w1, block.conv1)
+        n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
+        a1 = torch.relu_(n1)
+        c2 = _conv(a1, w2, block.conv2)
+        n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
+        y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
+        ctx.block, ctx.recompute_convs = block, recompute_convs
+        ctx.train = (call1["training"], call2["training"])
+        ctx.eps = (call1["eps"], call2["eps"])
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        saved = (None, None) if recompute_convs else (c1, c2)
+        ctx.save_for_backward(x, y, w1, g1, b1, w2, g2, b2, mean1, inv1, mean2, inv2, *saved)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, y, w1, g1, b1, w2, g2, b2, mean1, inv1, mean2, inv2, c1, c2 = ctx.saved_tensors
+        block, (train1, train2), (eps1, eps2) = ctx.block, ctx.train, ctx.eps
+        dev, autocast_on, autocast_dtype = ctx.autocast
+        need = ctx.needs_input_grad
+        with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+            if c1 is None:
+                c1 = _conv(x, w1, block.conv1)
+            a1 = torch.ops.aten.native_batch_norm(c1, g1, b1, mean1, _variance(inv1, eps1), False, 0.0, eps1)[0]
+            a1 = torch.relu_(a1)
+            if c2 is None:
+                c2 = _conv(a1, w2, block.conv2)
+        gz2 = torch.ops.aten.threshold_backward(gy, y, 0)  # gradient at norm2(c2) + x
+        gc2, gg2, gb2 = _batch_norm_backward(gz2.to(c2.dtype), c2, g2, mean2, inv2, train2, eps2,
+                                             [True, need[7], need[8]])
+        ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
+        gn1 = torch.ops.aten.threshold_backward(ga1.to(a1.dtype), a1, 0)
+        gc1, gg1, gb1 = _batch_norm_backward(gn1, c1, g1, mean1, inv1, train1, eps1, [True, need[4], need[5]])
+        gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
+        if gx is not None:
+            gx = gx.add_(gz2.to(gx.dtype))
+        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+
+
+def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,
+                         eps: float, mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`_batch_norm` w.r.t. its input, weight and bias (``mask`` says which)."""
+    mask = [mask[0], mask[1] and weight is not None, mask[2] and weight is not None]
+    if train:  # batch statistics, as saved by the forward
+        return torch.ops.aten.native_batch_norm_backward(grad, c, weight, None, None, mean, invstd, True, eps, mask)
+    return torch.ops.aten.native_batch_norm_backward(grad, c, weight, mean, _variance(invstd, eps), None, None, False,
+                                                     eps, mask)
 
 
 def dense_fusion_sum(features: list[Tensor], conv: nn.Module) -> Tensor:

@@ -36,8 +36,10 @@ class HRPathway(nn.Module):
         dense: use the dense fusion (True) or return the last block (False).
         checkpoint: what the blocks keep for backward (:mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
             "lean" (block inputs + conv outputs; norm + ReLU recomputed), "blocks" (block inputs only; convs
-            recomputed too) or "auto". Outside "none" the dense fusion is computed as a sum of per-input 1x1
-            convolutions (no concatenation kept). Gradients are the same in every mode.
+            recomputed too) or "auto". In "blocks" the dense fusion is computed as a sum of per-input 1x1
+            convolutions (no concatenation kept); the other modes concatenate (one wide 1x1 convolution:
+            faster, ``(num_blocks + 1) L`` channels kept; ``dense_sum`` forces either). Gradients are the
+            same in every mode.
         memory_budget: bytes for "auto" (default: half the CUDA device's free memory at forward time;
             unlimited on CPU). Rule: "lean" when its kept activations, about ``(3 * num_blocks + 4) * N * L *
             prod(spatial)`` elements of the compute dtype, fit in the budget, else "blocks"; "none" when
@@ -71,7 +73,7 @@ class HRPathway(nn.Module):
                                           or memory_budget < 0):
             raise ValueError(f"memory_budget must be a non-negative int (bytes) or None, got {memory_budget!r}")
         self.memory_budget = memory_budget
-        self.dense_sum: bool | None = None  # None: sum of 1x1 convs outside "none"; True/False force it
+        self.dense_sum: bool | None = None  # None: sum of 1x1 convs in "blocks"; True/False force it
 
     @property
     def checkpoint(self) -> str:
@@ -116,7 +118,7 @@ class HRPathway(nn.Module):
             outs.append(y)
         if self.fuse is None:
             feats = y
-        elif self.dense_sum or (self.dense_sum is None and mode != "none"):
+        elif self.dense_sum or (self.dense_sum is None and mode == "blocks"):
             feats = self.fuse[2](self.fuse[1](dense_fusion_sum(outs, self.fuse[0])))
         else:
             feats = self.fuse(torch.cat(outs, 1))
