@@ -35,10 +35,21 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(kernels.torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(nan))
 
 
-def make(shape, kind, channels_last, residual, dtype=torch.float32, device="cpu", seed=0):
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Few reduce programs (chunks of several BLOCK_S) and small stats tiles (several combination steps)."""
+    from hmedn_fast.ops.triton import norm as kernels
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(kernels, "STATS_TILE", 8)
+    kernels.geometry.cache_clear()
+    yield
+    kernels.geometry.cache_clear()
+
+
+def make(shape, channels_last, residual, dtype=torch.float32, device="cpu", seed=0, loc=0.3, scale=1.5):
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
-    x = (1.5 * torch.randn(shape, generator=g) + 0.3).to(device, dtype)
+    x = (scale * torch.randn(shape, generator=g, dtype=torch.float64) + loc).to(device, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
     w = (torch.rand(c, generator=g) + 0.5).to(device)
@@ -49,52 +60,174 @@ def make(shape, kind, channels_last, residual, dtype=torch.float32, device="cpu"
 
 
 def compare(shape, kind, channels_last, residual, training=True, dtype=torch.float32, groups=2, relu=True,
-            device="cpu", rtol=1e-4):
-    x, w, b, r, (rm, rv) = make(shape, kind, channels_last, residual, dtype, device)
-    running = kind == "batch"
+            device="cpu", rtol=1e-4, running=None, affine=True, residual_grad=True, momentum=0.1, loc=0.3,
+            scale=1.5):
+    """Triton forward, every gradient and the updated running statistics against the reference in float64 on
+    the same (rounded) values: a reference in x's dtype would round the pre-activation before its ReLU and
+    flip the gradient mask of near-zero elements. ``running`` defaults to "batch" kinds."""
+    x, w, b, r, (rm, rv) = make(shape, channels_last, residual, dtype, device, loc=loc, scale=scale)
+    if not affine:
+        w = b = None
+    running = kind == "batch" if running is None else running
     results = []
     for backend in ("triton", "reference"):
-        # the reference runs in float32 on the same (rounded) values: a bfloat16 reference would round the
-        # pre-activation before its ReLU and flip the gradient mask of near-zero elements
-        cast = (lambda t: t) if backend == "triton" else (lambda t: t.float())
-        leaves = [cast(t).clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
-        stats = (rm.clone(), rv.clone()) if running else (None, None)
+        cast = (lambda t: t) if backend == "triton" else (lambda t: t.double())
+        grads = (True, True, True, residual_grad)
+        leaves = [cast(t).clone().requires_grad_(need) if t is not None else None
+                  for t, need in zip((x, w, b, r), grads)]
+        stats = (cast(rm).clone(), cast(rv).clone()) if running else (None, None)
         y = norm_act(leaves[0], leaves[1], leaves[2], kind=kind, num_groups=groups, residual=leaves[3], relu=relu,
-                     running_mean=stats[0], running_var=stats[1], training=training, backend=backend)
+                     running_mean=stats[0], running_var=stats[1], training=training, momentum=momentum,
+                     backend=backend)
         gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        y.backward(gy.to(y.dtype))
-        results.append([y] + [t.grad for t in leaves if t is not None] + [s for s in stats if s is not None])
-    assert results[0][0].is_contiguous() == x.is_contiguous() and results[0][0].dtype == dtype
+        y.backward(cast(gy))
+        results.append([y] + [t.grad for t in leaves if t is not None and t.requires_grad]
+                       + [s for s in stats if s is not None])
+    got_y = results[0][0]
+    assert got_y.stride() == x.stride() and got_y.dtype == dtype
+    assert len(results[0]) == len(results[1])
     for got, want in zip(*results):
         assert torch.isfinite(got).all()
-        scale = want.float().abs().max().item()
-        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=rtol * scale)
+        scale_ = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * scale_)
+
+
+LAYOUTS = [((2, 6, 5, 7), False), ((2, 6, 5, 7), True), ((2, 4, 3, 5, 6), False), ((2, 4, 3, 5, 6), True),
+           ((1, 70, 3, 4, 45), False), ((3, 70, 2, 3, 9), True)]
 
 
 @interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
-@pytest.mark.parametrize("shape,channels_last", [((2, 6, 5, 7), False), ((2, 6, 5, 7), True),
-                                                 ((2, 4, 3, 5, 6), True), ((1, 70, 3, 4, 45), False)])
+@pytest.mark.parametrize("shape,channels_last", LAYOUTS)
 def test_triton_matches_reference(poisoned, kind, shape, channels_last):
     compare(shape, kind, channels_last, residual=True)
 
 
 @interpreted
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+@pytest.mark.parametrize("shape,channels_last", [((2, 8, 4, 5), True), ((2, 8, 3, 4, 5), False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_half_precision(poisoned, kind, shape, channels_last, dtype):
+    compare(shape, kind, channels_last, residual=True, dtype=dtype, groups=4, rtol=2e-2)
+
+
+@interpreted
 @pytest.mark.parametrize("case", [dict(residual=False), dict(relu=False, residual=True),
-                                  dict(training=False, residual=True), dict(kind="group", groups=1, residual=False)])
-def test_triton_variants(poisoned, case):
-    kind = case.pop("kind", "batch")
+                                  dict(residual=True, residual_grad=False), dict(residual=True, affine=False),
+                                  dict(residual=False, relu=False, affine=False)])
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+def test_triton_variants(poisoned, kind, case):
     compare((3, 8, 6, 5), kind, False, **case)
 
 
 @interpreted
-def test_triton_bfloat16(poisoned):
-    compare((2, 8, 4, 5, 6), "batch", True, residual=True, dtype=torch.bfloat16, rtol=2e-2)
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_group_counts(poisoned, groups, channels_last):
+    compare((2, 8, 3, 4, 5), "group", channels_last, residual=True, groups=groups)
+
+
+@interpreted
+@pytest.mark.parametrize("groups", [2, 5])
+def test_triton_wide_groups(poisoned, groups):
+    compare((2, 40, 3, 7), "group", True, residual=True, groups=groups)  # 20 / 8 channels per group
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.25])
+def test_triton_running_statistics_update(poisoned, kind, momentum):
+    """Updated running_mean / running_var (unbiased variance, momentum; averaged over N for instance norm) equal
+    F.batch_norm's / F.instance_norm's (compare includes them)."""
+    compare((3, 6, 5, 4, 3), kind, True, residual=True, running=True, momentum=momentum)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_running_statistics_eval(poisoned, kind, channels_last):
+    compare((2, 6, 5, 7), kind, channels_last, residual=True, training=False, running=True)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["batch", "instance", "group"])
+@pytest.mark.parametrize("shape,channels_last", [((2, 6, 5, 7, 11), False), ((3, 20, 9, 31), True)])
+def test_triton_long_chunks_small_tiles(poisoned, small_tiles, kind, shape, channels_last):
+    compare(shape, kind, channels_last, residual=True, running=kind != "group", groups=2)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["batch", "group"])
+def test_triton_large_mean_many_chunks(poisoned, small_tiles, kind):
+    """|mean| >> std over many chunks of a large S: float32 chunk statistics must not cancel. Without the ReLU:
+    float32 rounding of x - mean (~1e-5 here) would flip the gradient mask of a pre-activation that close to 0."""
+    compare((2, 4, 64, 96), kind, False, residual=True, relu=False, loc=1000.0, scale=1.0, groups=2)
+
+
+@interpreted
+@pytest.mark.parametrize("kind,training", [("batch", True), ("instance", True), ("group", True), ("batch", False)])
+def test_triton_launches_and_torch_ops(monkeypatch, kind, training):
+    """Forward: 3 kernel launches (2 with running statistics), backward: 3, and no torch op beside them but the
+    allocation of their outputs (the kernels themselves are stubbed out: only the host side is observed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hmedn_fast.ops.triton import norm as kernels
+    launches, ops = [], []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for name in ("_reduce_kernel", "_stats_kernel", "_grad_stats_kernel", "_forward_kernel", "_backward_kernel"):
+        monkeypatch.setattr(kernels, name, Stub(name))
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, r, (rm, rv) = make((2, 4, 3, 4, 5), True, True)
+    x, w, b, r = (t.requires_grad_() for t in (x, w, b, r))
+    gy = torch.randn(x.shape).to(memory_format=torch.channels_last_3d)
+    with Record():
+        y = norm_act(x, w, b, kind=kind, residual=r, running_mean=rm, running_var=rv, training=training,
+                     backend="triton")
+    assert launches == (["_reduce_kernel"] if training else []) + ["_stats_kernel", "_forward_kernel"]
+    assert set(ops) <= {"aten.empty", "aten.empty_like"}, ops
+    launches.clear()
+    ops.clear()
+    with Record():
+        torch.autograd.grad(y, (x, w, b, r), gy)
+    assert launches == ["_reduce_kernel", "_grad_stats_kernel", "_backward_kernel"]
+    assert set(ops) <= {"aten.empty", "aten.empty_like"}, ops
+
+
+@interpreted
+def test_triton_residual_of_another_dtype(poisoned):
+    """A float32 residual (block input) beside a bfloat16 pre-activation (autocast conv output): the output is
+    float32 (as ``x + residual``, the reference's), each gradient in its input's dtype."""
+    x, w, b, r, _ = make((2, 4, 3, 5, 6), True, True, dtype=torch.bfloat16)
+    r = r.float().requires_grad_()
+    x.requires_grad_()
+    y = norm_act(x, w, b, kind="group", num_groups=2, residual=r, backend="triton")
+    gy = torch.randn(y.shape, dtype=y.dtype)
+    y.backward(gy)
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    want = norm_act_reference(x64, w.double(), b.double(), kind="group", num_groups=2, residual=r64)
+    want.backward(gy.double())
+    same_dtypes = norm_act_reference(x.detach(), w, b, kind="group", num_groups=2, residual=r.detach())
+    assert y.dtype == same_dtypes.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16 and r.grad.dtype == torch.float32
+    for got, ref in ((y, want), (x.grad, x64.grad), (r.grad, r64.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 @interpreted
 def test_triton_handles_expanded_upstream_gradient():
-    x, w, b, r, _ = make((2, 4, 5, 6), "instance", True, True)
+    x, w, b, r, _ = make((2, 4, 5, 6), True, True)
     x.requires_grad_()
     norm_act(x, w, b, kind="instance", residual=r, backend="triton").sum().backward()  # dy is a stride-0 view
     x2 = x.detach().clone().requires_grad_()
@@ -130,6 +263,11 @@ def test_lean_block_on_triton_matches_eager(monkeypatch, mode):
     (lambda x, w: norm_act(x, w, w, kind="group", num_groups=3), ValueError, "num_groups"),
     (lambda x, w: norm_act(x, w, w, residual=x[:1]), ValueError, "residual must have"),
     (lambda x, w: norm_act(x, w, w, training=False), ValueError, "running_mean and running_var"),
+    (lambda x, w: norm_act(x, w, w, running_mean=w), ValueError, "given together"),
+    (lambda x, w: norm_act(x, w.to("meta"), w), ValueError, "weight must be on x's device"),
+    (lambda x, w: norm_act(x, w, w, residual=x.to("meta")), ValueError, "residual must be on x's device"),
+    (lambda x, w: norm_act(x[:, :, :1, :1], w, w, kind="instance"), ValueError, "more than 1 value per channel"),
+    (lambda x, w: norm_act(x[:1, :, :1, :1], w, w), ValueError, "more than 1 value per channel"),
     (lambda x, w: norm_act(x.long(), w, w), TypeError, "floating-point"),
     (lambda x, w: norm_act(x[0, 0], w, w), ValueError, "at least one spatial"),
     (lambda x, w: norm_act("x", w, w), TypeError, "x must be a torch.Tensor"),
