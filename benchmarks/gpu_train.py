@@ -1,8 +1,8 @@
 """GPU training benchmark: one training step of hmedn_3d_l2 at 1x4x128^3 in eager fp32, eager bf16 and the
-trainer's lean mode, against MONAI DynUNet (bf16) in the same run; the largest trainable cube under an 8 GiB
-cap; and (with 2+ GPUs) a DDP run against one GPU at the same global batch.
+trainer's lean mode, against MONAI DynUNet (bf16) in the same run, and the largest trainable cube under an 8 GiB
+cap. (The 2-GPU DDP comparison is benchmarks/gpu_ddp.py.)
 
-    python benchmarks/gpu_train.py --out DIR [--iters 10] [--skip-ddp]
+    python benchmarks/gpu_train.py --out DIR [--iters 10]
 
 A step = forward (under autocast for bf16) + loss + backward + AdamW step, on a fixed random batch. hmedn_3d_l2
 uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets made from the labels
@@ -24,12 +24,9 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -185,40 +182,11 @@ def smoke() -> dict:
             and trained[-1] < trained[0]}
 
 
-def ddp_check(out: Path, steps: int = 20) -> dict:
-    """``hmedn train`` on the 3D phantom: torchrun on 2 GPUs (batch 1 each, SyncBatchNorm) against one GPU with
-    batch 2, same seed; per-step losses from each run's steps.csv."""
-    if torch.cuda.device_count() < 2:
-        return {"skipped": f"needs 2 GPUs, found {torch.cuda.device_count()}"}
-    common = ["--data", "phantom", "--model", "hmedn_3d_l2", "--phantom-cases", "8", "--phantom-size", "64",
-              "--set", "dropout=0.0", "--epochs", "1", "--steps-per-epoch", str(steps), "--no-progress",
-              "--val-every", "1", "--patch-size", "64", "64", "64"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        cmds = {"one_gpu_batch2": [sys.executable, "-m", "hmedn_fast.train.cli", *common, "--batch-size", "2"],
-                "ddp_2gpu_batch1": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                    "2", "-m", "hmedn_fast.train.cli", *common, "--batch-size", "1"]}
-        for name, cmd in cmds.items():
-            run_env = env if name.startswith("ddp") else {**env, "CUDA_VISIBLE_DEVICES": "0"}
-            p = subprocess.run([*cmd, "--out", f"{tmp}/{name}"], env=run_env, capture_output=True, text=True,
-                               timeout=400)
-            if p.returncode != 0:
-                return {"failed": name, "log": (p.stdout + p.stderr)[-3000:]}
-            table = np.loadtxt(f"{tmp}/{name}/steps.csv", delimiter=",", skiprows=1, ndmin=2)
-            runs[name] = {"loss": table[:, 3].tolist(), "summary": json.loads(p.stdout.strip().splitlines()[-1])}
-            (out / f"train_ddp_{name}_steps.csv").write_text(Path(f"{tmp}/{name}/steps.csv").read_text())
-    a, b = (np.array(runs[k]["loss"]) for k in cmds)
-    return {**runs, "max_rel_diff": float(np.max(np.abs(a - b) / np.abs(a))),
-            "mean_rel_diff": float(np.mean(np.abs(a - b) / np.abs(a)))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--skip-ddp", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_train.py needs a CUDA GPU")
@@ -262,10 +230,6 @@ def main() -> None:
         targets["lean_peak_fraction_of_dynunet_bf16"] = steps["lean"]["peak_mib"] / steps["dynunet_bf16"]["peak_mib"]
     result["targets"] = targets
     print("targets:", json.dumps(targets), flush=True)
-    if not args.skip_ddp:
-        result["ddp"] = ddp_check(args.out)
-        print("ddp:", json.dumps({k: v for k, v in result["ddp"].items() if "diff" in k or k in ("skipped", "failed")}),
-              flush=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
     path = args.out / f"train_{slug}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -4,6 +4,9 @@
 #
 #   bash benchmarks/run_gpu.sh OUTDIR [name ...]      e.g.  bash benchmarks/run_gpu.sh /tmp/out loss targets
 #
+# PHASES (default "build tests bench") picks what runs, e.g. PHASES=bench with CUDA_VISIBLE_DEVICES=1 runs
+# benchmarks on a second GPU while another call of this script uses the first.
+#
 # Packages missing on the GPU machine (nibabel, monai) travel as wheels in .whl/ (git-ignored), fetched here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl nibabel==5.4.2 monai==1.6.1
 set -uo pipefail
@@ -21,16 +24,21 @@ fi
 say "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$LOG"
 
+PHASES=${PHASES:-build tests bench}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 t0=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1; then
+if has build && ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1; then
   say "BUILD FAILED"; tail -40 "$OUTDIR/build.log" | tee -a "$LOG"
 fi
 say "build: $(( $(date +%s) - t0 )) s; $(python3 -c 'import hmedn_fast.ops._ext as e; print("extension:", e.extension() is not None, "cuda:", e.has_cuda(), e.missing_reason())')"
 
-t0=$(date +%s)
-timeout 300 python3 -m pytest tests -m cuda -q -x -p no:cacheprovider >"$OUTDIR/gpu_tests.log" 2>&1
-say "gpu tests (rc=$?): $(tail -1 "$OUTDIR/gpu_tests.log") [$(( $(date +%s) - t0 )) s]"
-grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20 | tee -a "$LOG"
+if has tests; then
+  t0=$(date +%s)
+  timeout 300 python3 -m pytest tests -m cuda -q -p no:cacheprovider >"$OUTDIR/gpu_tests.log" 2>&1
+  say "gpu tests (rc=$?): $(tail -1 "$OUTDIR/gpu_tests.log") [$(( $(date +%s) - t0 )) s]"
+  grep -E "^(FAILED|ERROR)" "$OUTDIR/gpu_tests.log" | head -20 | tee -a "$LOG"
+fi
+has bench || exit 0
 
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
