@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.triton.launch import FastLauncher
+
 BLOCK_S = 128
 MAX_BLOCK_C = 64
 TARGET_PROGRAMS = 1024  # programs of the reduce pass: S is split into chunks until about this many
@@ -266,6 +268,14 @@ def _backward_kernel(x_ptr, r_ptr, dy_ptr, coef_ptr, gcoef_ptr, dx_ptr, dr_ptr, 
 
 
 # ------------------------------------------------------------------------------------------------ launchers
+# Repeat launches go straight to the compiled kernels (hmedn_fast.ops.triton.launch): host time matters here.
+_REDUCE = FastLauncher(_reduce_kernel)
+_STATS = FastLauncher(_stats_kernel)
+_GRAD_STATS = FastLauncher(_grad_stats_kernel)
+_FORWARD = FastLauncher(_forward_kernel)
+_BACKWARD = FastLauncher(_backward_kernel)
+
+
 @functools.lru_cache(maxsize=1024)
 def _flat_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int] | None:
     step = 1
@@ -366,19 +376,19 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
     part = coef  # placeholder: not read with running statistics
     if batch_stats:
         part = torch.empty(geo.n, geo.split, 2, geo.c, device=x.device, dtype=torch.float32)
-        _reduce_kernel[geo.reduce_grid](
-            x, x, x, coef, part, geo.c, geo.s, geo.chunk, geo.split, 0, *geo.xs, 0, 0, 0, 0, 0, 0,
+        _REDUCE(
+            geo.reduce_grid, x, x, x, coef, part, geo.c, geo.s, geo.chunk, geo.split, 0, *geo.xs, 0, 0, 0, 0, 0, 0,
             BACKWARD=False, HAS_RES=False, RELU=False, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
-    _stats_kernel[geo.stats_grid](
-        part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef), coef, geo.c,
-        geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, eps, momentum,
+    _STATS(
+        geo.stats_grid, part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef), coef, geo.c,
+        geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps), float(momentum),
         HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
         GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
     mixed = residual is not None and residual.dtype != x.dtype
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype) if mixed else None)
     ys = geo.xs if y.stride() == x.stride() else ncs_strides(y)
-    _forward_kernel[geo.grid](x, _or(residual, x), coef, y, geo.c, geo.s, geo.cn, *geo.xs, *geo.rs, *ys,
-                              HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
+    _FORWARD(geo.grid, x, _or(residual, x), coef, y, geo.c, geo.s, geo.cn, *geo.xs, *geo.rs, *ys,
+             HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     return y, coef
 
 
@@ -400,21 +410,21 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
     part = torch.empty(geo.n, geo.split, 2, geo.c, device=dev, dtype=torch.float32)
     r = _or(residual, x)
     dy, ds = flat(dy)
-    _reduce_kernel[geo.reduce_grid](
-        x, r, dy, coef, part, geo.c, geo.s, geo.chunk, geo.split, geo.cn, *geo.xs, *geo.rs, *ds,
+    _REDUCE(
+        geo.reduce_grid, x, r, dy, coef, part, geo.c, geo.s, geo.chunk, geo.split, geo.cn, *geo.xs, *geo.rs, *ds,
         BACKWARD=True, HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     gcoef = torch.empty(geo.nsets, 2, geo.c, device=dev, dtype=torch.float32)
     dw = torch.empty(geo.c, device=dev, dtype=weight.dtype) if need_w else None
     db = torch.empty(geo.c, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
-    _grad_stats_kernel[geo.stats_grid](
-        part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper, geo.nsets, geo.split,
+    _GRAD_STATS(
+        geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper, geo.nsets, geo.split,
         geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
         BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
     dx = torch.empty_like(x)
     dr = torch.empty_like(x, dtype=residual.dtype) if need_r else None
     outs = geo.xs if dx.stride() == x.stride() else ncs_strides(dx)
-    _backward_kernel[geo.grid](
-        x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds, *outs,
+    _BACKWARD(
+        geo.grid, x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds, *outs,
         HAS_RES=residual is not None, RELU=relu, WRITE_DR=need_r, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     return dx, dw, db, dr
 
