@@ -145,14 +145,14 @@ def _stats_kernel(part_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, coef_ptr, C, S, chu
                 r = r0 + tl.arange(0, BLOCK_R)
                 valid = (r[:, None] < rows) & cm[None, :]
                 p = part_ptr + ((ns * rows + r[:, None]) * 2) * C + c[None, :]
-                cmean = tl.load(p, mask=valid, other=0.0)
-                cm2 = tl.load(p + C, mask=valid, other=0.0)
+                chunk_mean = tl.load(p, mask=valid, other=0.0)
+                chunk_m2 = tl.load(p + C, mask=valid, other=0.0)
                 cnt = tl.minimum(chunk, S - (r % SPLIT) * chunk).to(tl.float32)
                 w = tl.where(valid, cnt[:, None], 0.0)
                 tn = tl.maximum(_over_set(tl.sum(w, axis=0), GROUP), 1.0)  # >= 1 but in masked channels
-                tmean = _over_set(tl.sum(w * cmean, axis=0), GROUP) / tn
-                dev = tl.where(valid, cmean - tmean[None, :], 0.0)
-                tm2 = _over_set(tl.sum(cm2 + w * dev * dev, axis=0), GROUP)
+                tmean = _over_set(tl.sum(w * chunk_mean, axis=0), GROUP) / tn
+                dev = tl.where(valid, chunk_mean - tmean[None, :], 0.0)
+                tm2 = _over_set(tl.sum(chunk_m2 + w * dev * dev, axis=0), GROUP)
                 delta = tmean - mean
                 new_total = total + tn
                 mean += delta * (tn / new_total)
@@ -325,8 +325,8 @@ class Geometry(NamedTuple):
     nper: int  # samples per set: N or 1
     group: bool  # a set spans cw channels (group norm)
     cw: int  # channels per program of the stats kernels
-    block_g: int
-    block_r: int
+    block_g: int  # next power of 2 of cw
+    block_r: int  # rows (chunks) of part per step of the stats kernels
     count: float  # elements per set
     unbias: float  # count / (count - 1): unbiased variance for the running statistics
     cn: int  # n stride of coef (4C or 0); the backward's gcoef has n stride cn // 2
@@ -380,9 +380,9 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
             geo.reduce_grid, x, x, x, coef, part, geo.c, geo.s, geo.chunk, geo.split, 0, *geo.xs, 0, 0, 0, 0, 0, 0,
             BACKWARD=False, HAS_RES=False, RELU=False, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     _STATS(
-        geo.stats_grid, part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef), coef, geo.c,
-        geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps), float(momentum),
-        HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
+        geo.stats_grid, part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef),
+        coef, geo.c, geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
+        float(momentum), HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
         GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
     mixed = residual is not None and residual.dtype != x.dtype
     y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype) if mixed else None)
@@ -417,15 +417,15 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
     dw = torch.empty(geo.c, device=dev, dtype=weight.dtype) if need_w else None
     db = torch.empty(geo.c, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
     _GRAD_STATS(
-        geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper, geo.nsets, geo.split,
-        geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
+        geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper,
+        geo.nsets, geo.split, geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
         BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
     dx = torch.empty_like(x)
     dr = torch.empty_like(x, dtype=residual.dtype) if need_r else None
     outs = geo.xs if dx.stride() == x.stride() else ncs_strides(dx)
     _BACKWARD(
-        geo.grid, x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds, *outs,
-        HAS_RES=residual is not None, RELU=relu, WRITE_DR=need_r, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
+        geo.grid, x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds,
+        *outs, HAS_RES=residual is not None, RELU=relu, WRITE_DR=need_r, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     return dx, dw, db, dr
 
 
