@@ -307,14 +307,18 @@ def test_cuda_repeat_launches(kind, running, channels_last):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
-def test_cuda_pathway_modes_match_eager(mode):
+def test_cuda_pathway_modes_match_eager(mode, monkeypatch):
+    """fp32 without TF32: with TF32 convolutions (PyTorch's default for cuDNN) a last-bit difference between
+    BatchNorm kernels (the lean path calls ``native_batch_norm``, eager may pick cuDNN's) is amplified to ~5e-4
+    of the features' range over three blocks, which says nothing about the lean path."""
     from hmedn_fast.nn import HRPathway
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     torch.manual_seed(0)
     ref = HRPathway(16, 32, num_blocks=3, dilations=(2, 4), num_classes=4, spatial_dims=3).cuda()
     other = HRPathway(16, 32, num_blocks=3, dilations=(2, 4), num_classes=4, spatial_dims=3, checkpoint=mode).cuda()
     other.load_state_dict(ref.state_dict())
     x = torch.randn(1, 16, 32, 32, 32, device="cuda")
-    torch.backends.cudnn.deterministic = True
     grads = []
     for path in (ref, other):
         xi = x.clone().requires_grad_()
