@@ -6,8 +6,8 @@ For each case (shapes 2x4x128^3 and 10x4x208x144, fp32 / bf16 logits, uint8 / in
 and contour term on) it first checks the fused loss and its gradients against the float64 reference on
 the GPU, then times forward + backward of: eager PyTorch (``F.cross_entropy`` + weight + contour MSE, what
 one would write by hand), ``torch.compile`` of it, and the fused op (default: one-pass with the value
-checks; ``nocheck``: one-pass without them; ``nocheck_plain``: the same launched through ``kernel[grid](...)`` instead of
-:class:`~hmedn_fast.ops.triton.launch.FastLauncher`; ``2pass``: two-pass without them). Per implementation:
+checks; ``nocheck``: one-pass without them; ``nocheck_plain``: the same launched through ``kernel[grid](...)``
+instead of :class:`~hmedn_fast.ops.triton.launch.FastLauncher`; ``2pass``: two-pass without them). Per implementation:
 wall time (host clock around synchronised batches, median), GPU kernel time (sum of the kernels'
 durations from torch.profiler), CUDA-graph replay time of the step (no launch overhead; not for the
 checked variant, which synchronises) and peak extra memory (over the inputs, gradients included). The floor is

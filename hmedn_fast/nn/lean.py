@@ -11,8 +11,8 @@ conv's output, the first ReLU's output, the second conv's output and the block o
 
 Norm statistics are recomputed from the saved conv outputs in the same way as the forward computed them
 (batch statistics in training, running statistics in eval), so gradients equal eager autograd's. The norm +
-(residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (its automatic backend; the fused Triton kernels when forced), the
-convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
+(residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (its automatic backend; the fused Triton
+kernels when forced), the convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
 Blocks whose two norms are BatchNorm (the default) run :class:`LeanBatchNormBlock` instead: the same saved
 tensors, replayed with the forward's batch statistics and differentiated with ATen's BatchNorm and convolution
 backward kernels directly (no nested autograd: the generic function is host-bound on small volumes).
@@ -149,8 +149,8 @@ def _variance(invstd: Tensor, eps: float) -> Tensor:
 class LeanBatchNormBlock(torch.autograd.Function):
     """:class:`LeanResidualBlock` for BatchNorm blocks (the default norm) without nested autograd.
 
-    The forward keeps each norm's mean and inverse standard deviation (C floats); the backward replays ``relu(norm1(c1))`` with
-    them (one elementwise pass, no statistics reduction), takes the second ReLU's mask from the block output
+    The forward keeps each norm's mean and inverse standard deviation (C floats); the backward replays
+    ``relu(norm1(c1))`` with them (one elementwise pass, no statistics reduction), takes the second ReLU's mask from the block output
     (saved: the next block's input, alive anyway), and calls ``native_batch_norm_backward`` and
     ``convolution_backward`` directly: the same kernels eager autograd runs, far fewer host-side steps.
     Inputs as :class:`LeanResidualBlock`.

@@ -328,8 +328,7 @@ def _ticket_counter(device: torch.device) -> Tensor:
     (launches on one stream run in order), made once; a fresh one while a CUDA graph is being captured."""
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)  # CUDA tensors' devices carry an index
     counter = _COUNTERS.get(key)
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
@@ -426,7 +425,8 @@ def _rescale(gl: Tensor, gc: Tensor, g_total: Optional[Tensor], g_seg: Optional[
     programs = max(1, min(triton.cdiv(max(gl.numel(), gc.numel()), STATS_BLOCK), RESCALE_PROGRAMS))
     dummy = gl
     _RESCALE_KERNEL(
-        (programs,), gl, gl.numel(), gc, gc.numel(), dummy if g_total is None else g_total, dummy if g_seg is None else g_seg,
+        (programs,), gl, gl.numel(), gc, gc.numel(), dummy if g_total is None else g_total,
+        dummy if g_seg is None else g_seg,
         dummy if g_ctr is None else g_ctr, alpha / base, 1.0 / base,
         HAS_G0=g_total is not None, HAS_G1=g_seg is not None, HAS_G2=g_ctr is not None, BLOCK=STATS_BLOCK,
     )
