@@ -166,6 +166,8 @@ def bench(workload: str, copy_gbs: float) -> dict:
     rows["CUDA"] = (time_cuda(lambda: ext_targets(gpu)), batch)
     rows["CUDA, uint8 labels"] = (time_cuda(lambda: ext_targets(gpu.to(torch.uint8))), batch)
     rows["CUDA, label check (1 sync)"] = (time_cuda(lambda: ext_targets(gpu, check_labels=True)), batch)
+    dense = dense_labels(workload).cuda()  # worst case for the kernels' zero-skipping
+    rows["CUDA, i.i.d. random labels (no sparsity)"] = (time_cuda(lambda: ext_targets(dense)), batch)
     floor_bytes = voxels * (labels.element_size() + 2 * 4)
     floor_ms = floor_bytes / (copy_gbs * 1e9) * 1e3
     scipy_per_sample = rows["scipy.ndimage (1 core)"][0]
@@ -176,7 +178,34 @@ def bench(workload: str, copy_gbs: float) -> dict:
                       "speedup_vs_scipy": scipy_per_sample / per_sample,
                       "x_floor": ms / floor_ms if per == batch else None})
     return {"batch": batch, "shape": list(shape), "num_classes": num_classes, "label_dtype": "int64",
-            "floor_bytes": floor_bytes, "floor_ms": floor_ms, "rows": table}
+            "floor_bytes": floor_bytes, "floor_ms": floor_ms, "rows": table,
+            "boundary_fraction": boundary_fraction(gpu, num_classes),
+            "cuda_kernels_us": kernel_breakdown(lambda: ext_targets(gpu))}
+
+
+def dense_labels(workload: str, seed: int = 1) -> torch.Tensor:
+    """I.i.d. uniform labels: almost every voxel is a boundary voxel, nothing for the kernels to skip."""
+    batch, shape, num_classes = WORKLOADS[workload]
+    return torch.randint(0, num_classes, (batch, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def boundary_fraction(labels: torch.Tensor, num_classes: int) -> float:
+    return targets_ext.boundary_map(labels, num_classes).any(dim=1).float().mean().item()
+
+
+def kernel_breakdown(fn: Callable[[], object], reps: int = 10) -> dict[str, float]:
+    """Mean GPU time per call of each kernel (torch.profiler), microseconds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:80]: e.self_device_time_total / reps for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA}
 
 
 def markdown(result: dict) -> str:

@@ -274,3 +274,36 @@ def test_cuda_large_sigma_and_limits():
     assert_targets_close(contour, weight, ref_c, ref_w, MU0, mu)
     with pytest.raises(ValueError, match="use the cpu backend"):
         targets_ext.make_targets(labels, 3, 2.0, 40.0, MU0, mu)
+
+
+def _poison_cuda_cache() -> None:
+    """Fill freed blocks of PyTorch's CUDA caching allocator (small and large pools) with NaN, so that
+    outputs and workspace allocated next start as NaN: an element the kernels never write, or a
+    workspace value read before it was written, shows up as a mismatch."""
+    blocks = [torch.full((2**17,), float("nan"), device="cuda") for _ in range(64)]  # 512 KiB: small pool
+    blocks.append(torch.full((2**25,), float("nan"), device="cuda"))  # 128 MiB: large pool
+    del blocks
+    assert torch.isnan(torch.empty(2**17, device="cuda")).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(40, 70, 45), (64, 64, 64), (3, 100, 77), (150, 96)])
+@pytest.mark.parametrize("mu", [(25.0, 25.0), (25.0, 0.0)])
+def test_cuda_sparse_boundaries_poisoned_outputs(spatial, mu):
+    """The zero-skipping passes: boundaries in one small region (most row chunks, column windows and
+    tiles empty), a sample without any boundary, rows not a multiple of the 32-voxel chunk (45, 77,
+    and 45 x 70 planes), a class weight of 0 (a field with boundaries but zero values); outputs and
+    workspace start as NaN."""
+    _skip_unless("cuda")
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.zeros((3, *spatial), dtype=torch.int64)
+    corner = tuple(slice(s // 5, s // 5 + max(2, s // 6)) for s in spatial)
+    labels[0][corner] = blob_labels(labels[0][corner].shape, 3, generator=gen)
+    labels[1][tuple(slice(0, 2) for _ in spatial)] = 2  # a corner block touching the image edges
+    # sample 2: background only, no boundary
+    ref_c, ref_w, ref_b = scipy_targets(labels.numpy(), 3, 2.0, 8.0, MU0, mu)
+    assert 0 < ref_b[0].mean() < 0.01 and ref_b[2].sum() == 0
+    _poison_cuda_cache()
+    contour, weight = targets_ext.make_targets(labels.cuda(), 3, 2.0, 8.0, MU0, mu)
+    assert_targets_close(contour, weight, ref_c, ref_w, MU0, mu)
+    assert torch.all(contour[2] == 0) and torch.all(weight[2] == MU0)
