@@ -7,22 +7,33 @@ import torch
 
 pytest.importorskip("triton")
 
-from hmedn_fast.ops.triton.launch import FastLauncher, _arg_key  # noqa: E402
+from hmedn_fast.ops.triton.launch import FastLauncher, _args_key, cdiv, next_power_of_2  # noqa: E402
 
 
 def test_key_separates_what_triton_specialises_on():
     x = torch.randn(64)
-    assert _arg_key(x) != _arg_key(x.double())  # dtype
-    assert _arg_key(x) != _arg_key(x[1:])  # 16-byte alignment of the pointer
-    assert _arg_key(x) == _arg_key(torch.randn(32))
-    assert _arg_key(1) != _arg_key(3)  # value 1
-    assert _arg_key(16) != _arg_key(17)  # divisibility by 16
-    assert _arg_key(32) == _arg_key(48)
-    assert _arg_key(2**31) != _arg_key(2**31 - 16)  # 64-bit range
-    assert _arg_key(True) != _arg_key(False) and _arg_key(None) is None
-    assert _arg_key(0.5) == _arg_key(2.0)
+    assert _args_key((x,)) != _args_key((x.double(),))  # dtype
+    assert _args_key((x,)) != _args_key((x[1:],))  # 16-byte alignment of the pointer
+    assert _args_key((x,)) == _args_key((torch.randn(32),))
+    assert _args_key((1,)) != _args_key((3,))  # value 1
+    assert _args_key((16,)) != _args_key((17,))  # divisibility by 16
+    assert _args_key((32,)) == _args_key((48,))
+    assert _args_key((2**31,)) != _args_key((2**31 - 16,))  # 64-bit range
+    assert _args_key((True,)) != _args_key((False,)) != _args_key((None,))
+    assert _args_key((True,)) != _args_key((1,))  # a bool is a constexpr-like flag, not an int
+    assert _args_key((-32,)) == _args_key((16,)) != _args_key((-17,))  # divisibility of negative ints
+    assert _args_key((0.5,)) == _args_key((2.0,))
     with pytest.raises(TypeError, match="unsupported kernel argument"):
-        _arg_key("text")
+        _args_key(("text",))
+
+
+def test_int_helpers_match_triton():
+    import triton
+
+    for a in [1, 2, 3, 15, 16, 17, 1000, 2**31 + 5]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in [1, 2, 7, 16, 1024]:
+            assert cdiv(a, b) == triton.cdiv(a, b)
 
 
 @pytest.mark.cuda

@@ -7,7 +7,8 @@ through Triton (which compiles it and returns the compiled kernel), remembers th
 key that captures everything Triton specialises on, and later calls the compiled kernel's launcher directly.
 
 Key per argument (a superset of Triton's specialisation, so two calls with one key always run one binary):
-tensors: dtype, device index and 16-byte alignment of the data pointer; ints: value 1 or not, divisibility
+tensors: dtype and 16-byte alignment of the data pointer (plus, once per launch, the device index of the first
+tensor: one launch's tensors share a device); ints: value 1 or not, divisibility
 by 16, and 32- or 64-bit range; bools, None and constexprs: their value; floats: only their type.
 On the CPU (``TRITON_INTERPRET=1``) or whenever ``FastLauncher.enabled`` is False it is a plain launch.
 """
@@ -18,20 +19,43 @@ import warnings
 from typing import Any
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
 _INT32 = (-(2**31), 2**31 - 1)
 
 
-def _arg_key(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.device.index, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, int):
-        return (a == 1, a % 16 == 0, _INT32[0] <= a <= _INT32[1])
-    if isinstance(a, float):
-        return float
-    raise TypeError(f"FastLauncher: unsupported kernel argument type {type(a).__name__}")
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` costs ~2 us of host time per call outside kernels)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), like ``triton.next_power_of_2`` without its call overhead."""
+    return 1 << (n - 1).bit_length()
+
+
+def _args_key(args: tuple) -> tuple:
+    """One key entry per kernel argument (see the module docstring); a flat loop, as it runs on every launch."""
+    out = []
+    add = out.append
+    device = None
+    for a in args:
+        t = type(a)
+        if t is int:
+            add((a == 1, not a & 15, _INT32[0] <= a <= _INT32[1]))
+        elif t is float:
+            add(float)
+        elif t is bool or a is None:
+            add(a)
+        elif isinstance(a, torch.Tensor):
+            add((a.dtype, not a.data_ptr() & 15))
+            if device is None:
+                device = a.get_device()
+        else:
+            raise TypeError(f"FastLauncher: unsupported kernel argument type {t.__name__}")
+    add(device)
+    return tuple(out)
 
 
 class FastLauncher:
@@ -53,7 +77,7 @@ class FastLauncher:
         if self.interpret or not FastLauncher.enabled:
             self.fn[grid](*args, **constexprs)
             return
-        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.items()))
+        key = (_args_key(args), tuple(constexprs.items()))
         hit = self.cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches
@@ -69,12 +93,11 @@ class FastLauncher:
 
     @staticmethod
     def _run(kernel: Any, grid: tuple[int, ...], full: tuple) -> None:
-        """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later)."""
-        from triton import knobs
-
+        """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later), on the current stream of
+        the first tensor argument's device."""
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-        device = next(a.device for a in full if isinstance(a, torch.Tensor))
-        stream = torch.cuda.current_stream(device).cuda_stream
+        device = next(a for a in full if isinstance(a, torch.Tensor)).get_device()
+        stream = driver.active.get_current_stream(device)
         kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
                    kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
                    knobs.runtime.launch_exit_hook, *full)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.triton.launch import FastLauncher
+from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
 
 BLOCK = 1024
 STATS_BLOCK = 4096
@@ -264,6 +264,8 @@ def _label_stats_kernel(labels_ptr, stats_ptr, numel, K, ignore_index, HAS_IGNOR
 # ----------------------------------------------------------------------------------------------- launchers
 def flat_spatial_stride(t: Tensor, first: int) -> int | None:
     """Stride of dims ``first:`` flattened to one index, or None when they do not flatten (size-1 dims skipped)."""
+    if t.is_contiguous():  # the common NC* case, without the per-dimension Python loop
+        return 1
     dims = [d for d in range(first, t.ndim) if t.shape[d] != 1]
     for a, b in zip(dims, dims[1:]):
         if t.stride(a) != t.stride(b) * t.shape[b]:
@@ -290,7 +292,7 @@ def _launch(
     glogits, gclogits = grads if grads is not None else (logits, contour_logits)
     c_first = contour_logits.ndim - len(low) if has_contour else 0
     block = _block(fd * fh * fw)
-    grid = (triton.cdiv(s_low, block), n)
+    grid = (cdiv(s_low, block), n)
     dummy = logits
     partials = counter = dummy
     if loss == 1:
@@ -302,19 +304,27 @@ def _launch(
         dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
         dummy if gout is None else gout, dummy if norm is None else norm, dummy if gscale is None else gscale,
         partials, counter, dummy if out is None else out, glogits, dummy if gclogits is None else gclogits,
-        s_low, h_l * w_l, w_l, labels[0].numel(), h_f, w_f,
-        logits.stride(0), logits.stride(1), flat_spatial_stride(logits, 2),
-        glogits.stride(0), glogits.stride(1), flat_spatial_stride(glogits, 2),
-        contour_logits.stride(0) if has_contour else 0,
-        flat_spatial_stride(contour_logits, c_first) if has_contour else 0,
-        gclogits.stride(0) if has_contour else 0,
-        flat_spatial_stride(gclogits, c_first) if has_contour else 0,
+        s_low, h_l * w_l, w_l, labels.numel() // n, h_f, w_f,
+        *_strides(logits, 2), *_strides(glogits, 2),
+        *(_sample_strides(contour_logits, c_first) if has_contour else (0, 0)),
+        *(_sample_strides(gclogits, c_first) if has_contour else (0, 0)),
         0 if ignore_index is None else ignore_index, alpha, divisor, ctr_coef,
         K=k, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
         HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
         GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block,
         num_warps=NUM_WARPS,
     )
+
+
+def _strides(t: Tensor, first: int) -> tuple[int, int, int]:
+    """Logits-like (N, K, *spatial): strides of N and K, and the flattened stride of dims ``first:``."""
+    st = t.stride()
+    return st[0], st[1], flat_spatial_stride(t, first)
+
+
+def _sample_strides(t: Tensor, first: int) -> tuple[int, int]:
+    """Contour-logits-like: stride of N and the flattened stride of dims ``first:``."""
+    return t.stride(0), flat_spatial_stride(t, first)
 
 
 _LOSS_KERNEL = FastLauncher(_loss_kernel)
@@ -337,13 +347,13 @@ def _ticket_counter(device: torch.device) -> Tensor:
 
 def _block(children: int) -> int:
     """Logit voxels per program: BLOCK, fewer when each covers several label voxels."""
-    return BLOCK if children == 1 else max(64, BLOCK // triton.next_power_of_2(children))
+    return BLOCK if children == 1 else max(64, BLOCK // next_power_of_2(children))
 
 
 def _label_stats(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> Tensor:
     """int64 (2,): kept voxels, out-of-range labels (ignore_index excepted)."""
     numel = labels.numel()
-    stats = torch.empty((triton.cdiv(numel, STATS_BLOCK), 2), dtype=torch.int32, device=labels.device)
+    stats = torch.empty((cdiv(numel, STATS_BLOCK), 2), dtype=torch.int32, device=labels.device)
     _STATS_KERNEL(
         (stats.shape[0],), labels, stats, numel, num_classes, 0 if ignore_index is None else ignore_index,
         HAS_IGNORE=ignore_index is not None, BLOCK=STATS_BLOCK,
@@ -422,7 +432,7 @@ def _rescale(gl: Tensor, gc: Tensor, g_total: Optional[Tensor], g_seg: Optional[
              g_ctr: Optional[Tensor], alpha: float) -> None:
     """One-pass backward: scale the forward's gradients of ``L`` in place to the upstream gradients."""
     base = _contour_base(alpha)  # d/dc of L = alpha d/dc L_r; the buffer holds base d/dc L_r
-    programs = max(1, min(triton.cdiv(max(gl.numel(), gc.numel()), STATS_BLOCK), RESCALE_PROGRAMS))
+    programs = max(1, min(cdiv(max(gl.numel(), gc.numel()), STATS_BLOCK), RESCALE_PROGRAMS))
     dummy = gl
     _RESCALE_KERNEL(
         (programs,), gl, gl.numel(), gc, gc.numel(), dummy if g_total is None else g_total,
@@ -438,7 +448,7 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, weight, contour_logits, contour_target, class_weight, alpha, ignore_index,
-                reduction, write_grads, check_values):
+                reduction, write_grads, check_values, return_parts):
         out, gl, gc = _forward(logits, labels, weight, contour_logits, contour_target, class_weight, alpha,
                                ignore_index, reduction, write_grads, check_values)
         ctx.set_materialize_grads(False)
@@ -448,12 +458,15 @@ class _FusedLoss(torch.autograd.Function):
             ctx.save_for_backward(gl, gc)
         else:
             ctx.save_for_backward(out, logits, labels, weight, contour_logits, contour_target, class_weight)
-        return out if reduction == "none" else (out[0], out[1], out[2])
+        if reduction == "none":
+            return out
+        return (out[0], out[1], out[2]) if return_parts else out[0]  # one output: less autograd work
 
     @staticmethod
     def backward(ctx, *grads):
         if all(g is None for g in grads):
-            return (None,) * 11
+            return (None,) * 12
+        grads = grads + (None,) * (3 - len(grads))  # upstream gradients of (L, L_s, L_r)
         alpha, ignore_index, reduction = ctx.options
         if ctx.write_grads:
             if ctx.used:
@@ -469,7 +482,7 @@ class _FusedLoss(torch.autograd.Function):
             else:
                 grad_out = torch.stack([torch.zeros_like(out[0]) if g is None else g.float() for g in grads])
             gl, gc = _backward_two_pass(grad_out, out, *inputs, alpha, ignore_index, reduction)
-        return (gl, None, None, gc if ctx.has_contour else None) + (None,) * 7
+        return (gl, None, None, gc if ctx.has_contour else None) + (None,) * 8
 
 
 # ----------------------------------------------------------------------------------------------- custom ops
@@ -552,6 +565,11 @@ _loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+def _as_map(t: Tensor, full: torch.Size) -> Tensor:
+    """A per-voxel map as contiguous (N, *spatial) (it may come as (N, 1, *spatial))."""
+    return (t if t.shape == full else t.reshape(full)).contiguous()
+
+
 def _kernel_layout(t: Tensor, first: int) -> Tensor:
     return t if flat_spatial_stride(t, first) is not None else t.contiguous()
 
@@ -572,8 +590,8 @@ def difficulty_guided_loss(
     full = labels.shape
     logits = _kernel_layout(logits, 2)
     labels = labels.contiguous()
-    weight = None if weight is None else weight.reshape(full).contiguous()
-    contour_target = None if contour_target is None else contour_target.reshape(full).contiguous()
+    weight = None if weight is None else _as_map(weight, full)
+    contour_target = None if contour_target is None else _as_map(contour_target, full)
     if contour_logits is not None:
         contour_logits = _kernel_layout(contour_logits, contour_logits.ndim - logits.ndim + 2)
     class_weight = None if class_weight is None else class_weight.contiguous()
@@ -584,9 +602,7 @@ def difficulty_guided_loss(
             write_grads, check_values)
     if custom_op if custom_op is not None else torch.compiler.is_compiling():
         out = _loss_op(*args)[0]
-        parts = out if reduction == "none" else (out[0], out[1], out[2])
-    else:
-        parts = _FusedLoss.apply(*args)
-    if reduction == "none":
-        return parts
-    return parts if return_parts else parts[0]
+        if reduction == "none":
+            return out
+        return (out[0], out[1], out[2]) if return_parts else out[0]
+    return _FusedLoss.apply(*args, return_parts)

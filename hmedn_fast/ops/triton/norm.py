@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.triton.launch import FastLauncher
+from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
 
 BLOCK_S = 128
 MAX_BLOCK_C = 64
@@ -341,20 +341,20 @@ def geometry(shape: tuple[int, ...], xs: tuple[int, int, int], rs: tuple[int, in
     s = 1
     for size in shape[2:]:
         s *= size
-    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
-    cblocks = triton.cdiv(c, block_c)
-    split = max(1, min(triton.cdiv(s, BLOCK_S), TARGET_PROGRAMS // (n * cblocks)))
-    chunk = triton.cdiv(triton.cdiv(s, split), BLOCK_S) * BLOCK_S
-    split = triton.cdiv(s, chunk)
+    block_c = min(MAX_BLOCK_C, next_power_of_2(c))
+    cblocks = cdiv(c, block_c)
+    split = max(1, min(cdiv(s, BLOCK_S), TARGET_PROGRAMS // (n * cblocks)))
+    chunk = cdiv(cdiv(s, split), BLOCK_S) * BLOCK_S
+    split = cdiv(s, chunk)
     per_sample = batch_stats and kind != "batch"
     group = batch_stats and kind == "group"
     nsets, nper = (n, 1) if per_sample else (1, n)
-    cw = c // groups if group else min(MAX_STATS_CHANNELS, triton.next_power_of_2(c))
-    block_g = triton.next_power_of_2(cw)
-    block_r = max(1, min(STATS_TILE // block_g, triton.next_power_of_2(nper * split)))
+    cw = c // groups if group else min(MAX_STATS_CHANNELS, next_power_of_2(c))
+    block_g = next_power_of_2(cw)
+    block_r = max(1, min(STATS_TILE // block_g, next_power_of_2(nper * split)))
     count = s * nper * (cw if group else 1)
     return Geometry(n, c, s, xs, rs if rs is not None else (0, 0, 0), block_c, (split, cblocks, n),
-                    (triton.cdiv(c, cw),), (triton.cdiv(s, BLOCK_S), cblocks, n), split, chunk, nsets, nper, group,
+                    (cdiv(c, cw),), (cdiv(s, BLOCK_S), cblocks, n), split, chunk, nsets, nper, group,
                     cw, block_g, block_r, float(count), count / max(count - 1, 1), 4 * c if per_sample else 0)
 
 
