@@ -1,11 +1,11 @@
 """Fused Triton kernels of the difficulty-guided loss (eager autograd.Function + torch custom ops).
 
 One kernel (:func:`_loss_kernel`) serves every pass. A program owns ``BLOCK`` voxels of the logits' grid
-of one sample; for each it computes ``logsumexp`` over the K classes with an online softmax (one pass
-over the classes, unrolled: K is a compile-time constant), then visits the label voxels it covers (1 when
-logits and labels share a resolution, ``fd*fh*fw`` when the logits are an integer fraction of it:
-nearest upsampling without materialising it), reading labels, weight map, contour target and (backward
-of ``none``) the upstream gradient once, and accumulates
+of one sample; for each it computes ``logsumexp`` over the K classes (unrolled, K a compile-time
+constant; the K logits and their exponentials stay in registers, so the gradient reuses them), then
+visits the label voxels it covers (1 when logits and labels share a resolution, ``fd*fh*fw`` when the
+logits are an integer fraction of it: nearest upsampling without materialising it), reading labels,
+weight map, contour target and (backward of ``none``) the upstream gradient once, and accumulates
 
 - the loss: per-program partial sums of ``L_s`` and ``L_r``; the last program to finish (integer atomic
   ticket) adds them in a fixed order into ``[L, L_s, L_r, divisor]`` (a deterministic two-stage
@@ -24,6 +24,7 @@ See ``docs/decisions/loss.md``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -34,12 +35,25 @@ from torch import Tensor
 from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
 
 BLOCK = 1024
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 STATS_BLOCK = 4096
 NUM_WARPS = 8  # measured best with BLOCK = 1024 on H200 (2x4x128^3 fp32: 64.6 us vs 71.3 with 4)
 RESCALE_PROGRAMS = 264  # grid of the in-place rescale (2 per H100 SM)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _exp(x, FAST: tl.constexpr):
+    """exp(x); FAST: one MUFU.EX2 with flush-to-zero, not ptxas' subnormal-safe sequence (a result below
+    2**-126 becomes 0, which no softmax sum or gradient term here can notice). The interpreter, which
+    runs no PTX, takes tl.exp."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
 @triton.jit
 def _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
                   HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, GOUT: tl.constexpr):
@@ -137,7 +151,7 @@ def _loss_kernel(
     stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
     stride_cn, stride_cs, stride_dn, stride_ds,
     ignore_index, alpha, divisor, ctr_coef,
-    K: tl.constexpr, FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+    K: tl.constexpr, FAST_EXP: tl.constexpr, FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_CW: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_CONTOUR: tl.constexpr,
     LOSS: tl.constexpr, GRAD: tl.constexpr, GOUT: tl.constexpr, NORM_PTR: tl.constexpr, GSCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -165,16 +179,22 @@ def _loss_kernel(
                                        HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
     z_y = tl.zeros([BLOCK], tl.float32)
 
-    # online softmax over the classes (unrolled): running max m and running sum s of exp(z - m)
+    # softmax over the classes (unrolled: K is a compile-time constant): the K logits stay in registers (a
+    # tuple); the maximum first, then one exponential per logit, kept for the gradient
+    zs = ()
     m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
     for k in tl.static_range(K):
         z = tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
-        m = m_new
+        zs = zs + (z,)
+        m = tl.maximum(m, z)
         if NUM_CHILD == 1:
             z_y = tl.where(y1 == k, z, z_y)
+    es = ()
+    s = tl.zeros([BLOCK], tl.float32)
+    for k in tl.static_range(K):
+        e = _exp(zs[k] - m, FAST_EXP)
+        es = es + (e,)
+        s += e
     lse = m + tl.log(s)
     sig = tl.zeros_like(lse)
     if HAS_CONTOUR:
@@ -227,8 +247,9 @@ def _loss_kernel(
             seg_scale = inv * (g0 + tl.load(gscale_ptr + 1).to(tl.float32))
             ctr_scale = inv * (alpha * g0 + tl.load(gscale_ptr + 2).to(tl.float32))
         grow = glogits_ptr + n * stride_gn + u * stride_gs
+        inv_s = 1.0 / s
         for k in tl.static_range(K):
-            p = tl.exp(tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32) - lse)
+            p = es[k] * inv_s
             if NUM_CHILD == 1:
                 h = tl.where(y1 == k, wsum, 0.0)
             else:
@@ -291,7 +312,7 @@ def _launch(
     has_contour = contour_logits is not None
     glogits, gclogits = grads if grads is not None else (logits, contour_logits)
     c_first = contour_logits.ndim - len(low) if has_contour else 0
-    block = _block(fd * fh * fw)
+    block = _block(fd * fh * fw, k)
     grid = (cdiv(s_low, block), n)
     dummy = logits
     partials = counter = dummy
@@ -309,7 +330,7 @@ def _launch(
         *(_sample_strides(contour_logits, c_first) if has_contour else (0, 0)),
         *(_sample_strides(gclogits, c_first) if has_contour else (0, 0)),
         0 if ignore_index is None else ignore_index, alpha, divisor, ctr_coef,
-        K=k, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
+        K=k, FAST_EXP=not _INTERPRET, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
         HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
         GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block,
         num_warps=NUM_WARPS,
@@ -345,9 +366,11 @@ def _ticket_counter(device: torch.device) -> Tensor:
     return counter
 
 
-def _block(children: int) -> int:
-    """Logit voxels per program: BLOCK, fewer when each covers several label voxels."""
-    return BLOCK if children == 1 else max(64, BLOCK // next_power_of_2(children))
+def _block(children: int, num_classes: int) -> int:
+    """Logit voxels per program: BLOCK, fewer when each covers several label voxels, and fewer for more than 4
+    classes (each thread keeps its voxels' K logits and exponentials in registers)."""
+    block = min(BLOCK, 4096 // next_power_of_2(num_classes))
+    return block if children == 1 else max(64, block // next_power_of_2(children))
 
 
 def _label_stats(labels: Tensor, num_classes: int, ignore_index: Optional[int]) -> Tensor:
