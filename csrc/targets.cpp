@@ -148,6 +148,20 @@ const ConvSpan conv_span = pick_conv_span();
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// max(m, x[0..n)) for non-negative floats, compared as their int32 bit patterns (same order), which
+// vectorises (a float max reduction does not without -ffast-math).
+float max_nonnegative(const float* x, int64_t n, float m) {
+  int32_t best;
+  std::memcpy(&best, &m, sizeof(best));
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t v;
+    std::memcpy(&v, x + i, sizeof(v));
+    best = v > best ? v : best;
+  }
+  std::memcpy(&m, &best, sizeof(m));
+  return m;
+}
+
 struct Fields3 {
   float* f[3];
 };
@@ -188,6 +202,8 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
   const int rmax = std::max(tc.r, tw.r);
   const int64_t rows = s.n * s.d * s.h, W = s.w, plane = s.d * s.h, span = round_up(W, kSpan);
   std::atomic<bool> bad{false};
+  std::vector<int64_t> src(W + 2 * rmax);  // reflected source column of every padded position, computed once
+  for (int64_t q = 0; q < W + 2 * rmax; ++q) src[q] = reflect_index(q - rmax, W);
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
     std::vector<int> cls(W);
     std::vector<float> f1(span + 2 * rmax, 0.f), f2(channels == 3 ? span + 2 * rmax : 0, 0.f), row_out(span);
@@ -201,8 +217,7 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
         continue;
       }
       for (int64_t q = 0; q < W + 2 * rmax; ++q) {
-        const int64_t w = q - rmax;
-        const int k = cls[w >= 0 && w < W ? w : reflect_index(w, W)];
+        const int k = cls[src[q]];
         f1[q] = k > 0 ? 1.f : 0.f;
         if (channels == 3) f2[q] = k > 0 ? mu[k - 1] : 0.f;
       }
@@ -250,8 +265,7 @@ void col_pass(const float* in, float* out, int64_t outer, int64_t len, int64_t i
         if (nonzero[l + 2 * t.r + 1] == nonzero[l]) std::fill(row.begin(), row.begin() + width, 0.f);
         else conv_span(ext.data() + (l + t.r) * chunk, chunk, t.w.data(), t.r, span, row.data());
         if (out != nullptr) std::memcpy(out + (o * len + l) * inner + i0, row.data(), width * sizeof(float));
-        if (maxima != nullptr)
-          for (int64_t x = 0; x < width; ++x) m = std::max(m, row[x]);
+        if (maxima != nullptr) m = max_nonnegative(row.data(), width, m);
       }
       if (maxima != nullptr) item_max[item] = m;
     }
