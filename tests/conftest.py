@@ -7,13 +7,20 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/run_gpu.sh on a GPU machine)")
+    """Skip `cuda` tests without a GPU; `interpreted` tests (Triton kernels on the CPU) run only in the
+    TRITON_INTERPRET=1 subprocess of `interpreter_suite`, `not_interpreted` ones only outside it."""
+    skips = {"interpreted": None if INTERPRET else pytest.mark.skip(reason="runs in the TRITON_INTERPRET=1 subprocess"),
+             "not_interpreted": pytest.mark.skip(reason="runs outside the interpreter") if INTERPRET else None,
+             "cuda": None if torch.cuda.is_available() else
+             pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/run_gpu.sh on a GPU machine)")}
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for name, skip in skips.items():
+            if skip is not None and name in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture

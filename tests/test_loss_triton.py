@@ -6,17 +6,13 @@ are skipped in the parent process). GPU tests are marked ``cuda``.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess")
-not_interpreted = pytest.mark.skipif(INTERPRET, reason="GPU tests run without the interpreter")
 
 
-@not_interpreted
+@pytest.mark.not_interpreted
 def test_interpreter_suite(interpreter_suite):
     interpreter_suite(__file__)
 
@@ -87,7 +83,7 @@ CASES = {
 }
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", ["all", "bare"])
@@ -101,7 +97,7 @@ def test_matches_reference(case, reduction, options):
     assert_close_to_reference(got, want, torch.float32)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_dtypes(dtype, label_dtype):
@@ -110,7 +106,7 @@ def test_dtypes(dtype, label_dtype):
     assert_close_to_reference(got, want, dtype)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("factor", [(1,), (2,)])
 def test_one_pass_and_two_pass_agree(reduction, factor):
@@ -122,7 +118,7 @@ def test_one_pass_and_two_pass_agree(reduction, factor):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("alpha", [0.7, 0.0])
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_gradients_of_parts(alpha, one_pass):
@@ -147,7 +143,7 @@ def test_gradients_of_parts(alpha, one_pass):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_strided_layouts_read_in_place():
     from hmedn_fast.ops.triton import loss as fused
 
@@ -167,7 +163,7 @@ def test_strided_layouts_read_in_place():
         torch.testing.assert_close(a, b)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("factor", [(1,), (2,)])
 def test_every_output_element_written(factor):
     from hmedn_fast.ops.triton import loss as fused
@@ -187,7 +183,7 @@ def test_every_output_element_written(factor):
     assert torch.all(out[labels == 1] == 0)
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_deterministic():
     args = inputs((2, 5, 6, 7), ignore=2)
     first, second = (run_both(*args, 2, "mean")[0] for _ in range(2))
@@ -195,7 +191,7 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_all_ignored_and_unchecked_out_of_range():
     from hmedn_fast.ops import difficulty_guided_loss
 
@@ -208,7 +204,7 @@ def test_all_ignored_and_unchecked_out_of_range():
     assert torch.isfinite(bad)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("case", ["label >= K", "negative label", "NaN logits", "NaN contour"])
 def test_bad_values_raise_before_the_kernel(case, monkeypatch):
     from hmedn_fast.ops import difficulty_guided_loss
@@ -234,7 +230,7 @@ def test_bad_values_raise_before_the_kernel(case, monkeypatch):
         difficulty_guided_loss(logits, labels, weight, clog, ctgt, ignore_index=255, backend="triton")
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_backend_availability():
     from hmedn_fast.ops import difficulty_guided_loss
 
@@ -246,7 +242,7 @@ def test_backend_availability():
     assert weight.grad is not None
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("custom_op", [False, True])
 def test_second_backward_after_one_pass_is_refused(custom_op):
     from hmedn_fast.ops.triton import loss as fused
@@ -260,7 +256,7 @@ def test_second_backward_after_one_pass_is_refused(custom_op):
         loss.backward()
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_custom_op_path_equals_eager_path(reduction, one_pass):
@@ -279,7 +275,7 @@ def test_custom_op_path_equals_eager_path(reduction, one_pass):
         assert torch.equal(a, b)
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_custom_op_checks():
     from hmedn_fast.ops.triton import loss as fused  # noqa: F401  (registers the ops)
 
@@ -296,7 +292,7 @@ def test_custom_op_checks():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_no_graph_break(reduction):
     import torch._dynamo
@@ -324,7 +320,7 @@ def test_compile_no_graph_break(reduction):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_hmedn_loss_dispatches_to_triton():
     from hmedn_fast.losses import HMEDNLoss
     from hmedn_fast.models.output import SegmentationOutput
@@ -342,7 +338,7 @@ def test_hmedn_loss_dispatches_to_triton():
 
 # ----------------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
-@not_interpreted
+@pytest.mark.not_interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nc", "channels_last"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -356,7 +352,7 @@ def test_gpu_matches_reference(dtype, layout, reduction, factor):
 
 
 @pytest.mark.cuda
-@not_interpreted
+@pytest.mark.not_interpreted
 def test_gpu_compile_no_graph_break():
     import torch._dynamo
 

@@ -8,19 +8,15 @@ the parent process). GPU tests are marked ``cuda``.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from hmedn_fast.ops.norm_act import norm_act, norm_act_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 subprocess")
-not_interpreted = pytest.mark.skipif(INTERPRET, reason="parent-process test")
 
 
-@not_interpreted
+@pytest.mark.not_interpreted
 def test_interpreter_suite(interpreter_suite):
     interpreter_suite(__file__)
 
@@ -102,14 +98,14 @@ LAYOUTS = [((2, 6, 5, 7), False), ((2, 6, 5, 7), True), ((2, 4, 3, 5, 6), False)
            ((1, 70, 3, 4, 45), False), ((3, 70, 2, 3, 9), True)]
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
 @pytest.mark.parametrize("shape,channels_last", LAYOUTS)
 def test_triton_matches_reference(poisoned, kind, shape, channels_last):
     compare(shape, kind, channels_last, residual=True)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
 @pytest.mark.parametrize("shape,channels_last", [((2, 8, 4, 5), True), ((2, 8, 3, 4, 5), False)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -117,7 +113,7 @@ def test_triton_half_precision(poisoned, kind, shape, channels_last, dtype):
     compare(shape, kind, channels_last, residual=True, dtype=dtype, groups=4, rtol=2e-2)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("case", [dict(residual=False), dict(relu=False, residual=True),
                                   dict(residual=True, residual_grad=False), dict(residual=True, affine=False),
                                   dict(residual=False, relu=False, affine=False)])
@@ -126,20 +122,20 @@ def test_triton_variants(poisoned, kind, case):
     compare((3, 8, 6, 5), kind, False, **case)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_group_counts(poisoned, groups, channels_last):
     compare((2, 8, 3, 4, 5), "group", channels_last, residual=True, groups=groups)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("groups", [2, 5])
 def test_triton_wide_groups(poisoned, groups):
     compare((2, 40, 3, 7), "group", True, residual=True, groups=groups)  # 20 / 8 channels per group
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance"])
 @pytest.mark.parametrize("momentum", [0.1, 1.0, 0.25])
 def test_triton_running_statistics_update(poisoned, kind, momentum):
@@ -148,21 +144,21 @@ def test_triton_running_statistics_update(poisoned, kind, momentum):
     compare((3, 6, 5, 4, 3), kind, True, residual=True, running=True, momentum=momentum)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_triton_running_statistics_eval(poisoned, kind, channels_last):
     compare((2, 6, 5, 7), kind, channels_last, residual=True, training=False, running=True)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
 @pytest.mark.parametrize("shape,channels_last", [((2, 6, 5, 7, 11), False), ((3, 20, 9, 31), True)])
 def test_triton_long_chunks_small_tiles(poisoned, small_tiles, kind, shape, channels_last):
     compare(shape, kind, channels_last, residual=True, running=kind != "group", groups=2)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind", ["batch", "group"])
 def test_triton_large_mean_many_chunks(poisoned, small_tiles, kind):
     """|mean| >> std over many chunks of a large S: float32 chunk statistics must not cancel. Without the ReLU:
@@ -170,7 +166,7 @@ def test_triton_large_mean_many_chunks(poisoned, small_tiles, kind):
     compare((2, 4, 64, 96), kind, False, residual=True, relu=False, loc=1000.0, scale=1.0, groups=2)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("kind,training", [("batch", True), ("instance", True), ("group", True), ("batch", False)])
 def test_triton_launches_and_torch_ops(monkeypatch, kind, training):
     """Forward: 3 kernel launches (2 with running statistics), backward: 3, and no torch op beside them but the
@@ -211,7 +207,7 @@ def test_triton_launches_and_torch_ops(monkeypatch, kind, training):
     assert set(ops) <= {"aten.empty", "aten.empty_like"}, ops
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_triton_residual_of_another_dtype(poisoned):
     """A float32 residual (block input) beside a bfloat16 pre-activation (autocast conv output): the output is
     float32 (as ``x + residual``, the reference's), each gradient in its input's dtype."""
@@ -231,7 +227,7 @@ def test_triton_residual_of_another_dtype(poisoned):
         torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@interpreted
+@pytest.mark.interpreted
 def test_triton_handles_expanded_upstream_gradient():
     x, w, b, r, _ = make((2, 4, 5, 6), True, True)
     x.requires_grad_()
@@ -241,7 +237,7 @@ def test_triton_handles_expanded_upstream_gradient():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
-@interpreted
+@pytest.mark.interpreted
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
 def test_lean_block_on_triton_matches_eager(monkeypatch, mode):
     from hmedn_fast.nn import ResidualDilatedBlock
@@ -262,7 +258,7 @@ def test_lean_block_on_triton_matches_eager(monkeypatch, mode):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-@not_interpreted
+@pytest.mark.not_interpreted
 @pytest.mark.parametrize("call,err,match", [
     (lambda x, w: norm_act(x, w, w, kind="layer"), ValueError, "kind must be one of"),
     (lambda x, w: norm_act(x, w[:3], w), ValueError, "weight must have shape"),
