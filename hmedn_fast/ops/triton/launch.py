@@ -19,8 +19,12 @@ import warnings
 from typing import Any
 
 import torch
-from triton import knobs
-from triton.runtime import driver
+
+try:  # Triton >= 3.4; with an older one FastLauncher falls back to kernel[grid] (see __call__)
+    from triton import knobs
+    from triton.runtime import driver
+except ImportError:
+    knobs = driver = None
 
 _INT32 = (-(2**31), 2**31 - 1)
 
@@ -95,6 +99,8 @@ class FastLauncher:
     def _run(kernel: Any, grid: tuple[int, ...], full: tuple) -> None:
         """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later), on the current stream of
         the first tensor argument's device."""
+        if knobs is None:
+            raise ImportError("triton.knobs (Triton >= 3.4)")
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         device = next(a for a in full if isinstance(a, torch.Tensor)).get_device()
         stream = driver.active.get_current_stream(device)
