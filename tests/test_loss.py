@@ -259,6 +259,23 @@ def test_triton_backend_on_cpu_without_interpreter_is_unavailable(monkeypatch):
     np.testing.assert_allclose(float(difficulty_guided_loss(logits, labels)), formula(logits, labels)[0], rtol=2e-6)
 
 
+def test_triton_older_than_3_3_falls_back_to_the_reference(monkeypatch):
+    triton = pytest.importorskip("triton")
+    from hmedn_fast.ops import loss as loss_mod
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the device check passes: only the version decides
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    loss_mod._triton_too_old.cache_clear()
+    try:
+        logits, labels, *_ = make_inputs()
+        with pytest.raises(RuntimeError, match=r"triton >= 3\.3"):
+            difficulty_guided_loss(logits, labels, backend="triton")
+        got = difficulty_guided_loss(logits, labels)
+        np.testing.assert_allclose(float(got), formula(logits, labels)[0], rtol=2e-6)
+    finally:
+        loss_mod._triton_too_old.cache_clear()
+
+
 # ----------------------------------------------------------------------------------------------- HMEDNLoss
 def _blob_labels(n: int, size: tuple[int, ...], k: int) -> torch.Tensor:
     """Random label maps of nested boxes, so that boundaries (and targets) are non-trivial."""

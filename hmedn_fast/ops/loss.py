@@ -6,6 +6,7 @@ dtype). ``backend=`` or ``HMEDN_BACKEND_LOSS`` / ``HMEDN_BACKEND`` force one.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Real
 
@@ -147,12 +148,22 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
+@functools.cache
+def _triton_too_old() -> bool:
+    import triton
+
+    major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 3)
+
+
 def _triton_unavailable(
     logits: Tensor, labels: Tensor, weight: Tensor | None, contour_target: Tensor | None, class_weight: Tensor | None
 ) -> str | None:
     reason = triton_unavailable(logits, labels)
     if reason is not None:
         return reason
+    if _triton_too_old():
+        return "the fused loss kernel needs triton >= 3.3 (tuples inside kernels)"
     if logits.dtype == torch.float64:
         return "the fused kernel takes fp32/fp16/bf16 logits; float64 runs on the reference backend"
     for name, t in (("weight", weight), ("contour_target", contour_target), ("class_weight", class_weight)):
