@@ -370,3 +370,19 @@ def test_gpu_compile_no_graph_break():
     eager = step(logits)
     compiled = torch.compile(step, fullgraph=True)(logits)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.interpreted
+def test_maps_with_a_channel_axis_equal_maps_without():
+    """weight and contour_target may come as (N, 1, *spatial): same loss and gradients as (N, *spatial)."""
+    from hmedn_fast.ops import difficulty_guided_loss
+
+    logits, labels, weight, clog, ctgt, cw = inputs((2, 3, 4, 6))
+    results = []
+    for w, t in ((weight, ctgt), (weight[:, None], ctgt[:, None])):
+        z, c = logits.clone().requires_grad_(True), clog.clone().requires_grad_(True)
+        loss = difficulty_guided_loss(z, labels, w, c, t, 0.7, cw, backend="triton")
+        loss.backward()
+        results.append((loss.detach(), z.grad, c.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
