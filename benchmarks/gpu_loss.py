@@ -125,23 +125,29 @@ def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
     return statistics.median(times)
 
 
-def kernel_time(fn: Callable, case: dict, steps: int = 5) -> tuple[float, dict[str, float]]:
-    """Seconds of GPU kernels per step (torch.profiler), and the per-kernel breakdown."""
+def profile_kernels(call: Callable[[], object], reps: int) -> dict[str, float]:
+    """Seconds of GPU time per ``call()`` of each CUDA kernel (torch.profiler over ``reps`` calls, one warm-up)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    fwd_bwd_step(fn, case)
+    call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fwd_bwd_step(fn, case)
+        for _ in range(reps):
+            call()
         torch.cuda.synchronize()
     per_kernel = {}
     for evt in prof.key_averages():
         if evt.device_type == DeviceType.CUDA:
             us = getattr(evt, "self_device_time_total", None)
             us = evt.self_cuda_time_total if us is None else us
-            per_kernel[evt.key[:80]] = us / steps / 1e6
+            per_kernel[evt.key[:80]] = us / reps / 1e6
+    return per_kernel
+
+
+def kernel_time(fn: Callable, case: dict, steps: int = 5) -> tuple[float, dict[str, float]]:
+    """Seconds of GPU kernels per step (torch.profiler), and the per-kernel breakdown."""
+    per_kernel = profile_kernels(lambda: fwd_bwd_step(fn, case), steps)
     return sum(per_kernel.values()), per_kernel
 
 

@@ -195,17 +195,9 @@ def boundary_fraction(labels: torch.Tensor, num_classes: int) -> float:
 
 def kernel_breakdown(fn: Callable[[], object], reps: int = 10) -> dict[str, float]:
     """Mean GPU time per call of each kernel (torch.profiler), microseconds."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from gpu_loss import profile_kernels  # here, not at the top: gpu_loss imports triton (optional on CPUs)
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:80]: e.self_device_time_total / reps for e in prof.key_averages()
-            if e.device_type == DeviceType.CUDA}
+    return {name: seconds * 1e6 for name, seconds in profile_kernels(fn, reps).items()}
 
 
 def markdown(result: dict) -> str:

@@ -27,6 +27,7 @@ except ImportError:
     knobs = driver = None
 
 _INT32 = (-(2**31), 2**31 - 1)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton does at import
 
 
 def cdiv(a: int, b: int) -> int:
@@ -75,10 +76,9 @@ class FastLauncher:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.cache: dict[tuple, tuple[Any, tuple]] = {}
-        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
     def __call__(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
-        if self.interpret or not FastLauncher.enabled:
+        if INTERPRET or not FastLauncher.enabled:
             self.fn[grid](*args, **constexprs)
             return
         key = (_args_key(args), tuple(constexprs.items()))

@@ -24,7 +24,6 @@ See ``docs/decisions/loss.md``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -32,10 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
+from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 BLOCK = 1024
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 STATS_BLOCK = 4096
 NUM_WARPS = 8  # measured best with BLOCK = 1024 on H200 (2x4x128^3 fp32: 64.6 us vs 71.3 with 4)
 RESCALE_PROGRAMS = 264  # grid of the in-place rescale (2 per H100 SM)
@@ -330,7 +328,7 @@ def _launch(
         *(_sample_strides(contour_logits, c_first) if has_contour else (0, 0)),
         *(_sample_strides(gclogits, c_first) if has_contour else (0, 0)),
         0 if ignore_index is None else ignore_index, alpha, divisor, ctr_coef,
-        K=k, FAST_EXP=not _INTERPRET, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
+        K=k, FAST_EXP=not INTERPRET, FD=fd, FH=fh, FW=fw, HAS_WEIGHT=weight is not None, HAS_CW=class_weight is not None,
         HAS_IGNORE=ignore_index is not None, HAS_CONTOUR=has_contour, LOSS=loss, GRAD=grads is not None,
         GOUT=gout is not None, NORM_PTR=norm is not None, GSCALE=gscale is not None, BLOCK=block,
         num_warps=NUM_WARPS,

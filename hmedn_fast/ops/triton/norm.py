@@ -110,6 +110,16 @@ def _reduce_kernel(x_ptr, r_ptr, dy_ptr, coef_ptr, part_ptr, C, S, chunk, SPLIT,
 
 
 @triton.jit
+def _part_rows(part_ptr, ns, rows, r0, C, c, cm, BLOCK_R: tl.constexpr):
+    """Rows ``r0 .. r0 + BLOCK_R`` of set ``ns`` of the ``part`` sums, channels ``c``: the pair of ``[BLOCK_R,
+    BLOCK_G]`` partials stored per row (0 where masked), the row indices and the validity mask."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    valid = (r[:, None] < rows) & cm[None, :]
+    p = part_ptr + ((ns * rows + r[:, None]) * 2) * C + c[None, :]
+    return tl.load(p, mask=valid, other=0.0), tl.load(p + C, mask=valid, other=0.0), r, valid
+
+
+@triton.jit
 def _over_set(v, GROUP: tl.constexpr):
     """Per-channel ``[BLOCK_G]`` values summed over the statistics set: the whole group, or each channel."""
     if GROUP:
@@ -142,11 +152,7 @@ def _stats_kernel(part_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, coef_ptr, C, S, chu
             mean = tl.zeros([BLOCK_G], tl.float32)
             m2 = tl.zeros([BLOCK_G], tl.float32)
             for r0 in range(0, rows, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                valid = (r[:, None] < rows) & cm[None, :]
-                p = part_ptr + ((ns * rows + r[:, None]) * 2) * C + c[None, :]
-                chunk_mean = tl.load(p, mask=valid, other=0.0)
-                chunk_m2 = tl.load(p + C, mask=valid, other=0.0)
+                chunk_mean, chunk_m2, r, valid = _part_rows(part_ptr, ns, rows, r0, C, c, cm, BLOCK_R)
                 cnt = tl.minimum(chunk, S - (r % SPLIT) * chunk).to(tl.float32)
                 w = tl.where(valid, cnt[:, None], 0.0)
                 tn = tl.maximum(_over_set(tl.sum(w, axis=0), GROUP), 1.0)  # >= 1 but in masked channels
@@ -199,11 +205,9 @@ def _grad_stats_kernel(part_ptr, w_ptr, coef_ptr, gcoef_ptr, dw_ptr, db_ptr, C, 
         sg = tl.zeros([BLOCK_G], tl.float32)
         sgx = tl.zeros([BLOCK_G], tl.float32)
         for r0 in range(0, rows, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            valid = (r[:, None] < rows) & cm[None, :]
-            p = part_ptr + ((ns * rows + r[:, None]) * 2) * C + c[None, :]
-            sg += tl.sum(tl.load(p, mask=valid, other=0.0), axis=0)
-            sgx += tl.sum(tl.load(p + C, mask=valid, other=0.0), axis=0)
+            part_g, part_gx, _, _ = _part_rows(part_ptr, ns, rows, r0, C, c, cm, BLOCK_R)
+            sg += tl.sum(part_g, axis=0)
+            sgx += tl.sum(part_gx, axis=0)
         rstd = tl.load(coef_ptr + ns * cn + 3 * C + c, mask=cm, other=0.0)
         sgxhat = rstd * sgx
         dw += sgxhat
