@@ -7,10 +7,11 @@ cap. (The 2-GPU DDP comparison is benchmarks/gpu_ddp.py.)
 A step = forward (under autocast for bf16) + loss + backward + AdamW step, on a fixed random batch. hmedn_3d_l2
 uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets made from the labels
 inside the step by the fast targets op, difficulty-guided CE + contour term + deep supervision, fused kernel on
-CUDA). Lean mode = bf16 autocast + activation checkpointing level ``"lean"`` (memory-lean HR pathway blocks,
-:mod:`hmedn_fast.train.memory`); ``"blocks"`` (dense blocks checkpointed too) is reported beside it. DynUNet is
-MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
-supervision) with plain cross-entropy, bf16 autocast.
+CUDA). Lean mode = the trainer's CUDA defaults: bf16 autocast, channels-last weights and batches, activation
+checkpointing level ``"lean"`` (memory-lean HR pathway blocks, :mod:`hmedn_fast.train.memory`); ``"blocks"``
+(dense blocks checkpointed too) is reported beside it. DynUNet is MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
+supervision) with plain cross-entropy, bf16 autocast, in the contiguous layout (as MONAI runs it) and
+channels-last. ``*_cl`` = channels-last (``torch.channels_last_3d``) model and input.
 
 Times: CUDA events around each step after warm-up (p50 and mean ms). Peak memory: torch.cuda.max_memory_allocated
 over the timed steps (parameters, gradients, AdamW state and activations). Largest cube: under
@@ -42,13 +43,17 @@ from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
+NO_CUBE_SEARCH = ("eager_bf16_cl", "dynunet_bf16_cl")  # layout variants: steps timed, cube search skipped (time)
 SIZES = list(range(64, 257, 16))
-CONFIGS = {  # name: (model, autocast dtype, checkpointing level)
-    "eager_fp32": ("hmedn_3d_l2", None, "none"),
-    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none"),
-    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean"),
-    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks"),
-    "dynunet_bf16": ("dynunet", torch.bfloat16, None),
+CL = torch.channels_last_3d
+CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format)
+    "eager_fp32": ("hmedn_3d_l2", None, "none", torch.contiguous_format),
+    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none", torch.contiguous_format),
+    "eager_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL),
+    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean", CL),
+    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL),
+    "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format),
+    "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL),
 }
 
 
@@ -62,13 +67,13 @@ def dynunet() -> torch.nn.Module:
 
 def make_step(config: str, size: int, batch: int = 1, seed: int = 0) -> Callable[[], float]:
     """A closure running one training step of ``config`` on a fixed random (batch, 4, size^3) batch."""
-    name, dtype, level = CONFIGS[config]
+    name, dtype, level, fmt = CONFIGS[config]
     torch.manual_seed(seed)
-    model = (dynunet() if name == "dynunet" else create_model(name)).cuda().train()
+    model = (dynunet() if name == "dynunet" else create_model(name)).to("cuda", memory_format=fmt).train()
     if level is not None:
         set_checkpointing(model, level)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
-    x = torch.randn(batch, 4, size, size, size, device="cuda")
+    x = torch.randn(batch, 4, size, size, size, device="cuda").contiguous(memory_format=fmt)
     y = make_labels(batch, size)
     loss_fn = HMEDNLoss(4, check_values=False).cuda() if name != "dynunet" else None
 
@@ -153,8 +158,18 @@ def largest_cube(config: str) -> dict:
 
 
 def smoke() -> dict:
-    """Correctness before timing: fp32 gradients of every checkpointing level equal eager's (64^3), the bf16
+    """Correctness before timing: fp32 gradients of every checkpointing level equal eager's (64^3; TF32 off, as
+    its 10-bit mantissa alone moves fp32 gradients by ~1e-2 between two cuDNN algorithm choices), the bf16
     loss is close to the fp32 one, and 8 lean steps lower the loss on a fixed batch."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _smoke()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _smoke() -> dict:
     torch.manual_seed(0)
     model = create_model("hmedn_3d_l2", dropout=0.0).cuda().train()
     loss_fn = HMEDNLoss(4, check_values=False).cuda()
@@ -182,6 +197,26 @@ def smoke() -> dict:
             and trained[-1] < trained[0]}
 
 
+def profile_step(config: str, size: int, top: int = 20) -> dict:
+    """CUDA time of one profiled step of ``config`` by kernel (the ``top`` largest) and the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(config, size)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: -e.self_device_time_total)
+    del step
+    free()
+    return {"gpu_ms": total / 1e3, "kernels": [
+        {"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:top]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -199,12 +234,14 @@ def main() -> None:
         monai_version = monai.__version__
     except ImportError as exc:
         monai_version = None
-        configs.pop("dynunet_bf16")
+        configs = {k: v for k, v in configs.items() if v[0] != "dynunet"}
         print(f"MONAI DynUNet baseline skipped: {exc}", flush=True)
     result = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                            "monai": monai_version, "python": platform.python_version()},
               "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30}
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
+    path = args.out / f"train_{slug}.json"
     result["smoke"] = smoke()
     print("smoke:", json.dumps(result["smoke"]), flush=True)
 
@@ -214,24 +251,28 @@ def main() -> None:
         r = result["step"][name]
         print(f"{name:14s} step p50 {r['p50_ms']:8.1f} ms  mean {r['mean_ms']:8.1f} ms  peak {r['peak_mib']:8.0f} MiB",
               flush=True)
+    path.write_text(json.dumps(result, indent=1))  # partial record, completed below
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
     result["largest_cube_8gib"] = {}
-    for name in configs:
+    for name in [c for c in configs if c not in NO_CUBE_SEARCH]:
         result["largest_cube_8gib"][name] = largest_cube(name)
         print(f"{name:14s} largest cube under 8 GiB: {result['largest_cube_8gib'][name]['largest_cube']}", flush=True)
     torch.cuda.set_per_process_memory_fraction(1.0)
 
     steps, cubes = result["step"], result["largest_cube_8gib"]
     targets = {"lean_voxels_vs_eager_fp32": cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)}
-    if "dynunet_bf16" in steps:
-        targets["lean_speedup_vs_dynunet_bf16"] = steps["dynunet_bf16"]["p50_ms"] / steps["lean"]["p50_ms"]
-        targets["lean_peak_fraction_of_dynunet_bf16"] = steps["lean"]["peak_mib"] / steps["dynunet_bf16"]["peak_mib"]
+    for base in ("dynunet_bf16", "dynunet_bf16_cl"):
+        if base in steps:
+            targets[f"lean_speedup_vs_{base}"] = steps[base]["p50_ms"] / steps["lean"]["p50_ms"]
+            targets[f"lean_peak_fraction_of_{base}"] = steps["lean"]["peak_mib"] / steps[base]["peak_mib"]
     result["targets"] = targets
+    result["profile_lean"] = profile_step("lean", 128)
+    print(f"lean step profile: {result['profile_lean']['gpu_ms']:.1f} ms of GPU kernels; largest:", flush=True)
+    for k in result["profile_lean"]["kernels"][:12]:
+        print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
     print("targets:", json.dumps(targets), flush=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
-    path = args.out / f"train_{slug}.json"
     path.write_text(json.dumps(result, indent=1))
     print("wrote", path)
 

@@ -1,4 +1,5 @@
-"""Turning a user's device option into a ``torch.device`` (shared by the demo, training and inference)."""
+"""Turning a user's device option into a ``torch.device``, and the channels-last format of a spatial rank (shared by
+the demo, training and inference)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,10 @@ def resolve_device(device: str | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """``torch.channels_last`` for 2D (N, C, H, W) tensors, ``torch.channels_last_3d`` for 3D (N, C, D, H, W)."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d

@@ -136,12 +136,40 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["nonfinite"] == 3
 
 
+@pytest.mark.parametrize("model, overrides, shape", [
+    ("hmedn_2d", TINY_2D, (2, 5, 32, 32)),
+    ("hmedn_3d_l2", dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=1, hr_channels=4, hr_blocks=1, dropout=0.0),
+     (1, 1, 32, 32, 32))])
+def test_channels_last_steps_equal_contiguous_steps(tmp_path, model, overrides, shape):
+    """memory_format changes the layout only: same losses and weights after two steps as contiguous (float64
+    equal up to summation order), and the weights stay channels-last through the optimiser."""
+    torch.manual_seed(0)
+    images = torch.randn(*shape)
+    labels = torch.randint(0, 4, (shape[0], *shape[2:]), dtype=torch.uint8)
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        trainer = Trainer(_config(tmp_path / fmt, model=model, overrides=overrides, phantom_size=32, phantom_cases=3,
+                                  num_classes=4, memory_format=fmt, augment=False))
+        trainer.net.double()
+        parts = [trainer.train_step(images.double(), labels) for _ in range(2)]
+        runs[fmt] = (parts, {n: p.detach().clone() for n, p in trainer.net.named_parameters()}, trainer)
+    (parts_a, weights_a, _), (parts_b, weights_b, cl) = runs["contiguous"], runs["channels_last"]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    convs = [p for p in cl.net.parameters() if p.ndim == len(shape)]
+    assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+    for a, b in zip(parts_a, parts_b):
+        assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12) for k in a)
+    for name, w in weights_a.items():
+        torch.testing.assert_close(weights_b[name], w, rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"model": "resnet"}, "model must be one of"), ({"batch_size": 0}, "batch_size"), ({"epochs": 1.5}, "epochs"),
     ({"schedule": "step"}, "schedule"), ({"precision": "fp8"}, "precision"), ({"val_fraction": 1.0}, "val_fraction"),
     ({"lr": 0}, "lr"), ({"slices": 4}, "slices"), ({"checkpointing": "all"}, "checkpointing"),
     ({"num_classes": 1}, "num_classes"), ({"memory_budget": "8GiB", "checkpointing": "lean"}, "not both"),
-    ({"foreground_prob": 2.0}, "foreground_prob"), ({"grad_clip": -1.0}, "grad_clip")])
+    ({"foreground_prob": 2.0}, "foreground_prob"), ({"grad_clip": -1.0}, "grad_clip"),
+    ({"memory_format": "nhwc"}, "memory_format")])
 def test_bad_configuration(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **kw)

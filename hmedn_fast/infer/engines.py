@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import channels_last_format
 from ..models.base import SegmentationModel
 from ..nn.fusion import fuse_for_inference
 
@@ -124,7 +125,7 @@ class EagerEngine(Engine):
         self.dtype = _check_dtype(dtype)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self._describe(model)
-        self.memory_format = _channels_last(model.spatial_dims) if channels_last else torch.contiguous_format
+        self.memory_format = channels_last_format(model.spatial_dims) if channels_last else torch.contiguous_format
         self.model = inference_model(model, fuse).to(self.device, memory_format=self.memory_format)
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,10 +134,6 @@ class EagerEngine(Engine):
                                                     enabled=self.dtype != torch.float32):
             out = self.model(x)
         return out.seg.float(), (out.contour.float() if out.contour is not None else None)
-
-
-def _channels_last(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 class CompiledEngine(Engine):
@@ -181,7 +178,7 @@ class CompiledEngine(Engine):
         self.dtype = _check_dtype(dtype)
         self._describe(model)
         self.window, self.batch = _check_window(window, model.spatial_dims), batch
-        fmt = _channels_last(model.spatial_dims) if channels_last else torch.contiguous_format
+        fmt = channels_last_format(model.spatial_dims) if channels_last else torch.contiguous_format
         net = TensorOutputs(inference_model(model, fuse)).to(self.device, self.dtype, memory_format=fmt).eval()
         self.static_input = torch.zeros((batch, self.in_channels) + self.window, device=self.device,
                                         dtype=self.dtype).contiguous(memory_format=fmt)

@@ -30,6 +30,8 @@ _HELP = {
     "schedule": "learning-rate schedule: poly, cosine or constant",
     "precision": "auto (bf16 on CUDA), fp32, bf16 or fp16",
     "memory_budget": "e.g. 8GiB or 0.5 (of the GPU): plan checkpointing/batch/patch by trial steps",
+    "memory_format": "layout of weights and batches: auto (channels-last on CUDA), channels_last or contiguous",
+    "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",
@@ -37,7 +39,7 @@ _HELP = {
     "threads": "torch CPU threads",
 }
 _CHOICES = {"schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16"),
-            "checkpointing": ("none", "lean", "blocks")}
+            "checkpointing": ("none", "lean", "blocks"), "memory_format": ("auto", "channels_last", "contiguous")}
 
 
 def _literal(text: str) -> Any:

@@ -219,18 +219,19 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
 
 
 def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_channels: int, num_classes: int,
-                       device: torch.device, autocast_dtype: torch.dtype | None, steps: int = 2) -> Measure:
+                       device: torch.device, autocast_dtype: torch.dtype | None,
+                       memory_format: torch.memory_format = torch.contiguous_format, steps: int = 2) -> Measure:
     """A ``measure`` for :func:`plan_memory` that runs ``steps`` real training steps (random input and labels,
-    AdamW, autocast when ``autocast_dtype`` is set) of ``build(level)`` on a CUDA ``device`` and returns the
-    peak of ``torch.cuda.max_memory_allocated`` over them."""
+    AdamW, autocast when ``autocast_dtype`` is set, model and input in ``memory_format``) of ``build(level)`` on
+    a CUDA ``device`` and returns the peak of ``torch.cuda.max_memory_allocated`` over them."""
     def measure(level: str, patch: tuple[int, ...], batch: int) -> int:
-        model = build(level).to(device).train()
+        model = build(level).to(device, memory_format=memory_format).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         try:
             for _ in range(steps):
-                x = torch.randn(batch, in_channels, *patch, device=device)
+                x = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=memory_format)
                 y = torch.randint(0, num_classes, (batch, *patch), device=device, dtype=torch.uint8)
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None):

@@ -44,6 +44,7 @@ from hmedn_fast.data.datasets import (PatchDataset, StepBatchSampler, Volume, ch
                                       default_patch_size, load_volumes, read_or_write_split, to_slice_stacks)
 from hmedn_fast.data.msd import slice_stack
 from hmedn_fast.data.sampling import check_patch_size
+from hmedn_fast.device import channels_last_format
 from hmedn_fast.losses import HMEDNLoss
 from hmedn_fast.models import MODELS, SegmentationOutput, create_model
 from hmedn_fast.train import memory
@@ -54,7 +55,8 @@ SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # options that may differ between a run and its resumption; every other one must match
 RESUMABLE_CHANGES = ("epochs", "val_every", "progress", "num_workers", "device", "threads", "resume",
-                     "checkpoint_every", "max_nonfinite")
+                     "checkpoint_every", "max_nonfinite", "memory_format", "cudnn_benchmark")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +93,10 @@ class TrainConfig:
         num_workers: data-loader worker processes.
         checkpoint_every: also write ``last.pt`` every N steps inside an epoch (0: at epoch ends only).
         max_nonfinite: stop after this many skipped (non-finite) steps.
+        memory_format: ``"auto"`` (channels-last on CUDA, where cuDNN's convolutions are fastest in it; contiguous
+            on the CPU), ``"channels_last"`` or ``"contiguous"``: layout of the model's weights and of the batches.
+        cudnn_benchmark: let cuDNN time its convolution algorithms on the first step of each shape (CUDA only;
+            sets ``torch.backends.cudnn.benchmark`` for the process).
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
             (``"none"``/``"lean"``/``"blocks"``; default ``"none"`` without a budget).
@@ -128,6 +134,8 @@ class TrainConfig:
     num_workers: int = 0
     checkpoint_every: int = 0
     max_nonfinite: int = 10
+    memory_format: str = "auto"
+    cudnn_benchmark: bool = True
     memory_budget: str | None = None
     checkpointing: str | None = None
     phantom_cases: int = 24
@@ -170,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -254,6 +264,11 @@ class Trainer:
         self.batch_size = cfg.batch_size
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        channels_last = (cfg.memory_format == "channels_last"
+                         or (cfg.memory_format == "auto" and self.device.type == "cuda"))
+        self.memory_format = channels_last_format(self.spatial_dims) if channels_last else torch.contiguous_format
+        if cfg.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.loss_fn = HMEDNLoss(self.num_classes, aux_weights=cfg.aux_weight, check_values=False).to(self.device)
 
         self.memory_plan = resume_record.get("memory_plan") if resume_record else None
@@ -268,7 +283,7 @@ class Trainer:
         elif cfg.memory_budget is not None:
             self._plan_memory()
         torch.manual_seed(cfg.seed)
-        self.net = self._build_model(self.checkpoint_level).to(self.device)
+        self.net = self._build_model(self.checkpoint_level).to(self.device, memory_format=self.memory_format)
         self.model = wrap_model(self.net, self.ctx)
         self.escalator = memory.OOMEscalator(self.checkpoint_level)
 
@@ -314,7 +329,7 @@ class Trainer:
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = memory.parse_memory_budget(self.config.memory_budget, total)
         measure = memory.cuda_step_measurer(self._build_model, self.loss_fn, self.in_channels, self.num_classes,
-                                            self.device, self.autocast_dtype)
+                                            self.device, self.autocast_dtype, self.memory_format)
         plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure)
         torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), self.device)
         self.memory_plan = asdict(plan)
@@ -362,6 +377,7 @@ class Trainer:
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.model(images)
@@ -490,7 +506,8 @@ class Trainer:
         from hmedn_fast.infer.engines import EagerEngine
         from hmedn_fast.infer.sliding_window import sliding_window_inference
 
-        engine = EagerEngine(self.net, device=self.device, dtype=self.autocast_dtype or torch.float32, fuse=False)
+        engine = EagerEngine(self.net, device=self.device, dtype=self.autocast_dtype or torch.float32, fuse=False,
+                             channels_last=self.memory_format != torch.contiguous_format)
         if self.stacked:
             stacks, _ = slice_stack(volume.image, volume.label, axis=self.config.slice_axis, slices=self.config.slices)
             image = torch.from_numpy(stacks)
