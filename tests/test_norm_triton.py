@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from hmedn_fast.ops.norm_act import norm_act, norm_act_reference
 
@@ -323,3 +324,54 @@ def test_cuda_pathway_modes_match_eager(mode, monkeypatch):
         grads.append([feats, xi.grad] + [p.grad for p in path.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_automatic_choice_and_large_channels_last_batch_norm():
+    """The automatic backend is Triton exactly for training-mode BatchNorm of large channels-last 3D CUDA tensors
+    with autograd on; at such a shape (a distilling-pathway layer, bf16) Triton equals the float64 reference."""
+    from hmedn_fast.ops.norm_act import TRITON_MIN_ELEMENTS, prefers_triton
+    cl = torch.channels_last_3d
+    big = torch.empty(1, 16, 128, 128, 128, device="cuda", dtype=torch.bfloat16).to(memory_format=cl)
+    assert big.numel() >= TRITON_MIN_ELEMENTS and prefers_triton(big, "batch", True)
+    assert not prefers_triton(big, "batch", False) and not prefers_triton(big, "instance", True)
+    assert not prefers_triton(big.contiguous(), "batch", True)
+    assert not prefers_triton(big[:, :, :64].contiguous(memory_format=cl), "batch", True)  # below the size
+    with torch.no_grad():
+        assert not prefers_triton(big, "batch", True)
+    compare((1, 16, 128, 128, 128), "batch", True, residual=False, dtype=torch.bfloat16, device="cuda", rtol=2e-2)
+
+
+@pytest.mark.parametrize("cls", ["dense", "conv_norm_relu"])
+@pytest.mark.parametrize("norm_spec", ["batch", "instance", ("group", {"num_groups": 2})])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_layers_through_norm_act_equal_plain_modules(cls, norm_spec, momentum):
+    """DenseLayer and ConvNormReLU call norm + ReLU through norm_act: outputs, gradients, running statistics
+    and num_batches_tracked equal the plain module chain relu(norm(.)) in float64, training then eval."""
+    from hmedn_fast.nn.blocks import DenseLayer
+    from hmedn_fast.nn.layers import ConvNormReLU
+    torch.manual_seed(0)
+    make_layer = (lambda: DenseLayer(6, 4, 3, norm_spec)) if cls == "dense" else (
+        lambda: ConvNormReLU(3, 6, 4, 3, norm_spec=norm_spec))
+    ours, plain = make_layer().double(), make_layer().double()
+    plain.load_state_dict(ours.state_dict())
+    for m in (ours, plain):
+        for sub in m.modules():
+            if hasattr(sub, "momentum") and isinstance(sub, nn.modules.batchnorm._NormBase):
+                sub.momentum = momentum
+    norm, act = (plain.norm, plain.conv) if cls == "dense" else (plain[1], plain[0])
+    plain_forward = ((lambda x: act(torch.relu(norm(x)))) if cls == "dense" else
+                     (lambda x: torch.relu(norm(act(x)))))
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64)
+    for training in (True, True, False):
+        ours.train(training), plain.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), plain_forward(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+        ya.square().sum().backward(), yb.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+        for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+        for (name, a), b in zip(ours.named_buffers(), plain.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+        x = x * 1.3 + 0.2

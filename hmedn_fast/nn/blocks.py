@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, supports
+from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
 
@@ -87,7 +87,7 @@ class DenseLayer(nn.Module):
         self.conv = conv(spatial_dims, in_channels, growth_rate, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.relu(self.norm(x)))
+        return self.conv(norm_relu(self.norm, x))
 
 
 class DenseBlock(nn.Module):

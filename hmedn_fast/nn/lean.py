@@ -61,6 +61,15 @@ def norm_call(norm: nn.Module, update: bool) -> dict:
                 running_var=norm.running_var if keep_running else None)
 
 
+def norm_relu(norm: nn.Module, x: Tensor) -> Tensor:
+    """``relu(norm(x))`` through :func:`norm_act` (automatic backend) for the norms it reproduces, counting the
+    batch and updating running statistics as the module would; plain ``relu(norm(x))`` for any other module
+    (e.g. the ``nn.Identity`` left by :func:`hmedn_fast.nn.fusion.fuse_for_inference`)."""
+    if not supports(norm):
+        return torch.relu(norm(x))
+    return norm_act(x, norm.weight, norm.bias, **norm_call(norm, update=True))
+
+
 def _conv(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
     fn = F.conv2d if weight.ndim == 4 else F.conv3d
     return fn(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)

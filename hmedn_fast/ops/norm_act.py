@@ -14,7 +14,11 @@ otherwise). Backends:
   the chunk) combined with Chan's parallel formula, so a large mean against the spread costs no precision.
 - ``"reference"``: :func:`norm_act_reference`, plain PyTorch, any device and dtype.
 
-``backend=`` or ``HMEDN_BACKEND_NORM_ACT`` / ``HMEDN_BACKEND`` force one; the automatic choice is the reference.
+``backend=`` or ``HMEDN_BACKEND_NORM_ACT`` / ``HMEDN_BACKEND`` force one. The automatic choice is Triton for
+training-mode BatchNorm of large channels-last 3D CUDA tensors with autograd on (:func:`prefers_triton`), where
+PyTorch has no channels-last 3D BatchNorm kernel and falls back to a generic Welford reduction plus separate
+normalise and ReLU passes; the reference everywhere else (cuDNN / native kernels, and the only choice under
+``torch.compile``, whose inductor fuses it).
 """
 from __future__ import annotations
 
@@ -28,6 +32,16 @@ from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
 
 KINDS = ("batch", "instance", "group")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MIN_ELEMENTS = 2 ** 24  # automatic choice: below this the reference's fewer launches win (measured)
+
+
+def prefers_triton(x: Tensor, kind: str, training: bool) -> bool:
+    """True where the automatic backend of :func:`norm_act` is Triton: a training-mode (batch statistics)
+    BatchNorm of a CUDA tensor in ``torch.channels_last_3d`` with at least ``TRITON_MIN_ELEMENTS`` elements,
+    autograd on, outside ``torch.compile``."""
+    return (kind == "batch" and training and x.is_cuda and x.ndim == 5 and x.numel() >= TRITON_MIN_ELEMENTS
+            and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
 
 def norm_act_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = "batch",
@@ -97,7 +111,7 @@ def norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = 
             as PyTorch).
         momentum: running-statistics momentum.
         training: use batch (input) statistics; False uses the running ones (never for "group").
-        backend: None (automatic: "reference", the faster one measured so far), "triton" or "reference".
+        backend: None (automatic, see :func:`prefers_triton`), "triton" or "reference".
 
     Returns:
         (N, C, *spatial) in x's dtype promoted with the residual's (as ``x + residual``), and x's memory layout
@@ -107,14 +121,10 @@ def norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = 
         TypeError / ValueError on bad inputs (named), RuntimeError when a forced backend is unavailable.
     """
     _check(x, weight, bias, kind, num_groups, residual, running_mean, running_var, training)
-    # Automatic choice: the PyTorch reference (cuDNN norm + add + ReLU). The Triton op is opt-in
-    # (backend="triton" or HMEDN_BACKEND_NORM_ACT=triton) until it is measured to win: its earlier version,
-    # ~30 torch ops between 4 kernels, took 2.15 ms per forward+backward of the 3D pathway's norm on the H200
-    # against the reference's 0.42 ms (benchmarks/results/blocks_H200.json, "norm_act").
-    chosen = choose_backend("norm_act", backend, [
-        ("reference", lambda: None),
-        ("triton", lambda: _triton_unavailable(x, kind)),
-    ])
+    candidates = [("reference", lambda: None), ("triton", lambda: _triton_unavailable(x, kind))]
+    if prefers_triton(x, kind, training):
+        candidates.reverse()
+    chosen = choose_backend("norm_act", backend, candidates)
     if chosen == "reference":
         return norm_act_reference(x, weight, bias, kind, num_groups, eps, residual, relu, running_mean,
                                   running_var, momentum, training)
