@@ -11,7 +11,8 @@ CUDA). Lean mode = the trainer's CUDA defaults: bf16 autocast, channels-last wei
 checkpointing level ``"lean"`` (memory-lean HR pathway blocks, :mod:`hmedn_fast.train.memory`); ``"blocks"``
 (dense blocks checkpointed too) is reported beside it. DynUNet is MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
 supervision) with plain cross-entropy, bf16 autocast, in the contiguous layout (as MONAI runs it) and
-channels-last. ``*_cl`` = channels-last (``torch.channels_last_3d``) model and input.
+channels-last. ``*_cl`` = channels-last (``torch.channels_last_3d``) model and input; ``compiled_bf16_cl`` =
+``hmedn train --compile`` (``torch.compile`` of the model, timed after its compiling first steps).
 
 Times: CUDA events around each step after warm-up (p50 and mean ms). Peak memory: torch.cuda.max_memory_allocated
 over the timed steps (parameters, gradients, AdamW state and activations). Largest cube: under
@@ -28,6 +29,7 @@ import json
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -43,17 +45,18 @@ from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
-NO_CUBE_SEARCH = ("eager_bf16_cl", "dynunet_bf16_cl")  # layout variants: steps timed, cube search skipped (time)
+NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl")  # steps timed, no cube search (time)
 SIZES = list(range(64, 257, 16))
 CL = torch.channels_last_3d
-CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format)
-    "eager_fp32": ("hmedn_3d_l2", None, "none", torch.contiguous_format),
-    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none", torch.contiguous_format),
-    "eager_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL),
-    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean", CL),
-    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL),
-    "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format),
-    "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL),
+CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format, torch.compile)
+    "eager_fp32": ("hmedn_3d_l2", None, "none", torch.contiguous_format, False),
+    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none", torch.contiguous_format, False),
+    "eager_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, False),
+    "compiled_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, True),
+    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean", CL, False),
+    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False),
+    "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False),
+    "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL, False),
 }
 
 
@@ -67,11 +70,13 @@ def dynunet() -> torch.nn.Module:
 
 def make_step(config: str, size: int, batch: int = 1, seed: int = 0) -> Callable[[], float]:
     """A closure running one training step of ``config`` on a fixed random (batch, 4, size^3) batch."""
-    name, dtype, level, fmt = CONFIGS[config]
+    name, dtype, level, fmt, compiled = CONFIGS[config]
     torch.manual_seed(seed)
     model = (dynunet() if name == "dynunet" else create_model(name)).to("cuda", memory_format=fmt).train()
     if level is not None:
         set_checkpointing(model, level)
+    if compiled:
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
     x = torch.randn(batch, 4, size, size, size, device="cuda").contiguous(memory_format=fmt)
     y = make_labels(batch, size)
@@ -110,7 +115,11 @@ def free() -> None:
 
 def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
     step = make_step(config, size)
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -126,7 +135,7 @@ def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
     del step
     free()
     return {"p50_ms": float(np.median(times)), "mean_ms": float(np.mean(times)), "peak_mib": peak / 2**20,
-            "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+            "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "first_step_s": first_s}
 
 
 def fits(config: str, size: int) -> bool:

@@ -163,6 +163,29 @@ def test_channels_last_steps_equal_contiguous_steps(tmp_path, model, overrides, 
         torch.testing.assert_close(weights_b[name], w, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_compiled_training_steps_equal_eager_steps(tmp_path):
+    """compile=True runs the steps through torch.compile (inductor on the CPU here): in float64 the first step's
+    gradients and both steps' losses equal the eager ones (inductor's own BatchNorm backward sums in another
+    order; in float32 that alone moves these gradients by ~1e-3 of their range through the BatchNorm layers).
+    Weights are not compared: AdamW's first update is ~lr * sign(grad), so a gradient that is zero up to
+    rounding moves by +-lr."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 5, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 4, (2, 32, 32), dtype=torch.uint8)
+    runs = []
+    for compiled in (False, True):
+        trainer = Trainer(_config(tmp_path / str(compiled), compile=compiled, num_classes=4, augment=False))
+        assert isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        trainer.net.double()
+        first = trainer.train_step(images, labels)["loss"]
+        grads = [p.grad.clone() for p in trainer.net.parameters()]
+        runs.append(([first, trainer.train_step(images, labels)["loss"]], grads))
+    (loss_a, g_a), (loss_b, g_b) = runs
+    assert loss_b == pytest.approx(loss_a, rel=1e-9)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9 * a.abs().max().item())
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"model": "resnet"}, "model must be one of"), ({"batch_size": 0}, "batch_size"), ({"epochs": 1.5}, "epochs"),
     ({"schedule": "step"}, "schedule"), ({"precision": "fp8"}, "precision"), ({"val_fraction": 1.0}, "val_fraction"),

@@ -31,6 +31,7 @@ _HELP = {
     "precision": "auto (bf16 on CUDA), fp32, bf16 or fp16",
     "memory_budget": "e.g. 8GiB or 0.5 (of the GPU): plan checkpointing/batch/patch by trial steps",
     "memory_format": "layout of weights and batches: auto (channels-last on CUDA), channels_last or contiguous",
+    "compile": "torch.compile the model for the training steps (slow first steps, faster after)",
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
