@@ -258,6 +258,42 @@ def bench_norm(case: dict, device: str, warmup: int, iters: int) -> dict:
     return out
 
 
+NORM_GRID = [(1, 32, 32), (1, 32, 64), (1, 64, 64), (1, 8, 128), (1, 16, 128), (1, 32, 128), (1, 64, 128),
+             (1, 128, 128)]  # (N, C, cube side): HMEDN-3D-L2's BatchNorm inputs at 128^3 windows
+
+
+def norm_grid(warmup: int, iters: int) -> list[dict]:
+    """Training BatchNorm + ReLU (running statistics) forward+backward, bf16 channels-last 3D, per shape: GPU
+    kernel time (profiler) and wall time (CUDA events; host included) of the Triton op and of the reference
+    (PyTorch, which has no channels-last 3D BatchNorm kernel: generic Welford reduction + elementwise passes),
+    the floor (x read twice, y written, dy read twice, dx written; at the measured copy bandwidth) and what
+    the automatic backend picks."""
+    from gpu_loss import profile_kernels
+    from hmedn_fast.ops.norm_act import prefers_triton
+
+    big = torch.empty(2**28, device="cuda", dtype=torch.bfloat16)
+    bandwidth = 2 * big.numel() * 2 / (timed(lambda: big.clone(), warmup, iters, "cuda") / 1e3)
+    del big
+    rows = []
+    for n, c, side in NORM_GRID:
+        x = channels_last(torch.randn(n, c, side, side, side, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+        w = torch.rand(c, device="cuda", requires_grad=True)
+        b = torch.randn(c, device="cuda", requires_grad=True)
+        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+        gy = torch.randn_like(x)
+        row = dict(shape=[n, c, side, side, side], elements=x.numel(), auto_triton=prefers_triton(x, "batch", True),
+                   floor_ms=6 * x.numel() * 2 / bandwidth * 1e3)
+        for backend in ("triton", "reference"):
+            def fn():
+                y = norm_act(x, w, b, running_mean=rm, running_var=rv, backend=backend)
+                torch.autograd.grad(y, (x, w, b), gy)
+            row[backend + "_wall_ms"] = timed(fn, warmup, iters, "cuda")
+            row[backend + "_kernel_ms"] = 1e3 * sum(profile_kernels(fn, 3).values())
+        rows.append(row)
+        del x, gy
+    return rows
+
+
 def cudnn_sweep(case: dict, device: str, warmup: int, iters: int) -> list[dict]:
     """3x3(x3) conv L->L, forward + both backward passes, per dtype / layout / dilation / cudnn.benchmark."""
     rows = []
@@ -327,6 +363,7 @@ def main() -> None:
     if device == "cuda":
         report["cudnn_sweep"] = {n: cudnn_sweep(c, device, warmup, iters) for n, c in cases.items()}
         report["dilated_conv_verdict"] = {n: verdict(s) for n, s in report["cudnn_sweep"].items()}
+        report["norm_grid"] = norm_grid(warmup, iters)
     report["seconds"] = time.time() - t0
     print_tables(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +393,12 @@ def print_tables(report: dict) -> None:
                   f"{r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s x{r['slowdown_vs_d1']:.2f}")
     for name, v in report.get("dilated_conv_verdict", {}).items():
         print(f"verdict {name}: {v}")
+    if "norm_grid" in report:
+        print("\n== BatchNorm + ReLU fwd+bwd, bf16 channels-last 3D: kernel ms / wall ms (auto = automatic choice)")
+        for r in report["norm_grid"]:
+            print(f"{str(r['shape']):24s} {r['elements'] / 1e6:6.1f} M  triton {r['triton_kernel_ms']:.3f} / "
+                  f"{r['triton_wall_ms']:.3f}  reference {r['reference_kernel_ms']:.3f} / {r['reference_wall_ms']:.3f}"
+                  f"  floor {r['floor_ms']:.3f}  auto={'triton' if r['auto_triton'] else 'reference'}")
     print(f"total {report['seconds']:.0f} s")
 
 

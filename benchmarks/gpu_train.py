@@ -138,14 +138,16 @@ def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]), "first_step_s": first_s}
 
 
-def fits(config: str, size: int) -> bool:
+def fits(config: str, size: int, failures: dict) -> bool:
+    """Two steps at ``size`` run without an out-of-memory error (its message goes to ``failures[size]``)."""
     try:
         step = make_step(config, size)
         step()
         step()
         torch.cuda.synchronize()
         ok = True
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as exc:
+        failures[size] = str(exc).split("\n")[0][:300]
         ok = False
     step = None  # noqa: F841 - drop the closure (model, optimizer, batch) before freeing
     free()
@@ -156,13 +158,13 @@ def largest_cube(config: str) -> dict:
     """Binary search over SIZES under the 8 GiB cap (set by the caller). DynUNet's five stride-2 stages need
     sizes divisible by 32 (its skip concatenation fails otherwise), so it searches those only."""
     sizes = [s for s in SIZES if s % (32 if config.startswith("dynunet") else 16) == 0]
-    lo, hi, tried = -1, len(sizes), {}
+    lo, hi, tried, failures = -1, len(sizes), {}, {}
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        tried[sizes[mid]] = fits(config, sizes[mid])
+        tried[sizes[mid]] = fits(config, sizes[mid], failures)
         lo, hi = (mid, hi) if tried[sizes[mid]] else (lo, mid)
     size = sizes[lo] if lo >= 0 else None
-    return {"largest_cube": size, "voxels": size**3 if size else 0, "trials": tried,
+    return {"largest_cube": size, "voxels": size**3 if size else 0, "trials": tried, "oom": failures,
             "at_search_limit": lo == len(sizes) - 1}
 
 
