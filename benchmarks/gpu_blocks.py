@@ -152,17 +152,20 @@ def _check(impls: dict, x, gf, gl) -> dict:
         f, gx = step(module, x, gf, gl, cl)
         grads = [rel_err(gx, ref_gx)] + [rel_err(p.grad, r) for p, r in zip(module.parameters(), ref_grads)]
         out[name] = dict(features_err=rel_err(f, ref_f), grads_err=max(grads), bf16=cl)
-    # errors against the float64 eager pathway. fp32: within 1e-4, or within 2x eager fp32's own error
-    # (gradients through 9 BatchNorm blocks cancel heavily). bf16: features within 2e-2; gradients within
-    # 1.5x eager bf16's own error (BatchNorm backward removes the mean, so every bf16 implementation, eager
-    # included, is far more than 2e-2 of the max away from float64 in some parameter gradient)
+    judge(out)
+    return out
+
+
+def judge(out: dict) -> None:
+    """Set ``ok`` on each row of errors against the float64 eager pathway. fp32: within 1e-4, or within 2x
+    eager fp32's own error (gradients through 9 BatchNorm blocks cancel heavily). bf16: features and gradients
+    within 2e-2 or within 1.5x eager bf16's own error, whichever is larger (eager bf16 itself, the reference
+    module at that precision, is 2.1e-2 of the max away from float64 in its features after 9 blocks, and far
+    more in some parameter gradient: BatchNorm backward removes the mean)."""
     e32, e16 = out["eager_fp32"], out["eager_bf16_cl"]
     for r in out.values():
-        if r["bf16"]:
-            r["ok"] = bool(r["features_err"] <= 2e-2 and r["grads_err"] <= 1.5 * e16["grads_err"])
-        else:
-            r["ok"] = bool(all(r[k] <= max(1e-4, 2 * e32[k]) for k in ("features_err", "grads_err")))
-    return out
+        ref, floor, factor = (e16, 2e-2, 1.5) if r["bf16"] else (e32, 1e-4, 2.0)
+        r["ok"] = bool(all(r[k] <= max(floor, factor * ref[k]) for k in ("features_err", "grads_err")))
 
 
 def timed(fn, warmup: int, iters: int, device: str) -> float:
