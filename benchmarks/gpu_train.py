@@ -26,6 +26,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import re
 import sys
@@ -208,24 +209,66 @@ def _smoke() -> dict:
             and trained[-1] < trained[0]}
 
 
-def profile_step(config: str, size: int, top: int = 20) -> dict:
-    """CUDA time of one profiled step of ``config`` by kernel (the ``top`` largest) and the step's total."""
+def norm_ab(size: int, iters: int) -> dict:
+    """The lean step with norm_act's automatic backend against PyTorch's BatchNorm everywhere
+    (``HMEDN_BACKEND_NORM_ACT=reference``) and against lower Triton size thresholds, interleaved in one process:
+    p50 ms per round and GPU kernel ms (one profiled step)."""
+    import hmedn_fast.ops.norm_act as na
+
+    step, default = make_step("lean", size), na.TRITON_MIN_ELEMENTS
+    variants = {"auto": ({}, default), "reference": ({"HMEDN_BACKEND_NORM_ACT": "reference"}, default),
+                "threshold_2^22": ({}, 2**22), "threshold_2^20": ({}, 2**20)}
+    out: dict = {name: {"p50_ms": []} for name in variants}
+    try:
+        for round_ in range(2):
+            for name, (env, threshold) in variants.items():
+                os.environ.pop("HMEDN_BACKEND_NORM_ACT", None)
+                os.environ.update(env)
+                na.TRITON_MIN_ELEMENTS = threshold
+                for _ in range(2):
+                    step()
+                times = []
+                for _ in range(iters):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                out[name]["p50_ms"].append(float(np.median(times)))
+                if round_ == 1:
+                    out[name]["gpu_kernel_ms"] = profile_callable(step)["gpu_ms"]
+    finally:
+        os.environ.pop("HMEDN_BACKEND_NORM_ACT", None)
+        na.TRITON_MIN_ELEMENTS = default
+    del step
+    free()
+    return out
+
+
+def profile_callable(step: Callable[[], object], top: int = 20) -> dict:
+    """CUDA time of one profiled ``step()`` by kernel (the ``top`` largest) and in total."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step(config, size)
-    for _ in range(3):
-        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in events)
     events.sort(key=lambda e: -e.self_device_time_total)
+    return {"gpu_ms": sum(e.self_device_time_total for e in events) / 1e3, "kernels": [
+        {"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:top]]}
+
+
+def profile_step(config: str, size: int, top: int = 20) -> dict:
+    """:func:`profile_callable` of a warmed-up step of ``config``."""
+    step = make_step(config, size)
+    for _ in range(3):
+        step()
+    result = profile_callable(step, top)
     del step
     free()
-    return {"gpu_ms": total / 1e3, "kernels": [
-        {"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:top]]}
+    return result
 
 
 def main() -> None:
@@ -280,6 +323,9 @@ def main() -> None:
             targets[f"lean_peak_fraction_of_{base}"] = steps["lean"]["peak_mib"] / steps[base]["peak_mib"]
     result["targets"] = targets
     result["profile_lean"] = profile_step("lean", 128)
+    path.write_text(json.dumps(result, indent=1))
+    result["norm_act_ab"] = norm_ab(128, args.iters)
+    print("norm_act A/B (lean step):", json.dumps(result["norm_act_ab"]), flush=True)
     print(f"lean step profile: {result['profile_lean']['gpu_ms']:.1f} ms of GPU kernels; largest:", flush=True)
     for k in result["profile_lean"]["kernels"][:12]:
         print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
