@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.nn import HRPathway  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
+from timing import cuda_times  # noqa: E402
 
 CASES = {
     "3d_l2": dict(spatial_dims=3, in_channels=32, channels=32, batch=1, size=(64, 64, 64)),
@@ -170,18 +171,13 @@ def judge(out: dict) -> None:
 
 def timed(fn, warmup: int, iters: int, device: str) -> float:
     """Median milliseconds of fn() (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+    if device == "cuda":
+        times = cuda_times(fn, iters, warmup)
+    else:
+        for _ in range(warmup):
             fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
+        times = []
+        for _ in range(iters):
             t = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - t))

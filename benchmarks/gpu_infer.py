@@ -33,6 +33,7 @@ from hmedn_fast.export import export_onnx  # noqa: E402
 from hmedn_fast.infer import CompiledEngine, EagerEngine, OnnxRuntimeEngine, sliding_window_inference  # noqa: E402
 from hmedn_fast.infer.engines import Engine, TensorOutputs  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
+from timing import cuda_times  # noqa: E402
 
 WINDOW = (128, 128, 128)
 VOLUME = (240, 240, 155)
@@ -65,14 +66,7 @@ def time_cuda(fn, warmup: int, iters: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = cuda_times(fn, iters)
     peak = torch.cuda.max_memory_allocated()
     return {**percentiles(times), "peak_mem_mib": peak / 2**20, "peak_above_start_mib": (peak - base) / 2**20}
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.ops import difficulty_guided_loss  # noqa: E402
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
+from timing import cuda_times  # noqa: E402
 
 SHAPES = {"2x4x128^3": (2, 4, 128, 128, 128), "10x4x208x144": (10, 4, 208, 144)}
 LOGIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -98,16 +99,8 @@ def copy_bandwidth() -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy (median of 20)."""
     x = torch.randn(2**28, device="cuda")
     y = torch.empty_like(x)
-    times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * x.numel() * x.element_size() / statistics.median(times)
+    times = cuda_times(lambda: y.copy_(x), 20, warmup=5)
+    return 2 * x.numel() * x.element_size() / (statistics.median(times) / 1e3)
 
 
 def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
@@ -162,16 +155,9 @@ def graph_time(fn: Callable, case: dict, replays: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fwd_bwd_step(fn, case)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = cuda_times(graph.replay, replays)
     del graph
-    return statistics.median(times)
+    return statistics.median(times) / 1e3
 
 
 def peak_extra_memory(fn: Callable, case: dict) -> int:

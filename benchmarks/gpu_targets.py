@@ -30,6 +30,7 @@ from scipy import ndimage as ndi
 
 from hmedn_fast.ops import targets_ext
 from hmedn_fast.ops.reference import targets as reference
+from timing import cuda_times
 
 SIGMA_CONTOUR, SIGMA_WEIGHT, MU0, MU = 2.0, 8.0, 1.0, 25.0
 # name -> (batch, spatial shape, num_classes)
@@ -97,18 +98,7 @@ def time_cpu(fn: Callable[[], object], reps: int) -> float:
 
 
 def time_cuda(fn: Callable[[], object], reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_times(fn, reps, warmup=5))
 
 
 def copy_bandwidth_gbs() -> float:

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from hmedn_fast.losses import HMEDNLoss  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
+from timing import cuda_times  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
 NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl")  # steps timed, no cube search (time)
@@ -124,14 +125,8 @@ def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        losses.append(step())
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    losses: list[torch.Tensor] = []
+    times = cuda_times(lambda: losses.append(step()), iters)
     peak = torch.cuda.max_memory_allocated()
     del step
     free()
@@ -225,17 +220,7 @@ def norm_ab(size: int, iters: int) -> dict:
                 os.environ.pop("HMEDN_BACKEND_NORM_ACT", None)
                 os.environ.update(env)
                 na.TRITON_MIN_ELEMENTS = threshold
-                for _ in range(2):
-                    step()
-                times = []
-                for _ in range(iters):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    step()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                out[name]["p50_ms"].append(float(np.median(times)))
+                out[name]["p50_ms"].append(float(np.median(cuda_times(step, iters, warmup=2))))
                 if round_ == 1:
                     out[name]["gpu_kernel_ms"] = profile_callable(step)["gpu_ms"]
     finally:
