@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.nn import HRPathway  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
-from timing import cuda_times  # noqa: E402
+from timing import cuda_times, host_times  # noqa: E402
 
 CASES = {
     "3d_l2": dict(spatial_dims=3, in_channels=32, channels=32, batch=1, size=(64, 64, 64)),
@@ -171,16 +171,7 @@ def judge(out: dict) -> None:
 
 def timed(fn, warmup: int, iters: int, device: str) -> float:
     """Median milliseconds of fn() (CUDA events on GPU)."""
-    if device == "cuda":
-        times = cuda_times(fn, iters, warmup)
-    else:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
+    times = cuda_times(fn, iters, warmup) if device == "cuda" else host_times(fn, iters, warmup)
     return sorted(times)[len(times) // 2]
 
 

@@ -33,7 +33,7 @@ from hmedn_fast.export import export_onnx  # noqa: E402
 from hmedn_fast.infer import CompiledEngine, EagerEngine, OnnxRuntimeEngine, sliding_window_inference  # noqa: E402
 from hmedn_fast.infer.engines import Engine, TensorOutputs  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
-from timing import cuda_times  # noqa: E402
+from timing import cuda_times, host_times  # noqa: E402
 
 WINDOW = (128, 128, 128)
 VOLUME = (240, 240, 155)
@@ -72,14 +72,7 @@ def time_cuda(fn, warmup: int, iters: int) -> dict:
 
 
 def time_host(fn, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return percentiles(times)
+    return percentiles(host_times(fn, iters, warmup))
 
 
 def window_floor(model, x: torch.Tensor) -> dict:

@@ -19,7 +19,6 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ from scipy import ndimage as ndi
 
 from hmedn_fast.ops import targets_ext
 from hmedn_fast.ops.reference import targets as reference
-from timing import cuda_times
+from timing import cuda_times, host_times
 
 SIGMA_CONTOUR, SIGMA_WEIGHT, MU0, MU = 2.0, 8.0, 1.0, 25.0
 # name -> (batch, spatial shape, num_classes)
@@ -88,13 +87,7 @@ def max_error(got: tuple[torch.Tensor, torch.Tensor], want) -> float:
 
 
 def time_cpu(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(host_times(fn, reps, warmup=1))
 
 
 def time_cuda(fn: Callable[[], object], reps: int = 50) -> float:

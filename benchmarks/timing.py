@@ -1,6 +1,7 @@
 """CUDA-event timing shared by the GPU benchmark scripts (benchmarks/ is on sys.path for them and for pytest)."""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -20,4 +21,16 @@ def cuda_times(fn: Callable[[], object], iters: int, warmup: int = 0) -> list[fl
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return times
+
+
+def host_times(fn: Callable[[], object], iters: int, warmup: int = 0) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn()`` by the host clock, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
