@@ -114,9 +114,10 @@ def _saved_bytes_and_grads(model, x):
     return sum(saved), grads
 
 
-def test_checkpointing_levels_keep_gradients_and_save_memory():
+@pytest.mark.parametrize("norm", ["instance", "batch"])  # batch: the lean level runs the lean dense blocks too
+def test_checkpointing_levels_keep_gradients_and_save_memory(norm):
     model = create_model("hmedn_2d", widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
-                         hr_blocks=3, norm="instance", dropout=0.0).double()
+                         hr_blocks=3, norm=norm, dropout=0.0).double()
     x = torch.randn(2, 5, 16, 16, dtype=torch.float64)
     results = {}
     for level in LEVELS:

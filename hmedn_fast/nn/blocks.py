@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .dense_lean import lean_dense_forward
+from .dense_lean import supported as lean_dense_supported
 from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
@@ -102,6 +104,10 @@ class DenseBlock(nn.Module):
         norm: norm of each layer (pre-activation, as DenseNet).
 
     Shapes: (N, C_in, *spatial) -> (N, C_in + n * g, *spatial). ``out_channels`` gives C_in + n * g.
+
+    ``lean = True`` (set by ``hmedn_fast.train.memory.set_checkpointing(model, "lean")``): training forwards of
+    BatchNorm blocks run :class:`~hmedn_fast.nn.dense_lean.LeanDenseBlock` (one shared buffer, norm + ReLU
+    recomputed in backward; same outputs, gradients and running statistics).
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int, spatial_dims: int = 2,
@@ -113,8 +119,12 @@ class DenseBlock(nn.Module):
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, spatial_dims, norm) for i in range(num_layers))
         self.out_channels = in_channels + num_layers * growth_rate
+        self.lean = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.lean and torch.is_grad_enabled() and lean_dense_supported(self)
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return lean_dense_forward(self, x)
         feats = [x]
         for layer in self.layers:
             feats.append(layer(torch.cat(feats, 1)))

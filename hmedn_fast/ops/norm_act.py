@@ -37,11 +37,25 @@ TRITON_MIN_ELEMENTS = 2 ** 24  # automatic choice: below this the reference's fe
 
 def prefers_triton(x: Tensor, kind: str, training: bool) -> bool:
     """True where the automatic backend of :func:`norm_act` is Triton: a training-mode (batch statistics)
-    BatchNorm of a CUDA tensor in ``torch.channels_last_3d`` with at least ``TRITON_MIN_ELEMENTS`` elements,
-    autograd on, outside ``torch.compile``."""
+    BatchNorm of a 3D CUDA tensor laid out channels-last (``torch.channels_last_3d``, or a channel slice of
+    one) with at least ``TRITON_MIN_ELEMENTS`` elements, autograd on, outside ``torch.compile``."""
     return (kind == "batch" and training and x.is_cuda and x.ndim == 5 and x.numel() >= TRITON_MIN_ELEMENTS
-            and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-            and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+            and channels_innermost(x) and torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def channels_innermost(x: Tensor) -> bool:
+    """(N, C, *spatial) with more than one channel, channel stride 1 and the spatial axes flattening to one
+    stride: ``channels_last`` / ``channels_last_3d`` tensors and channel slices of them."""
+    if x.shape[1] < 2 or x.stride(1) != 1:
+        return False
+    step = None
+    for size, stride in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
+        if size == 1:
+            continue
+        if step is None and stride < x.shape[1] or step is not None and stride != step:
+            return False
+        step = stride * size
+    return True
 
 
 def norm_act_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = "batch",
@@ -121,15 +135,20 @@ def norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = 
         TypeError / ValueError on bad inputs (named), RuntimeError when a forced backend is unavailable.
     """
     _check(x, weight, bias, kind, num_groups, residual, running_mean, running_var, training)
-    candidates = [("reference", lambda: None), ("triton", lambda: _triton_unavailable(x, kind))]
-    if prefers_triton(x, kind, training):
-        candidates.reverse()
-    chosen = choose_backend("norm_act", backend, candidates)
-    if chosen == "reference":
+    if choose(x, kind, training, backend) == "reference":
         return norm_act_reference(x, weight, bias, kind, num_groups, eps, residual, relu, running_mean,
                                   running_var, momentum, training)
     return _NormActTriton.apply(x, weight, bias, residual, kind, num_groups, eps, relu, running_mean, running_var,
                                 momentum, training)
+
+
+def choose(x: Tensor, kind: str, training: bool, backend: str | None = None) -> str:
+    """The backend :func:`norm_act` runs for these arguments: ``backend`` or the environment's if forced
+    (checked to be able to run them), else the automatic choice (:func:`prefers_triton`)."""
+    candidates = [("reference", lambda: None), ("triton", lambda: _triton_unavailable(x, kind))]
+    if prefers_triton(x, kind, training):
+        candidates.reverse()
+    return choose_backend("norm_act", backend, candidates)
 
 
 def _triton_unavailable(x: Tensor, kind: str) -> str | None:

@@ -18,7 +18,9 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
 
 - ``"none"``: plain autograd everywhere;
 - ``"lean"``: the HR pathways' memory-lean residual blocks (:mod:`hmedn_fast.nn.lean`: block input and conv
-  outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation);
+  outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation) and the memory-lean dense
+  blocks (:mod:`hmedn_fast.nn.dense_lean`: one shared feature buffer, norm + ReLU recomputed; no convolution
+  is recomputed at this level);
 - ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed), and every dense block of the
   distilling pathway runs under ``torch.utils.checkpoint`` (non-reentrant; the recomputation in backward
   leaves the BatchNorm running statistics alone, so they are updated once per step as without checkpointing).
@@ -212,6 +214,7 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward
+            m.lean = level == "lean"
             if level == "blocks":
                 m.forward = _checkpointed_forward(m, m.forward)
             count += 1

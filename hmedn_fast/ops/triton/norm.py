@@ -388,12 +388,29 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
         coef, geo.c, geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
         float(momentum), HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
         GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
+    return apply(geo, x, residual, coef, relu), coef
+
+
+def apply(geo: Geometry, x: Tensor, residual: Tensor | None, coef: Tensor, relu: bool) -> Tensor:
+    """``y = relu(x * scale + shift (+ residual))`` with the coefficients :func:`forward` computed (one launch;
+    also replays a forward without reducing again). y is dense in x's layout (x may be a strided view)."""
     mixed = residual is not None and residual.dtype != x.dtype
-    y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype) if mixed else None)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if mixed else x.dtype
+    y = _empty_like(x, dtype)
     ys = geo.xs if y.stride() == x.stride() else ncs_strides(y)
     _FORWARD(geo.grid, x, _or(residual, x), coef, y, geo.c, geo.s, geo.cn, *geo.xs, *geo.rs, *ys,
              HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
-    return y, coef
+    return y
+
+
+def _empty_like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``torch.empty_like(x, dtype)`` for NC* or channels-last x; for other strides (a channel slice of a
+    channels-last tensor, say) a dense tensor with channels innermost when x's channel stride is 1, else NC*."""
+    fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d if x.ndim == 5 else None
+    if x.is_contiguous() or fmt is not None and x.is_contiguous(memory_format=fmt):
+        return torch.empty_like(x, dtype=dtype)
+    return torch.empty(x.shape, device=x.device, dtype=dtype,
+                       memory_format=fmt if fmt is not None and x.stride(1) == 1 else torch.contiguous_format)
 
 
 def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weight: Tensor | None, coef: Tensor,
@@ -424,8 +441,8 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
         geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper,
         geo.nsets, geo.split, geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
         BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
-    dx = torch.empty_like(x)
-    dr = torch.empty_like(x, dtype=residual.dtype) if need_r else None
+    dx = _empty_like(x, x.dtype)
+    dr = torch.empty_like(dx, dtype=residual.dtype) if need_r else None
     outs = geo.xs if dx.stride() == x.stride() else ncs_strides(dx)
     _BACKWARD(
         geo.grid, x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds,

@@ -1,0 +1,159 @@
+"""Memory-lean dense block: one shared feature buffer, norm + ReLU recomputed in backward (the memory-efficient
+DenseNet scheme of Pleiss et al., 2017).
+
+Eager :class:`~hmedn_fast.nn.blocks.DenseBlock` concatenates for every layer: layer i's input
+``cat(x, f_1, ..., f_{i-1})`` (c_i channels) is a new tensor, autograd keeps it and its BatchNorm + ReLU output
+for backward, and the block output is one more concatenation; in backward every feature's gradient is a sum
+over the concatenations that used it. That is O(n^2) channel copies and saved channels per block.
+
+:class:`LeanDenseBlock` writes x and each layer's g new channels once into one (N, C_out, *spatial) buffer, the
+block output, in x's layout. Layer i normalises the channel slice ``buffer[:, :c_i]`` in place of a
+concatenation (the Triton norm reads the slice, ATen's BatchNorm takes it as it is) and its convolution writes
+its g channels into the buffer. Saved: the buffer and each norm's statistics (C floats). The backward replays
+each norm + ReLU from the buffer with the saved statistics (no reduction), runs the convolution and norm
+backward kernels directly, and accumulates input gradients into slices of one gradient buffer. BatchNorm layers
+only (the default norm); other norms, and convolutions with a bias, run the eager block. Autocast is replayed
+as the forward ran it. Differentiable once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.norm_act import choose
+from .lean import _batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call
+
+
+def supported(block: nn.Module) -> bool:
+    """True when every layer of the dense block is BatchNorm -> ReLU -> bias-free convolution."""
+    return all(is_batch_norm(layer.norm) and layer.conv.bias is None for layer in block.layers)
+
+
+class _AtenNorm:
+    """BatchNorm + ReLU through ATen's kernels (any device and dtype)."""
+
+    def __init__(self, inp: Tensor, norm: nn.Module) -> None:
+        call = norm_call(norm, update=True)
+        out, self.mean, self.invstd = _batch_norm(inp, norm.weight, norm.bias, call)
+        self.a = torch.relu_(out)
+        self.train, self.eps = call["training"], call["eps"]
+
+    def replay(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        out = torch.ops.aten.native_batch_norm(inp, weight, bias, self.mean, _variance(self.invstd, self.eps), False,
+                                               0.0, self.eps)[0]
+        return torch.relu_(out)
+
+    def backward(self, ga: Tensor, inp: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
+        gn = torch.ops.aten.threshold_backward(ga, a, 0)
+        return _batch_norm_backward(gn, inp, weight, self.mean, self.invstd, self.train, self.eps,
+                                    [True, need_w, need_b])
+
+    def saved(self) -> tuple[Tensor, ...]:
+        return self.mean, self.invstd
+
+
+class _TritonNorm:
+    """BatchNorm + ReLU through the fused Triton kernels (:mod:`hmedn_fast.ops.triton.norm`)."""
+
+    def __init__(self, inp: Tensor, norm: nn.Module) -> None:
+        from hmedn_fast.ops.triton import norm as kernels
+
+        call = norm_call(norm, update=True)
+        x, xs = kernels.flat(inp)
+        self.batch_stats = call["training"]
+        self.geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, self.batch_stats)
+        update = self.batch_stats and call["running_mean"] is not None
+        self.a, self.coef = kernels.forward(self.geo, x, None, norm.weight, norm.bias, call["running_mean"],
+                                            call["running_var"], call["eps"], call["momentum"], True,
+                                            self.batch_stats, update)
+
+    def replay(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        from hmedn_fast.ops.triton import norm as kernels
+
+        return kernels.apply(self.geo, kernels.flat(inp)[0], None, self.coef, True)
+
+    def backward(self, ga: Tensor, inp: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
+        from hmedn_fast.ops.triton import norm as kernels
+
+        dx, dw, db, _ = kernels.backward(self.geo, kernels.flat(inp)[0], None, ga, weight, self.coef, True,
+                                         self.batch_stats, need_w, weight.dtype if need_b else None, False)
+        return dx, dw, db
+
+    def saved(self) -> tuple[Tensor, ...]:
+        return (self.coef,)
+
+
+class LeanDenseBlock(torch.autograd.Function):
+    """Dense block forward + backward over one shared buffer (module doc). Inputs: x (N, C_in, *spatial), the
+    :class:`~hmedn_fast.nn.blocks.DenseBlock`, then per layer its norm weight, norm bias (None without affine)
+    and conv weight. Output: (N, C_in + n g, *spatial), equal to the eager block's, in x's layout and in the
+    dtype ``torch.cat`` would give (x's promoted with the convolutions' output dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: nn.Module, *params: Tensor | None) -> Tensor:
+        layers, dev = block.layers, x.device.type
+        autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        conv_dtype = autocast[2] if autocast[1] else torch.promote_types(x.dtype, params[2].dtype)
+        fmt = _layout(x)
+        out = torch.empty((x.shape[0], block.out_channels, *x.shape[2:]), device=x.device,
+                          dtype=torch.promote_types(x.dtype, conv_dtype), memory_format=fmt)
+        out[:, :x.shape[1]].copy_(x)
+        engines, c = [], x.shape[1]
+        for layer in layers:
+            inp = out[:, :c]
+            engine = (_TritonNorm if choose(inp, "batch", layer.norm.training or layer.norm.running_mean is None)
+                      == "triton" else _AtenNorm)(inp, layer.norm)
+            f = _conv(engine.a, layer.conv.weight, layer.conv)
+            g = f.shape[1]
+            out[:, c:c + g].copy_(f)
+            engine.a = None  # recomputed in backward
+            engines.append(engine)
+            c += g
+        ctx.block, ctx.engines, ctx.autocast, ctx.fmt, ctx.c_in = block, engines, autocast, fmt, x.shape[1]
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(out, *params, *(t for e in engines for t in e.saved()))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout: Tensor):
+        out, *rest = ctx.saved_tensors
+        layers, engines = ctx.block.layers, ctx.engines
+        params = rest[:3 * len(layers)]
+        need = ctx.needs_input_grad
+        dev, autocast_on, autocast_dtype = ctx.autocast
+        gbuf = gout.to(out.dtype).clone(memory_format=ctx.fmt)
+        grads: list[Tensor | None] = [None] * len(params)
+        c = out.shape[1]
+        for i in reversed(range(len(layers))):
+            layer, engine = layers[i], engines[i]
+            g = layer.conv.out_channels
+            c -= g
+            weight, bias, conv_weight = params[3 * i:3 * i + 3]
+            inp = out[:, :c]
+            with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+                a = engine.replay(inp, weight, bias)
+            gf = gbuf[:, c:c + g].to(autocast_dtype if autocast_on else conv_weight.dtype)
+            ga, gw = _conv_backward(gf, a, conv_weight, layer.conv, True, need[4 + 3 * i])
+            need_w = need[2 + 3 * i] and weight is not None
+            need_b = need[3 + 3 * i] and bias is not None
+            ginp, gnw, gnb = engine.backward(ga.to(a.dtype), inp, a, weight, need_w, need_b)
+            gbuf[:, :c].add_(ginp.to(gbuf.dtype))
+            grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
+        gx = gbuf[:, :ctx.c_in].to(ctx.x_dtype).contiguous(memory_format=ctx.fmt) if need[0] else None
+        return (gx, None, *grads)
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """Channels-last when x is (and is not also NC*-contiguous), else contiguous."""
+    if x.ndim in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def lean_dense_forward(block: nn.Module, x: Tensor) -> Tensor:
+    """The block's output through :class:`LeanDenseBlock` (callers check :func:`supported`)."""
+    params = [t for layer in block.layers for t in (layer.norm.weight, layer.norm.bias, layer.conv.weight)]
+    return LeanDenseBlock.apply(x, block, *params)

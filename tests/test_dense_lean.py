@@ -1,0 +1,156 @@
+"""Memory-lean dense block (hmedn_fast.nn.dense_lean) against the eager DenseBlock: outputs, input and parameter
+gradients, running statistics and layout, in float64 (ATen engine), under TRITON_INTERPRET=1 with the Triton
+norm engine forced, and on the GPU (marked ``cuda``); float64 gradcheck; saved memory.
+
+The interpreted tests run in a TRITON_INTERPRET=1 subprocess (``test_interpreter_suite``)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hmedn_fast.nn.blocks import DenseBlock
+from hmedn_fast.nn.dense_lean import LeanDenseBlock, lean_dense_forward, supported
+
+
+@pytest.mark.not_interpreted
+def test_interpreter_suite(interpreter_suite):
+    interpreter_suite(__file__)
+
+
+def _blocks(c_in, growth, layers, spatial_dims, dtype=torch.float64, affine=True, momentum=0.1, norm="batch"):
+    spec = norm if norm != "batch" or affine else ("batch", {"affine": False})
+    ref = DenseBlock(c_in, growth, layers, spatial_dims, spec).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    for m in ref.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            m.momentum = momentum
+            if m.affine:
+                m.weight.data = torch.rand(m.weight.shape, generator=g, dtype=dtype) + 0.5
+                m.bias.data = torch.randn(m.bias.shape, generator=g, dtype=dtype) * 0.3
+    lean = copy.deepcopy(ref)
+    lean.lean = True
+    return ref, lean
+
+
+def _run(block, x, gy, x_grad=True):
+    xi = x.clone().requires_grad_(x_grad)
+    y = block(xi)
+    y.backward(gy)
+    return y, xi.grad, [p.grad for p in block.parameters()], [b.clone() for b in block.buffers()]
+
+
+def _compare(ref, lean, x, rtol, atol_scale, x_grad=True, steps=2):
+    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    for _ in range(steps):
+        shape = (x.shape[0], ref.out_channels, *x.shape[2:])
+        gy = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(x.device, out_dtype)
+        ref.zero_grad(), lean.zero_grad()
+        want = _run(ref, x, gy, x_grad)
+        got = _run(lean, x, gy, x_grad)
+        fmt = (torch.channels_last if x.ndim == 4 else torch.channels_last_3d) if not x.is_contiguous() else (
+            torch.contiguous_format)
+        assert got[0].dtype == want[0].dtype and got[0].is_contiguous(memory_format=fmt)  # x's layout
+        for a, b in zip(got[:2], want[:2]):
+            if b is None:
+                assert a is None
+                continue
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol_scale * b.abs().max().item())
+        for a, b in zip(got[2] + got[3], want[2] + want[3]):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol_scale * max(b.abs().max().item(), 1e-30))
+        x = x * 1.2 + 0.1
+
+
+@pytest.mark.not_interpreted
+@pytest.mark.parametrize("shape, channels_last", [((2, 6, 7, 9), False), ((2, 6, 7, 9), True),
+                                                  ((2, 6, 5, 6, 7), False), ((2, 6, 5, 6, 7), True)])
+@pytest.mark.parametrize("affine, momentum", [(True, 0.1), (False, None)])
+def test_lean_dense_block_equals_eager_float64(shape, channels_last, affine, momentum):
+    ref, lean = _blocks(6, 4, 3, len(shape) - 2, affine=affine, momentum=momentum)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12)
+    ref.eval(), lean.eval()  # running statistics, gradients still on (fine-tuning with frozen norms)
+    _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12, steps=1)
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_parameters_only_and_fallbacks():
+    """x without grad (parameters only); instance-norm blocks and eval without grad run the eager path."""
+    ref, lean = _blocks(5, 3, 2, 3)
+    x = torch.randn(2, 5, 4, 5, 6, dtype=torch.float64)
+    _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12, x_grad=False)
+    inst = DenseBlock(5, 3, 2, 3, "instance").double()
+    assert supported(lean) and not supported(inst)
+    calls = []
+    real = LeanDenseBlock.apply
+    LeanDenseBlock.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        inst.lean = True
+        inst(x.clone().requires_grad_()).sum().backward()
+        with torch.no_grad():
+            lean(x)
+        assert calls == []
+        lean(x.clone().requires_grad_())
+        assert calls == [1]
+    finally:
+        LeanDenseBlock.apply = real
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_gradcheck():
+    _, lean = _blocks(3, 2, 2, 2)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    params = [p for p in lean.parameters()]
+    assert torch.autograd.gradcheck(lambda inp, *ps: lean_dense_forward(lean, inp), (x, *params), eps=1e-6,
+                                    atol=1e-6)
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_saves_less():
+    """Saved for backward: the eager block keeps every layer's concatenated input and its norm output (O(n^2)
+    channels); the lean block keeps its output buffer (C_in + n g channels) and per-layer statistics."""
+    ref, lean = _blocks(8, 8, 4, 3, dtype=torch.float32)
+    x = torch.randn(1, 8, 16, 16, 16, requires_grad=True)
+    saved = {}
+    for name, block in (("eager", ref), ("lean", lean)):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            block(x)
+        saved[name] = sum(sizes)
+    buffer = 40 * 16**3 * 4
+    params = sum(p.numel() * 4 for p in lean.parameters())
+    stats = 2 * 4 * sum(layer.norm.num_features for layer in lean.layers)  # mean and 1 / std per channel
+    assert saved["lean"] == buffer + params + stats
+    assert saved["eager"] > 2.5 * saved["lean"]
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lean_dense_block_triton_engine(monkeypatch, channels_last):
+    """Triton norm engine (forced): reads channel slices of the shared buffer, replays with saved coefficients;
+    equals the eager block (whose norm_act calls take Triton too) in float32."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
+    x = torch.randn(2, 6, 3, 4, 5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_lean_dense_block_full_resolution(dtype, monkeypatch):
+    """A full-resolution dense block of hmedn_3d_l2 (16 -> 80 channels at 64^3, channels-last; the last layers'
+    inputs pass the Triton size threshold): lean equals eager (fp32 without TF32 at 1e-4; bf16 autocast at 2e-2)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
+    ref, lean = ref.cuda().to(memory_format=torch.channels_last_3d), lean.cuda().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 16, 80, 80, 80, device="cuda").to(memory_format=torch.channels_last_3d)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        _compare(ref, lean, x, rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                 atol_scale=1e-4 if dtype == torch.float32 else 2e-2)
