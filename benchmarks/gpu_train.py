@@ -261,13 +261,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="a subset of the settings (must include lean and eager_fp32)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_train.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     card = torch.cuda.get_device_name()
-    configs = dict(CONFIGS)
+    configs = {name: CONFIGS[name] for name in args.configs}
     try:
         import monai
         monai_version = monai.__version__
@@ -278,9 +281,9 @@ def main() -> None:
     result = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                            "monai": monai_version, "python": platform.python_version()},
-              "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30}
+              "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30, "configs": list(configs)}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
-    path = args.out / f"train_{slug}.json"
+    path = args.out / f"train_{slug}{'_' + args.tag if args.tag else ''}.json"
     result["smoke"] = smoke()
     print("smoke:", json.dumps(result["smoke"]), flush=True)
 

@@ -142,11 +142,13 @@ def norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = 
                                 momentum, training)
 
 
-def choose(x: Tensor, kind: str, training: bool, backend: str | None = None) -> str:
+def choose(x: Tensor, kind: str, training: bool, backend: str | None = None,
+           prefer_triton: bool | None = None) -> str:
     """The backend :func:`norm_act` runs for these arguments: ``backend`` or the environment's if forced
-    (checked to be able to run them), else the automatic choice (:func:`prefers_triton`)."""
+    (checked to be able to run them), else Triton where it can run and is preferred (``prefer_triton``, by
+    default :func:`prefers_triton`), else the reference."""
     candidates = [("reference", lambda: None), ("triton", lambda: _triton_unavailable(x, kind))]
-    if prefers_triton(x, kind, training):
+    if prefers_triton(x, kind, training) if prefer_triton is None else prefer_triton:
         candidates.reverse()
     return choose_backend("norm_act", backend, candidates)
 
