@@ -145,12 +145,16 @@ def test_lean_dense_block_triton_engine(monkeypatch, channels_last):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_lean_dense_block_full_resolution(dtype, monkeypatch):
-    """A full-resolution dense block of hmedn_3d_l2 (16 -> 80 channels at 64^3, channels-last; the last layers'
-    inputs pass the Triton size threshold): lean equals eager (fp32 without TF32 at 1e-4; bf16 autocast at 2e-2)."""
+    """A full-resolution dense block of hmedn_3d_l2 (16 -> 80 channels at 80^3, channels-last) with the eager
+    block's norms on the Triton backend too (the lean block takes Triton on CUDA at every size; the eager block
+    only from 2^24 elements, and two BatchNorm implementations differ in the last bits, which flips ReLU masks of
+    near-zero activations and then single gradient elements by O(1)): the same kernels on a shared buffer must
+    give the eager block's outputs, gradients and running statistics (measured bitwise equal in float32)."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
     ref, lean = ref.cuda().to(memory_format=torch.channels_last_3d), lean.cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 16, 80, 80, 80, device="cuda").to(memory_format=torch.channels_last_3d)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        _compare(ref, lean, x, rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                 atol_scale=1e-4 if dtype == torch.float32 else 2e-2)
+        _compare(ref, lean, x, rtol=1e-6, atol_scale=1e-6)
