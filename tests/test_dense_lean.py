@@ -84,7 +84,8 @@ def test_lean_dense_block_parameters_only_and_fallbacks():
     x = torch.randn(2, 5, 4, 5, 6, dtype=torch.float64)
     _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12, x_grad=False)
     inst = DenseBlock(5, 3, 2, 3, "instance").double()
-    assert supported(lean) and not supported(inst)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(lean))  # DDP runs: statistics across processes
+    assert supported(lean) and not supported(inst) and not supported(synced)
     calls = []
     real = LeanDenseBlock.apply
     LeanDenseBlock.apply = lambda *a: calls.append(1) or real(*a)

@@ -22,12 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.norm_act import choose
-from .lean import _batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call
+from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
+                   supports)
 
 
 def supported(block: nn.Module) -> bool:
-    """True when every layer of the dense block is BatchNorm -> ReLU -> bias-free convolution."""
-    return all(is_batch_norm(layer.norm) and layer.conv.bias is None for layer in block.layers)
+    """True when every layer of the dense block is BatchNorm -> ReLU -> bias-free convolution (not
+    SyncBatchNorm: its statistics span processes, which the lean block's local statistics would not)."""
+    return all(supports(layer.norm) and is_batch_norm(layer.norm) and layer.conv.bias is None
+               for layer in block.layers)
 
 
 class _AtenNorm:
