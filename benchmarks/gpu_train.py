@@ -18,7 +18,7 @@ Times: CUDA events around each step after warm-up (p50 and mean ms). Peak memory
 over the timed steps (parameters, gradients, AdamW state and activations). Largest cube: under
 ``torch.cuda.set_per_process_memory_fraction(8 GiB / total)``, the largest multiple of 16 in 64..256 for which
 two steps at batch 1 run without an out-of-memory error (binary search; monotone in the size).
-Writes DIR/train_<card>.json and prints a table.
+Writes DIR/train_<card>.json and a PNG of it, and prints a table (``--plot RECORD.json`` redraws a PNG).
 """
 from __future__ import annotations
 
@@ -256,6 +256,34 @@ def profile_step(config: str, size: int, top: int = 20) -> dict:
     return result
 
 
+def plot(result: dict, path: Path) -> None:
+    """PNG of a record: step time and peak memory per setting (bars), the largest cube under 8 GiB as labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["step"])
+    cubes = result.get("largest_cube_8gib", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.6), sharey=True)
+    for ax, key, label in ((axes[0], "p50_ms", "step time (ms, p50)"), (axes[1], "peak_mib", "peak memory (MiB)")):
+        values = [result["step"][n][key] for n in names]
+        colors = ["tab:gray" if n.startswith("dynunet") else "tab:blue" for n in names]
+        ax.barh(names, values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+        ax.set_xlabel(label)
+    axes[0].invert_yaxis()  # shared: the first setting on top
+    for i, n in enumerate(names):
+        if n in cubes and cubes[n]["largest_cube"]:
+            axes[1].text(0, i, f"  cube {cubes[n]['largest_cube']}", va="center", fontsize=8, color="white")
+    fig.suptitle(f"hmedn_3d_l2 training step, 1x4x128^3, {result['card']} ({result['date'][:10]}); "
+                 f"gray: MONAI DynUNet", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -264,7 +292,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="a subset of the settings (must include lean and eager_fp32)")
     parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json)")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing record (next to it)")
     args = parser.parse_args()
+    if args.plot is not None:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
     if not torch.cuda.is_available():
         sys.exit("gpu_train.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +351,8 @@ def main() -> None:
         print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
     print("targets:", json.dumps(targets), flush=True)
     path.write_text(json.dumps(result, indent=1))
-    print("wrote", path)
+    plot(result, path.with_suffix(".png"))
+    print("wrote", path, "and", path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
