@@ -131,16 +131,27 @@ def test_lean_dense_block_saves_less():
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4, 5), (2, 6, 5, 7)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lean_dense_block_triton_engine(monkeypatch, channels_last):
+def test_lean_dense_block_triton_engine(monkeypatch, shape, channels_last):
     """Triton norm engine (forced): reads channel slices of the shared buffer, replays with saved coefficients;
-    equals the eager block (whose norm_act calls take Triton too) in float32."""
+    equals the eager block (whose norm_act calls take Triton too) in float32, 3D and 2D."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
-    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
-    x = torch.randn(2, 6, 3, 4, 5)
+    ref, lean = _blocks(6, 4, 3, len(shape) - 2, dtype=torch.float32)
+    x = torch.randn(shape)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last_3d)
+        x = x.to(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
     _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_under_cpu_autocast():
+    """bf16 autocast (CPU): the convolutions run in bf16 as in the eager block, the buffer in the dtype torch.cat
+    gives (float32 here); outputs and gradients equal the eager block's up to bf16 rounding."""
+    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
+    x = torch.randn(2, 6, 5, 6, 7).to(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare(ref, lean, x, rtol=2e-2, atol_scale=2e-2)
 
 
 @pytest.mark.cuda
