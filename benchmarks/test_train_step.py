@@ -4,7 +4,7 @@ and of the data pipeline's sample production.
     python -m pytest benchmarks/test_train_step.py --benchmark-only
 
 CPU rows use a small hmedn_3d_l2 (1x1x32^3) so they run anywhere; CUDA rows run the paper's hmedn_3d_l2 at
-1x4x128^3 (bf16 autocast) and skip without a GPU. The standalone GPU script with the DynUNet baseline, the
+1x4x128^3 as the trainer does on CUDA (bf16 autocast, channels-last) and skip without a GPU. The standalone GPU script with the DynUNet baseline, the
 8 GiB largest-cube search and the JSON report is ``benchmarks/gpu_train.py``.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ SMALL = dict(in_channels=1, widths=(8, 8, 16, 16, 16), growth_rates=4, num_layer
 
 def _step_fn(device: str, level: str, size: int, overrides: dict, dtype: torch.dtype | None):
     torch.manual_seed(0)
-    model = create_model("hmedn_3d_l2", **overrides).to(device).train()
+    fmt = torch.channels_last_3d if device == "cuda" else torch.contiguous_format  # the trainer's layouts
+    model = create_model("hmedn_3d_l2", **overrides).to(device, memory_format=fmt).train()
     set_checkpointing(model, level)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
     loss_fn = HMEDNLoss(4, check_values=False).to(device)
-    x = torch.randn(1, model.in_channels, size, size, size, device=device)
+    x = torch.randn(1, model.in_channels, size, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 4, (1, size, size, size), dtype=torch.uint8, device=device)
 
     def step():
