@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
+from hmedn_fast.ops.strides import flat_spatial_stride
 
 KINDS = ("batch", "instance", "group")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -45,17 +46,11 @@ def prefers_triton(x: Tensor, kind: str, training: bool) -> bool:
 
 def channels_innermost(x: Tensor) -> bool:
     """(N, C, *spatial) with more than one channel, channel stride 1 and the spatial axes flattening to one
-    stride: ``channels_last`` / ``channels_last_3d`` tensors and channel slices of them."""
+    stride of at least C: ``channels_last`` / ``channels_last_3d`` tensors and channel slices of them."""
     if x.shape[1] < 2 or x.stride(1) != 1:
         return False
-    step = None
-    for size, stride in zip(reversed(x.shape[2:]), reversed(x.stride()[2:])):
-        if size == 1:
-            continue
-        if step is None and stride < x.shape[1] or step is not None and stride != step:
-            return False
-        step = stride * size
-    return True
+    s = flat_spatial_stride(x, 2)
+    return s is not None and s >= x.shape[1]
 
 
 def norm_act_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, kind: str = "batch",

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.strides import flat_spatial_stride
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 BLOCK = 1024
@@ -281,17 +282,6 @@ def _label_stats_kernel(labels_ptr, stats_ptr, numel, K, ignore_index, HAS_IGNOR
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def flat_spatial_stride(t: Tensor, first: int) -> int | None:
-    """Stride of dims ``first:`` flattened to one index, or None when they do not flatten (size-1 dims skipped)."""
-    if t.is_contiguous():  # the common NC* case, without the per-dimension Python loop
-        return 1
-    dims = [d for d in range(first, t.ndim) if t.shape[d] != 1]
-    for a, b in zip(dims, dims[1:]):
-        if t.stride(a) != t.stride(b) * t.shape[b]:
-            return None
-    return t.stride(dims[-1]) if dims else 1
-
-
 def _launch(
     logits: Tensor, labels: Tensor, weight: Optional[Tensor], contour_logits: Optional[Tensor],
     contour_target: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: Optional[int],

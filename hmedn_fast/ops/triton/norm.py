@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.strides import flat_spatial_stride
 from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
 
 BLOCK_S = 128
@@ -280,26 +281,11 @@ _FORWARD = FastLauncher(_forward_kernel)
 _BACKWARD = FastLauncher(_backward_kernel)
 
 
-@functools.lru_cache(maxsize=1024)
-def _flat_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int] | None:
-    step = 1
-    inner = None
-    for size, st in zip(reversed(shape[2:]), reversed(stride[2:])):
-        if size == 1:
-            continue
-        if inner is None:
-            inner, step = st, st * size
-        elif st != step:
-            return None
-        else:
-            step = st * size
-    return stride[0], stride[1], (inner if inner is not None else 1)
-
-
 def ncs_strides(t: Tensor) -> tuple[int, int, int] | None:
     """(n, c, s) element strides of a (N, C, *spatial) tensor whose spatial axes flatten to one stride (NC* or
-    channels-last contiguous, among others, and stride-0 expansions), or None when they do not. Cached."""
-    return _flat_strides(tuple(t.shape), t.stride())
+    channels-last contiguous, among others, and stride-0 expansions), or None when they do not."""
+    s = flat_spatial_stride(t, 2)
+    return None if s is None else (t.stride(0), t.stride(1), s)
 
 
 def flat(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
