@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..device import channels_last_format
 from ..ops.norm_act import choose
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
                    supports)
@@ -41,18 +42,24 @@ class _AtenNorm:
 
     def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         call = norm_call(norm, update=True)
-        out, self.mean, self.invstd = _batch_norm(_dense(inp), norm.weight, norm.bias, call)
+        out, self.mean, self.invstd = _batch_norm(self.prepare(inp), norm.weight, norm.bias, call)
         self.a = torch.relu_(out)
         self.train, self.eps = call["training"], call["eps"]
 
-    def replay(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        out = torch.ops.aten.native_batch_norm(_dense(inp), weight, bias, self.mean,
-                                               _variance(self.invstd, self.eps), False, 0.0, self.eps)[0]
+    @staticmethod
+    def prepare(inp: Tensor) -> Tensor:
+        """The slice as this engine reads it: a dense copy (once per layer and pass)."""
+        return inp.contiguous(memory_format=channels_last_format(inp.ndim - 2) if inp.stride(1) == 1
+                              else torch.contiguous_format)
+
+    def replay(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        out = torch.ops.aten.native_batch_norm(x, weight, bias, self.mean, _variance(self.invstd, self.eps), False,
+                                               0.0, self.eps)[0]
         return torch.relu_(out)
 
-    def backward(self, ga: Tensor, inp: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
+    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
         gn = torch.ops.aten.threshold_backward(ga, a, 0)
-        return _batch_norm_backward(gn, _dense(inp), weight, self.mean, self.invstd, self.train, self.eps,
+        return _batch_norm_backward(gn, x, weight, self.mean, self.invstd, self.train, self.eps,
                                     [True, need_w, need_b])
 
     def saved(self) -> tuple[Tensor, ...]:
@@ -60,11 +67,13 @@ class _AtenNorm:
 
 
 class _TritonNorm:
-    """BatchNorm + ReLU through the fused Triton kernels (:mod:`hmedn_fast.ops.triton.norm`)."""
+    """BatchNorm + ReLU through the fused Triton kernels (:mod:`hmedn_fast.ops.triton.norm`), which read the
+    buffer's channel slice in place."""
 
     def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         from hmedn_fast.ops.triton import norm as kernels
 
+        self.kernels = kernels
         call = norm_call(norm, update=True)
         x, xs = kernels.flat(inp)
         self.batch_stats = call["training"]
@@ -74,16 +83,16 @@ class _TritonNorm:
                                             call["running_var"], call["eps"], call["momentum"], True,
                                             self.batch_stats, update)
 
-    def replay(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        from hmedn_fast.ops.triton import norm as kernels
+    def prepare(self, inp: Tensor) -> Tensor:
+        """The slice as the kernels read it (itself: its spatial axes flatten to one stride)."""
+        return self.kernels.flat(inp)[0]
 
-        return kernels.apply(self.geo, kernels.flat(inp)[0], None, self.coef, True)
+    def replay(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return self.kernels.apply(self.geo, x, None, self.coef, True)
 
-    def backward(self, ga: Tensor, inp: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
-        from hmedn_fast.ops.triton import norm as kernels
-
-        dx, dw, db, _ = kernels.backward(self.geo, kernels.flat(inp)[0], None, ga, weight, self.coef, True,
-                                         self.batch_stats, need_w, weight.dtype if need_b else None, False)
+    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
+        dx, dw, db, _ = self.kernels.backward(self.geo, x, None, ga, weight, self.coef, True, self.batch_stats,
+                                              need_w, weight.dtype if need_b else None, False)
         return dx, dw, db
 
     def saved(self) -> tuple[Tensor, ...]:
@@ -139,7 +148,7 @@ class LeanDenseBlock(torch.autograd.Function):
             g = layer.conv.out_channels
             c -= g
             weight, bias, conv_weight = params[3 * i:3 * i + 3]
-            inp = out[:, :c]
+            inp = engine.prepare(out[:, :c])
             with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
                 a = engine.replay(inp, weight, bias)
             gf = gbuf[:, c:c + g].to(autocast_dtype if autocast_on else conv_weight.dtype)
@@ -153,19 +162,10 @@ class LeanDenseBlock(torch.autograd.Function):
         return (gx, None, *grads)
 
 
-def _dense(x: Tensor) -> Tensor:
-    """x as a dense tensor in its layout (a copy for a channel slice of the buffer)."""
-    return x.contiguous(memory_format=_layout(x) if x.stride(1) != 1 else _channels_last(x))
-
-
-def _channels_last(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.ndim == 4 else torch.channels_last_3d if x.ndim == 5 else torch.contiguous_format
-
-
 def _layout(x: Tensor) -> torch.memory_format:
     """Channels-last when x is (and is not also NC*-contiguous), else contiguous."""
     if x.ndim in (4, 5) and not x.is_contiguous():
-        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        fmt = channels_last_format(x.ndim - 2)
         if x.is_contiguous(memory_format=fmt):
             return fmt
     return torch.contiguous_format
