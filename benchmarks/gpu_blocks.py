@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.nn import HRPathway  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
-from timing import cuda_times, host_times  # noqa: E402
+from timing import cuda_kernel_times, cuda_times, host_times  # noqa: E402
 
 CASES = {
     "3d_l2": dict(spatial_dims=3, in_channels=32, channels=32, batch=1, size=(64, 64, 64)),
@@ -258,7 +258,6 @@ def norm_grid(warmup: int, iters: int) -> list[dict]:
     (PyTorch, which has no channels-last 3D BatchNorm kernel: generic Welford reduction + elementwise passes),
     the floor (x read twice, y written, dy read twice, dx written; at the measured copy bandwidth) and what
     the automatic backend picks."""
-    from gpu_loss import profile_kernels
     from hmedn_fast.ops.norm_act import prefers_triton
 
     big = torch.empty(2**28, device="cuda", dtype=torch.bfloat16)
@@ -278,7 +277,7 @@ def norm_grid(warmup: int, iters: int) -> list[dict]:
                 y = norm_act(x, w, b, running_mean=rm, running_var=rv, backend=backend)
                 torch.autograd.grad(y, (x, w, b), gy)
             row[backend + "_wall_ms"] = timed(fn, warmup, iters, "cuda")
-            row[backend + "_kernel_ms"] = 1e3 * sum(profile_kernels(fn, 3).values())
+            row[backend + "_kernel_ms"] = 1e3 * sum(s for _, s, _ in cuda_kernel_times(fn, 3))
         rows.append(row)
         del x, gy
     return rows

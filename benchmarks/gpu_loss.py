@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.ops import difficulty_guided_loss  # noqa: E402
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
-from timing import cuda_times  # noqa: E402
+from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
 SHAPES = {"2x4x128^3": (2, 4, 128, 128, 128), "10x4x208x144": (10, 4, 208, 144)}
 LOGIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -118,29 +118,9 @@ def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
     return statistics.median(times)
 
 
-def profile_kernels(call: Callable[[], object], reps: int) -> dict[str, float]:
-    """Seconds of GPU time per ``call()`` of each CUDA kernel (torch.profiler over ``reps`` calls, one warm-up)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            call()
-        torch.cuda.synchronize()
-    per_kernel = {}
-    for evt in prof.key_averages():
-        if evt.device_type == DeviceType.CUDA:
-            us = getattr(evt, "self_device_time_total", None)
-            us = evt.self_cuda_time_total if us is None else us
-            per_kernel[evt.key[:80]] = us / reps / 1e6
-    return per_kernel
-
-
 def kernel_time(fn: Callable, case: dict, steps: int = 5) -> tuple[float, dict[str, float]]:
     """Seconds of GPU kernels per step (torch.profiler), and the per-kernel breakdown."""
-    per_kernel = profile_kernels(lambda: fwd_bwd_step(fn, case), steps)
+    per_kernel = {name[:80]: s for name, s, _ in cuda_kernel_times(lambda: fwd_bwd_step(fn, case), steps)}
     return sum(per_kernel.values()), per_kernel
 
 

@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 
 from hmedn_fast.ops import targets_ext
 from hmedn_fast.ops.reference import targets as reference
-from timing import cuda_times, host_times
+from timing import cuda_kernel_times, cuda_times, host_times
 
 SIGMA_CONTOUR, SIGMA_WEIGHT, MU0, MU = 2.0, 8.0, 1.0, 25.0
 # name -> (batch, spatial shape, num_classes)
@@ -178,9 +178,7 @@ def boundary_fraction(labels: torch.Tensor, num_classes: int) -> float:
 
 def kernel_breakdown(fn: Callable[[], object], reps: int = 10) -> dict[str, float]:
     """Mean GPU time per call of each kernel (torch.profiler), microseconds."""
-    from gpu_loss import profile_kernels  # here, not at the top: gpu_loss imports triton (optional on CPUs)
-
-    return {name: seconds * 1e6 for name, seconds in profile_kernels(fn, reps).items()}
+    return {name[:80]: seconds * 1e6 for name, seconds, _ in cuda_kernel_times(fn, reps)}
 
 
 def markdown(result: dict) -> str:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from hmedn_fast.losses import HMEDNLoss  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
-from timing import cuda_times  # noqa: E402
+from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
 NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl")  # steps timed, no cube search (time)
@@ -233,16 +233,9 @@ def norm_ab(size: int, iters: int) -> dict:
 
 def profile_callable(step: Callable[[], object], top: int = 20) -> dict:
     """CUDA time of one profiled ``step()`` by kernel (the ``top`` largest) and in total."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    events.sort(key=lambda e: -e.self_device_time_total)
-    return {"gpu_ms": sum(e.self_device_time_total for e in events) / 1e3, "kernels": [
-        {"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:top]]}
+    rows = cuda_kernel_times(step, warmup=0)
+    return {"gpu_ms": 1e3 * sum(s for _, s, _ in rows), "kernels": [
+        {"name": name[:120], "ms": 1e3 * s, "calls": int(n)} for name, s, n in rows[:top]]}
 
 
 def profile_step(config: str, size: int, top: int = 20) -> dict:

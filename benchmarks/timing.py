@@ -34,3 +34,20 @@ def host_times(fn: Callable[[], object], iters: int, warmup: int = 0) -> list[fl
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def cuda_kernel_times(fn: Callable[[], object], reps: int = 1, warmup: int = 1) -> list[tuple[str, float, float]]:
+    """``(kernel name, seconds per call, launches per call)`` of every CUDA kernel over ``reps`` profiled calls
+    of ``fn()`` (torch.profiler, after ``warmup`` unprofiled calls), largest time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / reps / 1e6, e.count / reps)
+            for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sorted(rows, key=lambda r: -r[1])
