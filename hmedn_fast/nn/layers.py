@@ -83,13 +83,14 @@ def norm(spec: NormSpec, spatial_dims: int, channels: int) -> nn.Module:
 
 
 class ConvNormReLU(nn.Sequential):
-    """conv -> norm -> ReLU (post-activation), 'same' padding. The norm + ReLU run as one
-    :func:`hmedn_fast.ops.norm_act.norm_act` call (fused Triton kernels where they win, see its automatic choice)."""
+    """conv -> norm -> ReLU (post-activation), 'same' padding: ``Sequential(conv, norm)`` whose forward runs the
+    norm + ReLU as one :func:`hmedn_fast.ops.norm_act.norm_act` call (fused Triton kernels where they win, see its
+    automatic choice)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3,
                  dilation: int = 1, norm_spec: NormSpec = "batch") -> None:
         super().__init__(conv(spatial_dims, in_channels, out_channels, kernel_size, dilation),
-                         norm(norm_spec, spatial_dims, out_channels), nn.ReLU(inplace=True))
+                         norm(norm_spec, spatial_dims, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return norm_relu(self[1], self[0](x))

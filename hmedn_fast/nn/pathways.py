@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
-from .lean import dense_fusion_sum
+from .lean import dense_fusion_sum, norm_relu
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
                      max_pool, upsample_to)
 from .layers import dropout as dropout_layer
@@ -119,7 +119,7 @@ class HRPathway(nn.Module):
         if self.fuse is None:
             feats = y
         elif self.dense_sum or (self.dense_sum is None and mode == "blocks"):
-            feats = self.fuse[2](self.fuse[1](dense_fusion_sum(outs, self.fuse[0])))
+            feats = norm_relu(self.fuse[1], dense_fusion_sum(outs, self.fuse[0]))
         else:
             feats = self.fuse(torch.cat(outs, 1))
         return feats, (self.head(feats) if self.head is not None else None)
