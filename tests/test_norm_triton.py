@@ -239,6 +239,36 @@ def test_triton_handles_expanded_upstream_gradient():
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_accumulates_into_a_channel_slice(dtype):
+    """``backward(..., accumulate=buf[:, :C])`` adds dx to a channel slice of a wider channels-last buffer in
+    float32 with one rounding: equals ``buf + dx`` computed apart (exactly in float32 and within one rounding of
+    the buffer's dtype in bfloat16), leaves the other channels alone, returns the slice; bad slices raise."""
+    from hmedn_fast.ops.triton import norm as kernels
+    x, w, b, _, _ = make((2, 5, 3, 4, 6), True, False, dtype=dtype)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    buf = torch.randn(2, 9, 3, 4, 6, generator=torch.Generator().manual_seed(4)).to(
+        dtype=dtype, memory_format=torch.channels_last_3d)
+    xf, xs = kernels.flat(x)
+    geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, True)
+    _, coef = kernels.forward(geo, xf, None, w, b, None, None, 1e-5, 0.1, True, True, False)
+    dx, dw, db, _ = kernels.backward(geo, xf, None, dy, w, coef, True, True, True, w.dtype, False)
+    before = buf.clone()
+    out, dw2, db2, _ = kernels.backward(geo, xf, None, dy, w, coef, True, True, True, w.dtype, False,
+                                        accumulate=buf[:, :5])
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:, 5:], before[:, 5:]) and torch.equal(dw2, dw) and torch.equal(db2, db)
+    want = before[:, :5].float() + dx.float()
+    tol = 0 if dtype == torch.float32 else 2 * 2.0**-8 * want.abs().max().item()  # dx's own rounding + one
+    torch.testing.assert_close(buf[:, :5].float(), want, rtol=0, atol=tol)
+    for bad, kw in ((buf[:, :4], {}), (buf[:, :5, :, :2], {}), (buf[:, :5].transpose(3, 4), {})):
+        with pytest.raises(ValueError, match="accumulate must have"):
+            kernels.backward(geo, xf, None, dy, w, coef, True, True, False, None, False, accumulate=bad)
+    with pytest.raises(ValueError, match="need_r"):
+        kernels.backward(geo, xf, xf, dy, w, coef, True, True, False, None, True, accumulate=buf[:, :5])
+
+
+@pytest.mark.interpreted
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
 def test_lean_block_on_triton_matches_eager(monkeypatch, mode):
     from hmedn_fast.nn import ResidualDilatedBlock

@@ -57,10 +57,14 @@ class _AtenNorm:
                                                0.0, self.eps)[0]
         return torch.relu_(out)
 
-    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
+    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool,
+                 gx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Adds the input gradient to ``gx``; returns the weight and bias gradients."""
         gn = torch.ops.aten.threshold_backward(ga, a, 0)
-        return _batch_norm_backward(gn, x, weight, self.mean, self.invstd, self.train, self.eps,
-                                    [True, need_w, need_b])
+        ginp, gw, gb = _batch_norm_backward(gn, x, weight, self.mean, self.invstd, self.train, self.eps,
+                                            [True, need_w, need_b])
+        gx.add_(ginp.to(gx.dtype))
+        return gw, gb
 
     def saved(self) -> tuple[Tensor, ...]:
         return self.mean, self.invstd
@@ -90,10 +94,12 @@ class _TritonNorm:
     def replay(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         return self.kernels.apply(self.geo, x, None, self.coef, True)
 
-    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool):
-        dx, dw, db, _ = self.kernels.backward(self.geo, x, None, ga, weight, self.coef, True, self.batch_stats,
-                                              need_w, weight.dtype if need_b else None, False)
-        return dx, dw, db
+    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool,
+                 gx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Adds the input gradient to ``gx`` inside the kernel (float32 sum, one rounding; no dx tensor)."""
+        _, dw, db, _ = self.kernels.backward(self.geo, x, None, ga, weight, self.coef, True, self.batch_stats,
+                                             need_w, weight.dtype if need_b else None, False, accumulate=gx)
+        return dw, db
 
     def saved(self) -> tuple[Tensor, ...]:
         return (self.coef,)
@@ -155,8 +161,7 @@ class LeanDenseBlock(torch.autograd.Function):
             ga, gw = _conv_backward(gf, a, conv_weight, layer.conv, True, need[4 + 3 * i])
             need_w = need[2 + 3 * i] and weight is not None
             need_b = need[3 + 3 * i] and bias is not None
-            ginp, gnw, gnb = engine.backward(ga.to(a.dtype), inp, a, weight, need_w, need_b)
-            gbuf[:, :c].add_(ginp.to(gbuf.dtype))
+            gnw, gnb = engine.backward(ga.to(a.dtype), inp, a, weight, need_w, need_b, gbuf[:, :c])
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
         gx = gbuf[:, :ctx.c_in].to(ctx.x_dtype).contiguous(memory_format=ctx.fmt) if need[0] else None
         return (gx, None, *grads)

@@ -249,9 +249,10 @@ def _forward_kernel(x_ptr, r_ptr, coef_ptr, y_ptr, C, S, cn, xs_n, xs_c, xs_s, r
 @triton.jit
 def _backward_kernel(x_ptr, r_ptr, dy_ptr, coef_ptr, gcoef_ptr, dx_ptr, dr_ptr, C, S, cn, gn,
                      xs_n, xs_c, xs_s, rs_n, rs_c, rs_s, ds_n, ds_c, ds_s, os_n, os_c, os_s,
-                     HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_DR: tl.constexpr,
+                     HAS_RES: tl.constexpr, RELU: tl.constexpr, WRITE_DR: tl.constexpr, ACC_DX: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """``g = dy [z > 0]``; ``dx = a g + gb (x - mean) + gd``; ``dr = g``. dx and dr share strides ``os_*``."""
+    """``g = dy [z > 0]``; ``dx = a g + gb (x - mean) + gd`` (added to dx's values with ``ACC_DX``); ``dr = g``.
+    dx and dr share strides ``os_*``."""
     sb, cb, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -267,6 +268,8 @@ def _backward_kernel(x_ptr, r_ptr, dy_ptr, coef_ptr, gcoef_ptr, dx_ptr, dr_ptr, 
     gd = tl.load(gcoef_ptr + n * gn + C + c, mask=cm, other=0.0)
     dx = a[:, None] * g + gb[:, None] * xm + gd[:, None]
     offs = n * os_n + c[:, None] * os_c + s[None, :] * os_s
+    if ACC_DX:
+        dx += tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_DR:
         tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=mask)
@@ -400,8 +403,8 @@ def _empty_like(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weight: Tensor | None, coef: Tensor,
-             relu: bool, batch_stats: bool, need_w: bool, bias_dtype: torch.dtype | None, need_r: bool
-             ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+             relu: bool, batch_stats: bool, need_w: bool, bias_dtype: torch.dtype | None, need_r: bool,
+             accumulate: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`forward` in 3 launches.
 
     Args:
@@ -409,10 +412,18 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
         dy: (N, C, *spatial) upstream gradient, any strides.
         need_w, need_r: compute the weight (C,) and residual gradients; bias_dtype: the bias gradient's dtype,
             None when it is not needed.
+        accumulate: None, or an (N, C, *spatial) tensor whose spatial axes flatten to one stride (a channel
+            slice of a gradient buffer, say) that dx is added to in place, in float32 before one rounding to
+            its dtype; it is then returned as dx. Not with ``need_r``.
     Returns:
-        dx (x's dtype and layout), dweight, dbias (in weight's / bias's dtype), dresidual (the residual's
-        dtype, x's layout); None where not needed.
+        dx (x's dtype and layout, or ``accumulate``), dweight, dbias (in weight's / bias's dtype), dresidual (the
+        residual's dtype, x's layout); None where not needed.
     """
+    if accumulate is not None and (need_r or tuple(accumulate.shape) != tuple(x.shape)
+                                   or ncs_strides(accumulate) is None):
+        raise ValueError(f"accumulate must have x's shape {tuple(x.shape)} and spatial axes that flatten to one "
+                         f"stride, and does not go with need_r; got shape {tuple(accumulate.shape)}, strides "
+                         f"{accumulate.stride()}, need_r={need_r}")
     dev = x.device
     part = torch.empty(geo.n, geo.split, 2, geo.c, device=dev, dtype=torch.float32)
     r = _or(residual, x)
@@ -427,12 +438,13 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
         geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper,
         geo.nsets, geo.split, geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
         BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
-    dx = _empty_like(x, x.dtype)
-    dr = torch.empty_like(dx, dtype=residual.dtype) if need_r else None
+    dx = _empty_like(x, x.dtype) if accumulate is None else accumulate
     outs = geo.xs if dx.stride() == x.stride() else ncs_strides(dx)
+    dr = torch.empty_like(dx, dtype=residual.dtype) if need_r else None
     _BACKWARD(
         geo.grid, x, r, dy, coef, gcoef, dx, _or(dr, dx), geo.c, geo.s, geo.cn, geo.cn // 2, *geo.xs, *geo.rs, *ds,
-        *outs, HAS_RES=residual is not None, RELU=relu, WRITE_DR=need_r, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
+        *outs, HAS_RES=residual is not None, RELU=relu, WRITE_DR=need_r, ACC_DX=accumulate is not None,
+        BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
     return dx, dw, db, dr
 
 
