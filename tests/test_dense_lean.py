@@ -192,7 +192,7 @@ def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = _run(ref, x, gy.bfloat16())
         got = _run(lean, x, gy.bfloat16())
-    pairs = list(zip(got[:2] + got[2], eager[:2] + eager[2], want[:2] + want[2]))
+    pairs = list(zip([*got[:2], *got[2]], [*eager[:2], *eager[2]], [*want[:2], *want[2]]))
     assert len(pairs) == 2 + 3 * 4
     for i, (g, e, w) in enumerate(pairs):
         err_g, err_e = _rel(g, w), _rel(e, w)
