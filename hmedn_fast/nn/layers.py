@@ -6,6 +6,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from ..ops.upsample import upsample_linear
 from .lean import norm_relu
 
 NormSpec = Union[str, tuple]
@@ -112,8 +113,8 @@ def xavier_init(module: nn.Module) -> nn.Module:
 
 
 def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
-    """(Bi/tri)linear resize of (N, C, *spatial) logits or features to ``size`` (align_corners=False)."""
+    """(Bi/tri)linear resize of (N, C, *spatial) logits or features to ``size`` (align_corners=False; the
+    gradient of integer factors on CUDA without atomics: :func:`hmedn_fast.ops.upsample.upsample_linear`)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return upsample_linear(x, tuple(int(s) for s in size))
