@@ -6,10 +6,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops.norm_act import channels_innermost, choose
 from .dense_lean import lean_dense_forward
 from .dense_lean import supported as lean_dense_supported
-from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, LeanTritonBlock, is_batch_norm, norm_relu, supports
+from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
 
@@ -73,21 +72,12 @@ class ResidualDilatedBlock(nn.Module):
         if (self._checkpoint != "none" and torch.is_grad_enabled() and supports(self.norm1) and supports(self.norm2)
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             n1, n2 = self.norm1, self.norm2
-            fn = LeanResidualBlock
-            if is_batch_norm(n1) and is_batch_norm(n2):
-                fn = LeanTritonBlock if _triton_block(x, n1.training) else LeanBatchNormBlock
+            fn = LeanBatchNormBlock if is_batch_norm(n1) and is_batch_norm(n2) else LeanResidualBlock
             return fn.apply(x, self, self._checkpoint == "blocks", self.conv1.weight, n1.weight, n1.bias,
                             self.conv2.weight, n2.weight, n2.bias)
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
         return torch.relu(y + x)
-
-
-def _triton_block(x: torch.Tensor, training: bool) -> bool:
-    """Lean BatchNorm blocks run on the Triton norm kernels for channels-last 3D CUDA inputs (PyTorch has no
-    channels-last 3D BatchNorm kernel), or wherever the ``norm_act`` backend is forced to Triton."""
-    prefer = x.is_cuda and x.ndim == 5 and channels_innermost(x)
-    return choose(x, "batch", training, prefer_triton=prefer) == "triton"
 
 
 class DenseLayer(nn.Module):

@@ -209,67 +209,6 @@ class LeanBatchNormBlock(torch.autograd.Function):
         return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
 
 
-class LeanTritonBlock(torch.autograd.Function):
-    """:class:`LeanBatchNormBlock` on the fused Triton norm kernels (:mod:`hmedn_fast.ops.triton.norm`): norm1 +
-    ReLU and norm2 + residual + ReLU are one kernel sequence each, the backward replays ``relu(norm1(c1))`` from
-    the saved coefficients and gets the residual's gradient from norm2's backward kernel. Used for channels-last 3D
-    CUDA blocks, for which PyTorch has no channels-last BatchNorm kernel (a generic Welford reduction and
-    separate passes, ~3x the Triton kernels' GPU time at 1 x 32 x 64^3). Inputs as :class:`LeanResidualBlock`."""
-
-    @staticmethod
-    def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
-        from hmedn_fast.ops.triton import norm as kernels
-
-        x, xs = kernels.flat(x)
-        c1 = _conv(x, w1, block.conv1)
-        (a1, coef1), geo1, train1 = _triton_norm(kernels, c1, None, None, block.norm1, g1, b1)
-        c2 = _conv(a1, w2, block.conv2)
-        (y, coef2), geo2, train2 = _triton_norm(kernels, c2, x, xs, block.norm2, g2, b2)
-        ctx.block, ctx.geo, ctx.train, ctx.kernels = block, (geo1, geo2), (train1, train2), kernels
-        dev = x.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        saved = (None, None) if recompute_convs else (c1, c2)
-        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, coef1, coef2, *saved)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, w1, g1, b1, w2, g2, b2, coef1, coef2, c1, c2 = ctx.saved_tensors
-        block, (geo1, geo2), (train1, train2), kernels = ctx.block, ctx.geo, ctx.train, ctx.kernels
-        dev, autocast_on, autocast_dtype = ctx.autocast
-        need = ctx.needs_input_grad
-        with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
-            if c1 is None:
-                c1 = _conv(x, w1, block.conv1)
-            a1 = kernels.apply(geo1, c1, None, coef1, True)
-            if c2 is None:
-                c2 = _conv(a1, w2, block.conv2)
-        gc2, gg2, gb2, gz2 = kernels.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
-                                              b2.dtype if need[8] and b2 is not None else None, need[0])
-        ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
-        gc1, gg1, gb1, _ = kernels.backward(geo1, c1, None, ga1.to(a1.dtype), g1, coef1, True, train1,
-                                            need[4] and g1 is not None,
-                                            b1.dtype if need[5] and b1 is not None else None, False)
-        gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
-        if gx is not None:
-            gx = gx.add_(gz2.to(gx.dtype))
-        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
-
-
-def _triton_norm(kernels, c: Tensor, residual: Tensor | None, rs: tuple[int, int, int] | None, norm: nn.Module,
-                 weight: Tensor | None, bias: Tensor | None):
-    """``relu(norm(c) (+ residual))`` on the Triton kernels with ``norm``'s running-statistics semantics:
-    ``((y, coef), geometry, batch_stats)``."""
-    call = norm_call(norm, update=True)
-    c, cs = kernels.flat(c)
-    batch_stats = call["training"]
-    geo = kernels.geometry(tuple(c.shape), cs, rs, "batch", 1, batch_stats)
-    update = batch_stats and call["running_mean"] is not None
-    return kernels.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
-                           call["momentum"], True, batch_stats, update), geo, batch_stats
-
-
 def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,
                          eps: float, mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`_batch_norm` w.r.t. its input, weight and bias (``mask`` says which)."""
