@@ -38,7 +38,8 @@ def host_times(fn: Callable[[], object], iters: int, warmup: int = 0) -> list[fl
 
 def cuda_kernel_times(fn: Callable[[], object], reps: int = 1, warmup: int = 1) -> list[tuple[str, float, float]]:
     """``(kernel name, seconds per call, launches per call)`` of every CUDA kernel over ``reps`` profiled calls
-    of ``fn()`` (torch.profiler, after ``warmup`` unprofiled calls), largest time first."""
+    of ``fn()`` (torch.profiler, after ``warmup`` unprofiled calls), largest time first. GPU-side user annotations
+    (``Optimizer.step#AdamW.step`` spans the optimizer's kernels) are left out: they would count those twice."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -49,5 +50,6 @@ def cuda_kernel_times(fn: Callable[[], object], reps: int = 1, warmup: int = 1) 
             fn()
         torch.cuda.synchronize()
     rows = [(e.key, e.self_device_time_total / reps / 1e6, e.count / reps)
-            for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            for e in prof.key_averages()
+            if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]  # e.g. Optimizer.step#
     return sorted(rows, key=lambda r: -r[1])
