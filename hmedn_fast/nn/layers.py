@@ -113,13 +113,9 @@ def xavier_init(module: nn.Module) -> nn.Module:
 
 
 def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
-    """(Bi/tri)linear resize of (N, C, *spatial) logits or features to ``size`` (align_corners=False). In
-    training, :func:`hmedn_fast.ops.upsample.upsample_linear` (integer factors on CUDA: a gradient without
-    atomics); while tracing for export, or without a gradient, ``F.interpolate`` with ``size`` as given (traced
-    sizes stay dynamic)."""
+    """(Bi/tri)linear resize of (N, C, *spatial) logits or features to ``size`` (align_corners=False) through
+    :func:`hmedn_fast.ops.upsample.upsample_linear` (in training with integer factors on CUDA: a gradient without
+    atomics; else ``F.interpolate``)."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    if x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting():
-        return upsample_linear(x, tuple(int(s) for s in size))
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return upsample_linear(x, size)

@@ -3,7 +3,8 @@
 Backends: ``"triton"`` (forward ``F.interpolate``, backward the separable gather of
 :mod:`hmedn_fast.ops.triton.upsample`) for integer factors on CUDA (or ``TRITON_INTERPRET=1``) when a gradient
 is needed; else ``"reference"`` (``F.interpolate`` and its autograd).
-``backend=`` or ``HMEDN_BACKEND_UPSAMPLE`` force one. While ``torch.compile`` traces, plain ``F.interpolate``.
+``backend=`` or ``HMEDN_BACKEND_UPSAMPLE`` force one. While ``torch.compile`` or ``torch.jit.trace`` (ONNX /
+TorchScript export) traces, plain ``F.interpolate`` with the sizes as given.
 """
 from __future__ import annotations
 
@@ -69,11 +70,12 @@ def upsample_linear(x: Tensor, size: tuple[int, ...] | list[int], backend: str |
     if x.ndim not in (4, 5):
         raise ValueError(f"x must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(x.shape)}")
     size = tuple(size)
+    mode = "bilinear" if x.ndim == 4 else "trilinear"
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # inductor generates the backward itself; a traced size must reach F.interpolate untouched (export)
+        return F.interpolate(x, size=size, mode=mode, align_corners=False)
     if len(size) != x.ndim - 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
         raise ValueError(f"size must be {x.ndim - 2} ints >= 1, got {size!r}")
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    if torch.compiler.is_compiling():  # inductor generates the backward itself; no dispatch to trace
-        return F.interpolate(x, size=size, mode=mode, align_corners=False)
     factors = _factors(x, size)
     chosen = choose_backend("upsample", backend, [("triton", lambda: _triton_unavailable(x, factors)),
                                                   ("reference", lambda: None)])
