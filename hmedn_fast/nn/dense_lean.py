@@ -146,7 +146,7 @@ class LeanDenseBlock(torch.autograd.Function):
         params = rest[:3 * len(layers)]
         need = ctx.needs_input_grad
         dev, autocast_on, autocast_dtype = ctx.autocast
-        gbuf = gout.to(out.dtype).clone(memory_format=ctx.fmt)
+        gbuf = gout.to(dtype=out.dtype, memory_format=ctx.fmt, copy=True)  # one copy, whatever the dtypes
         grads: list[Tensor | None] = [None] * len(params)
         c = out.shape[1]
         for i in reversed(range(len(layers))):
