@@ -49,7 +49,9 @@ class HMEDNLoss(nn.Module):
         use_contour: False drops ``L_r`` even when the model has a contour head.
         sigma_contour, sigma_weight, mu0, mu: target parameters (paper 2, 8, 1, 25), see make_targets.
         backend: loss backend (None = automatic), target_backend: make_targets backend.
-        check_values: check label values and NaN logits in each loss call (one host sync each).
+        check_values: check label values and NaN logits in each loss call (host synchronisations). ``False``
+            (the trainer's setting, for labels checked when loaded) makes a CUDA loss call free of them: it never
+            waits for the GPU and can be captured in a CUDA graph.
     """
 
     def __init__(
@@ -104,7 +106,7 @@ class HMEDNLoss(nn.Module):
         if self.ignore_index is not None:
             labels = torch.where(labels == self.ignore_index, torch.zeros_like(labels), labels)
         with torch.no_grad():
-            return make_targets(labels, self.num_classes, **self.target_kwargs)
+            return make_targets(labels, self.num_classes, **self.target_kwargs, check_labels=self.check_values)
 
     def forward(self, output: SegmentationOutput, labels: Tensor, targets: Targets | None = None) -> LossOutput:
         """Loss of a model output.

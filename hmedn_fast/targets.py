@@ -45,7 +45,7 @@ class Targets(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _check_labels(labels: Tensor, num_classes: int) -> None:
+def _check_labels(labels: Tensor, num_classes: int, values: bool = True) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
     if not isinstance(labels, Tensor):
@@ -60,7 +60,9 @@ def _check_labels(labels: Tensor, num_classes: int) -> None:
         )
     if labels.numel() == 0:
         raise ValueError(f"labels must be non-empty (N >= 1 and every spatial size >= 1), got {tuple(labels.shape)}")
-    low, high = int(labels.min()), int(labels.max())
+    if not values:
+        return
+    low, high = (int(v) for v in torch.aminmax(labels))  # one host synchronisation
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got values in [{low}, {high}]")
 
@@ -150,7 +152,10 @@ def _reference_boundaries(labels: Tensor, num_classes: int, method: str) -> Tens
 def _ext_targets(
     labels: Tensor, num_classes: int, sigma_contour: float, sigma_weight: float, mu0: float, mu: tuple[float, ...]
 ) -> Targets:
-    contour, weight = _ext().make_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu)
+    """The compiled op on labels that :func:`_check_labels` checked (or that the caller vouched for): the op's
+    own check, a second host synchronisation on CUDA, is skipped."""
+    contour, weight = _ext().make_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu,
+                                          check_labels=False)
     return Targets(contour.to(labels.device), weight.to(labels.device))
 
 
@@ -184,6 +189,7 @@ def make_targets(
     mu: float | Sequence[float] = 25.0,
     method: str = "face",
     backend: str | None = None,
+    check_labels: bool = True,
 ) -> Targets:
     """Contour target and difficulty weight map of a batch of label maps.
 
@@ -197,10 +203,16 @@ def make_targets(
         mu: weight of the boundary term, one number or ``K - 1`` per-class numbers, paper 25.
         method: ``"face"`` or ``"canny"`` (2D, reference backend), see :func:`boundary_map`.
         backend: ``None`` (automatic), ``"cuda"``, ``"cpu"`` or ``"reference"``.
+        check_labels: check that every label lies in ``[0, num_classes)`` (ValueError otherwise). On CUDA this
+            reads a value back: one host synchronisation, which stalls the host until the GPU has run all
+            queued work (e.g. a training step's forward pass) and is not allowed while a CUDA graph is
+            captured. ``False`` skips it on CUDA (for labels checked elsewhere, e.g. by the data loader):
+            out-of-range labels then give unspecified maps, never an out-of-bounds access. The CPU kernel
+            checks for free and always does.
     Returns:
         :class:`Targets` ``(contour, weight)``, each float32 ``(N, *spatial)`` on the labels' device.
     """
-    _check_labels(labels, num_classes)
+    _check_labels(labels, num_classes, values=check_labels or labels.device.type != "cuda")
     _check_method(method, labels, backend)
     sigma_contour = _check_sigma("sigma_contour", sigma_contour)
     sigma_weight = _check_sigma("sigma_weight", sigma_weight)

@@ -345,3 +345,44 @@ def test_hmedn_loss_bad_arguments():
         HMEDNLoss(4, backend="reference")(_output(), labels)
     with pytest.raises(TypeError, match="SegmentationOutput"):
         HMEDNLoss(3, backend="reference")(torch.zeros(2, 3, 12, 16), labels)
+
+
+def test_hmedn_loss_check_values_reaches_the_targets(monkeypatch):
+    """check_values=False also skips the targets' label read-back (a host synchronisation on CUDA)."""
+    import hmedn_fast.losses as losses
+
+    seen = []
+    real = losses.make_targets
+    monkeypatch.setattr(losses, "make_targets", lambda *a, **kw: seen.append(kw["check_labels"]) or real(*a, **kw))
+    labels = _blob_labels(2, (12, 16), 3)
+    for check in (True, False):
+        HMEDNLoss(3, backend="reference", check_values=check)(_output(), labels)
+    assert seen == [True, False]
+
+
+def test_make_targets_without_label_check_still_checks_on_cpu():
+    """check_labels=False only skips the check where it costs a synchronisation (CUDA); CPU labels stay checked."""
+    labels = _blob_labels(1, (6, 6), 3)
+    labels[0, 0, 0] = 5
+    for backend in ("reference", None):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\)"):
+            make_targets(labels, 3, backend=backend, check_labels=False)
+
+
+@pytest.mark.cuda
+def test_hmedn_loss_without_checks_never_synchronises():
+    """With check_values=False a CUDA forward + backward (targets, fused loss, deep supervision) queues its work
+    without waiting for the GPU: torch's sync debug mode turns any synchronisation into an error."""
+    labels = _blob_labels(2, (16, 16, 16), 3).cuda()
+    seg, ctr, *aux = (t.detach().cuda().requires_grad_(True) for t in _output(size=(16, 16, 16), aux_factors=(2,)))
+    crit = HMEDNLoss(3, check_values=False)
+    ref = HMEDNLoss(3, check_values=True)(SegmentationOutput(seg, ctr, aux), labels).total
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = crit(SegmentationOutput(seg, ctr, aux), labels).total
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(total, ref)
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (seg, ctr, *aux))

@@ -214,7 +214,8 @@ def test_extension_contract_is_called_as_agreed(monkeypatch):
         calls.append(("boundary_map", labels, num_classes))
         return R.boundary_map(labels, num_classes)
 
-    def fake_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu):
+    def fake_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu, check_labels=True):
+        assert check_labels is False  # checked in Python already: the op must not read the labels back again
         calls.append(("make_targets", labels, num_classes, sigma_contour, sigma_weight, mu0, mu))
         return R.make_targets(labels, num_classes, sigma_contour, sigma_weight, mu0, mu)
 
