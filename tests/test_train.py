@@ -128,6 +128,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         assert trainer.train_step(images, labels) is None
     assert all(torch.equal(after_first[n], p) for n, p in trainer.net.named_parameters())  # step skipped
+    steps = {int(st["step"]) for st in trainer.optimizer.state.values()}
+    assert steps == {1}  # AdamW skipped its update on the device (found_inf), step counts included
     assert trainer.train_step(images, labels) is not None
     with pytest.warns(RuntimeWarning, match="non-finite"):
         assert trainer.train_step(images, labels) is None
@@ -192,10 +194,16 @@ def test_compiled_training_steps_equal_eager_steps(tmp_path):
     ({"lr": 0}, "lr"), ({"slices": 4}, "slices"), ({"checkpointing": "all"}, "checkpointing"),
     ({"num_classes": 1}, "num_classes"), ({"memory_budget": "8GiB", "checkpointing": "lean"}, "not both"),
     ({"foreground_prob": 2.0}, "foreground_prob"), ({"grad_clip": -1.0}, "grad_clip"),
-    ({"memory_format": "nhwc"}, "memory_format")])
+    ({"memory_format": "nhwc"}, "memory_format"), ({"cuda_graph": True, "compile": True}, "exclude each other"),
+    ({"cuda_graph": True, "precision": "fp16"}, "cuda_graph supports precision")])
 def test_bad_configuration(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **kw)
+
+
+def test_cuda_graph_needs_a_cuda_device(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graph needs one process on a CUDA device, got device cpu"):
+        Trainer(_config(tmp_path, cuda_graph=True, device="cpu"))
 
 
 def test_configuration_that_does_not_fit_the_data(tmp_path):

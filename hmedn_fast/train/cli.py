@@ -33,6 +33,7 @@ _HELP = {
     "memory_format": "layout of weights and batches: auto (channels-last on CUDA), channels_last or contiguous",
     "compile": "torch.compile the model for the training steps (slow first steps, faster after)",
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
+    "cuda_graph": "capture the training step in a CUDA graph and replay it (CUDA, one process, fp32/bf16)",
     "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",

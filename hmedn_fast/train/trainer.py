@@ -50,12 +50,14 @@ from hmedn_fast.models import MODELS, SegmentationOutput, create_model
 from hmedn_fast.train import memory
 from hmedn_fast.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from hmedn_fast.train.distributed import DistContext, all_reduce_mean, barrier, init_distributed, wrap_model
+from hmedn_fast.train.graphed import GraphedStep
 
 SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # options that may differ between a run and its resumption; every other one must match
 RESUMABLE_CHANGES = ("epochs", "val_every", "progress", "num_workers", "device", "threads", "resume",
-                     "checkpoint_every", "max_nonfinite", "memory_format", "compile", "cudnn_benchmark")
+                     "checkpoint_every", "max_nonfinite", "memory_format", "compile", "cudnn_benchmark",
+                     "cuda_graph")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
@@ -99,6 +101,9 @@ class TrainConfig:
             hmedn_3d_l2 at 128^3 on an H200; validation and the memory planner's trial steps run uncompiled).
         cudnn_benchmark: let cuDNN time its convolution algorithms on the first step of each shape (CUDA only;
             sets ``torch.backends.cudnn.benchmark`` for the process).
+        cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
+            after two eager steps and replay it (:class:`hmedn_fast.train.graphed.GraphedStep`): no per-kernel
+            launch cost on the host. One process, fp32/bf16, no ``compile``; the step's peak memory stays reserved.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
             (``"none"``/``"lean"``/``"blocks"``; default ``"none"`` without a budget).
@@ -139,6 +144,7 @@ class TrainConfig:
     memory_format: str = "auto"
     compile: bool = False
     cudnn_benchmark: bool = True
+    cuda_graph: bool = False
     memory_budget: str | None = None
     checkpointing: str | None = None
     phantom_cases: int = 24
@@ -191,6 +197,12 @@ class TrainConfig:
             raise ValueError(f"foreground_prob must be in [0, 1], got {self.foreground_prob!r}")
         if self.checkpointing is not None and self.checkpointing not in memory.LEVELS:
             raise ValueError(f"checkpointing must be one of {memory.LEVELS} or None, got {self.checkpointing!r}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph and compile exclude each other (torch.compile has its own CUDA graphs: "
+                             "mode='reduce-overhead')")
+        if self.cuda_graph and self.precision == "fp16":
+            raise ValueError("cuda_graph supports precision fp32 / bf16 / auto (fp16's gradient scaler keeps host "
+                             "state between steps)")
         if self.memory_budget is not None and self.checkpointing is not None:
             raise ValueError("give memory_budget (planned checkpointing) or checkpointing (fixed), not both")
         if self.patch_size is not None:
@@ -272,6 +284,9 @@ class Trainer:
         self.memory_format = channels_last_format(self.spatial_dims) if channels_last else torch.contiguous_format
         if cfg.cudnn_benchmark and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if cfg.cuda_graph and (self.device.type != "cuda" or self.ctx.world_size > 1):
+            raise ValueError(f"cuda_graph needs one process on a CUDA device, got device {self.device} and "
+                             f"{self.ctx.world_size} process(es)")
         self.loss_fn = HMEDNLoss(self.num_classes, aux_weights=cfg.aux_weight, check_values=False).to(self.device)
 
         self.memory_plan = resume_record.get("memory_plan") if resume_record else None
@@ -292,8 +307,9 @@ class Trainer:
             self.model = torch.compile(self.model)
         self.escalator = memory.OOMEscalator(self.checkpoint_level)
 
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)
+        # fused: its update skips itself on the device when found_inf is set (non-finite steps need no host sync)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self._lr(cfg.lr), betas=cfg.betas,
+                                           weight_decay=cfg.weight_decay, fused=True, capturable=cfg.cuda_graph)
         total = cfg.epochs * cfg.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.schedule, total))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -307,6 +323,7 @@ class Trainer:
         self.position: dict[str, Any] = {"epoch": 0, "step": 0, "sums": {}, "count": 0, "time": 0.0}
         if resume_record:
             self._restore(resume_record)
+        self.step_fn = GraphedStep(self._step_tensors) if cfg.cuda_graph else self._step_tensors
 
     # ------------------------------------------------------------------------------------------ set-up
     def _resume_record(self) -> dict[str, Any] | None:
@@ -321,6 +338,16 @@ class Trainer:
             raise ValueError(f"cannot resume {self.out / 'last.pt'}: options differ from the checkpoint's "
                              f"(stored, now): {differ}")
         return record
+
+    def _lr(self, lr: float | torch.Tensor) -> float | torch.Tensor:
+        """The optimizer's learning rate: a device tensor on CUDA (the fused update reads it from device memory, so a
+        replayed CUDA graph sees the scheduler's in-place updates; one form for eager and graphed steps), else a
+        float."""
+        return torch.tensor(float(lr), device=self.device) if self.device.type == "cuda" else float(lr)
+
+    def _host_lr(self) -> float:
+        """The scheduler's current learning rate as a float, without reading a device tensor back."""
+        return self.config.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
 
     def _build_model(self, level: str) -> torch.nn.Module:
         model = create_model(self.config.model, in_channels=self.in_channels, num_classes=self.num_classes,
@@ -346,6 +373,8 @@ class Trainer:
         self.net.load_state_dict(record["state_dict"])
         self.optimizer.load_state_dict(record["optimizer"])
         self.scheduler.load_state_dict(record["scheduler"])
+        for group in self.optimizer.param_groups:  # a loaded learning rate may be a tensor on another device
+            group["lr"] = self._lr(group["lr"])
         self.scaler.load_state_dict(record["scaler"])
         self.history, self.best, self.nonfinite = record["history"], record["best"], record["nonfinite"]
         self.position = dict(record["position"])
@@ -376,10 +405,22 @@ class Trainer:
                               f"and retrying", RuntimeWarning, stacklevel=2)
                 memory.set_checkpointing(self.net, level)
                 self.checkpoint_level = level
+                if isinstance(self.step_fn, GraphedStep):
+                    self.step_fn.reset()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
+        *vals, finite = self.step_fn(images, labels).tolist()  # the step's one host synchronisation
+        if not finite:
+            return self._skip("loss" if not math.isfinite(vals[0]) else "gradient norm")
+        self.scheduler.step()
+        return {"loss": vals[0], **dict(zip(self._part_names, vals[1:]))}
+
+    def _step_tensors(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One step without host synchronisation (CUDA-graph capturable): float32 ``[loss, *parts, finite]``.
+        A non-finite loss or gradient norm (fp32 / bf16) makes the fused AdamW skip its update on the device;
+        with fp16 the gradient scaler skips non-finite gradients itself."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         images = images.contiguous(memory_format=self.memory_format)
@@ -389,20 +430,24 @@ class Trainer:
         if not self.config.deep_supervision:
             out = SegmentationOutput(out.seg, out.contour, [])
         loss = self.loss_fn(out, labels)
+        self._part_names = list(loss.parts)
         values = torch.stack([loss.total.detach().float(), *[p.float() for p in loss.parts.values()]])
         values = all_reduce_mean(values, self.ctx)
-        if not bool(torch.isfinite(values[0])):
-            return self._skip("loss")
         self.scaler.scale(loss.total).backward()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip or math.inf)
-        if self.precision != "fp16" and not bool(torch.isfinite(norm)):
-            return self._skip("gradient norm")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        vals = values.tolist()
-        return {"loss": vals[0], **{k: v for k, v in zip(loss.parts, vals[1:])}}
+        finite = torch.isfinite(values[0])
+        if self.precision == "fp16":
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            finite = finite & torch.isfinite(norm)
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        return torch.cat([values, finite.float()[None]])
 
     def _skip(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -438,7 +483,7 @@ class Trainer:
                 labels = labels.to(self.device, non_blocking=True)
                 if self.augment is not None:
                     images, labels = augment_batch(images, labels, seeds, self.augment)
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self._host_lr()
                 parts = self.train_step(images, labels)
                 self._log_step(parts, lr)
                 pos = self.position
@@ -474,7 +519,7 @@ class Trainer:
         cfg, pos = self.config, self.position
         epoch = pos["epoch"]
         row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * cfg.steps_per_epoch,
-                               "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.nonfinite,
+                               "lr": self._host_lr(), "skipped_steps": self.nonfinite,
                                "checkpointing": self.checkpoint_level, "time_s": round(pos["time"], 3)}
         row.update({f"train_{k}": v / max(pos["count"], 1) for k, v in pos["sums"].items()})
         improved = False
