@@ -12,10 +12,14 @@ checkpointing level ``"lean"`` (memory-lean HR pathway blocks, :mod:`hmedn_fast.
 (dense blocks checkpointed too) is reported beside it. DynUNet is MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
 supervision) with plain cross-entropy, bf16 autocast, in the contiguous layout (as MONAI runs it) and
 channels-last. ``*_cl`` = channels-last (``torch.channels_last_3d``) model and input; ``compiled_bf16_cl`` =
-``hmedn train --compile`` (``torch.compile`` of the model, timed after its compiling first steps).
+``hmedn train --compile`` (``torch.compile`` of the model, timed after its compiling first steps); ``*_graph`` =
+``hmedn train --cuda-graph`` (the whole step captured in a CUDA graph after two eager steps and replayed:
+:class:`hmedn_fast.train.graphed.GraphedStep`), for DynUNet too. Every setting uses the trainer's optimizer: fused
+AdamW with the learning rate as a device tensor.
 
 Times: CUDA events around each step after warm-up (p50 and mean ms). Peak memory: torch.cuda.max_memory_allocated
-over the timed steps (parameters, gradients, AdamW state and activations). Largest cube: under
+over the timed steps (parameters, gradients, AdamW state and activations; for CUDA-graph settings over all steps,
+as the graph's memory is allocated at capture). Largest cube: under
 ``torch.cuda.set_per_process_memory_fraction(8 GiB / total)``, the largest multiple of 16 in 64..256 for which
 two steps at batch 1 run without an out-of-memory error (binary search; monotone in the size).
 Writes DIR/train_<card>.json and a PNG of it, and prints a table (``--plot RECORD.json`` redraws a PNG).
@@ -43,22 +47,26 @@ sys.path.insert(0, str(ROOT))
 
 from hmedn_fast.losses import HMEDNLoss  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
+from hmedn_fast.train.graphed import GraphedStep  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
-NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl")  # steps timed, no cube search (time)
+NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl",  # steps timed, no cube search (time)
+                  "lean_graph", "dynunet_bf16_graph")
 SIZES = list(range(64, 257, 16))
 CL = torch.channels_last_3d
-CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format, torch.compile)
-    "eager_fp32": ("hmedn_3d_l2", None, "none", torch.contiguous_format, False),
-    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none", torch.contiguous_format, False),
-    "eager_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, False),
-    "compiled_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, True),
-    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean", CL, False),
-    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False),
-    "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False),
-    "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL, False),
+CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format, torch.compile, CUDA graph)
+    "eager_fp32": ("hmedn_3d_l2", None, "none", torch.contiguous_format, False, False),
+    "eager_bf16": ("hmedn_3d_l2", torch.bfloat16, "none", torch.contiguous_format, False, False),
+    "eager_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, False, False),
+    "compiled_bf16_cl": ("hmedn_3d_l2", torch.bfloat16, "none", CL, True, False),
+    "lean": ("hmedn_3d_l2", torch.bfloat16, "lean", CL, False, False),
+    "lean_graph": ("hmedn_3d_l2", torch.bfloat16, "lean", CL, False, True),
+    "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False, False),
+    "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False, False),
+    "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL, False, False),
+    "dynunet_bf16_graph": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False, True),
 }
 
 
@@ -72,19 +80,20 @@ def dynunet() -> torch.nn.Module:
 
 def make_step(config: str, size: int, batch: int = 1, seed: int = 0) -> Callable[[], float]:
     """A closure running one training step of ``config`` on a fixed random (batch, 4, size^3) batch."""
-    name, dtype, level, fmt, compiled = CONFIGS[config]
+    name, dtype, level, fmt, compiled, graphed = CONFIGS[config]
     torch.manual_seed(seed)
     model = (dynunet() if name == "dynunet" else create_model(name)).to("cuda", memory_format=fmt).train()
     if level is not None:
         set_checkpointing(model, level)
     if compiled:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-7)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-4, device="cuda"), weight_decay=1e-7, fused=True,
+                            capturable=graphed)
     x = torch.randn(batch, 4, size, size, size, device="cuda").contiguous(memory_format=fmt)
     y = make_labels(batch, size)
     loss_fn = HMEDNLoss(4, check_values=False).cuda() if name != "dynunet" else None
 
-    def step() -> torch.Tensor:
+    def train(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             out = model(x)
@@ -93,7 +102,8 @@ def make_step(config: str, size: int, batch: int = 1, seed: int = 0) -> Callable
         opt.step()
         return loss.detach()
 
-    return step
+    fn = GraphedStep(train) if graphed else train
+    return lambda: fn(x, y)
 
 
 def make_labels(batch: int, size: int) -> torch.Tensor:
@@ -116,7 +126,14 @@ def free() -> None:
 
 
 def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
+    """p50 / mean ms of ``iters`` steps after ``warmup`` ones, peak memory of the timed steps (of every step for a
+    CUDA-graph setting: its replays allocate nothing, the memory is the graph's pool, allocated at capture)."""
+    graphed = CONFIGS[config][5]
+    if graphed and warmup <= GraphedStep(time_steps).warmup:
+        raise ValueError("a CUDA-graph setting needs more warm-up steps than GraphedStep's eager ones (the step after "
+                         "them captures)")
     step = make_step(config, size)
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
@@ -124,9 +141,10 @@ def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
     for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if not graphed:
+        torch.cuda.reset_peak_memory_stats()
     losses: list[torch.Tensor] = []
-    times = cuda_times(lambda: losses.append(step()), iters)
+    times = cuda_times(lambda: losses.append(step().clone()), iters)
     peak = torch.cuda.max_memory_allocated()
     del step
     free()
@@ -330,10 +348,11 @@ def main() -> None:
 
     steps, cubes = result["step"], result["largest_cube_8gib"]
     targets = {"lean_voxels_vs_eager_fp32": cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)}
-    for base in ("dynunet_bf16", "dynunet_bf16_cl"):
-        if base in steps:
-            targets[f"lean_speedup_vs_{base}"] = steps[base]["p50_ms"] / steps["lean"]["p50_ms"]
-            targets[f"lean_peak_fraction_of_{base}"] = steps["lean"]["peak_mib"] / steps[base]["peak_mib"]
+    for ours in ("lean", "lean_graph"):
+        for base in ("dynunet_bf16", "dynunet_bf16_cl", "dynunet_bf16_graph"):
+            if ours in steps and base in steps:
+                targets[f"{ours}_speedup_vs_{base}"] = steps[base]["p50_ms"] / steps[ours]["p50_ms"]
+                targets[f"{ours}_peak_fraction_of_{base}"] = steps[ours]["peak_mib"] / steps[base]["peak_mib"]
     result["targets"] = targets
     result["profile_lean"] = profile_step("lean", 128)
     path.write_text(json.dumps(result, indent=1))
