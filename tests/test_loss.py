@@ -374,7 +374,8 @@ def test_hmedn_loss_without_checks_never_synchronises():
     """With check_values=False a CUDA forward + backward (targets, fused loss, deep supervision) queues its work
     without waiting for the GPU: torch's sync debug mode turns any synchronisation into an error."""
     labels = _blob_labels(2, (16, 16, 16), 3).cuda()
-    seg, ctr, *aux = (t.detach().cuda().requires_grad_(True) for t in _output(size=(16, 16, 16), aux_factors=(2,)))
+    out = _output(size=(16, 16, 16), aux_factors=(2,))
+    seg, ctr, *aux = (t.detach().cuda().requires_grad_(True) for t in (out.seg, out.contour, *out.aux))
     crit = HMEDNLoss(3, check_values=False)
     ref = HMEDNLoss(3, check_values=True)(SegmentationOutput(seg, ctr, aux), labels).total
     torch.cuda.synchronize()
