@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..ops.conv import conv_backward
 from ..ops.norm_act import norm_act
 
 MODES = ("none", "lean", "blocks")
@@ -77,12 +78,10 @@ def _conv(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
                    need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Input and weight gradients of ``_conv`` in the dtype ``grad`` has (the forward's compute dtype)."""
-    dt = grad.dtype
-    gi, gw, _ = torch.ops.aten.convolution_backward(
-        grad, inp.to(dt), weight.to(dt), None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
-        [0] * (weight.ndim - 2), conv.groups, [need_input, need_weight, False])
-    return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
+    """Input and weight gradients of ``_conv``, computed in the dtype ``grad`` has (the forward's compute dtype):
+    :func:`hmedn_fast.ops.conv.conv_backward` (its automatic weight-gradient backend)."""
+    return conv_backward(grad, inp, weight, conv.stride, conv.padding, conv.dilation, conv.groups, need_input,
+                         need_weight)
 
 
 def _grads(outputs: Tensor, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
