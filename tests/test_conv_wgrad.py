@@ -82,6 +82,23 @@ def test_unsupported_convolutions_fall_back_or_raise_when_forced(change, reason)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1].float())
 
 
+@pytest.mark.interpreted
+@pytest.mark.parametrize("c_in, c_out, triton", [(48, 16, True), (32, 32, True), (32, 16, False), (16, 16, False)])
+def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, c_out, triton):
+    """Automatic dispatch takes the kernel where it beat cuDNN (H200 sweep), ATen where cuDNN was as fast; forcing
+    still takes the kernel."""
+    from hmedn_fast.ops.triton import conv_wgrad
+
+    calls = []
+    real = conv_wgrad.conv3x3_wgrad
+    monkeypatch.setattr(conv_wgrad, "conv3x3_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, gy, w = _case(1, c_in, c_out, (3, 4, 3))
+    conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, False, True)
+    assert calls == ([1] if triton else [])
+    conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, False, True, backend="triton")
+    assert len(calls) == (2 if triton else 1)
+
+
 @pytest.mark.not_interpreted
 def test_automatic_backend_on_cpu_is_aten():
     x, gy, w = _case(1, 16, 16, (4, 4, 4))

@@ -2,12 +2,15 @@
 
 Backends of the weight gradient, in order of preference: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`:
 3x3x3 "same" convolutions, stride 1, 16 or 32 output channels, bf16/fp16 channels-last, on CUDA or under
-``TRITON_INTERPRET=1``), then ``"reference"`` (``aten.convolution_backward``, any convolution). ``backend=`` or
-``HMEDN_BACKEND_CONV_WGRAD`` force one. The input gradient is always ATen's (cuDNN).
+``TRITON_INTERPRET=1``) where it measured faster than cuDNN (not for 16 output channels from <= 32 input channels),
+then ``"reference"`` (``aten.convolution_backward``, any convolution). ``backend=`` or ``HMEDN_BACKEND_CONV_WGRAD``
+(``HMEDN_BACKEND``) force one. The input gradient is always ATen's (cuDNN).
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import os
 
 import torch
 from torch import Tensor
@@ -22,6 +25,10 @@ def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, paddi
     from hmedn_fast.ops.triton.conv_wgrad import unsupported
 
     return unsupported(grad, inp, weight, stride, padding, dilation, groups)
+
+
+def _forced_by_environment() -> bool:
+    return bool(os.environ.get("HMEDN_BACKEND_CONV_WGRAD") or os.environ.get("HMEDN_BACKEND"))
 
 
 def conv_backward(
@@ -47,6 +54,10 @@ def conv_backward(
     use_triton = need_weight and choose_backend("conv_wgrad", backend, [
         ("triton", lambda: _triton_unavailable(grad, x, w, stride, padding, dilation, groups)),
         ("reference", lambda: None)]) == "triton"
+    if use_triton and backend is None and not _forced_by_environment():
+        from hmedn_fast.ops.triton.conv_wgrad import faster_than_cudnn
+
+        use_triton = faster_than_cudnn(w.shape[1], w.shape[0])
     gi = gw = None
     if need_input or (need_weight and not use_triton):
         gi, gw, _ = torch.ops.aten.convolution_backward(
