@@ -324,6 +324,7 @@ class Trainer:
         if resume_record:
             self._restore(resume_record)
         self.step_fn = GraphedStep(self._step_tensors) if cfg.cuda_graph else self._step_tensors
+        self._part_names: list[str] = []  # the loss parts' names, in the order _step_tensors returns them
 
     # ------------------------------------------------------------------------------------------ set-up
     def _resume_record(self) -> dict[str, Any] | None:
