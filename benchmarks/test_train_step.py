@@ -55,6 +55,14 @@ def _step_fn(device: str, level: str, size: int, overrides: dict, dtype: torch.d
     return step
 
 
+def _versions() -> dict:
+    """Card and library versions for a CUDA row's record (pytest-benchmark stores the CPU only)."""
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), triton=triton.__version__)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_cpu_train_step(benchmark, level):
     benchmark.extra_info.update(shape=[1, 1, 32, 32, 32], level=level)
@@ -70,7 +78,7 @@ def test_cuda_train_step_128(benchmark, level):
     torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(shape=[1, 4, 128, 128, 128], level=level,
-                                peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **_versions())
 
 
 @pytest.mark.cuda
@@ -82,7 +90,7 @@ def test_cuda_train_step_128_graphed(benchmark):
     step = _step_fn("cuda", "lean", 128, {}, torch.bfloat16, graph=True)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(shape=[1, 4, 128, 128, 128], level="lean", cuda_graph=True,
-                                peak_mib=torch.cuda.max_memory_allocated() / 2**20)
+                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **_versions())
 
 
 def test_sample_production(benchmark):
