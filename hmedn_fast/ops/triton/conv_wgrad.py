@@ -1,8 +1,9 @@
 """Weight gradient of a 3x3x3 "same" convolution (stride 1, padding = dilation) on channels-last 3D tensors.
 
 cuDNN's weight-gradient kernels for hmedn_3d_l2's convolutions with 16 or 32 output channels run at 65-86 TFLOP/s
-in bf16 on an H200 (``scratch``-measured: 1.78 ms for 64 -> 16 channels at 128^3, 10 ms of every lean training
-step), a tenth of the tensor cores' rate: the GEMM is skinny (M = C_out, N = 27 C_in, K = every voxel).
+in bf16 on an H200 (1.77 ms for 64 -> 16 channels at 128^3, ~10 ms of every lean training step;
+``benchmarks/results/conv_wgrad_H200.txt``), a tenth of the tensor cores' rate: the GEMM is skinny (M = C_out,
+N = 27 C_in, K = every voxel). This kernel: 1.2-2.0x cuDNN on those shapes, float32 result.
 
     dW[co, ci, kd, kh, kw] = sum_v gy[v, co] x[v + d (kd - 1, kh - 1, kw - 1), ci]     (zero outside the volume)
 
