@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from hmedn_fast.losses import HMEDNLoss  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
-from hmedn_fast.train.graphed import GraphedStep  # noqa: E402
+from hmedn_fast.train.graphed import WARMUP, GraphedStep  # noqa: E402
 from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
@@ -129,7 +129,7 @@ def time_steps(config: str, size: int, warmup: int, iters: int) -> dict:
     """p50 / mean ms of ``iters`` steps after ``warmup`` ones, peak memory of the timed steps (of every step for a
     CUDA-graph setting: its replays allocate nothing, the memory is the graph's pool, allocated at capture)."""
     graphed = CONFIGS[config][5]
-    if graphed and warmup <= GraphedStep(time_steps).warmup:
+    if graphed and warmup <= WARMUP:
         raise ValueError("a CUDA-graph setting needs more warm-up steps than GraphedStep's eager ones (the step after "
                          "them captures)")
     step = make_step(config, size)

@@ -50,7 +50,7 @@ def _step_fn(device: str, level: str, size: int, overrides: dict, dtype: torch.d
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(GraphedStep(train).warmup + 1 if graph else 1):  # warm-up (graph: eager steps and the capture)
+    for _ in range(fn.warmup + 1 if graph else 1):  # warm-up (graph: the eager steps and the capture)
         step()
     return step
 

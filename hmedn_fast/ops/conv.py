@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,11 @@ def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, paddi
     return unsupported(grad, inp, weight, stride, padding, dilation, groups)
 
 
-def _forced_by_environment() -> bool:
-    return bool(os.environ.get("HMEDN_BACKEND_CONV_WGRAD") or os.environ.get("HMEDN_BACKEND"))
+def prefers_triton(c_in: int, c_out: int) -> bool:
+    """Whether the Triton weight gradient beat cuDNN in the H200 sweep (``benchmarks/results/conv_wgrad_H200.txt``):
+    every shape except 16 output channels from <= 32 input channels (there cuDNN was as fast or faster); 1.2-2.0x
+    elsewhere."""
+    return not (c_out == 16 and c_in <= 32)
 
 
 def conv_backward(
@@ -51,13 +52,11 @@ def conv_backward(
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
-    use_triton = need_weight and choose_backend("conv_wgrad", backend, [
-        ("triton", lambda: _triton_unavailable(grad, x, w, stride, padding, dilation, groups)),
-        ("reference", lambda: None)]) == "triton"
-    if use_triton and backend is None and not _forced_by_environment():
-        from hmedn_fast.ops.triton.conv_wgrad import faster_than_cudnn
-
-        use_triton = faster_than_cudnn(w.shape[1], w.shape[0])
+    candidates = [("triton", lambda: _triton_unavailable(grad, x, w, stride, padding, dilation, groups)),
+                  ("reference", lambda: None)]
+    if not prefers_triton(w.shape[1], w.shape[0]):
+        candidates.reverse()  # automatic choice: ATen; forcing "triton" still takes the kernel
+    use_triton = need_weight and choose_backend("conv_wgrad", backend, candidates) == "triton"
     gi = gw = None
     if need_input or (need_weight and not use_triton):
         gi, gw, _ = torch.ops.aten.convolution_backward(
@@ -70,4 +69,4 @@ def conv_backward(
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 
-__all__ = ["conv_backward"]
+__all__ = ["conv_backward", "prefers_triton"]

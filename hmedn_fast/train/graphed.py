@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 
+WARMUP = 2  # eager steps before capture, by default
+
+
 def _signature(inputs: tuple[Tensor, ...]) -> tuple:
     return tuple((t.shape, t.dtype, t.stride(), t.device) for t in inputs)
 
@@ -47,7 +50,7 @@ class GraphedStep:
         warmup: eager steps before capturing (>= 1: the optimizer's state must exist before capture).
     """
 
-    def __init__(self, step: Callable[..., Any], warmup: int = 2) -> None:
+    def __init__(self, step: Callable[..., Any], warmup: int = WARMUP) -> None:
         if not callable(step):
             raise TypeError(f"step must be callable, got {type(step).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
@@ -109,4 +112,4 @@ class GraphedStep:
         self.captures += 1
 
 
-__all__ = ["GraphedStep"]
+__all__ = ["WARMUP", "GraphedStep"]

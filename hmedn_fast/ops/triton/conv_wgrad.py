@@ -153,10 +153,4 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
 
-def faster_than_cudnn(c_in: int, c_out: int) -> bool:
-    """Whether this kernel beat cuDNN in the H200 sweep: every shape except 16 output channels from <= 32 input
-    channels (there cuDNN's 0.45-0.73 ms at 128^3 were as fast or faster); 1.2-2.0x elsewhere."""
-    return not (c_out == 16 and c_in <= 32)
-
-
-__all__ = ["conv3x3_wgrad", "faster_than_cudnn", "unsupported"]
+__all__ = ["conv3x3_wgrad", "unsupported"]
