@@ -207,8 +207,8 @@ def make_targets(
             reads a value back: one host synchronisation, which stalls the host until the GPU has run all
             queued work (e.g. a training step's forward pass) and is not allowed while a CUDA graph is
             captured. ``False`` skips it on CUDA (for labels checked elsewhere, e.g. by the data loader):
-            out-of-range labels then give unspecified maps, never an out-of-bounds access. The CPU kernel
-            checks for free and always does.
+            out-of-range labels then give unspecified maps, never an out-of-bounds access. CPU labels are always
+            checked (no synchronisation to save there).
     Returns:
         :class:`Targets` ``(contour, weight)``, each float32 ``(N, *spatial)`` on the labels' device.
     """
