@@ -14,8 +14,9 @@ Norm statistics are recomputed from the saved conv outputs in the same way as th
 (residual) + ReLU goes through :func:`hmedn_fast.ops.norm_act.norm_act` (its automatic backend; the fused Triton
 kernels when forced), the convolution gradients through ``aten.convolution_backward`` without re-running the forward convolution.
 Blocks whose two norms are BatchNorm (the default) run :class:`LeanBatchNormBlock` instead: the same saved
-tensors, replayed with the forward's batch statistics and differentiated with ATen's BatchNorm and convolution
-backward kernels directly (no nested autograd: the generic function is host-bound on small volumes).
+tensors, replayed with the forward's batch statistics and differentiated by calling the norm (the fused Triton
+kernels on CUDA, ATen's BatchNorm elsewhere) and convolution backward kernels directly (no nested autograd: the
+generic function is host-bound on small volumes).
 Autocast is honoured: the backward replays the forward's autocast state and computes conv gradients in the
 dtype the forward convolutions ran in. The function is differentiable once (no double backward).
 """
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops.conv import conv_backward
-from ..ops.norm_act import norm_act
+from ..ops.norm_act import choose, norm_act
 
 MODES = ("none", "lean", "blocks")
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
@@ -157,10 +158,18 @@ def _variance(invstd: Tensor, eps: float) -> Tensor:
 class LeanBatchNormBlock(torch.autograd.Function):
     """:class:`LeanResidualBlock` for BatchNorm blocks (the default norm) without nested autograd.
 
-    The forward keeps each norm's mean and inverse standard deviation (C floats); the backward replays
-    ``relu(norm1(c1))`` with them (one elementwise pass, no statistics reduction), takes the second ReLU's mask from the block output
-    (saved: the next block's input, alive anyway), and calls ``native_batch_norm_backward`` and
-    ``convolution_backward`` directly: the same kernels eager autograd runs, far fewer host-side steps.
+    The forward keeps each norm's statistics (C floats); the backward replays ``relu(norm1(c1))`` with them (one
+    elementwise pass, no statistics reduction) and calls the norm and convolution backward kernels directly.
+    Two norm engines, chosen per block by :func:`hmedn_fast.ops.norm_act.choose` (Triton wherever it runs, i.e. on
+    CUDA; ``HMEDN_BACKEND_NORM_ACT`` forces one):
+
+    - Triton (:mod:`hmedn_fast.ops.triton.norm`): norm + ReLU and norm + residual + ReLU in one fused forward each,
+      the backward recomputes the ReLU masks from the saved conv outputs (and the block input), 3 launches per norm
+      and direction;
+    - ATen: ``native_batch_norm`` / ``native_batch_norm_backward`` (the kernels eager autograd runs), separate
+      ReLU, residual and ReLU-backward passes, the second ReLU's mask from the block output (saved: the next
+      block's input, alive anyway).
+
     Inputs as :class:`LeanResidualBlock`.
     """
 
@@ -168,23 +177,34 @@ class LeanBatchNormBlock(torch.autograd.Function):
     def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
         c1 = _conv(x, w1, block.conv1)
-        n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
-        a1 = torch.relu_(n1)
-        c2 = _conv(a1, w2, block.conv2)
-        n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
-        y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
-        ctx.block, ctx.recompute_convs = block, recompute_convs
+        triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
+        if triton:
+            x, _ = norm_kernels().flat(x)
+            a1, stats1 = _triton_norm(c1, None, g1, b1, call1)
+            c2 = _conv(a1, w2, block.conv2)
+            y, stats2 = _triton_norm(c2, x, g2, b2, call2)
+            out = ()
+        else:
+            n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
+            a1 = torch.relu_(n1)
+            c2 = _conv(a1, w2, block.conv2)
+            n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
+            y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
+            stats1, stats2, out = (mean1, inv1), (mean2, inv2), (y,)
+        ctx.block, ctx.recompute_convs, ctx.triton = block, recompute_convs, triton
         ctx.train = (call1["training"], call2["training"])
         ctx.eps = (call1["eps"], call2["eps"])
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         saved = (None, None) if recompute_convs else (c1, c2)
-        ctx.save_for_backward(x, y, w1, g1, b1, w2, g2, b2, mean1, inv1, mean2, inv2, *saved)
+        ctx.save_for_backward(x, *out, w1, g1, b1, w2, g2, b2, *stats1, *stats2, *saved)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
+        if ctx.triton:
+            return _triton_block_backward(ctx, gy)
         x, y, w1, g1, b1, w2, g2, b2, mean1, inv1, mean2, inv2, c1, c2 = ctx.saved_tensors
         block, (train1, train2), (eps1, eps2) = ctx.block, ctx.train, ctx.eps
         dev, autocast_on, autocast_dtype = ctx.autocast
@@ -206,6 +226,54 @@ class LeanBatchNormBlock(torch.autograd.Function):
         if gx is not None:
             gx = gx.add_(gz2.to(gx.dtype))
         return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+
+
+def norm_kernels():
+    """:mod:`hmedn_fast.ops.triton.norm` (imported on first use: Triton is optional)."""
+    from ..ops.triton import norm
+    return norm
+
+
+def _triton_norm(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                 call: dict) -> tuple[Tensor, tuple[Tensor]]:
+    """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` on the Triton kernels (running
+    statistics updated as the module would), and ``(coef,)``: the coefficients its backward and replay need."""
+    k = norm_kernels()
+    c, cs = k.flat(c)
+    geo = k.geometry(tuple(c.shape), cs, None if residual is None else k.ncs_strides(residual), "batch", 1,
+                     call["training"])
+    update = call["training"] and call["running_mean"] is not None
+    y, coef = k.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
+                        call["momentum"], True, call["training"], update)
+    return y, (coef,)
+
+
+def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
+    """LeanBatchNormBlock's backward on the Triton norm kernels (the forward's engine)."""
+    k = norm_kernels()
+    x, w1, g1, b1, w2, g2, b2, coef1, coef2, c1, c2 = ctx.saved_tensors
+    block, (train1, train2) = ctx.block, ctx.train
+    dev, autocast_on, autocast_dtype = ctx.autocast
+    need = ctx.needs_input_grad
+    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+        if c1 is None:
+            c1 = _conv(x, w1, block.conv1)
+        c1, cs1 = k.flat(c1)
+        geo1 = k.geometry(tuple(c1.shape), cs1, None, "batch", 1, train1)
+        a1 = k.apply(geo1, c1, None, coef1, True)
+        if c2 is None:
+            c2 = _conv(a1, w2, block.conv2)
+    c2, cs2 = k.flat(c2)
+    geo2 = k.geometry(tuple(c2.shape), cs2, k.ncs_strides(x), "batch", 1, train2)
+    gc2, gg2, gb2, gx_res = k.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
+                                       b2.dtype if need[8] and b2 is not None else None, need[0])
+    ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
+    gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
+                                  b1.dtype if need[5] and b1 is not None else None, False)
+    gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
+    if gx is not None:
+        gx = gx.add_(gx_res.to(gx.dtype))
+    return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
 
 
 def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,
