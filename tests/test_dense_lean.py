@@ -200,23 +200,3 @@ def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch):
         assert err_g <= 1.1 * err_e, (i, err_g, err_e)
     for g, e in zip(got[3], eager[3]):  # running statistics: the forward is the same computation
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.not_interpreted
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("start, width", [(0, 8), (8, 16), (2, 5), (3, 4)])
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_copy_channels_into_and_out_of_buffer_slices(dtype, start, width, channels_last):
-    """The word-wise slice copy of the lean block equals ``copy_`` for aligned slices (copied as 8-byte words),
-    misaligned ones, NC* tensors and float64 (element-wise fallbacks); nothing outside the slice is touched."""
-    from hmedn_fast.nn.dense_lean import _copy_channels_, _dense
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    buf = torch.randn(2, 24, 3, 4, 5).to(dtype=dtype, memory_format=fmt)
-    src = torch.randn(2, width, 3, 4, 5).to(dtype=dtype, memory_format=fmt)
-    want = buf.clone()
-    want[:, start:start + width] = src
-    _copy_channels_(buf[:, start:start + width], src)
-    assert torch.equal(buf, want)
-    dense = _dense(buf[:, start:start + width], dtype, fmt)
-    assert torch.equal(dense, src) and dense.is_contiguous(memory_format=fmt)
-    assert torch.equal(_dense(buf[:, start:start + width], torch.float32, fmt), src.float())

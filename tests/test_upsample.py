@@ -29,16 +29,27 @@ def _reference(x, size):
     ((2, 3, 5, 7), (2, 3)), ((1, 1, 1, 6), (4, 2)),
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gather_backward_matches_interpolate_autograd(monkeypatch, shape, factors, channels_last):
+@pytest.mark.parametrize("grad_layout", ["nc", "channels_last", "cl_slice"])
+def test_gather_backward_matches_interpolate_autograd(monkeypatch, shape, factors, channels_last, grad_layout):
+    """The output gradient as NC*, channels-last, or a channel slice of a wider channels-last tensor (what the
+    backward of torch.cat over channels-last side outputs passes on): the latter two are gathered in
+    channels-last memory order and give a channels-last input gradient."""
     from hmedn_fast.ops.triton import upsample as kernels
     real_empty = torch.empty
     monkeypatch.setattr(kernels.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     x = torch.randn(shape, dtype=torch.float64)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        x = x.to(memory_format=fmt)
     size = tuple(s * f for s, f in zip(shape[2:], factors))
     xr, want = _reference(x, size)
     gy = torch.randn(want.shape, dtype=torch.float64)
+    if grad_layout == "channels_last":
+        gy = gy.to(memory_format=fmt)
+    elif grad_layout == "cl_slice":
+        wide = torch.randn((shape[0], shape[1] + 3, *size), dtype=torch.float64).to(memory_format=fmt)
+        wide[:, 1:1 + shape[1]] = gy
+        gy = wide[:, 1:1 + shape[1]]
     want.backward(gy)
     xt = x.detach().clone().requires_grad_()
     got = upsample_linear(xt, size, backend="triton")
@@ -46,6 +57,13 @@ def test_gather_backward_matches_interpolate_autograd(monkeypatch, shape, factor
     got.backward(gy)
     assert xt.grad.shape == x.shape and torch.isfinite(xt.grad).all()
     torch.testing.assert_close(xt.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    from hmedn_fast.ops.triton.upsample import upsample_backward
+    direct = upsample_backward(gy, factors)
+    torch.testing.assert_close(direct, xr.grad, rtol=1e-12, atol=1e-12)
+    if grad_layout != "nc" and shape[1] > 1:
+        assert direct.is_contiguous(memory_format=fmt)
+    else:
+        assert direct.is_contiguous()
 
 
 @pytest.mark.interpreted

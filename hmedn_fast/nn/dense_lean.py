@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..device import channels_last_format
+from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
                    supports)
@@ -119,7 +120,7 @@ class LeanDenseBlock(torch.autograd.Function):
         fmt = _layout(x)
         out = torch.empty((x.shape[0], block.out_channels, *x.shape[2:]), device=x.device,
                           dtype=torch.promote_types(x.dtype, conv_dtype), memory_format=fmt)
-        _copy_channels_(out[:, :x.shape[1]], x)
+        copy_channels_(out[:, :x.shape[1]], x)
         engines, c = [], x.shape[1]
         for layer in layers:
             inp = out[:, :c]
@@ -129,7 +130,7 @@ class LeanDenseBlock(torch.autograd.Function):
                       else _AtenNorm)(inp, layer.norm)
             f = _conv(engine.a, layer.conv.weight, layer.conv)
             g = f.shape[1]
-            _copy_channels_(out[:, c:c + g], f)
+            copy_channels_(out[:, c:c + g], f)
             engine.a = None  # recomputed in backward
             engines.append(engine)
             c += g
@@ -167,27 +168,11 @@ class LeanDenseBlock(torch.autograd.Function):
         return (gx, None, *grads)
 
 
-def _copy_channels_(dst: Tensor, src: Tensor) -> Tensor:
-    """``dst.copy_(src)``, for channel slices of channels-last tensors as 8-byte words: PyTorch's copy between
-    strided tensors costs per element, so a bf16 slice moves 4x fewer elements (the copy into a buffer slice ran
-    at a quarter of the copy bandwidth on the H200). Element-wise when the dtypes differ, the channels are not
-    innermost, or a channel run or offset is not a whole number of words."""
-    if dst.dtype == src.dtype and dst.element_size() < 8 and dst.ndim > 2 and dst.stride(1) == 1 == src.stride(1):
-        perm = (0, *range(2, dst.ndim), 1)
-        try:
-            words = dst.permute(perm).view(torch.int64), src.permute(perm).view(torch.int64)
-        except RuntimeError:  # not a whole number of words
-            return dst.copy_(src)
-        words[0].copy_(words[1])
-        return dst
-    return dst.copy_(src)
-
-
 def _dense(src: Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
     """A dense copy of the (strided) slice ``src`` in ``dtype`` and layout ``fmt``."""
     if src.dtype != dtype:
         return src.to(dtype, memory_format=fmt)
-    return _copy_channels_(torch.empty(src.shape, dtype=dtype, device=src.device, memory_format=fmt), src)
+    return copy_channels_(torch.empty(src.shape, dtype=dtype, device=src.device, memory_format=fmt), src)
 
 
 def _layout(x: Tensor) -> torch.memory_format:

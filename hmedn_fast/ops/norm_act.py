@@ -33,7 +33,7 @@ from hmedn_fast.ops.strides import flat_spatial_stride
 
 KINDS = ("batch", "instance", "group")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TRITON_MIN_ELEMENTS = 2 ** 24  # automatic choice: below this the reference's fewer launches win (measured)
+TRITON_MIN_ELEMENTS = 2 ** 22  # automatic choice: below this the reference's fewer launches win (measured)
 
 
 def prefers_triton(x: Tensor, kind: str, training: bool) -> bool:

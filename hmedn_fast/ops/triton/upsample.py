@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.copy import copy_channels_
+from hmedn_fast.ops.strides import flat_spatial_stride
 from hmedn_fast.ops.triton.launch import FastLauncher, cdiv
 
 BLOCK = 1024
@@ -52,13 +54,30 @@ def upsample_backward(grad: Tensor, factors: tuple[int, ...]) -> Tensor:
     """Gradient w.r.t. the input of ``F.interpolate(x, scale_factor=factors, mode="(bi|tri)linear",
     align_corners=False)`` given the output gradient ``grad`` (N, C, *spatial), spatial size ``f * s`` per axis.
 
-    Returns a contiguous (N, C, *[s // f]) tensor in grad's dtype (accumulated in float32; float64 for float64).
+    A gradient with channels innermost (channels-last, or a channel slice of a channels-last tensor, as the
+    backward of a ``torch.cat`` of channels-last side outputs hands it over) is gathered in that memory order
+    (made dense by :func:`hmedn_fast.ops.copy.copy_channels_` if needed, never transposed) and the result is
+    channels-last; any other gradient is made NC*-contiguous and the result is NC*-contiguous.
+
+    Returns a (N, C, *[s // f]) tensor in grad's dtype (accumulated in float32; float64 for float64).
     """
-    g = grad.contiguous()
+    spatial = grad.ndim - 2
+    if grad.shape[1] > 1 and grad.stride(1) == 1 and flat_spatial_stride(grad, 2) is not None:
+        fmt = torch.channels_last if spatial == 2 else torch.channels_last_3d
+        if not grad.is_contiguous(memory_format=fmt):
+            grad = copy_channels_(torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=fmt),
+                                  grad)
+        perm = (0, *range(2, grad.ndim), 1)  # memory order (N, *spatial, C)
+        out = _gather(grad.permute(perm), [(1 + a, f) for a, f in enumerate(factors)])
+        return out.permute(0, grad.ndim - 1, *range(1, grad.ndim - 1))
+    return _gather(grad.contiguous(), [(2 + a, f) for a, f in enumerate(factors)])
+
+
+def _gather(g: Tensor, axes: list[tuple[int, int]]) -> Tensor:
+    """The adjoint along each ``(axis, factor)`` of the contiguous tensor g, last axis first."""
     acc = tl.float64 if g.dtype == torch.float64 else tl.float32
     shape = list(g.shape)
-    for axis in reversed(range(2, g.ndim)):
-        f = factors[axis - 2]
+    for axis, f in reversed(axes):
         if f == 1:
             continue
         fine, coarse = shape[axis], shape[axis] // f
