@@ -8,7 +8,8 @@ Cases: ``3d_l2``: HR pathway of HMEDN-3D-L2 (9 blocks (2, 4), L=32, input 32 cha
 ``2d_l3``: HR pathway of HRDN-L3 (L=56 at 1/4 of 144x208 = 36x52, input 128 channels, batch 10).
 Implementations: eager fp32; eager bf16 autocast + channels-last; torch.compile of the latter; the latter with
 torch.utils.checkpoint per block; ours (``checkpoint="lean"`` / ``"blocks"`` / ``"auto"``, Triton norm + ReLU,
-bf16 + channels-last) and ours in fp32 (for the 1e-4 check). TFLOP/s = FLOPs of one eager fp32 step counted
+bf16 + channels-last) and ours in fp32 (for the 1e-4 check); on CUDA also eager bf16 + channels-last and ours
+lean replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch cost). TFLOP/s = FLOPs of one eager fp32 step counted
 by ``torch.utils.flop_counter`` / time (recomputation is not counted: "useful" FLOP/s).
 Writes ``blocks_<card>.json`` into ``--out`` and prints tables. ``--smoke`` runs tiny shapes (CPU allowed).
 """
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.nn import HRPathway  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
+from hmedn_fast.train.graphed import GraphedStep  # noqa: E402
 from timing import cuda_kernel_times, cuda_times, host_times  # noqa: E402
 
 CASES = {
@@ -209,12 +211,37 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
             with torch.autocast(device, dtype=torch.bfloat16):
                 rows[name]["auto_mode"] = module.resolve_checkpoint(channels_last(x))
         rows[name].update(checks.get(name, {}))
+    if device == "cuda":
+        for name in GRAPHED:
+            rows[name + "_graph"] = graphed_row(*impls[name], x, gf, gl, iters, flops)
     best = min(("eager_bf16_cl", "eager_fp32"), key=lambda k: rows[k]["ms"])
-    for r in rows.values():
+    for name, r in rows.items():
         r["speedup_vs_best_eager"] = rows[best]["ms"] / r["ms"]
         if r["peak_gib"] is not None:
             r["memory_vs_best_eager"] = r["peak_gib"] / rows[best]["peak_gib"]
+        if name.endswith("_graph"):
+            r["speedup_vs_eager_graph"] = rows["eager_bf16_cl_graph"]["ms"] / r["ms"]
     return dict(config=case, flops_fwd_bwd=flops, best_eager=best, rows=rows)
+
+
+GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl")  # also timed as CUDA-graph replays (no host launch cost)
+
+
+def graphed_row(module, cl: bool, x, gf, gl, iters: int, flops: int) -> dict:
+    """The forward + backward replayed from a CUDA graph (:class:`hmedn_fast.train.graphed.GraphedStep`: eager
+    warm-up steps, capture, then one replay per call): the GPU time without the host's launch cost. Peak memory
+    over warm-up and capture (the graph's pool keeps the step's peak)."""
+    fn = GraphedStep(lambda a, b, c: step(module, a, b, c, cl))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(fn.warmup + 1):
+        fn(x, gf, gl)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / GIB
+    ms = timed(lambda: fn(x, gf, gl), 2, iters, "cuda")
+    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=cl)
 
 
 def bench_norm(case: dict, device: str, warmup: int, iters: int) -> dict:
@@ -369,7 +396,7 @@ def print_tables(report: dict) -> None:
               f"{'grad err':>9s} ok")
         for impl, r in res["rows"].items():
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            err = f"{r['features_err']:9.1e} {r['grads_err']:9.1e}"
+            err = f"{r.get('features_err', float('nan')):9.1e} {r.get('grads_err', float('nan')):9.1e}"
             print(f"{impl:28s} {r['ms']:8.2f} {r['tflops']:8.1f} {peak:>9s} {r['speedup_vs_best_eager']:8.2f} "
                   f"{err} {r.get('ok', '')}")
     for name, res in report["norm_act"].items():
