@@ -97,8 +97,11 @@ def test_cpu_takes_the_aten_engine(spy):
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
 def test_cuda_triton_engine_equals_eager_float32(monkeypatch, spy, mode):
     """An HR block of hmedn_3d_l2 (32 channels, 48^3, channels-last) in float32 (TF32 off): the automatic engine
-    is Triton on CUDA; two BatchNorm implementations differ in the last bits, which can flip the ReLU mask of a
-    near-zero activation, so tensors are compared by relative L2 error."""
+    is Triton on CUDA. The output and the running statistics must match eager's to float32 rounding. Two
+    BatchNorm implementations differ in the last bits, which can flip the ReLU mask of a near-zero activation and
+    change the gradient at that element by O(1) (and its convolution neighbourhood after it), so gradients must
+    match in bulk: relative L2 error below 1e-3 and, for the large ones, at most 1 % of the elements beyond 1e-5 of
+    the tensor's range."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     ref, block = (b.cuda().to(memory_format=torch.channels_last_3d) for b in _blocks(32, 3, mode, True))
     x = torch.randn(1, 32, 48, 48, 48, device="cuda").to(memory_format=torch.channels_last_3d)
@@ -107,7 +110,11 @@ def test_cuda_triton_engine_equals_eager_float32(monkeypatch, spy, mode):
     assert len(spy) == 2
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == w.dtype, i
-        assert _rel(g, w) < 1e-5, (i, _rel(g, w))
+        if i == 0 or i >= 8:  # output, running statistics
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=f"tensor {i}")
+            continue
+        off = ((g - w).abs() > 1e-5 * w.abs().max()).float().mean().item() if g.numel() > 1000 else 0.0
+        assert off < 0.01 and _rel(g, w) < 1e-3, (i, off, _rel(g, w))
 
 
 @pytest.mark.cuda
