@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..ops.conv import conv_backward
+from ..ops.conv import conv_backward, conv_forward
 from ..ops.norm_act import choose, norm_act
 
 MODES = ("none", "lean", "blocks")
@@ -73,8 +73,8 @@ def norm_relu(norm: nn.Module, x: Tensor) -> Tensor:
 
 
 def _conv(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
-    fn = F.conv2d if weight.ndim == 4 else F.conv3d
-    return fn(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    """``conv``'s convolution (no bias) through :func:`hmedn_fast.ops.conv.conv_forward` (its automatic backend)."""
+    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,

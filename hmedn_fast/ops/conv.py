@@ -1,4 +1,10 @@
-"""Convolution gradients of the lean blocks (input and weight gradient without re-running the forward).
+"""Convolutions of the lean blocks: forward (:func:`conv_forward`) and gradients (:func:`conv_backward`, input and
+weight gradient without re-running the forward).
+
+Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1,
+16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) for the shapes where it
+measured faster than cuDNN (:func:`prefers_triton_forward`), else ``"reference"`` (``F.conv2d`` / ``F.conv3d``).
+``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` force one.
 
 Backends of the weight gradient, in order of preference: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`:
 3x3x3 "same" convolutions, stride 1, 16 or 32 output channels, bf16/fp16 channels-last, on CUDA or under
@@ -12,6 +18,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
 
@@ -30,6 +37,51 @@ def prefers_triton(c_in: int, c_out: int) -> bool:
     every shape except 16 output channels from <= 32 input channels (there cuDNN was as fast or faster); 1.2-2.0x
     elsewhere."""
     return not (c_out == 16 and c_in <= 32)
+
+
+def prefers_triton_forward(c_in: int, c_out: int) -> bool:
+    """Whether the Triton forward beat cuDNN (``cudnn.benchmark``) by 10 % or more in the H200 sweep
+    (``benchmarks/results/conv_fwd_H200.txt``, bf16 channels-last 128^3): 16 -> 16 channels 1.48x, 48 -> 16 1.11x;
+    cuDNN was as fast or faster for 4, 32, 64, 80, 96 and 144 -> 16 and for the dilated 32 -> 32."""
+    return c_out == 16 and c_in in (16, 48)
+
+
+def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                 groups: int, backend: str | None = None) -> Tensor:
+    """``F.conv{2,3}d(x, weight, None, stride, padding, dilation, groups)``, autocast honoured (the Triton path
+    computes in the autocast dtype when autocast is on, as cuDNN would).
+
+    Args:
+        x: (N, C_in, *spatial). weight: (C_out, C_in / groups, *kernel).
+        stride, padding, dilation, groups: the convolution's.
+        backend: None (automatic), ``"triton"`` or ``"reference"``.
+    Returns:
+        (N, C_out, *spatial'), channels-last on the Triton backend.
+    """
+    fn = F.conv2d if weight.ndim == 4 else F.conv3d
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
+    cast: list[Tensor] = []  # (x, weight) in the compute dtype, made once
+
+    def triton_unavailable_here() -> str | None:
+        reason = triton_unavailable(x)
+        if reason is not None:
+            return reason
+        if torch.compiler.is_compiling():
+            return "inside torch.compile"
+        from hmedn_fast.ops.triton.conv_fwd import unsupported
+
+        cast[:] = [x.to(dt), weight.to(dt)]
+        return unsupported(*cast, stride, padding, dilation, groups)
+
+    candidates = [("triton", triton_unavailable_here), ("reference", lambda: None)]
+    if weight.ndim != 5 or not prefers_triton_forward(weight.shape[1], weight.shape[0]):
+        candidates.reverse()
+    if choose_backend("conv_fwd", backend, candidates) == "triton":
+        from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
+
+        return conv3x3_forward(*cast, dilation[0])
+    return fn(x, weight, None, stride, padding, dilation, groups)
 
 
 def conv_backward(
@@ -69,4 +121,4 @@ def conv_backward(
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 
-__all__ = ["conv_backward", "prefers_triton"]
+__all__ = ["conv_backward", "conv_forward", "prefers_triton", "prefers_triton_forward"]

@@ -1,0 +1,127 @@
+"""Forward of a 3x3x3 "same" convolution (stride 1, padding = dilation) with 16 or 32 output channels on
+channels-last 3D tensors (implicit GEMM on the tensor cores).
+
+cuDNN runs hmedn_3d_l2's full-resolution convolutions with 16 output channels (the dense layers of the first
+encoder and last decoder stage, the stem, the contour head) through a 256x32 implicit-GEMM tile: half of its
+N tile is padding, and the layers reach 57-138 TFLOP/s in bf16 on an H200 (7.3 ms of every lean training step).
+Here the N tile is exactly C_out:
+
+    y[v, co] = sum_{tap, ci} x[v + d (kd - 1, kh - 1, kw - 1), ci] w[co, ci, kd, kh, kw]     (zero outside)
+
+One program owns BM consecutive voxels (flattened N, D, H, W); its loop runs over the 27 taps times the
+C_in chunks of BK channels, loading the shifted input tile (BM x BK; neighbouring taps hit the L1 cache) and the
+packed weights (BK x C_out) and accumulating in float32 registers; one rounding to the output dtype.
+
+Measured (H200 sweep, ``benchmarks/results/conv_fwd_H200.txt``): 1.48x cuDNN for 16 -> 16 channels and 1.11x for
+48 -> 16 at 128^3, 0.85-1.0x for the other shapes: with N = 16 every loaded input element feeds only 16
+multiply-adds, so moving the shifted input tiles, not the tensor cores, bounds it. ``hmedn_fast.ops.conv`` sends
+only the shapes where it won here.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
+
+
+def launch_config(c_in: int) -> tuple[int, int, int, int]:
+    """(voxels per program, input channels per step, warps, pipelining stages): the best of the H200 sweep
+    (``benchmarks/results/conv_fwd_H200.txt``) for the shapes the automatic dispatch sends here (16 -> 16:
+    128/16/4/4; 48 -> 16: 256/64/8/2), 128 voxels, up to 64 channels, 4 warps, 3 stages otherwise."""
+    if c_in <= 16:
+        return 128, 16, 4, 4
+    if c_in > 32:
+        return 256, 64, 8, 2
+    return 128, min(64, next_power_of_2(c_in)), 4, 3
+
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, C_OUT: tl.constexpr, BM: tl.constexpr,
+                BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
+    row = tl.program_id(0) * BM + tl.arange(0, BM)
+    live = row < NV
+    x = row % W
+    y = (row // W) % H
+    z = (row // (W * H)) % D
+    ck = tl.arange(0, BK)
+    co = tl.arange(0, C_OUT)
+    acc = tl.zeros([BM, C_OUT], tl.float32)
+    for k in tl.range(0, 27 * NCHUNK, num_stages=NUM_STAGES):
+        tap = k // NCHUNK
+        ci = (k % NCHUNK) * BK + ck
+        ci_ok = ci < C_IN
+        dz = (tap // 9 - 1) * DIL
+        dy = (tap // 3 % 3 - 1) * DIL
+        dx = (tap % 3 - 1) * DIL
+        ok = live & (z + dz >= 0) & (z + dz < D) & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+        src = row + (dz * H + dy) * W + dx
+        a = tl.load(x_ptr + src[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + co[None, :], mask=ci_ok[:, None], other=0.0)
+        if F32_DOT:  # the interpreter's bf16 dot reads raw bits (Triton 3.9); float32 products of bf16 are exact
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    tl.store(y_ptr + row[:, None] * C_OUT + co[None, :], acc.to(y_ptr.dtype.element_ty), mask=live[:, None])
+
+
+_KERNEL = FastLauncher(_fwd_kernel)
+
+
+def unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
+    """Why :func:`conv3x3_forward` cannot take these arguments, or None."""
+    if inp.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
+        return "a 3D convolution with a 3x3x3 kernel"
+    if groups != 1 or tuple(stride) != (1, 1, 1):
+        return "groups 1 and stride 1"
+    d = tuple(dilation)
+    if len(set(d)) != 1 or tuple(padding) != d:
+        return "padding equal to one dilation for every axis ('same' output)"
+    if inp.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != inp.dtype:
+        return "bf16 / fp16 input and weight of one dtype"
+    if weight.shape[0] not in (16, 32):
+        return "16 or 32 output channels"
+    if not inp.is_contiguous(memory_format=torch.channels_last_3d):
+        return "a channels-last contiguous input"
+    if inp.numel() >= 2**31 or inp.shape[0] * weight.shape[0] * inp[0, 0].numel() >= 2**31:
+        return "fewer than 2**31 elements"
+    return None
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """(C_out, C_in, 3, 3, 3) -> (27, C_in, C_out) contiguous, tap = 9 kd + 3 kh + kw (the kernel's B operand)."""
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(2, 3, 4, 1, 0).reshape(27, c_in, c_out).contiguous()
+
+
+def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: int | None = None,
+                    block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+    """``conv3d(inp, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output.
+
+    Args:
+        inp: (N, C_in, D, H, W) bf16/fp16, channels-last contiguous (see :func:`unsupported`).
+        weight: (C_out, C_in, 3, 3, 3) of inp's dtype, C_out 16 or 32.
+        dilation: the convolution's dilation (= its padding).
+        block_voxels, block_k, num_warps, num_stages: voxels per program (power of two >= 16), input channels per
+            step (power of two >= 16), warps, pipelining stages; None takes :func:`launch_config`'s.
+    Returns:
+        (N, C_out, D, H, W) in inp's dtype, channels-last; float32 accumulation, one rounding.
+    """
+    n, c_in, d, h, w = inp.shape
+    c_out = weight.shape[0]
+    nv = n * d * h * w
+    bm, bk, warps, stages = launch_config(c_in)
+    bm, bk = block_voxels or bm, block_k or bk
+    out = torch.empty((n, c_out, d, h, w), dtype=inp.dtype, device=inp.device, memory_format=torch.channels_last_3d)
+    if nv == 0:
+        return out
+    _KERNEL((cdiv(nv, bm),), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
+            C_OUT=c_out, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET, NUM_STAGES=num_stages or stages,
+            num_warps=num_warps or warps)
+    return out
+
+
+__all__ = ["conv3x3_forward", "launch_config", "pack_weight", "unsupported"]

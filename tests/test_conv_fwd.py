@@ -1,0 +1,137 @@
+"""Forward of 3x3x3 "same" convolutions (hmedn_fast.ops.conv.conv_forward, Triton kernel of
+hmedn_fast.ops.triton.conv_fwd) against F.conv3d in float64 on the same bf16/fp16 values: dilations 1-3, odd
+sizes, input channels not a multiple of the channel step, 16 and 32 output channels, batches, poisoned outputs;
+autocast; dispatch (what falls back to F.conv3d) and forcing; the lean dense block routing its layers through it.
+Interpreted tests run in a TRITON_INTERPRET=1 subprocess (``test_interpreter_suite``); GPU tests are marked
+``cuda``."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hmedn_fast.ops.conv import conv_forward
+
+CL = torch.channels_last_3d
+
+
+@pytest.mark.not_interpreted
+def test_interpreter_suite(interpreter_suite):
+    interpreter_suite(__file__)
+
+
+def _case(n, c_in, c_out, size, dtype=torch.bfloat16, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, *size, generator=g).to(dtype).to(device).contiguous(memory_format=CL)
+    w = (torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5).to(dtype).to(device)
+    return x, w
+
+
+def _check_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, d: int) -> None:
+    """y equals the float64 convolution up to float32 accumulation and one rounding to y's dtype: half a unit in
+    the last place on the GPU (round to nearest), one unit under the interpreter, whose float32 -> bf16 / fp16
+    cast truncates (Triton 3.9: checked against torch's casts)."""
+    want = F.conv3d(x.double(), w.double(), padding=d, dilation=d)
+    assert y.shape == want.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+    assert y.is_contiguous(memory_format=CL)
+    ulp = 2.0 ** (-7 if y.dtype == torch.bfloat16 else -10)  # relative spacing at a mantissa of 1.0
+    rel = ulp if y.is_cpu else ulp / 2
+    torch.testing.assert_close(y.double(), want, rtol=rel, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("n, c_in, c_out, size, d", [
+    (2, 16, 16, (5, 6, 7), 1), (1, 20, 32, (6, 5, 9), 2), (1, 4, 16, (4, 3, 5), 1), (1, 80, 16, (3, 4, 5), 3),
+    (3, 48, 16, (2, 9, 3), 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_matches_float64(monkeypatch, n, c_in, c_out, size, d, dtype):
+    from hmedn_fast.ops.triton import conv_fwd
+
+    real_empty = torch.empty
+    monkeypatch.setattr(conv_fwd.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    x, w = _case(n, c_in, c_out, size, dtype)
+    y = conv_forward(x, w, (1, 1, 1), (d,) * 3, (d,) * 3, 1, backend="triton")
+    _check_rounding(y, x, w, d)
+
+
+@pytest.mark.interpreted
+def test_forward_under_autocast_computes_in_the_autocast_dtype():
+    """float32 input and weight under bf16 autocast: computed in bf16 as F.conv3d would (and returned in bf16)."""
+    x, w = _case(1, 16, 16, (4, 5, 6), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, backend="triton")
+    _check_rounding(y, x.bfloat16(), w.bfloat16(), 1)
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("change, reason", [
+    (dict(stride=(2, 2, 2)), "stride 1"), (dict(groups=2), "groups 1"), (dict(padding=(0, 0, 0)), "padding"),
+    (dict(dtype=torch.float32), "bf16 / fp16"), (dict(c_out=8), "16 or 32"), (dict(layout=False), "channels-last"),
+])
+def test_unsupported_convolutions_fall_back_or_raise_when_forced(change, reason):
+    x, w = _case(1, 16, change.get("c_out", 16), (4, 4, 4), change.get("dtype", torch.bfloat16))
+    if change.get("layout") is False:
+        x = x.contiguous()
+    if change.get("groups"):
+        w = w[:, :8].contiguous()
+    args = (change.get("stride", (1, 1, 1)), change.get("padding", (1, 1, 1)), (1, 1, 1), change.get("groups", 1))
+    want = F.conv3d(x, w, None, *args)
+    assert torch.equal(conv_forward(x, w, *args), want)  # automatic: F.conv3d
+    with pytest.raises(RuntimeError, match=reason):
+        conv_forward(x, w, *args, backend="triton")
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("c_in, triton", [(16, True), (48, True), (32, False), (64, False)])
+def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, triton):
+    from hmedn_fast.ops.triton import conv_fwd
+
+    calls = []
+    real = conv_fwd.conv3x3_forward
+    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w = _case(1, c_in, 16, (3, 4, 5))
+    conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1)
+    assert calls == ([1] if triton else [])
+
+
+@pytest.mark.interpreted
+def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
+    """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last: the 16 and 48 channel layers
+    run the Triton forward; outputs and gradients match the eager float32 block to bf16 rounding."""
+    from hmedn_fast.nn.blocks import DenseBlock
+    from hmedn_fast.ops.triton import conv_fwd
+
+    calls = []
+    real = conv_fwd.conv3x3_forward
+    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda x, w, d, **k: calls.append(x.shape[1]) or real(x, w, d))
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref = DenseBlock(16, 16, 3, spatial_dims=3)
+    lean = copy.deepcopy(ref).bfloat16().to(memory_format=CL)
+    lean.lean = True
+    x = torch.randn(1, 16, 4, 5, 6)
+    gy = torch.randn(1, 64, 4, 5, 6)
+    xr, xl = x.clone().requires_grad_(), x.bfloat16().contiguous(memory_format=CL).requires_grad_()
+    ref(xr).backward(gy)
+    yl = lean(xl)
+    yl.backward(gy.bfloat16())
+    assert calls == [16, 48]
+    torch.testing.assert_close(yl.float(), ref(xr).detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(xl.grad.float(), xr.grad, rtol=5e-2, atol=5e-2 * xr.grad.abs().max().item())
+
+
+@pytest.mark.not_interpreted
+def test_automatic_backend_on_cpu_is_f_conv3d():
+    x, w = _case(1, 16, 16, (4, 4, 4))
+    assert torch.equal(conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1), F.conv3d(x, w, padding=1))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c_in, c_out, size, d", [(16, 16, (64, 64, 64), 1), (48, 16, (40, 48, 56), 1),
+                                                 (32, 32, (33, 34, 35), 3)])
+def test_cuda_forward_matches_float64(c_in, c_out, size, d):
+    x, w = _case(1, c_in, c_out, size, device="cuda")
+    y = torch.full((1, c_out, *size), float("nan"), device="cuda")  # the kernel allocates; poison the pool first
+    del y
+    _check_rounding(conv_forward(x, w, (1, 1, 1), (d,) * 3, (d,) * 3, 1, backend="triton"), x, w, d)
