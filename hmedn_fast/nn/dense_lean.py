@@ -12,7 +12,10 @@ concatenation (the Triton norm reads the slice, ATen's BatchNorm takes it as it 
 its g channels into the buffer. Saved: the buffer and each norm's statistics (C floats). On CUDA the norms run on the fused Triton kernels whatever their size.
 The backward replays
 each norm + ReLU from the buffer with the saved statistics (no reduction), runs the convolution and norm
-backward kernels directly, and accumulates input gradients into slices of one gradient buffer. BatchNorm layers
+backward kernels directly, and accumulates input gradients into slices of one gradient buffer. With the Triton
+norm (which recomputes the ReLU mask itself) a layer's replayed activation is freed after its weight gradient,
+before the input gradient of the same size is allocated: the widest layer's activation no longer adds to the
+backward's peak. BatchNorm layers
 only (the default norm); other norms, and convolutions with a bias, run the eager block. Autocast is replayed
 as the forward ran it. Differentiable once.
 """
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..device import channels_last_format
+from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
@@ -40,6 +44,8 @@ class _AtenNorm:
     slice (temporary, not saved): ATen's CUDA BatchNorm backward on a strided slice of a channels-last tensor
     falls to a generic kernel, 6x slower than the whole eager block and off by up to 8e-3 of the input gradient's
     range in float32 (measured on the H200)."""
+
+    needs_activation = True  # the backward takes the ReLU mask from the replayed activation
 
     def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         call = norm_call(norm, update=True)
@@ -75,6 +81,8 @@ class _TritonNorm:
     """BatchNorm + ReLU through the fused Triton kernels (:mod:`hmedn_fast.ops.triton.norm`), which read the
     buffer's channel slice in place."""
 
+    needs_activation = False  # the backward recomputes the ReLU mask from the input and the coefficients
+
     def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         from hmedn_fast.ops.triton import norm as kernels
 
@@ -95,7 +103,7 @@ class _TritonNorm:
     def replay(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         return self.kernels.apply(self.geo, x, None, self.coef, True)
 
-    def backward(self, ga: Tensor, x: Tensor, a: Tensor, weight: Tensor | None, need_w: bool, need_b: bool,
+    def backward(self, ga: Tensor, x: Tensor, a: Tensor | None, weight: Tensor | None, need_w: bool, need_b: bool,
                  gx: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Adds the input gradient to ``gx`` inside the kernel (float32 sum, one rounding; no dx tensor)."""
         _, dw, db, _ = self.kernels.backward(self.geo, x, None, ga, weight, self.coef, True, self.batch_stats,
@@ -159,10 +167,17 @@ class LeanDenseBlock(torch.autograd.Function):
             with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
                 a = engine.replay(inp, weight, bias)
             gf = _dense(gbuf[:, c:c + g], autocast_dtype if autocast_on else conv_weight.dtype, ctx.fmt)
-            ga, gw = _conv_backward(gf, a, conv_weight, layer.conv, True, need[4 + 3 * i])
+            a_dtype = a.dtype
+            if engine.needs_activation:
+                ga, gw = _conv_backward(gf, a, conv_weight, layer.conv, True, need[4 + 3 * i])
+            else:  # weight gradient first, then the activation is freed before the input gradient is allocated
+                _, gw = _conv_backward(gf, a, conv_weight, layer.conv, False, need[4 + 3 * i])
+                a = None
+                conv = layer.conv
+                ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
             need_w = need[2 + 3 * i] and weight is not None
             need_b = need[3 + 3 * i] and bias is not None
-            gnw, gnb = engine.backward(ga.to(a.dtype), inp, a, weight, need_w, need_b, gbuf[:, :c])
+            gnw, gnb = engine.backward(ga.to(a_dtype), inp, a, weight, need_w, need_b, gbuf[:, :c])
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
         gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt) if need[0] else None
         return (gx, None, *grads)

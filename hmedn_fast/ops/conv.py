@@ -121,4 +121,28 @@ def conv_backward(
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 
-__all__ = ["conv_backward", "conv_forward", "prefers_triton", "prefers_triton_forward"]
+def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself: the transposed
+    convolution of ``grad`` (cuDNN's backward-data kernels), in grad's dtype and layout. Lets a caller free the
+    forward's input before this gradient is allocated (``aten.convolution_backward`` takes the input tensor even
+    when only the input gradient is asked for).
+
+    Args:
+        grad: (N, C_out, *out_spatial). weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
+        input_shape: (N, C_in, *spatial) of the forward's input.
+        stride, padding, dilation, groups: the convolution's.
+    """
+    fn = F.conv_transpose2d if weight.ndim == 4 else F.conv_transpose3d
+    k = weight.shape[2:]
+    natural = [(o - 1) * s - 2 * p + d * (kk - 1) + 1
+               for o, s, p, d, kk in zip(grad.shape[2:], stride, padding, dilation, k)]
+    extra = [int(i) - n for i, n in zip(input_shape[2:], natural)]
+    if (len(input_shape) != grad.ndim or any(not 0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation))
+            or input_shape[1] != weight.shape[1] * groups):
+        raise ValueError(f"input_shape {tuple(input_shape)} does not fit this convolution's output "
+                         f"{tuple(grad.shape)} and weight {tuple(weight.shape)}")
+    return fn(grad, weight.to(grad.dtype), None, list(stride), list(padding), extra, groups, list(dilation))
+
+
+__all__ = ["conv_backward", "conv_forward", "conv_input_grad", "prefers_triton", "prefers_triton_forward"]
