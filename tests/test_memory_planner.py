@@ -131,6 +131,21 @@ def test_checkpointing_levels_keep_gradients_and_save_memory(norm):
         set_checkpointing(model, "everything")
 
 
+@pytest.mark.parametrize("norm, lean_dense", [("batch", True), ("instance", False)])
+def test_blocks_level_keeps_lean_dense_blocks_and_checkpoints_the_others(norm, lean_dense):
+    """At "blocks" the BatchNorm dense blocks stay lean (checkpointing them would save nothing and recompute eager
+    concatenations in backward); dense blocks the lean block cannot run are checkpointed; "none" undoes both."""
+    from hmedn_fast.nn.blocks import DenseBlock
+    model = create_model("hmedn_2d", widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
+                         hr_blocks=2, norm=norm, dropout=0.0)
+    dense = [m for m in model.modules() if isinstance(m, DenseBlock)]
+    set_checkpointing(model, "blocks")
+    assert all(m.lean and ("forward" in m.__dict__) != lean_dense for m in dense)
+    assert model.net.hr.checkpoint == "blocks"
+    set_checkpointing(model, "none")
+    assert all(not m.lean and "forward" not in m.__dict__ for m in dense)
+
+
 def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
     cfg = TrainConfig(data="phantom", out=str(tmp_path), model="hmedn_2d", phantom_cases=3, phantom_size=32,
                       overrides=dict(widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,

@@ -105,9 +105,9 @@ class DenseBlock(nn.Module):
 
     Shapes: (N, C_in, *spatial) -> (N, C_in + n * g, *spatial). ``out_channels`` gives C_in + n * g.
 
-    ``lean = True`` (set by ``hmedn_fast.train.memory.set_checkpointing(model, "lean")``): training forwards of
-    BatchNorm blocks run :class:`~hmedn_fast.nn.dense_lean.LeanDenseBlock` (one shared buffer, norm + ReLU
-    recomputed in backward; same outputs, gradients and running statistics).
+    ``lean = True`` (set by ``hmedn_fast.train.memory.set_checkpointing`` at the "lean" and "blocks" levels):
+    training forwards of BatchNorm blocks run :class:`~hmedn_fast.nn.dense_lean.LeanDenseBlock` (one shared
+    buffer, norm + ReLU recomputed in backward; same outputs, gradients and running statistics).
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int, spatial_dims: int = 2,

@@ -21,9 +21,14 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation) and the memory-lean dense
   blocks (:mod:`hmedn_fast.nn.dense_lean`: one shared feature buffer, norm + ReLU recomputed; no convolution
   is recomputed at this level);
-- ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed), and every dense block of the
-  distilling pathway runs under ``torch.utils.checkpoint`` (non-reentrant; the recomputation in backward
-  leaves the BatchNorm running statistics alone, so they are updated once per step as without checkpointing).
+- ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed); the dense blocks of the
+  distilling pathway stay memory-lean where they can (BatchNorm), the others run under ``torch.utils.checkpoint``
+  (non-reentrant; the recomputation in backward leaves the BatchNorm running statistics alone, so they are
+  updated once per step as without checkpointing). A lean dense block keeps only its output (which the next layer
+  keeps anyway) and C floats per layer, so checkpointing it saves nothing, while recomputing an eager dense block
+  in backward allocates its concatenations again: with every dense block checkpointed, this level's measured
+  peak was above the lean level's (H200, ``benchmarks/results/train_nvidia_h200.json``: 3975 vs 3734 MiB), so an
+  out-of-memory escalation from "lean" could not help.
 
 Every level gives the same gradients; only memory and time differ.
 """
@@ -39,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hmedn_fast.nn.blocks import DenseBlock
+from hmedn_fast.nn.dense_lean import supported as lean_dense_supported
 from hmedn_fast.nn.pathways import HRPathway
 
 LEVELS = ("none", "lean", "blocks")
@@ -214,8 +220,8 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward
-            m.lean = level == "lean"
-            if level == "blocks":
+            m.lean = level != "none"
+            if level == "blocks" and not lean_dense_supported(m):
                 m.forward = _checkpointed_forward(m, m.forward)
             count += 1
     return count
