@@ -20,13 +20,15 @@ def test_interpreter_suite(interpreter_suite):
     interpreter_suite(__file__)
 
 
-def _blocks(channels: int, spatial_dims: int, mode: str, training: bool, dtype=torch.float32):
-    ref = ResidualDilatedBlock(channels, (1, 2), spatial_dims=spatial_dims).to(dtype).train(training)
+def _blocks(channels: int, spatial_dims: int, mode: str, training: bool, dtype=torch.float32, affine=True):
+    norm = "batch" if affine else ("batch", {"affine": False})
+    ref = ResidualDilatedBlock(channels, (1, 2), spatial_dims=spatial_dims, norm=norm).to(dtype).train(training)
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.3)
+                if affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.3)
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
     out = copy.deepcopy(ref)
@@ -81,6 +83,25 @@ def test_triton_engine_equals_eager(monkeypatch, spy, training, mode, shape, cha
         torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5 * w.abs().max().item() + 1e-7, msg=f"tensor {i}")
     if channels_last:
         assert got[0].is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("frozen", [False, True])
+def test_triton_engine_without_affine_or_with_frozen_parameters(monkeypatch, spy, frozen):
+    """Norms without affine parameters; or conv / norm parameters that need no gradient (only x does)."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref, block = _blocks(5, 3, "lean", True, affine=frozen)
+    if frozen:
+        for b in (ref, block):
+            b.requires_grad_(False)
+    x, gy = torch.randn(2, 5, 4, 5, 6), torch.randn(2, 5, 4, 5, 6)
+    want, got = _run(ref, x, gy), _run(block, x, gy)
+    assert len(spy) == 2 and len(got) == len(want) == (2 + 6 + 6 if frozen else 2 + 2 + 6)
+    assert [g is None for g in got] == [w is None for w in want] == [False, False] + [frozen] * (len(got) - 8) + [
+        False] * 6
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5 * w.abs().max().item() + 1e-7, msg=f"tensor {i}")
 
 
 @pytest.mark.not_interpreted
