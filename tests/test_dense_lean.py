@@ -144,6 +144,26 @@ def test_lean_dense_block_triton_engine(monkeypatch, shape, channels_last):
     _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
 
 
+@pytest.mark.interpreted
+def test_lean_dense_block_triton_engine_frozen_convolutions(monkeypatch):
+    """Triton engine with frozen convolution weights (no weight gradients: the backward skips them and still takes
+    the input gradient without the activation); x and the norm parameters get the eager block's gradients."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
+    for block in (ref, lean):
+        for layer in block.layers:
+            layer.conv.weight.requires_grad_(False)
+    x = torch.randn(2, 6, 3, 4, 5).to(memory_format=torch.channels_last_3d)
+    gy = torch.randn(2, ref.out_channels, 3, 4, 5)
+    want, got = _run(ref, x, gy), _run(lean, x, gy)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5 * want[0].abs().max().item())
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5 * want[1].abs().max().item())
+    assert [g is None for g in got[2]] == [w is None for w in want[2]] == [False, False, True] * 3
+    for g, w in zip(got[2], want[2]):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+
+
 @pytest.mark.not_interpreted
 def test_lean_dense_block_under_cpu_autocast():
     """bf16 autocast (CPU): the convolutions run in bf16 as in the eager block, the buffer in the dtype torch.cat
