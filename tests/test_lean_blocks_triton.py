@@ -48,13 +48,13 @@ def _run(block: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> list[torch.Tens
 def spy(monkeypatch):
     """Counts the lean block's Triton norm calls."""
     calls = []
-    real = lean._triton_norm
+    real = lean.triton_norm_forward
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lean, "_triton_norm", counted)
+    monkeypatch.setattr(lean, "triton_norm_forward", counted)
     return calls
 
 

@@ -29,7 +29,7 @@ from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
-                   supports)
+                   norm_kernels, supports, triton_norm_forward)
 
 
 def supported(block: nn.Module) -> bool:
@@ -84,17 +84,10 @@ class _TritonNorm:
     needs_activation = False  # the backward recomputes the ReLU mask from the input and the coefficients
 
     def __init__(self, inp: Tensor, norm: nn.Module) -> None:
-        from hmedn_fast.ops.triton import norm as kernels
-
-        self.kernels = kernels
+        self.kernels = norm_kernels()
         call = norm_call(norm, update=True)
-        x, xs = kernels.flat(inp)
         self.batch_stats = call["training"]
-        self.geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, self.batch_stats)
-        update = self.batch_stats and call["running_mean"] is not None
-        self.a, self.coef = kernels.forward(self.geo, x, None, norm.weight, norm.bias, call["running_mean"],
-                                            call["running_var"], call["eps"], call["momentum"], True,
-                                            self.batch_stats, update)
+        self.a, self.coef, self.geo = triton_norm_forward(inp, None, norm.weight, norm.bias, call)
 
     def prepare(self, inp: Tensor) -> Tensor:
         """The slice as the kernels read it (itself: its spatial axes flatten to one stride)."""

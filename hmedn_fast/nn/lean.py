@@ -180,10 +180,10 @@ class LeanBatchNormBlock(torch.autograd.Function):
         triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
         if triton:
             x, _ = norm_kernels().flat(x)
-            a1, stats1 = _triton_norm(c1, None, g1, b1, call1)
+            a1, coef1, _ = triton_norm_forward(c1, None, g1, b1, call1)
             c2 = _conv(a1, w2, block.conv2)
-            y, stats2 = _triton_norm(c2, x, g2, b2, call2)
-            out = ()
+            y, coef2, _ = triton_norm_forward(c2, x, g2, b2, call2)
+            stats1, stats2, out = (coef1,), (coef2,), ()
         else:
             n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
             a1 = torch.relu_(n1)
@@ -234,10 +234,11 @@ def norm_kernels():
     return norm
 
 
-def _triton_norm(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                 call: dict) -> tuple[Tensor, tuple[Tensor]]:
-    """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` on the Triton kernels (running
-    statistics updated as the module would), and ``(coef,)``: the coefficients its backward and replay need."""
+def triton_norm_forward(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                        call: dict) -> tuple[Tensor, Tensor, tuple]:
+    """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` (:func:`norm_call`) on the Triton
+    kernels, running statistics updated as the module would; returns it, the coefficients its backward and replay
+    need, and the kernels' geometry of c."""
     k = norm_kernels()
     c, cs = k.flat(c)
     geo = k.geometry(tuple(c.shape), cs, None if residual is None else k.ncs_strides(residual), "batch", 1,
@@ -245,7 +246,7 @@ def _triton_norm(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias
     update = call["training"] and call["running_mean"] is not None
     y, coef = k.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
                         call["momentum"], True, call["training"], update)
-    return y, (coef,)
+    return y, coef, geo
 
 
 def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:

@@ -19,11 +19,14 @@ only the shapes where it won here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.triton.conv_wgrad import same_3x3_unsupported
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 
@@ -73,20 +76,14 @@ _KERNEL = FastLauncher(_fwd_kernel)
 
 def unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
     """Why :func:`conv3x3_forward` cannot take these arguments, or None."""
-    if inp.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
-        return "a 3D convolution with a 3x3x3 kernel"
-    if groups != 1 or tuple(stride) != (1, 1, 1):
-        return "groups 1 and stride 1"
-    d = tuple(dilation)
-    if len(set(d)) != 1 or tuple(padding) != d:
-        return "padding equal to one dilation for every axis ('same' output)"
+    reason = same_3x3_unsupported(inp, weight, stride, padding, dilation, groups)
+    if reason is not None:
+        return reason
     if inp.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != inp.dtype:
         return "bf16 / fp16 input and weight of one dtype"
-    if weight.shape[0] not in (16, 32):
-        return "16 or 32 output channels"
     if not inp.is_contiguous(memory_format=torch.channels_last_3d):
         return "a channels-last contiguous input"
-    if inp.numel() >= 2**31 or inp.shape[0] * weight.shape[0] * inp[0, 0].numel() >= 2**31:
+    if inp.numel() >= 2**31 or math.prod(inp.shape[2:]) * inp.shape[0] * weight.shape[0] >= 2**31:
         return "fewer than 2**31 elements"
     return None
 

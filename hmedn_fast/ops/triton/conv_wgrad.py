@@ -101,19 +101,29 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, tiles_per_pro
 _KERNEL = FastLauncher(_wgrad_kernel)
 
 
-def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
-    """Why :func:`conv3x3_wgrad` cannot take these arguments, or None."""
-    if inp.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
+def same_3x3_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
+    """Why a convolution is not the shape the Triton convolution kernels serve (3D, 3x3x3 kernel, stride 1, one
+    dilation with padding = dilation, groups 1, 16 or 32 output channels), or None. Dtype and layout are each
+    kernel's own checks."""
+    if inp.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         return "a 3D convolution with a 3x3x3 kernel"
     if groups != 1 or tuple(stride) != (1, 1, 1):
         return "groups 1 and stride 1"
     d = tuple(dilation)
     if len(set(d)) != 1 or tuple(padding) != d:
         return "padding equal to one dilation for every axis ('same' output)"
-    if grad.dtype not in (torch.bfloat16, torch.float16) or inp.dtype != grad.dtype:
-        return "bf16 / fp16 input and gradient of one dtype"
     if weight.shape[0] not in (16, 32):
         return "16 or 32 output channels"
+    return None
+
+
+def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
+    """Why :func:`conv3x3_wgrad` cannot take these arguments, or None."""
+    reason = same_3x3_unsupported(inp, weight, stride, padding, dilation, groups)
+    if reason is not None:
+        return reason
+    if grad.dtype not in (torch.bfloat16, torch.float16) or inp.dtype != grad.dtype:
+        return "bf16 / fp16 input and gradient of one dtype"
     cl = torch.channels_last_3d
     if not (inp.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)):
         return "channels-last contiguous input and gradient"
@@ -153,4 +163,4 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
 
-__all__ = ["conv3x3_wgrad", "unsupported"]
+__all__ = ["conv3x3_wgrad", "same_3x3_unsupported", "unsupported"]
