@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -438,6 +439,9 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
   const Shape s = check_labels(labels_in, num_classes, kTargetsOp);
   check_params(num_classes, sigma_contour, sigma_weight, mu0, mu, kTargetsOp);
   TORCH_CHECK_VALUE(s.n <= 65535, kTargetsOp, ": the CUDA kernels take at most 65535 samples, got ", num(s.n));
+  TORCH_CHECK_VALUE(s.d * s.h * s.w <= INT32_MAX, kTargetsOp,
+                    ": the CUDA kernels take samples of fewer than 2^31 voxels, got ", num(s.d * s.h * s.w),
+                    "; use the cpu backend");
   const std::vector<float> tc = gaussian_half_taps(sigma_contour), tw = gaussian_half_taps(sigma_weight);
   const int max_radius = hmedn::targets::kMaxRadius;
   TORCH_CHECK_VALUE(static_cast<int>(std::max(tc.size(), tw.size())) - 1 <= max_radius, kTargetsOp,
@@ -453,9 +457,6 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
   const at::Tensor labels = labels_in.contiguous();
   const auto opts = labels.options().dtype(at::kFloat);
   at::Tensor contour = at::empty(labels.sizes(), opts), weight = at::empty(labels.sizes(), opts);
-  const size_t bytes = hmedn_targets_cuda_workspace_bytes(s.n, s.d, s.h, s.w, static_cast<int>(num_classes),
-                                                          mu_f.data());
-  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, labels.options().dtype(at::kByte));
   at::Tensor flag = check_labels_flag ? at::zeros({1}, labels.options().dtype(at::kInt)) : at::Tensor();
   hmedn_targets_args args{};
   args.labels = labels.data_ptr();
@@ -474,6 +475,8 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
   args.mu = mu_f.data();
   args.contour = contour.data_ptr<float>();
   args.weight = weight.data_ptr<float>();
+  const size_t bytes = hmedn_targets_cuda_workspace_bytes(&args);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, labels.options().dtype(at::kByte));
   args.workspace = ws.data_ptr();
   args.error_flag = check_labels_flag ? flag.data_ptr<int>() : nullptr;
   const cudaError_t err = hmedn_targets_cuda(&args, at::cuda::getCurrentCUDAStream());

@@ -1,15 +1,15 @@
 // CUDA kernels of the contour and difficulty-weight maps (SPEC section 2). Torch-free: raw pointers,
 // sizes and a stream; `nvcc -c kernels/targets.cu` compiles this file alone.
 //
-// One call = 5 kernels (2D: 4), every Gaussian pass split over the fields (grid.z = field):
-//   1. boundary classes: one byte per voxel (the class when the mu_k differ, else 0/1), labels checked;
-//   2. row pass along W: a shared-memory tile of 32 rows (coalesced loads, conflict-free sliding
-//      windows with one row per lane, coalesced stores through the same tile);
-//   3. column passes along H (3D: then along D), each thread sliding a window of kColOutputs outputs
-//      down one column in registers (coalesced loads across the warp, reflected row offsets from a
-//      per-warp table); the last pass writes contour / weight unnormalised and reduces the per-sample
-//      maxima (atomicMax on the float bits, valid because the maxima are of non-negative fields);
-//   4. a normalisation pass.
+// One call = a memset and 3 kernels in 2D, 4 in 3D, every Gaussian pass split over the fields
+// (grid.z = field):
+//   1. boundary bits: one bit per voxel, rows padded with their reflected ends (labels checked; class
+//      bytes too when the mu_k differ);
+//   2. plane pass: W then H in shared memory, one (plane, 32-column strip) per block; 2D: writes the maps
+//      unnormalised and reduces the per-sample maxima (atomicMax on the float bits, valid because the
+//      fields are non-negative), then a normalisation kernel;
+//   3. (3D) the D pass twice: maxima only, then the normalised maps (recomputing moves less memory than
+//      writing and rescaling).
 // Fields: 0 = G_sc(B_all), 1 = G_sw(B_all), 2 = G_sw(mu[bclass] B_all), the last only when the mu_k
 // differ (else weight = mu0 + mu * field 1 / max field 1).
 // Default sigmas (2 and 8, radii 8 and 32) use fully unrolled windows with compile-time taps indices;
@@ -18,6 +18,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 namespace {
@@ -27,12 +28,6 @@ using hmedn::targets::kMaxClassWeights;
 using hmedn::targets::kMaxRadius;
 using hmedn::targets::reflect_index;
 
-constexpr int kRowTile = 64;      // outputs along W per row-pass block
-constexpr int kRowSegments = 4;   // warps per row-pass block, each computing kRowTile/4 outputs per row
-constexpr int kRowOutputs = kRowTile / kRowSegments;
-constexpr int kRowLines = 32;     // rows per row-pass block (one per lane)
-constexpr int kColOutputs = 16;   // outputs per thread along the filtered axis in the column pass
-constexpr int kColWarps = 4;      // warps per column-pass block, stacked along the filtered axis
 constexpr int kDefaultSmem = 48 * 1024;
 
 struct Params {
@@ -41,9 +36,13 @@ struct Params {
   float mu[kMaxClassWeights];             // per-class weights (only read with 3 channels)
 };
 
-// Fast in-range path of reflect_index: most loads are interior.
+// reflect_index without its 64-bit modulo for positions at most one axis length outside (all of them
+// unless the radius exceeds the axis).
 __device__ __forceinline__ int64_t reflect_fast(int64_t i, int64_t n) {
-  return (i >= 0 && i < n) ? i : reflect_index(i, n);
+  if (i >= 0 && i < n) return i;
+  if (i < 0 && i >= -n) return -1 - i;
+  if (i >= n && i < 2 * n) return 2 * n - 1 - i;
+  return reflect_index(i, n);
 }
 
 // acc[o] = sum_{j=-r..r} taps[|j|] * load(o + r + j), o = 0 .. T-1 (window start at load(0)).
@@ -84,139 +83,366 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// ---- pass 1: boundary classes ---------------------------------------------------------------------
-// One byte per voxel: the class k >= 1 of a boundary voxel when `classes` (the mu_k differ), else 1;
-// 0 off the boundary. Blocks of 32 x 8 voxels of a plane run over the (n, d) planes (grid.z, strided).
+// ---- pass 1: boundary bits ----------------------------------------------------------------------
+// One bit per position of every row (n, d, h), the rows padded by P = max radius on both sides with the
+// reflected positions (bit q of a row = boundary at reflect(q - P, W)), so that every W window below is a
+// contiguous bit range. With `classes` (the mu_k differ) also one class byte per voxel (unpadded).
+// Block (32, 8): lane = bit of a padded word (grid.x), y = row h; each thread walks `dlen` planes along D
+// keeping the labels of planes d - 1, d, d + 1 of its column in registers.
 template <typename L>
-__global__ void bclass_kernel(const L* __restrict__ labels, int64_t planes, int64_t D, int64_t H, int64_t W,
-                              int num_classes, bool classes, uint8_t* __restrict__ bclass,
-                              int* __restrict__ error_flag) {
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t h = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  if (w >= W || h >= H) return;
+__global__ void __launch_bounds__(256)
+bits_kernel(const L* __restrict__ labels, int D, int H, int W, int dlen, int dsegs, int pad, int words,
+            int num_classes, uint8_t* __restrict__ bclass, uint32_t* __restrict__ bits,
+            int* __restrict__ error_flag) {
+  const int h = blockIdx.y * blockDim.y + threadIdx.y;
+  if (h >= H) return;  // warp-uniform
+  const int n = blockIdx.z / dsegs;
+  const int d0 = (blockIdx.z - n * dsegs) * dlen;
+  const int d1 = d0 + dlen < D ? d0 + dlen : D;
+  const int q = static_cast<int>(blockIdx.x) * 32 + static_cast<int>(threadIdx.x) - pad;  // position along W
+  const bool inside = q < W + pad;
+  const int w = inside ? static_cast<int>(reflect_fast(q, W)) : 0;
+  const int HW = H * W;
+  const bool wl = w > 0, wr = w + 1 < W, hu = h > 0, hd = h + 1 < H;
+  const L* col = labels + static_cast<int64_t>(n) * D * HW + h * W + w;  // plane d at col[d * HW]
+  // Labels compared as 32-bit ints: exact for valid labels (an invalid one fails the range check at its own
+  // voxel; unchecked invalid labels give unspecified maps, never out-of-bounds accesses).
+  L cur = 0, prev = 0;
+  if (inside) {
+    cur = col[static_cast<int64_t>(d0) * HW];
+    prev = d0 > 0 ? col[static_cast<int64_t>(d0 - 1) * HW] : cur;
+  }
   bool bad = false;
-  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
-    const int64_t n = plane / D, d = plane - n * D;
-    const int k = boundary_class(labels + n * D * H * W, d, h, w, D, H, W, num_classes, &bad);
-    bclass[(plane * H + h) * W + w] = static_cast<uint8_t>(classes ? k : (k > 0));
+  for (int d = d0; d < d1; ++d) {
+    int k = 0;
+    L next = cur;
+    if (inside) {
+      const L* v = col + static_cast<int64_t>(d) * HW;
+      next = d + 1 < D ? v[HW] : cur;
+      const bool valid = static_cast<int64_t>(cur) >= 0 && static_cast<int64_t>(cur) < num_classes;
+      bad |= !valid;
+      const int c32 = static_cast<int>(cur);
+      const int kw0 = wl ? static_cast<int>(v[-1]) : c32, kw1 = wr ? static_cast<int>(v[1]) : c32;
+      const int kh0 = hu ? static_cast<int>(v[-W]) : c32, kh1 = hd ? static_cast<int>(v[W]) : c32;
+      const int kd0 = static_cast<int>(prev), kd1 = static_cast<int>(next);
+      const bool edge = (kw0 != c32) | (kw1 != c32) | (kh0 != c32) | (kh1 != c32) | (kd0 != c32) | (kd1 != c32);
+      k = valid && c32 > 0 && edge ? c32 : 0;
+    }
+    const int64_t row = (static_cast<int64_t>(n) * D + d) * H + h;
+    if (bclass != nullptr && q >= 0 && q < W) bclass[row * W + q] = static_cast<uint8_t>(k);
+    const uint32_t word = __ballot_sync(0xffffffffu, k > 0);
+    if (threadIdx.x == 0) bits[row * words + blockIdx.x] = word;
+    prev = cur;
+    cur = next;
   }
   if (bad && error_flag != nullptr) *error_flag = 1;
 }
 
-// ---- pass 2: along W ------------------------------------------------------------------------------
-// Block: kRowLines rows x kRowTile outputs of field blockIdx.z, 32 x kRowSegments threads. Shared: the
-// field's tile, kRowLines x pitch floats (pitch odd: lanes = rows read distinct banks), then the
-// output stage.
-template <int R>
-__device__ __forceinline__ void row_pass_field(const uint8_t* __restrict__ bclass, int64_t W, int64_t rows,
-                                               int64_t row0, int64_t w0, int field, const Params& p, int s,
-                                               float* __restrict__ out, float* smem) {
-  const int r = R > 0 ? R : p.radius[s];
-  const int ext = kRowTile + 2 * r;
-  const int pitch = ext | 1;
-  const int lane = threadIdx.x, warp = threadIdx.y;
-  auto fill = [&](int q_row, int q) {
-    const int64_t row = row0 + q_row;
-    if (row < rows && q < ext) {
-      const int k = bclass[row * W + reflect_fast(w0 - r + q, W)];
-      smem[q_row * pitch + q] = field == 2 ? (k > 0 ? p.mu[k - 1] : 0.f) : (k > 0 ? 1.f : 0.f);
-    }
-  };
-  if constexpr (R > 0) {  // all loads independent and unrolled, so they are in flight together
-#pragma unroll
-    for (int rr = 0; rr < kRowLines / kRowSegments; ++rr)
-#pragma unroll
-      for (int k = 0; k < (kRowTile + 2 * R + 31) / 32; ++k) fill(warp + rr * kRowSegments, lane + 32 * k);
-  } else {
-    for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments)
-      for (int q = lane; q < ext; q += 32) fill(q_row, q);
+// ---- the Gaussian passes -------------------------------------------------------------------------
+// Every pass block filters a strip of kStrip columns (the 32 lanes) along one axis: count outputs from
+// position start, out of a shared-memory copy Y[i][c] (pitch kPitch) of the axis positions
+// reflect(start - r + i), i < count + 2r, so every window is a contiguous run of rows. count is the whole
+// axis when it is at most kWholeMax long, else a tile of kTileLen. Warp y computes chunks of kChunk
+// outputs per lane, sliding the window in registers (window_conv).
+constexpr int kStrip = 32;
+constexpr int kPitch = kStrip + 1;   // odd: the W pass's lanes (rows) store to distinct banks
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 16;
+constexpr int kWholeMax = 256;
+constexpr int kTileLen = 128;
+constexpr int kSparseBits = 6;   // W pass: taps of set bits only while no lane's window has more
+constexpr int kLoadBatch = 8;    // rows of a strip each thread loads before storing them
+constexpr int64_t kMinBlocks = 264;  // two waves of one block per SM on a 132-SM GPU
+
+struct Axis {
+  int64_t len;      // length of the filtered axis
+  int tile;         // outputs per block along it
+  int tiles;        // blocks along it
+};
+
+// other_blocks: blocks of the pass along the other dimensions; tiles shrink (halos grow) until the pass
+// has at least kMinBlocks blocks, so that small batches (2D) still fill the GPU.
+Axis make_axis(int64_t len, int64_t other_blocks) {
+  int64_t tile = len <= kWholeMax ? len : kTileLen;
+  while (tile > 2 * kChunk && other_blocks * ((len + tile - 1) / tile) < kMinBlocks)
+    tile = (tile / 2 + kChunk - 1) / kChunk * kChunk;
+  return Axis{len, static_cast<int>(tile), static_cast<int>((len + tile - 1) / tile)};
+}
+
+// Rows of Y for count outputs: whole chunks (the last chunk's window may pass the last output) plus halos.
+__host__ __device__ __forceinline__ int strip_rows(int count, int r) {
+  return (count + kChunk - 1) / kChunk * kChunk + 2 * r;
+}
+size_t strip_smem(const Axis& a, int rmax) {
+  return (sizeof(float) * kPitch + 2) * strip_rows(a.tile, rmax);
+}
+
+// Shared memory of a pass block: Y and two "row of Y may be nonzero" bytes per row (rows past
+// count + 2r: zero).
+struct Strip {
+  float* Y;
+  uint8_t* nz;
+  int count, rows;  // outputs; rows holding data (count + 2r)
+};
+__device__ __forceinline__ Strip carve(float* smem, int count, int r) {
+  Strip st;
+  st.Y = smem;
+  st.nz = reinterpret_cast<uint8_t*>(smem + kPitch * strip_rows(count, r));
+  st.count = count;
+  st.rows = count + 2 * r;
+  const int tid = threadIdx.x + 32 * threadIdx.y;
+  for (int i = st.rows + tid; i < strip_rows(count, r); i += kThreads) {
+    st.nz[2 * i] = st.nz[2 * i + 1] = 0;
+    for (int c = 0; c < kStrip; ++c) st.Y[i * kPitch + c] = 0.f;
   }
-  __syncthreads();
-  // lane = row, warp = segment of kRowOutputs outputs; the window of output o starts at q = seg*T + o
-  const int q0 = warp * kRowOutputs;
-  float acc[kRowOutputs];
-  const float* src = smem + lane * pitch + q0;
-  window_conv<kRowOutputs, R>([&](int t) { return src[t]; }, p.taps[s], r, acc);
-  __syncthreads();
-  constexpr int stage_pitch = kRowTile + 1;
+  return st;
+}
+
+__device__ __forceinline__ int warp_max_int(int v) {
 #pragma unroll
-  for (int o = 0; o < kRowOutputs; ++o) smem[lane * stage_pitch + q0 + o] = acc[o];
+  for (int s = 16; s > 0; s >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, s));
+  return v;
+}
+
+// Filters Y along its rows: emit(o, c, value) for output o < count of column (lane) c. A warp's chunk
+// whose window rows are all flagged zero (st.nz) emits zeros without computing them.
+template <int R, typename Emit>
+__device__ __forceinline__ void strip_conv(const Strip& st, const float* taps, int r, const Emit& emit) {
+  const int c = threadIdx.x;
+  for (int o0 = threadIdx.y * kChunk; o0 < st.count; o0 += kWarps * kChunk) {
+    bool any = false;
+    for (int t = o0 + c; t < o0 + kChunk + 2 * r; t += 32) any |= (st.nz[2 * t] | st.nz[2 * t + 1]) != 0;
+    float acc[kChunk];
+    if (__any_sync(0xffffffffu, any)) {
+      const float* y = st.Y + o0 * kPitch + c;
+      window_conv<kChunk, R>([&](int t) { return y[t * kPitch]; }, taps, r, acc);
+    } else {
+#pragma unroll
+      for (int o = 0; o < kChunk; ++o) acc[o] = 0.f;
+    }
+#pragma unroll
+    for (int o = 0; o < kChunk; ++o)
+      if (o0 + o < st.count) emit(o0 + o, c, acc[o]);
+  }
+}
+
+// Block maximum of the non-negative values m of all threads -> atomicMax on the float bits.
+__device__ __forceinline__ void block_max_to(float m, float* target) {
+  __shared__ float red[kWarps];
+  m = warp_max(m);
+  if (threadIdx.x == 0) red[threadIdx.y] = m;
   __syncthreads();
-  for (int q_row = warp; q_row < kRowLines; q_row += kRowSegments) {
-    const int64_t row = row0 + q_row;
-    if (row >= rows) break;
-    for (int q = lane; q < kRowTile && w0 + q < W; q += 32) out[row * W + w0 + q] = smem[q_row * stage_pitch + q];
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    for (int k = 1; k < kWarps; ++k) m = fmaxf(m, red[k]);
+    // non-negative floats order like their bit patterns as signed ints
+    if (m > 0.f) atomicMax(reinterpret_cast<int*>(target), __float_as_int(m));
   }
 }
 
 struct Fields {
-  const float* in[3];
-  float* out[3];  // LAST: out[0] = contour, out[1] = weight (unnormalised)
+  float* f[3];       // 3D: the fields after the W and H passes (workspace); 2D: unused
+  float* contour;    // outputs
+  float* weight;
 };
 
-template <int R0, int R1>
-__global__ void __launch_bounds__(32 * kRowSegments)
-row_pass_kernel(const uint8_t* __restrict__ bclass, int64_t W, int64_t rows, const __grid_constant__ Params p,
-                const __grid_constant__ Fields f) {
+// ---- pass 2: W then H, one (plane, strip of 32 columns, H tile) per block, field blockIdx.z ----------
+// W pass from the padded bits: thread (row i, half s) computes kChunk outputs of Y row i, its window bits
+// funnel-shifted into registers (a warp = 32 rows, skipped when all their windows are empty). MU: field 2,
+// the taps weighted by mu[class] (class bytes). Then the H pass; 3D writes the field, 2D (LAST) writes
+// contour / weight unnormalised and reduces the per-sample maxima of fields 0 and 1.
+template <int R, int S, bool MU, bool LAST, int C>
+__device__ __forceinline__ void plane_field(const uint32_t* __restrict__ bits, int words, int pad,
+                                            const uint8_t* __restrict__ bclass, int64_t D, const Axis& ah,
+                                            int64_t W, int field, const Params& p, const Fields& f,
+                                            float* maxima, float* smem) {
+  const int r = R > 0 ? R : p.radius[S];
+  const int64_t H = ah.len;
+  int64_t bx = blockIdx.x;
+  const int64_t strips = (W + kStrip - 1) / kStrip;
+  const int64_t w0 = (bx % strips) * kStrip;
+  bx /= strips;
+  const int64_t h0 = (bx % ah.tiles) * ah.tile;
+  const int64_t plane = bx / ah.tiles;
+  const int count = static_cast<int>(H - h0 < ah.tile ? H - h0 : ah.tile);
+  // One tile: the W pass computes the H rows once (Y rows r .. r + H - 1), the halos are copied after it.
+  const bool whole = ah.tiles == 1;
+  const int n_src = whole ? static_cast<int>(H) : count + 2 * r;
+  const Strip st = carve(smem, count, r);
+  __shared__ float taps[kMaxRadius + 1];  // for the sparse W pass's indexed reads
+  for (int j = threadIdx.x + 32 * threadIdx.y; j <= r; j += kThreads) taps[j] = p.taps[S][j];
+  __syncthreads();
+
+  const int tid = threadIdx.x + 32 * threadIdx.y;
+  const int half = tid / (kThreads / 2);  // outputs [half * kChunk, half * kChunk + kChunk) of the strip
+  constexpr int kWin = kChunk + 2 * (R > 0 ? R : 0);  // window bits (compile-time radius)
+  constexpr int kWords = (kWin + 31) / 32;
+  for (int i0 = 0; i0 < n_src; i0 += kThreads / 2) {  // uniform trip count: the warp votes below
+    const int i = i0 + tid % (kThreads / 2);
+    const bool active = i < n_src;
+    const int64_t row = plane * H + (!active ? 0 : whole ? i : reflect_fast(h0 - r + i, H));
+    const uint32_t* rb = bits + row * words;
+    const int64_t b0 = pad + w0 - r + half * kChunk;  // >= 0: first window bit (padded position)
+    float acc[kChunk];
+#pragma unroll
+    for (int o = 0; o < kChunk; ++o) acc[o] = 0.f;
+    bool nonzero = true;
+    if constexpr (R > 0 && !MU) {
+      uint32_t win_bits[kWords];
+      int set = 0;
+      const int64_t q = b0 >> 5;
+      const int sh = static_cast<int>(b0 & 31);
+      uint32_t lo = active && q < words ? rb[q] : 0u;
+#pragma unroll
+      for (int k = 0; k < kWords; ++k) {
+        const int64_t qk = q + k + 1;
+        const uint32_t hi = active && qk < words ? rb[qk] : 0u;
+        win_bits[k] = __funnelshift_r(lo, hi, sh);
+        set += __popc(win_bits[k]);
+        lo = hi;
+      }
+      nonzero = set > 0;
+      const int most = warp_max_int(set);
+      if (most > kSparseBits) {  // dense: every tap an FFMA
+        window_conv<kChunk, R>([&](int t) { return static_cast<float>((win_bits[t >> 5] >> (t & 31)) & 1u); },
+                               p.taps[S], r, acc);
+      } else if (most > 0) {  // sparse: only the set bits' taps, in the same order (same sums)
+#pragma unroll
+        for (int k = 0; k < kWords; ++k) {
+          for (uint32_t m = win_bits[k]; m != 0u; m &= m - 1u) {
+            const int t = 32 * k + __ffs(m) - 1;
+#pragma unroll
+            for (int o = 0; o < kChunk; ++o) {
+              const int j = t - o - R;
+              if (j >= -R && j <= R) acc[o] += taps[j < 0 ? -j : j];
+            }
+          }
+        }
+      }
+    } else if (active) {  // runtime radius or class weights: bits read one at a time (L1)
+      const int64_t wrow = row * W;
+      window_conv<kChunk, R>(
+          [&](int t) {
+            const int64_t b = b0 + t;
+            const int64_t qb = b >> 5;
+            const bool bit = qb < words && ((rb[qb] >> (b & 31)) & 1u);
+            if (!bit) return 0.f;
+            if constexpr (MU) return p.mu[bclass[wrow + reflect_fast(b - pad, W)] - 1];
+            return 1.f;
+          },
+          p.taps[S], r, acc);
+    }
+    if (!active) continue;
+    const int y = whole ? i + r : i;
+#pragma unroll
+    for (int o = 0; o < kChunk; ++o) st.Y[y * kPitch + half * kChunk + o] = acc[o];
+    st.nz[2 * y + half] = nonzero;
+  }
+  __syncthreads();
+  if (whole) {  // halo rows: reflected copies
+    for (int e = tid; e < 2 * r * kStrip; e += kThreads) {
+      const int k = e / kStrip, c = e % kStrip;
+      const int y = k < r ? k : static_cast<int>(H) + k;  // k < r: top halo, else bottom
+      const int from = static_cast<int>(reflect_fast(y - r, H)) + r;
+      st.Y[y * kPitch + c] = st.Y[from * kPitch + c];
+      if (c < 2) st.nz[2 * y + c] = st.nz[2 * from + c];
+    }
+    __syncthreads();
+  }
+
+  const int64_t base = plane * H * W + w0;
+  float* dst = !LAST ? f.f[field] : (field == 0 ? f.contour : (field == C - 1 ? f.weight : nullptr));
+  float m = 0.f;
+  strip_conv<R>(st, p.taps[S], r, [&](int o, int c, float v) {
+    if (w0 + c < W) {
+      if (dst != nullptr) dst[base + (h0 + o) * W + c] = v;
+      m = fmaxf(m, v);
+    }
+  });
+  if constexpr (LAST) {
+    if (field < 2) block_max_to(m, maxima + 2 * (plane / D) + field);  // block-uniform
+  }
+}
+
+template <int R0, int R1, int C, bool LAST>
+__global__ void __launch_bounds__(kThreads)
+plane_kernel(const uint32_t* __restrict__ bits, int words, int pad, const uint8_t* __restrict__ bclass, int64_t D,
+             Axis ah, int64_t W, const __grid_constant__ Params p, const __grid_constant__ Fields f,
+             float* __restrict__ maxima) {
   extern __shared__ float smem[];
   const int field = blockIdx.z;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowLines;
-  const int64_t w0 = static_cast<int64_t>(blockIdx.y) * kRowTile;
   if (field == 0)
-    row_pass_field<R0>(bclass, W, rows, row0, w0, field, p, 0, f.out[0], smem);
+    plane_field<R0, 0, false, LAST, C>(bits, words, pad, bclass, D, ah, W, 0, p, f, maxima, smem);
+  else if (C == 3 && field == 2)  // class weights: runtime-radius loop (unrolled, it spills)
+    plane_field<0, 1, true, LAST, C>(bits, words, pad, bclass, D, ah, W, 2, p, f, maxima, smem);
   else
-    row_pass_field<R1>(bclass, W, rows, row0, w0, field, p, 1, f.out[field], smem);
+    plane_field<R1, 1, false, LAST, C>(bits, words, pad, bclass, D, ah, W, field, p, f, maxima, smem);
 }
 
-// ---- passes 3: along H and D, layout (outer, len, inner), filtered axis len; field blockIdx.z -----
-template <int R, bool LAST, int C>
-__device__ __forceinline__ void col_pass_field(const Fields& f, int field, int64_t outer, int64_t i, int64_t l0,
-                                               int64_t len, int64_t inner, const Params& p, int s,
-                                               int64_t* offs, float& m) {
-  const int r = R > 0 ? R : p.radius[s];
-  for (int t = threadIdx.x; t < kColOutputs + 2 * r; t += 32) offs[t] = reflect_index(l0 - r + t, len) * inner;
-  __syncwarp();
-  if (i >= inner || l0 >= len) return;
-  const int64_t base = outer * len * inner + i;
-  const float* __restrict__ src = f.in[field] + base;
-  float acc[kColOutputs];
-  window_conv<kColOutputs, R>([&](int t) { return src[offs[t]]; }, p.taps[s], r, acc);
-  float* dst = !LAST ? f.out[field] : (field == 0 ? f.out[0] : (field == C - 1 ? f.out[1] : nullptr));
+// ---- pass 3 (3D): along D, one (sample, strip of 32 (h, w) columns, D tile) per block ---------------
+// WRITE = false: per-sample maxima of fields 0 and 1 only (blockIdx.z = field); WRITE = true: the same
+// sums again, written normalised (blockIdx.z = 0: contour from field 0, 1: weight from field C - 1).
+// Recomputing the D pass moves 8 bytes a voxel less than writing unnormalised maps and rescaling them.
+template <int R, int S, bool WRITE, int C>
+__device__ __forceinline__ void depth_field(const Fields& f, int field, const Axis& ad, int64_t HW,
+                                            const Params& p, float* maxima, float mu0, float scale,
+                                            float* smem) {
+  const int r = R > 0 ? R : p.radius[S];
+  const int64_t D = ad.len;
+  int64_t bx = blockIdx.x;
+  const int64_t strips = (HW + kStrip - 1) / kStrip;
+  const int64_t j0 = (bx % strips) * kStrip;
+  bx /= strips;
+  const int64_t d0 = (bx % ad.tiles) * ad.tile;
+  const int64_t n = bx / ad.tiles;
+  const int count = static_cast<int>(D - d0 < ad.tile ? D - d0 : ad.tile);
+  const Strip st = carve(smem, count, r);
+  const float* __restrict__ src = f.f[field] + n * D * HW + j0;
+  const int c = threadIdx.x;
+  const bool column = j0 + c < HW;
+  for (int i0 = threadIdx.y; i0 < st.rows; i0 += kWarps * kLoadBatch) {  // loads in flight together
+    float v[kLoadBatch];
 #pragma unroll
-  for (int o = 0; o < kColOutputs; ++o) {
-    if (l0 + o < len) {
-      if (dst != nullptr) dst[base + (l0 + o) * inner] = acc[o];
-      m = fmaxf(m, acc[o]);
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = i0 + u * kWarps;
+      v[u] = i < st.rows && column ? src[reflect_fast(d0 - r + i, D) * HW + c] : 0.f;
     }
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) {
+      const int i = i0 + u * kWarps;
+      const bool nonzero = __any_sync(0xffffffffu, v[u] != 0.f);
+      if (i < st.rows) {
+        st.Y[i * kPitch + c] = v[u];
+        if (c < 2) st.nz[2 * i + c] = nonzero;
+      }
+    }
+  }
+  __syncthreads();
+  if constexpr (WRITE) {
+    const float mx = maxima[2 * n + (field == 0 ? 0 : 1)];
+    const float inv = mx > 0.f ? (field == 0 ? 1.f : scale) / mx : 0.f;
+    float* dst = (field == 0 ? f.contour : f.weight) + n * D * HW + j0;
+    strip_conv<R>(st, p.taps[S], r, [&](int o, int cc, float v) {
+      if (j0 + cc < HW) dst[(d0 + o) * HW + cc] = field == 0 ? v * inv : fmaf(v, inv, mu0);
+    });
+  } else {
+    float m = 0.f;
+    strip_conv<R>(st, p.taps[S], r, [&](int, int cc, float v) {
+      if (j0 + cc < HW) m = fmaxf(m, v);
+    });
+    block_max_to(m, maxima + 2 * n + field);
   }
 }
 
-template <int C, bool LAST, int R0, int R1>
-__global__ void __launch_bounds__(32 * kColWarps)
-col_pass_kernel(const __grid_constant__ Fields f, int64_t len, int64_t inner, int64_t inner_tiles, const __grid_constant__ Params p,
-                float* __restrict__ maxima) {
-  __shared__ int64_t offsets[kColWarps][kColOutputs + 2 * kMaxRadius];
-  const int field = blockIdx.z;
-  const int64_t outer = blockIdx.x / inner_tiles;
-  const int64_t i = (blockIdx.x - outer * inner_tiles) * 32 + threadIdx.x;
-  const int64_t l0 = (static_cast<int64_t>(blockIdx.y) * kColWarps + threadIdx.y) * kColOutputs;
-  float m = 0.f;
-  if (field == 0)
-    col_pass_field<R0, LAST, C>(f, field, outer, i, l0, len, inner, p, 0, offsets[threadIdx.y], m);
+template <int R0, int R1, int C, bool WRITE>
+__global__ void __launch_bounds__(kThreads)
+depth_kernel(const __grid_constant__ Fields f, Axis ad, int64_t HW, const __grid_constant__ Params p,
+             float* __restrict__ maxima, float mu0, float scale) {
+  extern __shared__ float smem[];
+  if (blockIdx.z == 0)
+    depth_field<R0, 0, WRITE, C>(f, 0, ad, HW, p, maxima, mu0, scale, smem);
   else
-    col_pass_field<R1, LAST, C>(f, field, outer, i, l0, len, inner, p, 1, offsets[threadIdx.y], m);
-  if constexpr (LAST) {
-    if (field > 1) return;  // block-uniform: only the B_all fields have maxima
-    __shared__ float red[kColWarps];
-    m = warp_max(m);
-    if (threadIdx.x == 0) red[threadIdx.y] = m;
-    __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) {
-      for (int k = 1; k < kColWarps; ++k) m = fmaxf(m, red[k]);
-      // non-negative floats order like their bit patterns as signed ints
-      if (m > 0.f) atomicMax(reinterpret_cast<int*>(maxima) + 2 * outer + field, __float_as_int(m));
-    }
-  }
+    depth_field<R1, 1, WRITE, C>(f, WRITE ? C - 1 : 1, ad, HW, p, maxima, mu0, scale, smem);
 }
 
 // ---- normalisation: contour /= max, weight = mu0 + scale * weight / max ----------------------------
@@ -274,89 +500,106 @@ unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>(b < 4096 ? b : 4096);
 }
 
+// Workspace: per-sample maxima, padded boundary bits, class bytes (3 fields), the 3D fields.
+struct Layout {
+  int pad, words;
+  size_t maxima, bits, bclass, fields, total;
+};
+
+size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+Layout layout(const hmedn_targets_args& a, int channels) {
+  Layout l{};
+  const int64_t voxels = a.batch * a.depth * a.height * a.width;
+  l.pad = a.radius_contour > a.radius_weight ? a.radius_contour : a.radius_weight;
+  l.words = static_cast<int>((a.width + 2 * l.pad + 31) / 32);
+  l.maxima = 0;
+  l.bits = align16(2 * a.batch * sizeof(float));
+  l.bclass = l.bits + align16(sizeof(uint32_t) * a.batch * a.depth * a.height * l.words);
+  l.fields = l.bclass + (channels == 3 ? align16(voxels) : 0);
+  l.total = l.fields + (a.spatial_dims == 3 ? channels * voxels * sizeof(float) : 0);
+  return l;
+}
+
 template <int C, int R0, int R1>
-cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const uint8_t* bclass, float* ws,
-                          float* maxima, cudaStream_t stream) {
+cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const Layout& l, char* ws,
+                          cudaStream_t stream) {
   const int64_t N = a.batch, D = a.depth, H = a.height, W = a.width;
   const int64_t S = D * H * W;
-  // 2D: row pass -> ws, H pass (last) -> outputs. 3D: row pass -> (contour, weight, ws[2]),
-  // H pass -> ws, D pass (last) -> outputs.
-  float* x[3] = {a.contour, a.weight, ws + 2 * N * S};
-  float* y[3] = {ws, ws + N * S, ws + 2 * N * S};
-  float* first[3];
-  for (int c = 0; c < 3; ++c) first[c] = a.spatial_dims == 2 ? y[c] : x[c];
-  if (a.spatial_dims == 3 && C == 3) y[2] = ws + 3 * N * S;  // x[2] already holds the row pass's field
-
-  const int rmax = p.radius[0] > p.radius[1] ? p.radius[0] : p.radius[1];
-  const size_t tile_bytes = sizeof(float) * kRowLines * ((kRowTile + 2 * rmax) | 1);
-  const size_t stage_bytes = sizeof(float) * kRowLines * (kRowTile + 1);
-  const size_t row_smem = tile_bytes > stage_bytes ? tile_bytes : stage_bytes;
-  auto row_kernel = row_pass_kernel<R0, R1>;
-  cudaError_t err = set_smem(reinterpret_cast<const void*>(row_kernel), row_smem);
-  if (err != cudaSuccess) return err;
-  const int64_t rows = N * D * H;
-  const dim3 row_grid(static_cast<unsigned>((rows + kRowLines - 1) / kRowLines),
-                      static_cast<unsigned>((W + kRowTile - 1) / kRowTile), C);
-  row_kernel<<<row_grid, dim3(32, kRowSegments), row_smem, stream>>>(
-      bclass, W, rows, p, Fields{{nullptr, nullptr, nullptr}, {first[0], first[1], first[2]}});
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  const dim3 block(32, kColWarps);
-  const int64_t lines_per_block = static_cast<int64_t>(kColWarps) * kColOutputs;
-  auto col_grid = [&](int64_t outer, int64_t len, int64_t inner) {
-    return dim3(static_cast<unsigned>(outer * ((inner + 31) / 32)),
-                static_cast<unsigned>((len + lines_per_block - 1) / lines_per_block), C);
-  };
-  const Fields last{{y[0], y[1], y[2]}, {a.contour, a.weight, nullptr}};
-  if (a.spatial_dims == 3) {
-    const Fields h{{x[0], x[1], x[2]}, {y[0], y[1], y[2]}};
-    col_pass_kernel<C, false, R0, R1><<<col_grid(N * D, H, W), block, 0, stream>>>(h, H, W, (W + 31) / 32, p,
-                                                                                   maxima);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    col_pass_kernel<C, true, R0, R1><<<col_grid(N, D, H * W), block, 0, stream>>>(last, D, H * W,
-                                                                                  (H * W + 31) / 32, p, maxima);
-  } else {
-    col_pass_kernel<C, true, R0, R1><<<col_grid(N, H, W), block, 0, stream>>>(last, H, W, (W + 31) / 32, p,
-                                                                              maxima);
-  }
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
+  float* maxima = reinterpret_cast<float*>(ws + l.maxima);
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(ws + l.bits);
+  const uint8_t* bclass = C == 3 ? reinterpret_cast<const uint8_t*>(ws + l.bclass) : nullptr;
+  float* fields = reinterpret_cast<float*>(ws + l.fields);
+  const Fields f{{fields, fields + N * S, fields + 2 * N * S}, a.contour, a.weight};
+  const int rmax = l.pad;
   const float scale = C == 3 ? 1.f : a.mu[0];
-  normalise_kernel<<<dim3(blocks_for(S, 256), static_cast<unsigned>(N)), 256, 0, stream>>>(
-      a.contour, a.weight, S, maxima, a.mu0, scale);
+
+  const Axis ah = make_axis(H, N * D * ((W + kStrip - 1) / kStrip) * C);
+  const size_t plane_smem = strip_smem(ah, rmax);
+  const dim3 plane_grid(static_cast<unsigned>(N * D * ah.tiles * ((W + kStrip - 1) / kStrip)), 1, C);
+  const dim3 block(32, kWarps);
+  cudaError_t err;
+  if (a.spatial_dims == 2) {
+    auto kernel = plane_kernel<R0, R1, C, true>;
+    if ((err = set_smem(reinterpret_cast<const void*>(kernel), plane_smem)) != cudaSuccess) return err;
+    kernel<<<plane_grid, block, plane_smem, stream>>>(bits, l.words, l.pad, bclass, D, ah, W, p, f, maxima);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    normalise_kernel<<<dim3(blocks_for(S, 256), static_cast<unsigned>(N)), 256, 0, stream>>>(
+        a.contour, a.weight, S, maxima, a.mu0, scale);
+    return cudaGetLastError();
+  }
+  auto kernel = plane_kernel<R0, R1, C, false>;
+  if ((err = set_smem(reinterpret_cast<const void*>(kernel), plane_smem)) != cudaSuccess) return err;
+  kernel<<<plane_grid, block, plane_smem, stream>>>(bits, l.words, l.pad, bclass, D, ah, W, p, f, maxima);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  const int64_t HW = H * W;
+  const Axis ad = make_axis(D, N * ((HW + kStrip - 1) / kStrip) * 2);
+  const size_t depth_smem = strip_smem(ad, rmax);
+  const dim3 depth_grid(static_cast<unsigned>(N * ad.tiles * ((HW + kStrip - 1) / kStrip)), 1, 2);
+  auto maxima_kernel = depth_kernel<R0, R1, C, false>;
+  auto write_kernel = depth_kernel<R0, R1, C, true>;
+  if ((err = set_smem(reinterpret_cast<const void*>(maxima_kernel), depth_smem)) != cudaSuccess) return err;
+  if ((err = set_smem(reinterpret_cast<const void*>(write_kernel), depth_smem)) != cudaSuccess) return err;
+  maxima_kernel<<<depth_grid, block, depth_smem, stream>>>(f, ad, HW, p, maxima, a.mu0, scale);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  write_kernel<<<depth_grid, block, depth_smem, stream>>>(f, ad, HW, p, maxima, a.mu0, scale);
   return cudaGetLastError();
 }
 
 template <typename L>
-cudaError_t launch_bclass(const hmedn_targets_args& a, bool classes, uint8_t* bclass, cudaStream_t stream) {
-  const int64_t planes = a.batch * a.depth;
-  const dim3 grid(static_cast<unsigned>((a.width + 31) / 32), static_cast<unsigned>((a.height + 7) / 8),
-                  static_cast<unsigned>(planes < 65535 ? planes : 65535));
-  bclass_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const L*>(a.labels), planes, a.depth, a.height, a.width,
-                                          a.num_classes, classes, bclass, a.error_flag);
+cudaError_t launch_bits(const hmedn_targets_args& a, const Layout& l, uint8_t* bclass, uint32_t* bits,
+                        cudaStream_t stream) {
+  int dlen = 16;  // planes per thread; more when batch x segments would pass the grid's z limit
+  while (a.batch * ((a.depth + dlen - 1) / dlen) > 65535) dlen *= 2;
+  const int dsegs = static_cast<int>((a.depth + dlen - 1) / dlen);
+  const dim3 grid(static_cast<unsigned>(l.words), static_cast<unsigned>((a.height + kWarps - 1) / kWarps),
+                  static_cast<unsigned>(a.batch * dsegs));
+  bits_kernel<<<grid, dim3(32, kWarps), 0, stream>>>(
+      static_cast<const L*>(a.labels), static_cast<int>(a.depth), static_cast<int>(a.height),
+      static_cast<int>(a.width), dlen, dsegs, l.pad, l.words, a.num_classes, bclass, bits, a.error_flag);
   return cudaGetLastError();
 }
 
-size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+bool valid(const hmedn_targets_args* a) {
+  return a != nullptr && a->batch >= 1 && a->batch <= 65535 && a->depth >= 1 && a->height >= 1 && a->width >= 1 &&
+         a->num_classes >= 2 && (a->spatial_dims == 2 || a->spatial_dims == 3) &&
+         (a->spatial_dims == 3 || a->depth == 1) && a->radius_contour >= 0 && a->radius_contour <= kMaxRadius &&
+         a->radius_weight >= 0 && a->radius_weight <= kMaxRadius && a->depth * a->height * a->width <= INT32_MAX;
+}
 
 }  // namespace
 
-extern "C" size_t hmedn_targets_cuda_workspace_bytes(int64_t batch, int64_t depth, int64_t height, int64_t width,
-                                                      int num_classes, const float* mu) {
-  const int64_t voxels = batch * depth * height * width;
-  const int channels = num_channels(num_classes, mu);
-  const int buffers = channels == 3 ? 4 : 2;  // y[0..C) plus, with 3 fields, the row pass's third field
-  return align16(2 * batch * sizeof(float)) + align16(voxels) + buffers * voxels * sizeof(float);
+extern "C" size_t hmedn_targets_cuda_workspace_bytes(const hmedn_targets_args* a) {
+  return valid(a) ? layout(*a, num_channels(a->num_classes, a->mu)).total : 0;
 }
 
 extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStream_t stream) {
-  if (a == nullptr || a->batch < 1 || a->batch > 65535 || a->depth < 1 || a->height < 1 || a->width < 1 ||
-      a->num_classes < 2 || (a->spatial_dims != 2 && a->spatial_dims != 3) ||
-      (a->spatial_dims == 2 && a->depth != 1) || a->radius_contour < 0 || a->radius_contour > kMaxRadius ||
-      a->radius_weight < 0 || a->radius_weight > kMaxRadius)
-    return cudaErrorInvalidValue;
+  if (!valid(a)) return cudaErrorInvalidValue;
   const int channels = num_channels(a->num_classes, a->mu);
   if (channels == 3 && a->num_classes - 1 > kMaxClassWeights) return cudaErrorInvalidValue;
+  const Layout l = layout(*a, channels);
+  if (l.words > 65535) return cudaErrorInvalidValue;
   Params p{};
   p.radius[0] = a->radius_contour;
   p.radius[1] = a->radius_weight;
@@ -364,28 +607,23 @@ extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStrea
   for (int j = 0; j <= a->radius_weight; ++j) p.taps[1][j] = a->taps_weight[j];
   if (channels == 3)
     for (int k = 0; k < a->num_classes - 1; ++k) p.mu[k] = a->mu[k];
-  char* w = static_cast<char*>(a->workspace);
-  float* maxima = reinterpret_cast<float*>(w);
-  uint8_t* bclass = reinterpret_cast<uint8_t*>(w + align16(2 * a->batch * sizeof(float)));
-  float* ws = reinterpret_cast<float*>(w + align16(2 * a->batch * sizeof(float)) +
-                                       align16(a->batch * a->depth * a->height * a->width));
-  cudaError_t err = cudaMemsetAsync(maxima, 0, 2 * a->batch * sizeof(float), stream);
+  char* ws = static_cast<char*>(a->workspace);
+  cudaError_t err = cudaMemsetAsync(ws + l.maxima, 0, 2 * a->batch * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  const bool classes = channels == 3;
+  uint8_t* bclass = channels == 3 ? reinterpret_cast<uint8_t*>(ws + l.bclass) : nullptr;
+  uint32_t* bits = reinterpret_cast<uint32_t*>(ws + l.bits);
   switch (a->label_dtype) {
-    case HMEDN_LABEL_U8: err = launch_bclass<uint8_t>(*a, classes, bclass, stream); break;
-    case HMEDN_LABEL_I16: err = launch_bclass<int16_t>(*a, classes, bclass, stream); break;
-    case HMEDN_LABEL_I32: err = launch_bclass<int32_t>(*a, classes, bclass, stream); break;
-    case HMEDN_LABEL_I64: err = launch_bclass<int64_t>(*a, classes, bclass, stream); break;
+    case HMEDN_LABEL_U8: err = launch_bits<uint8_t>(*a, l, bclass, bits, stream); break;
+    case HMEDN_LABEL_I16: err = launch_bits<int16_t>(*a, l, bclass, bits, stream); break;
+    case HMEDN_LABEL_I32: err = launch_bits<int32_t>(*a, l, bclass, bits, stream); break;
+    case HMEDN_LABEL_I64: err = launch_bits<int64_t>(*a, l, bclass, bits, stream); break;
     default: return cudaErrorInvalidValue;
   }
   if (err != cudaSuccess) return err;
   const bool defaults = p.radius[0] == 8 && p.radius[1] == 32;
   if (channels == 2)
-    return defaults ? launch_passes<2, 8, 32>(*a, p, bclass, ws, maxima, stream)
-                    : launch_passes<2, 0, 0>(*a, p, bclass, ws, maxima, stream);
-  return defaults ? launch_passes<3, 8, 32>(*a, p, bclass, ws, maxima, stream)
-                  : launch_passes<3, 0, 0>(*a, p, bclass, ws, maxima, stream);
+    return defaults ? launch_passes<2, 8, 32>(*a, p, l, ws, stream) : launch_passes<2, 0, 0>(*a, p, l, ws, stream);
+  return defaults ? launch_passes<3, 8, 32>(*a, p, l, ws, stream) : launch_passes<3, 0, 0>(*a, p, l, ws, stream);
 }
 
 extern "C" cudaError_t hmedn_boundary_map_cuda(const void* labels, int label_dtype, int64_t batch, int64_t depth,

@@ -40,25 +40,32 @@ HMEDN_HD int64_t reflect_index(int64_t i, int64_t n) {
 
 // Boundary class of voxel (d, h, w) of one sample whose labels start at `lab` (contiguous D x H x W):
 // its label k if 1 <= k < num_classes and a face neighbour inside the image has another label, else 0.
-// Sets *bad = true when the voxel's label is outside [0, num_classes).
-template <typename T>
-HMEDN_HD int boundary_class(const T* lab, int64_t d, int64_t h, int64_t w, int64_t D, int64_t H,
-                            int64_t W, int num_classes, bool* bad) {
-  const int64_t idx = (d * H + h) * W + w;
+// Sets *bad = true when the voxel's label is outside [0, num_classes). I: the index type (int when one
+// sample has fewer than 2^31 voxels).
+template <typename X>
+struct Same {  // a non-deduced context: the index type is given, never deduced from the arguments
+  using type = X;
+};
+template <typename T, typename I = int64_t>
+HMEDN_HD int boundary_class(const T* lab, typename Same<I>::type d, typename Same<I>::type h,
+                            typename Same<I>::type w, typename Same<I>::type D, typename Same<I>::type H,
+                            typename Same<I>::type W, int num_classes, bool* bad) {
+  const I idx = (d * H + h) * W + w;
+  const I hw = H * W;
   const int64_t k = static_cast<int64_t>(lab[idx]);
+  // every neighbour is loaded (no short-circuit), so the loads are independent and in flight together
+  const int64_t kw0 = w > 0 ? static_cast<int64_t>(lab[idx - 1]) : k;
+  const int64_t kw1 = w + 1 < W ? static_cast<int64_t>(lab[idx + 1]) : k;
+  const int64_t kh0 = h > 0 ? static_cast<int64_t>(lab[idx - W]) : k;
+  const int64_t kh1 = h + 1 < H ? static_cast<int64_t>(lab[idx + W]) : k;
+  const int64_t kd0 = d > 0 ? static_cast<int64_t>(lab[idx - hw]) : k;
+  const int64_t kd1 = d + 1 < D ? static_cast<int64_t>(lab[idx + hw]) : k;
   if (k < 0 || k >= num_classes) {
     *bad = true;
     return 0;
   }
-  if (k == 0) return 0;
-  const int64_t hw = H * W;
-  const bool edge = (w > 0 && static_cast<int64_t>(lab[idx - 1]) != k) ||
-                    (w + 1 < W && static_cast<int64_t>(lab[idx + 1]) != k) ||
-                    (h > 0 && static_cast<int64_t>(lab[idx - W]) != k) ||
-                    (h + 1 < H && static_cast<int64_t>(lab[idx + W]) != k) ||
-                    (d > 0 && static_cast<int64_t>(lab[idx - hw]) != k) ||
-                    (d + 1 < D && static_cast<int64_t>(lab[idx + hw]) != k);
-  return edge ? static_cast<int>(k) : 0;
+  const bool edge = (kw0 != k) | (kw1 != k) | (kh0 != k) | (kh1 != k) | (kd0 != k) | (kd1 != k);
+  return k > 0 && edge ? static_cast<int>(k) : 0;
 }
 
 // Radius of scipy.ndimage.gaussian_filter's kernel: int(truncate * sigma + 0.5).
@@ -109,13 +116,12 @@ struct hmedn_targets_args {
   const float* mu;  // host, num_classes - 1 per-class weights
   float* contour;   // out (N, D, H, W)
   float* weight;    // out (N, D, H, W)
-  void* workspace;  // hmedn_targets_cuda_workspace_bytes(...) bytes, 16-byte aligned
+  void* workspace;  // hmedn_targets_cuda_workspace_bytes(args) bytes, 16-byte aligned
   int* error_flag;  // device int set to 1 when a label is outside [0, num_classes); may be null
 };
 
-// Bytes of device workspace one call needs.
-size_t hmedn_targets_cuda_workspace_bytes(int64_t batch, int64_t depth, int64_t height, int64_t width,
-                                          int num_classes, const float* mu);
+// Bytes of device workspace the call described by `args` needs (args->workspace is not read).
+size_t hmedn_targets_cuda_workspace_bytes(const hmedn_targets_args* args);
 
 // Contour and weight maps, stream-ordered on `stream`. Returns cudaErrorInvalidValue for arguments
 // out of the kernels' limits (radius > kMaxRadius, non-uniform mu with K - 1 > kMaxClassWeights, a

@@ -307,3 +307,17 @@ def test_cuda_sparse_boundaries_poisoned_outputs(spatial, mu):
     contour, weight = targets_ext.make_targets(labels.cuda(), 3, 2.0, 8.0, MU0, mu)
     assert_targets_close(contour, weight, ref_c, ref_w, MU0, mu)
     assert torch.all(contour[2] == 0) and torch.all(weight[2] == MU0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(300, 12, 40), (3, 270, 45), (530, 37)])
+@pytest.mark.parametrize("mu", [(25.0, 25.0), (25.0, 4.0)])
+def test_cuda_long_axes_match_scipy(spatial, mu):
+    """Axes longer than one shared-memory strip (256) are filtered in tiles with reflected halo rows:
+    D = 300 (3D), H = 270 (3D), H = 530 (2D); outputs and workspace start as NaN."""
+    _skip_unless("cuda")
+    labels = torch.stack([blob_labels(spatial, 3, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    ref_c, ref_w, _ = scipy_targets(labels.numpy(), 3, 2.0, 8.0, MU0, mu)
+    _poison_cuda_cache()
+    contour, weight = targets_ext.make_targets(labels.cuda(), 3, 2.0, 8.0, MU0, mu)
+    assert_targets_close(contour, weight, ref_c, ref_w, MU0, mu)
