@@ -2,7 +2,7 @@
 trainer's lean mode, against MONAI DynUNet (bf16) in the same run, and the largest trainable cube under an 8 GiB
 cap. (The 2-GPU DDP comparison is benchmarks/gpu_ddp.py.)
 
-    python benchmarks/gpu_train.py --out DIR [--iters 10]
+    python benchmarks/gpu_train.py --out DIR [--iters 10] [--norm-ab]
 
 A step = forward (under autocast for bf16) + loss + backward + AdamW step, on a fixed random batch. hmedn_3d_l2
 uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets made from the labels
@@ -304,6 +304,8 @@ def main() -> None:
                         help="a subset of the settings (must include lean and eager_fp32)")
     parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json)")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing record (next to it)")
+    parser.add_argument("--norm-ab", action="store_true",
+                        help="also the norm_act backend / threshold A/B of the lean step (norm_act_ab; ~2 min more)")
     args = parser.parse_args()
     if args.plot is not None:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
@@ -356,8 +358,9 @@ def main() -> None:
     result["targets"] = targets
     result["profile_lean"] = profile_step("lean", 128)
     path.write_text(json.dumps(result, indent=1))
-    result["norm_act_ab"] = norm_ab(128, args.iters)
-    print("norm_act A/B (lean step):", json.dumps(result["norm_act_ab"]), flush=True)
+    if args.norm_ab:
+        result["norm_act_ab"] = norm_ab(128, args.iters)
+        print("norm_act A/B (lean step):", json.dumps(result["norm_act_ab"]), flush=True)
     print(f"lean step profile: {result['profile_lean']['gpu_ms']:.1f} ms of GPU kernels; largest:", flush=True)
     for k in result["profile_lean"]["kernels"][:12]:
         print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
