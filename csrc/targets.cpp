@@ -481,9 +481,9 @@ std::tuple<at::Tensor, at::Tensor> make_targets_cuda(const at::Tensor& labels_in
   args.error_flag = check_labels_flag ? flag.data_ptr<int>() : nullptr;
   const cudaError_t err = hmedn_targets_cuda(&args, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, kTargetsOp,
-                    ": arguments outside the CUDA kernels' limits (Gaussian tile larger than the device's "
-                    "shared memory for sigma_contour=", num(sigma_contour), ", sigma_weight=", num(sigma_weight),
-                    "); use the cpu backend");
+                    ": arguments outside the CUDA kernels' limits (an axis too long for the launch grid, or a Gaussian "
+                    "tile larger than the device's shared memory for sigma_contour=", num(sigma_contour),
+                    ", sigma_weight=", num(sigma_weight), "); use the cpu backend");
   check_cuda(err, kTargetsOp);
   if (check_labels_flag && flag.item<int>() != 0) fail_label_range(labels, num_classes, kTargetsOp);
   return {contour, weight};

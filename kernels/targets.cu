@@ -536,7 +536,9 @@ cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const La
 
   const Axis ah = make_axis(H, N * D * ((W + kStrip - 1) / kStrip) * C);
   const size_t plane_smem = strip_smem(ah, rmax);
-  const dim3 plane_grid(static_cast<unsigned>(N * D * ah.tiles * ((W + kStrip - 1) / kStrip)), 1, C);
+  const int64_t plane_blocks = N * D * ah.tiles * ((W + kStrip - 1) / kStrip);
+  if (plane_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const dim3 plane_grid(static_cast<unsigned>(plane_blocks), 1, C);
   const dim3 block(32, kWarps);
   cudaError_t err;
   if (a.spatial_dims == 2) {
@@ -556,7 +558,9 @@ cudaError_t launch_passes(const hmedn_targets_args& a, const Params& p, const La
   const int64_t HW = H * W;
   const Axis ad = make_axis(D, N * ((HW + kStrip - 1) / kStrip) * 2);
   const size_t depth_smem = strip_smem(ad, rmax);
-  const dim3 depth_grid(static_cast<unsigned>(N * ad.tiles * ((HW + kStrip - 1) / kStrip)), 1, 2);
+  const int64_t depth_blocks = N * ad.tiles * ((HW + kStrip - 1) / kStrip);
+  if (depth_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const dim3 depth_grid(static_cast<unsigned>(depth_blocks), 1, 2);
   auto maxima_kernel = depth_kernel<R0, R1, C, false>;
   auto write_kernel = depth_kernel<R0, R1, C, true>;
   if ((err = set_smem(reinterpret_cast<const void*>(maxima_kernel), depth_smem)) != cudaSuccess) return err;
@@ -585,7 +589,8 @@ bool valid(const hmedn_targets_args* a) {
   return a != nullptr && a->batch >= 1 && a->batch <= 65535 && a->depth >= 1 && a->height >= 1 && a->width >= 1 &&
          a->num_classes >= 2 && (a->spatial_dims == 2 || a->spatial_dims == 3) &&
          (a->spatial_dims == 3 || a->depth == 1) && a->radius_contour >= 0 && a->radius_contour <= kMaxRadius &&
-         a->radius_weight >= 0 && a->radius_weight <= kMaxRadius && a->depth * a->height * a->width <= INT32_MAX;
+         a->radius_weight >= 0 && a->radius_weight <= kMaxRadius && a->depth * a->height * a->width <= INT32_MAX &&
+         a->height <= int64_t{65535} * kWarps;  // rows of 8 per block of the bits kernel in grid.y
 }
 
 }  // namespace
@@ -599,7 +604,6 @@ extern "C" cudaError_t hmedn_targets_cuda(const hmedn_targets_args* a, cudaStrea
   const int channels = num_channels(a->num_classes, a->mu);
   if (channels == 3 && a->num_classes - 1 > kMaxClassWeights) return cudaErrorInvalidValue;
   const Layout l = layout(*a, channels);
-  if (l.words > 65535) return cudaErrorInvalidValue;
   Params p{};
   p.radius[0] = a->radius_contour;
   p.radius[1] = a->radius_weight;
