@@ -24,6 +24,7 @@
 namespace {
 
 using hmedn::targets::boundary_class;
+using hmedn::targets::boundary_from;
 using hmedn::targets::kMaxClassWeights;
 using hmedn::targets::kMaxRadius;
 using hmedn::targets::reflect_index;
@@ -105,8 +106,6 @@ bits_kernel(const L* __restrict__ labels, int D, int H, int W, int dlen, int dse
   const int HW = H * W;
   const bool wl = w > 0, wr = w + 1 < W, hu = h > 0, hd = h + 1 < H;
   const L* col = labels + static_cast<int64_t>(n) * D * HW + h * W + w;  // plane d at col[d * HW]
-  // Labels compared as 32-bit ints: exact for valid labels (an invalid one fails the range check at its own
-  // voxel; unchecked invalid labels give unspecified maps, never out-of-bounds accesses).
   L cur = 0, prev = 0;
   if (inside) {
     cur = col[static_cast<int64_t>(d0) * HW];
@@ -119,14 +118,12 @@ bits_kernel(const L* __restrict__ labels, int D, int H, int W, int dlen, int dse
     if (inside) {
       const L* v = col + static_cast<int64_t>(d) * HW;
       next = d + 1 < D ? v[HW] : cur;
-      const bool valid = static_cast<int64_t>(cur) >= 0 && static_cast<int64_t>(cur) < num_classes;
-      bad |= !valid;
-      const int c32 = static_cast<int>(cur);
-      const int kw0 = wl ? static_cast<int>(v[-1]) : c32, kw1 = wr ? static_cast<int>(v[1]) : c32;
-      const int kh0 = hu ? static_cast<int>(v[-W]) : c32, kh1 = hd ? static_cast<int>(v[W]) : c32;
-      const int kd0 = static_cast<int>(prev), kd1 = static_cast<int>(next);
-      const bool edge = (kw0 != c32) | (kw1 != c32) | (kh0 != c32) | (kh1 != c32) | (kd0 != c32) | (kd1 != c32);
-      k = valid && c32 > 0 && edge ? c32 : 0;
+      // Range-checked at full width, compared as 32-bit ints (exact for valid labels; unchecked invalid ones
+      // give unspecified maps, never out-of-bounds reads: the class stays in [0, num_classes)).
+      bad |= static_cast<int64_t>(cur) < 0 || static_cast<int64_t>(cur) >= num_classes;
+      const auto i32 = [](L x) { return static_cast<int>(x); };
+      k = boundary_from(i32(cur), i32(wl ? v[-1] : cur), i32(wr ? v[1] : cur), i32(hu ? v[-W] : cur),
+                        i32(hd ? v[W] : cur), i32(prev), i32(next), num_classes, &bad);
     }
     const int64_t row = (static_cast<int64_t>(n) * D + d) * H + h;
     if (bclass != nullptr && q >= 0 && q < W) bclass[row * W + q] = static_cast<uint8_t>(k);
@@ -168,6 +165,23 @@ Axis make_axis(int64_t len, int64_t other_blocks) {
   while (tile > 2 * kChunk && other_blocks * ((len + tile - 1) / tile) < kMinBlocks)
     tile = (tile / 2 + kChunk - 1) / kChunk * kChunk;
   return Axis{len, static_cast<int>(tile), static_cast<int>((len + tile - 1) / tile)};
+}
+
+// What a pass block covers: blockIdx.x = (outer index, tile along the axis, strip of kStrip columns of the
+// `cols` columns), strips fastest.
+struct Tile {
+  int64_t col0, start, outer;  // first column, first output along the axis, outer index (plane or sample)
+  int count;                   // outputs along the axis
+};
+__device__ __forceinline__ Tile block_tile(int64_t cols, const Axis& a) {
+  const int64_t strips = (cols + kStrip - 1) / kStrip;
+  const int64_t bx = blockIdx.x, rest = bx / strips;
+  Tile t;
+  t.col0 = (bx - rest * strips) * kStrip;
+  t.start = (rest % a.tiles) * a.tile;
+  t.outer = rest / a.tiles;
+  t.count = static_cast<int>(a.len - t.start < a.tile ? a.len - t.start : a.tile);
+  return t;
 }
 
 // Rows of Y for count outputs: whole chunks (the last chunk's window may pass the last output) plus halos.
@@ -258,13 +272,9 @@ __device__ __forceinline__ void plane_field(const uint32_t* __restrict__ bits, i
                                             float* maxima, float* smem) {
   const int r = R > 0 ? R : p.radius[S];
   const int64_t H = ah.len;
-  int64_t bx = blockIdx.x;
-  const int64_t strips = (W + kStrip - 1) / kStrip;
-  const int64_t w0 = (bx % strips) * kStrip;
-  bx /= strips;
-  const int64_t h0 = (bx % ah.tiles) * ah.tile;
-  const int64_t plane = bx / ah.tiles;
-  const int count = static_cast<int>(H - h0 < ah.tile ? H - h0 : ah.tile);
+  const Tile tile = block_tile(W, ah);
+  const int64_t w0 = tile.col0, h0 = tile.start, plane = tile.outer;
+  const int count = tile.count;
   // One tile: the W pass computes the H rows once (Y rows r .. r + H - 1), the halos are copied after it.
   const bool whole = ah.tiles == 1;
   const int n_src = whole ? static_cast<int>(H) : count + 2 * r;
@@ -389,13 +399,9 @@ __device__ __forceinline__ void depth_field(const Fields& f, int field, const Ax
                                             float* smem) {
   const int r = R > 0 ? R : p.radius[S];
   const int64_t D = ad.len;
-  int64_t bx = blockIdx.x;
-  const int64_t strips = (HW + kStrip - 1) / kStrip;
-  const int64_t j0 = (bx % strips) * kStrip;
-  bx /= strips;
-  const int64_t d0 = (bx % ad.tiles) * ad.tile;
-  const int64_t n = bx / ad.tiles;
-  const int count = static_cast<int>(D - d0 < ad.tile ? D - d0 : ad.tile);
+  const Tile tile = block_tile(HW, ad);
+  const int64_t j0 = tile.col0, d0 = tile.start, n = tile.outer;
+  const int count = tile.count;
   const Strip st = carve(smem, count, r);
   const float* __restrict__ src = f.f[field] + n * D * HW + j0;
   const int c = threadIdx.x;

@@ -38,34 +38,31 @@ HMEDN_HD int64_t reflect_index(int64_t i, int64_t n) {
   return r < n ? r : period - 1 - r;
 }
 
-// Boundary class of voxel (d, h, w) of one sample whose labels start at `lab` (contiguous D x H x W):
-// its label k if 1 <= k < num_classes and a face neighbour inside the image has another label, else 0.
-// Sets *bad = true when the voxel's label is outside [0, num_classes). I: the index type (int when one
-// sample has fewer than 2^31 voxels).
-template <typename X>
-struct Same {  // a non-deduced context: the index type is given, never deduced from the arguments
-  using type = X;
-};
-template <typename T, typename I = int64_t>
-HMEDN_HD int boundary_class(const T* lab, typename Same<I>::type d, typename Same<I>::type h,
-                            typename Same<I>::type w, typename Same<I>::type D, typename Same<I>::type H,
-                            typename Same<I>::type W, int num_classes, bool* bad) {
-  const I idx = (d * H + h) * W + w;
-  const I hw = H * W;
-  const int64_t k = static_cast<int64_t>(lab[idx]);
-  // every neighbour is loaded (no short-circuit), so the loads are independent and in flight together
-  const int64_t kw0 = w > 0 ? static_cast<int64_t>(lab[idx - 1]) : k;
-  const int64_t kw1 = w + 1 < W ? static_cast<int64_t>(lab[idx + 1]) : k;
-  const int64_t kh0 = h > 0 ? static_cast<int64_t>(lab[idx - W]) : k;
-  const int64_t kh1 = h + 1 < H ? static_cast<int64_t>(lab[idx + W]) : k;
-  const int64_t kd0 = d > 0 ? static_cast<int64_t>(lab[idx - hw]) : k;
-  const int64_t kd1 = d + 1 < D ? static_cast<int64_t>(lab[idx + hw]) : k;
-  if (k < 0 || k >= num_classes) {
+// Boundary class from a voxel's label k and its six face neighbours' labels (a neighbour outside the
+// image passed as k): k if 1 <= k < num_classes and a neighbour has another label, else 0. Sets
+// *bad = true when k is outside [0, num_classes).
+template <typename V>
+HMEDN_HD int boundary_from(V k, V kw0, V kw1, V kh0, V kh1, V kd0, V kd1, int num_classes, bool* bad) {
+  const int64_t k64 = static_cast<int64_t>(k);
+  if (k64 < 0 || k64 >= num_classes) {
     *bad = true;
     return 0;
   }
   const bool edge = (kw0 != k) | (kw1 != k) | (kh0 != k) | (kh1 != k) | (kd0 != k) | (kd1 != k);
-  return k > 0 && edge ? static_cast<int>(k) : 0;
+  return k64 > 0 && edge ? static_cast<int>(k64) : 0;
+}
+
+// Boundary class of voxel (d, h, w) of one sample whose labels start at `lab` (contiguous D x H x W).
+template <typename T>
+HMEDN_HD int boundary_class(const T* lab, int64_t d, int64_t h, int64_t w, int64_t D, int64_t H,
+                            int64_t W, int num_classes, bool* bad) {
+  const int64_t idx = (d * H + h) * W + w;
+  const int64_t hw = H * W;
+  const T k = lab[idx];
+  // every neighbour is loaded (no short-circuit), so the loads are independent and in flight together
+  return boundary_from(k, w > 0 ? lab[idx - 1] : k, w + 1 < W ? lab[idx + 1] : k, h > 0 ? lab[idx - W] : k,
+                       h + 1 < H ? lab[idx + W] : k, d > 0 ? lab[idx - hw] : k, d + 1 < D ? lab[idx + hw] : k,
+                       num_classes, bad);
 }
 
 // Radius of scipy.ndimage.gaussian_filter's kernel: int(truncate * sigma + 0.5).
