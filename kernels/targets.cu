@@ -91,12 +91,18 @@ __device__ __forceinline__ float warp_max(float v) {
 // reflected positions (bit q of a row = boundary at reflect(q - P, W)), so that every W window below is a
 // contiguous bit range. With `classes` (the mu_k differ) also one class byte per voxel (unpadded).
 // Block (32, 8): lane = bit of a padded word (grid.x), y = row h; each thread walks `dlen` planes along D
-// keeping the labels of planes d - 1, d, d + 1 of its column in registers.
+// keeping the labels of planes d - 1 and d of its column in registers, kBitsUnroll planes at a time: the
+// loads of a group (the next planes' labels and the four in-plane neighbours of each) are issued together
+// before any is used, so a thread waits for memory once per group, not once per plane. Every load is
+// unconditional (32-bit offsets within the sample): a missing neighbour reads the voxel itself (equal
+// labels: no edge), lanes past the padded row read column 0 and report no boundary.
+constexpr int kBitsUnroll = 4;
 template <typename L>
 __global__ void __launch_bounds__(256)
 bits_kernel(const L* __restrict__ labels, int D, int H, int W, int dlen, int dsegs, int pad, int words,
             int num_classes, uint8_t* __restrict__ bclass, uint32_t* __restrict__ bits,
             int* __restrict__ error_flag) {
+  constexpr int U = kBitsUnroll;
   const int h = blockIdx.y * blockDim.y + threadIdx.y;
   if (h >= H) return;  // warp-uniform
   const int n = blockIdx.z / dsegs;
@@ -106,33 +112,44 @@ bits_kernel(const L* __restrict__ labels, int D, int H, int W, int dlen, int dse
   const bool inside = q < W + pad;
   const int w = inside ? static_cast<int>(reflect_fast(q, W)) : 0;
   const int HW = H * W;
-  const bool wl = w > 0, wr = w + 1 < W, hu = h > 0, hd = h + 1 < H;
-  const L* col = labels + static_cast<int64_t>(n) * D * HW + h * W + w;  // plane d at col[d * HW]
-  L cur = 0, prev = 0;
-  if (inside) {
-    cur = col[static_cast<int64_t>(d0) * HW];
-    prev = d0 > 0 ? col[static_cast<int64_t>(d0 - 1) * HW] : cur;
-  }
+  const int ol = w > 0 ? -1 : 0, orr = w + 1 < W ? 1 : 0, ou = h > 0 ? -W : 0, od = h + 1 < H ? W : 0;
+  const L* __restrict__ lab0 = labels + static_cast<int64_t>(n) * D * HW + h * W + w;  // plane d at lab0[d * HW]
+  L lab[U + 2];  // planes db - 1, db, ..., db + U (the last ones clamped to D - 1: no boundary across the edge)
+  lab[1] = lab0[d0 * HW];
+  lab[0] = lab0[(d0 > 0 ? d0 - 1 : d0) * HW];
   bool bad = false;
-  for (int d = d0; d < d1; ++d) {
-    int k = 0;
-    L next = cur;
-    if (inside) {
-      const L* v = col + static_cast<int64_t>(d) * HW;
-      next = d + 1 < D ? v[HW] : cur;
-      // Range-checked at full width, compared as 32-bit ints (exact for valid labels; unchecked invalid ones
-      // give unspecified maps, never out-of-bounds reads: the class stays in [0, num_classes)).
-      bad |= static_cast<int64_t>(cur) < 0 || static_cast<int64_t>(cur) >= num_classes;
-      const auto i32 = [](L x) { return static_cast<int>(x); };
-      k = boundary_from(i32(cur), i32(wl ? v[-1] : cur), i32(wr ? v[1] : cur), i32(hu ? v[-W] : cur),
-                        i32(hd ? v[W] : cur), i32(prev), i32(next), num_classes, &bad);
+  const auto i32 = [](L x) { return static_cast<int>(x); };
+  uint32_t* out = bits + (static_cast<int64_t>(n) * D * H + h) * words + blockIdx.x;  // plane d at out[d * H * words]
+  const int out_plane = H * words;
+  for (int db = d0; db < d1; db += U) {
+    L nb[U][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      lab[u + 2] = lab0[(db + u + 1 < D ? db + u + 1 : D - 1) * HW];
+      const L* v = lab0 + (db + u < D ? db + u : D - 1) * HW;
+      nb[u][0] = v[ol];
+      nb[u][1] = v[orr];
+      nb[u][2] = v[ou];
+      nb[u][3] = v[od];
     }
-    const int64_t row = (static_cast<int64_t>(n) * D + d) * H + h;
-    if (bclass != nullptr && q >= 0 && q < W) bclass[row * W + q] = static_cast<uint8_t>(k);
-    const uint32_t word = __ballot_sync(0xffffffffu, k > 0);
-    if (threadIdx.x == 0) bits[row * words + blockIdx.x] = word;
-    prev = cur;
-    cur = next;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int d = db + u;
+      if (d >= d1) break;  // block-uniform
+      const L cur = lab[u + 1];
+      // Range-checked at full width, compared as 32-bit ints (exact for valid labels; unchecked invalid
+      // ones give unspecified maps, never out-of-bounds reads: the class stays in [0, num_classes)).
+      bad |= inside && (static_cast<int64_t>(cur) < 0 || static_cast<int64_t>(cur) >= num_classes);
+      int k = boundary_from(i32(cur), i32(nb[u][0]), i32(nb[u][1]), i32(nb[u][2]), i32(nb[u][3]), i32(lab[u]),
+                            i32(lab[u + 2]), num_classes, &bad);
+      k = inside ? k : 0;
+      if (bclass != nullptr && q >= 0 && q < W)
+        bclass[(static_cast<int64_t>(n) * D + d) * HW + h * W + q] = static_cast<uint8_t>(k);
+      const uint32_t word = __ballot_sync(0xffffffffu, k > 0);
+      if (threadIdx.x == 0) out[d * out_plane] = word;
+    }
+    lab[0] = lab[U];
+    lab[1] = lab[U + 1];
   }
   if (bad && error_flag != nullptr) *error_flag = 1;
 }
