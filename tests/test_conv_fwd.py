@@ -97,6 +97,44 @@ def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, triton):
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("faster", ["triton", "reference"])
+def test_measured_choice_overrides_the_static_rule(monkeypatch, faster):
+    """Where timing is possible (cudnn.benchmark on CUDA; faked here) the faster backend runs, whatever the static
+    rule says (32 -> 16: cuDNN by the rule); the choice is remembered per shape; forcing a backend times nothing."""
+    from hmedn_fast.ops import measured
+    from hmedn_fast.ops.triton import conv_fwd
+
+    measured.forget()
+    calls, timed = [], []
+    real = conv_fwd.conv3x3_forward
+    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda *a, **k: calls.append("triton") or real(*a, **k))
+    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
+
+    def fake_time(run, reps):
+        before = len(calls)
+        run()
+        name = "triton" if len(calls) > before else "reference"
+        timed.append(name)
+        return 1.0 if name == faster else 2.0
+
+    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    x, w = _case(1, 32, 16, (3, 4, 5))
+    args = ((1, 1, 1), (1,) * 3, (1,) * 3, 1)
+    chosen = [1] if faster == "triton" else []
+    for timing in ([1], []):  # the first call times the kernel once, then runs the choice
+        calls.clear()
+        y = conv_forward(x, w, *args)
+        assert len(calls) == len(timing + chosen)
+        _check_rounding(y, x, w, 1)
+    assert sorted(timed) == ["reference", "triton"]  # timed once: the second call took the remembered choice
+    assert list(measured.remembered().values()) == [faster]
+    calls.clear()
+    conv_forward(x, w, *args, backend="reference")
+    assert calls == [] and len(timed) == 2
+    measured.forget()
+
+
+@pytest.mark.interpreted
 def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
     """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last: the 16 and 48 channel layers
     run the Triton forward; outputs and gradients match the eager float32 block to bf16 rounding."""
@@ -135,3 +173,21 @@ def test_cuda_forward_matches_float64(c_in, c_out, size, d):
     y = torch.full((1, c_out, *size), float("nan"), device="cuda")  # the kernel allocates; poison the pool first
     del y
     _check_rounding(conv_forward(x, w, (1, 1, 1), (d,) * 3, (d,) * 3, 1, backend="triton"), x, w, d)
+
+
+@pytest.mark.cuda
+def test_cuda_measured_choice_is_remembered_and_correct(monkeypatch):
+    """With cudnn.benchmark on, the first call of a shape times both backends and remembers the faster; the
+    result is the convolution either way (bf16 rounding of a float32 sum)."""
+    from hmedn_fast.ops import measured
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    measured.forget()
+    x, w = _case(1, 32, 16, (24, 20, 28), device="cuda")
+    for _ in range(2):
+        y = conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1)
+        want = F.conv3d(x.double(), w.double(), padding=1)
+        torch.testing.assert_close(y.double(), want, rtol=2.0 ** -7, atol=1e-5 * want.abs().max().item())
+    choices = measured.remembered()
+    assert len(choices) == 1 and next(iter(choices.values())) in ("triton", "reference")
+    measured.forget()

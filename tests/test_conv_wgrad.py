@@ -99,6 +99,40 @@ def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, c_out, t
     assert len(calls) == (2 if triton else 1)
 
 
+@pytest.mark.interpreted
+@pytest.mark.parametrize("need_input", [False, True])
+def test_measured_choice_overrides_the_static_rule(monkeypatch, need_input):
+    """Where timing is possible (faked here) the faster backend runs (16 -> 16: ATen by the static rule, the kernel
+    faster here), with the input gradient when asked; forcing a backend times nothing."""
+    from hmedn_fast.ops import measured
+    from hmedn_fast.ops.triton import conv_wgrad
+
+    measured.forget()
+    calls, timed = [], []
+    real = conv_wgrad.conv3x3_wgrad
+    monkeypatch.setattr(conv_wgrad, "conv3x3_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
+
+    def fake_time(run, reps):
+        before = len(calls)
+        run()
+        timed.append(len(calls) > before)
+        return 1.0 if len(calls) > before else 2.0
+
+    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    x, gy, w = _case(1, 16, 16, (3, 4, 3))
+    gi, gw = conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, need_input, True)
+    assert sorted(timed) == [False, True] and len(calls) == 2  # one timed call of the kernel, then the chosen one
+    want_gi, want_gw = _float64_grads(gy, x, w, 1)
+    torch.testing.assert_close(gw.double(), want_gw, rtol=1e-2, atol=1e-2 * want_gw.abs().max().item())
+    assert (gi is not None) == need_input
+    if need_input:
+        torch.testing.assert_close(gi.double(), want_gi, rtol=1e-2, atol=1e-2 * want_gi.abs().max().item())
+    conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, need_input, True, backend="reference")
+    assert len(calls) == 2 and len(timed) == 2
+    measured.forget()
+
+
 @pytest.mark.not_interpreted
 def test_automatic_backend_on_cpu_is_aten():
     x, gy, w = _case(1, 16, 16, (4, 4, 4))

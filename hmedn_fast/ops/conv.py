@@ -2,15 +2,15 @@
 weight gradient without re-running the forward).
 
 Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1,
-16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) for the shapes where it
-measured faster than cuDNN (:func:`prefers_triton_forward`), else ``"reference"`` (``F.conv2d`` / ``F.conv3d``).
-``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` force one.
+16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"``
+(``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
+same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient is always
+ATen's (cuDNN).
 
-Backends of the weight gradient, in order of preference: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`:
-3x3x3 "same" convolutions, stride 1, 16 or 32 output channels, bf16/fp16 channels-last, on CUDA or under
-``TRITON_INTERPRET=1``) where it measured faster than cuDNN (not for 16 output channels from <= 32 input channels),
-then ``"reference"`` (``aten.convolution_backward``, any convolution). ``backend=`` or ``HMEDN_BACKEND_CONV_WGRAD``
-(``HMEDN_BACKEND``) force one. The input gradient is always ATen's (cuDNN).
+Automatic choice where both can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the faster one measured on
+the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the H200 sweeps,
+:func:`prefers_triton_forward` and :func:`prefers_triton`. ``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` /
+``HMEDN_BACKEND_CONV_WGRAD`` (``HMEDN_BACKEND``) force one.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
+from hmedn_fast.ops import measured
+from hmedn_fast.ops.dispatch import automatic, choose_backend, triton_unavailable
 
 
 def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups) -> str | None:
@@ -69,19 +70,31 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
             return reason
         if torch.compiler.is_compiling():
             return "inside torch.compile"
-        from hmedn_fast.ops.triton.conv_fwd import unsupported
+        from hmedn_fast.ops.triton.conv_fwd import same_3x3_unsupported, unsupported
 
+        shape_reason = same_3x3_unsupported(x, weight, stride, padding, dilation, groups)
+        if shape_reason is not None:  # before casting: no copy for a convolution the kernel cannot take
+            return shape_reason
         cast[:] = [x.to(dt), weight.to(dt)]
         return unsupported(*cast, stride, padding, dilation, groups)
 
-    candidates = [("triton", triton_unavailable_here), ("reference", lambda: None)]
-    if weight.ndim != 5 or not prefers_triton_forward(weight.shape[1], weight.shape[0]):
-        candidates.reverse()
-    if choose_backend("conv_fwd", backend, candidates) == "triton":
-        from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
+    def run(name: str) -> Tensor:
+        if name == "triton":
+            from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
-        return conv3x3_forward(*cast, dilation[0])
-    return fn(x, weight, None, stride, padding, dilation, groups)
+            return conv3x3_forward(*cast, dilation[0])
+        return fn(*(cast or (x, weight)), None, stride, padding, dilation, groups)
+
+    reason = triton_unavailable_here()
+    first = "triton" if weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]) else "reference"
+    if reason is None and automatic("conv_fwd", backend):
+        key = ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
+               tuple(padding), tuple(dilation), groups)
+        first = measured.choice(key, {n: (lambda n=n: run(n)) for n in ("triton", "reference")}, first, (x,))
+    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
+    if first != "triton":
+        candidates.reverse()
+    return run(choose_backend("conv_fwd", backend, candidates))
 
 
 def conv_backward(
@@ -104,20 +117,32 @@ def conv_backward(
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
-    candidates = [("triton", lambda: _triton_unavailable(grad, x, w, stride, padding, dilation, groups)),
-                  ("reference", lambda: None)]
-    if not prefers_triton(w.shape[1], w.shape[0]):
-        candidates.reverse()  # automatic choice: ATen; forcing "triton" still takes the kernel
-    use_triton = need_weight and choose_backend("conv_wgrad", backend, candidates) == "triton"
-    gi = gw = None
-    if need_input or (need_weight and not use_triton):
-        gi, gw, _ = torch.ops.aten.convolution_backward(
-            grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
-            [need_input, need_weight and not use_triton, False])
-    if use_triton:
-        from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
 
-        gw = conv3x3_wgrad(grad, x, dilation[0])
+    def run(use_triton: bool) -> tuple[Tensor | None, Tensor | None]:
+        gi = gw = None
+        if need_input or (need_weight and not use_triton):
+            gi, gw, _ = torch.ops.aten.convolution_backward(
+                grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
+                [need_input, need_weight and not use_triton, False])
+        if use_triton:
+            from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
+
+            gw = conv3x3_wgrad(grad, x, dilation[0])
+        return gi, gw
+
+    if not need_weight:
+        gi, gw = run(False)
+    else:
+        reason = _triton_unavailable(grad, x, w, stride, padding, dilation, groups)
+        first = "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference"
+        if reason is None and automatic("conv_wgrad", backend):
+            key = ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
+                   tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input)
+            first = measured.choice(key, {"triton": lambda: run(True), "reference": lambda: run(False)}, first, (grad,))
+        candidates = [("triton", lambda: reason), ("reference", lambda: None)]
+        if first != "triton":
+            candidates.reverse()  # forcing "triton" still takes the kernel
+        gi, gw = run(choose_backend("conv_wgrad", backend, candidates) == "triton")
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 

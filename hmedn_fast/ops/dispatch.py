@@ -44,6 +44,11 @@ def choose_backend(op: str, requested: str | None, candidates: Sequence[tuple[st
     raise RuntimeError(f"no backend available for {op}")  # pragma: no cover - reference is always last
 
 
+def automatic(op: str, requested: str | None) -> bool:
+    """True when neither ``requested`` nor ``HMEDN_BACKEND_<OP>`` / ``HMEDN_BACKEND`` forces a backend of ``op``."""
+    return requested is None and not (os.environ.get(f"HMEDN_BACKEND_{op.upper()}") or os.environ.get("HMEDN_BACKEND"))
+
+
 def triton_unavailable(*tensors) -> str | None:
     """Reason Triton cannot run on these tensors, or None. CPU tensors need ``TRITON_INTERPRET=1``."""
     try:

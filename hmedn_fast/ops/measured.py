@@ -1,0 +1,78 @@
+"""Backend choice by measurement, per input signature, the way ``torch.backends.cudnn.benchmark`` picks cuDNN's
+algorithms.
+
+An op with two interchangeable backends (e.g. the Triton convolution kernels and cuDNN) keeps a static rule for
+which one is faster, measured on one card. Which one wins depends on the card (the H200 sweeps behind the rules
+and an H100 disagree on several shapes: ``docs/decisions/blocks.md``), so while ``cudnn.benchmark`` is on, the
+first automatic call with a new signature on CUDA times every backend on that call's own inputs and the process
+keeps the fastest; later calls with that signature take it without timing. Without ``cudnn.benchmark``, on the
+CPU, while a CUDA graph is being captured or while ``torch.compile`` traces, a remembered choice is used if there
+is one, else the static rule.
+
+Timing runs each backend once to warm it up (Triton compilation, cuDNN's own algorithm search), then ``reps``
+times between two CUDA events: one host synchronisation per backend, on the first call of a signature only.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Mapping
+
+import torch
+
+_CHOICES: dict[Hashable, str] = {}
+
+
+def can_measure(*tensors: torch.Tensor) -> bool:
+    """Whether a new signature may be timed now: ``cudnn.benchmark`` on, every tensor on CUDA, no stream capture,
+    no ``torch.compile`` tracing."""
+    return (bool(torch.backends.cudnn.benchmark) and all(t.is_cuda for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
+
+
+def _time_ms(run: Callable[[], object], reps: int) -> float:
+    """Milliseconds of ``reps`` back-to-back calls of ``run`` after one warm-up call (CUDA events)."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: str, tensors: tuple[torch.Tensor, ...],
+           reps: int = 3) -> str:
+    """The backend to use for the signature ``key``.
+
+    Args:
+        key: everything the speed depends on (op name, shapes, strides, dtypes, device, op arguments).
+        runners: backend name -> a call doing the op's work with that backend on the current inputs.
+        default: the static rule's backend, used when nothing is remembered and timing is not possible now.
+        tensors: the inputs (see :func:`can_measure`).
+        reps: timed calls per backend.
+    Returns:
+        A key of ``runners`` (or ``default``).
+    """
+    if default not in runners:
+        raise ValueError(f"default must be one of {sorted(runners)}, got {default!r}")
+    remembered = _CHOICES.get(key)
+    if remembered is not None:
+        return remembered
+    if not can_measure(*tensors):
+        return default
+    times = {name: _time_ms(run, reps) for name, run in runners.items()}
+    _CHOICES[key] = best = min(times, key=times.__getitem__)
+    return best
+
+
+def remembered() -> dict[Hashable, str]:
+    """A copy of the choices made so far in this process (signature -> backend)."""
+    return dict(_CHOICES)
+
+
+def forget() -> None:
+    """Drop every remembered choice (the next call of each signature is timed again)."""
+    _CHOICES.clear()
+
+
+__all__ = ["can_measure", "choice", "forget", "remembered"]
