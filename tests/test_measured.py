@@ -83,3 +83,14 @@ def test_cuda_timer_and_conditions(monkeypatch):
         seen.append(measured.can_measure(x))
         y = x * 2
     assert seen == [False]  # never time (synchronise) inside a capture
+
+
+def test_out_of_memory_while_timing_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
+
+    def oom(run, reps):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(measured, "_time_ms", oom)
+    assert measured.choice("k", {"a": lambda: 0, "b": lambda: 0}, "a", ()) == "a"
+    assert measured.remembered() == {}  # timed again next time

@@ -10,7 +10,9 @@ CPU, while a CUDA graph is being captured or while ``torch.compile`` traces, a r
 is one, else the static rule.
 
 Timing runs each backend once to warm it up (Triton compilation, cuDNN's own algorithm search), then ``reps``
-times between two CUDA events: one host synchronisation per backend, on the first call of a signature only.
+times between two CUDA events: one host synchronisation per backend, on the first call of a signature only. A
+backend running out of memory while timed (e.g. near a memory cap) leaves the static rule in charge for that call
+and the signature is timed again on its next call.
 """
 from __future__ import annotations
 
@@ -60,7 +62,10 @@ def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: 
         return remembered
     if not can_measure(*tensors):
         return default
-    times = {name: _time_ms(run, reps) for name, run in runners.items()}
+    try:
+        times = {name: _time_ms(run, reps) for name, run in runners.items()}
+    except torch.cuda.OutOfMemoryError:  # timing must not fail where the default alone would run: not remembered
+        return default
     _CHOICES[key] = best = min(times, key=times.__getitem__)
     return best
 
