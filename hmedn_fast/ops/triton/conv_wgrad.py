@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
+from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv
 
 MAX_C_IN_BLOCK = 64
 
@@ -31,12 +31,14 @@ MAX_C_IN_BLOCK = 64
 def launch_config(c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
     """(voxels per tile, warps, pipelining stages, programs per SM, input channels per program) from a sweep on the
     H100 (BV 32-128, 4/8 warps, 2/3 stages, 2/4 programs per SM, 32/64-channel blocks;
-    ``conv_wgrad_nvidia_h100_80gb_hbm3.json``): 32 voxels, 4 warps, 3 stages, 4 programs per SM and up to 64
-    channels were best or within 5 % of the best for every shape of hmedn_3d_l2 except 16 output channels from at
-    most 32 input channels, where 128-voxel tiles, 2 stages, 2 programs per SM and 32-channel blocks won."""
+    ``conv_wgrad_nvidia_h100_80gb_hbm3.json``): 32 voxels, 4 warps, 3 stages, 4 programs per SM and 64-channel
+    blocks were best or within 5 % of the best for every shape of hmedn_3d_l2 except 16 output channels from at
+    most 32 input channels, where 128-voxel tiles, 2 stages, 2 programs per SM and 32-channel blocks won.
+    32-channel blocks are 2-20x slower everywhere else (32 output channels: 0.46 vs 0.047 ms for 160 -> 32 at
+    16^3, 5.2 vs 0.11 ms for the dilated 32 -> 32 at 64^3), also where they cover all of C_in."""
     if c_out == 16 and c_in <= 32:
         return 128, 4, 2, 2, 32
-    return 32, 4, 3, 4, min(MAX_C_IN_BLOCK, max(16, next_power_of_2(c_in)))
+    return 32, 4, 3, 4, MAX_C_IN_BLOCK
 
 
 @triton.jit
