@@ -84,7 +84,8 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
             return conv3x3_forward(*cast, dilation[0])
-        return fn(*(cast or (x, weight)), None, stride, padding, dilation, groups)
+        autocast_cast = cast if cast and torch.is_autocast_enabled(dev) else (x, weight)  # what autocast would pass
+        return fn(*autocast_cast, None, stride, padding, dilation, groups)
 
     reason = triton_unavailable_here()
     first = "triton" if weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]) else "reference"
