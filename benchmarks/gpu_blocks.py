@@ -373,6 +373,9 @@ def main() -> None:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
+    # as the trainer and gpu_train.py: cuDNN times its algorithms, and hmedn_fast.ops.measured picks Triton or cuDNN
+    # per convolution shape by timing (records before stop 17 ran the pathway with this off)
+    torch.backends.cudnn.benchmark = report["cudnn_benchmark"] = device == "cuda"
     report["pathway"] = {n: bench_case(c, device, not args.no_compile and device == "cuda", warmup, iters)
                          for n, c in cases.items()}
     report["norm_act"] = {n: bench_norm(c, device, warmup, iters) for n, c in cases.items()}
