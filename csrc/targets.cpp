@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <limits>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -168,30 +170,68 @@ struct Fields3 {
 };
 
 // Boundary classes of one row (d, h) of a sample, as boundary_class() of kernels/targets.cuh computes
-// them voxel by voxel, written as whole-row comparisons that vectorise: a missing neighbour (image
-// edge) is replaced by the voxel itself, which never differs. Returns whether the row has a boundary.
+// them voxel by voxel, written as whole-row comparisons in the label type (no widening, no branches:
+// the loop vectorises in L-wide lanes): a missing neighbour (image edge) is replaced by the voxel
+// itself, which never differs. Returns whether the row has a boundary.
 template <typename L>
-bool row_classes(const L* lab, int64_t d, int64_t h, const Shape& s, int num_classes, int* cls, bool& bad) {
+inline __attribute__((always_inline)) bool row_classes_impl(const L* lab, int64_t d, int64_t h, const Shape& s,
+                                                            int num_classes, L* cls, bool& bad) {
   const int64_t W = s.w, HW = s.h * s.w;
   const L* row = lab + (d * s.h + h) * W;
   const L* up = h > 0 ? row - W : row;
   const L* down = h + 1 < s.h ? row + W : row;
   const L* front = d > 0 ? row - HW : row;
   const L* back = d + 1 < s.d ? row + HW : row;
-  int any = 0, invalid = 0;
-  for (int64_t w = 0; w < W; ++w) {
-    const int64_t k = static_cast<int64_t>(row[w]);
-    const L left = row[w > 0 ? w - 1 : w], right = row[w + 1 < W ? w + 1 : w];
-    const int edge = (up[w] != row[w]) | (down[w] != row[w]) | (front[w] != row[w]) | (back[w] != row[w]) |
-                     (left != row[w]) | (right != row[w]);
-    const int valid = (k >= 0) & (k < num_classes);
-    invalid |= !valid;
-    const int c = (edge & valid & (k > 0)) ? static_cast<int>(k) : 0;
+  const L top = static_cast<L>(std::min<int64_t>(num_classes - 1, std::numeric_limits<L>::max()));
+  // value lambdas (no captured accumulators: the loop's accumulators stay in registers, cls cannot alias them)
+  const auto out_of_range = [top](L k) -> L {
+    L o = k > top;
+    if constexpr (std::is_signed_v<L>) o |= k < 0;
+    return o;
+  };
+  const auto cls_of = [&out_of_range](L k, L u, L dn, L f, L b, L left, L right) -> L {
+    const L edge = (u != k) | (dn != k) | (f != k) | (b != k) | (left != k) | (right != k);
+    return static_cast<L>(k & -static_cast<L>(edge & !out_of_range(k) & (k > 0)));  // k or 0
+  };
+  L any = 0, invalid = 0;
+  for (int64_t w = 0; w < W; ++w) invalid |= out_of_range(row[w]);
+  // the row's ends apart, so that the interior loop has no clamped indices
+  cls[0] = cls_of(row[0], up[0], down[0], front[0], back[0], row[0], row[W > 1 ? 1 : 0]);
+  any |= cls[0];
+  for (int64_t w = 1; w + 1 < W; ++w) {
+    const L c = cls_of(row[w], up[w], down[w], front[w], back[w], row[w - 1], row[w + 1]);
     cls[w] = c;
     any |= c;
   }
+  if (W > 1) {
+    cls[W - 1] = cls_of(row[W - 1], up[W - 1], down[W - 1], front[W - 1], back[W - 1], row[W - 2], row[W - 1]);
+    any |= cls[W - 1];
+  }
   if (invalid) bad = true;
   return any != 0;
+}
+
+template <typename L>
+bool row_classes_baseline(const L* lab, int64_t d, int64_t h, const Shape& s, int num_classes, L* cls, bool& bad) {
+  return row_classes_impl(lab, d, h, s, num_classes, cls, bad);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Again for AVX2: the baseline (SSE2) has no 64-bit lane compare, so int64 labels would run scalar there.
+template <typename L>
+__attribute__((target("avx2"))) bool row_classes_avx2(const L* lab, int64_t d, int64_t h, const Shape& s,
+                                                      int num_classes, L* cls, bool& bad) {
+  return row_classes_impl(lab, d, h, s, num_classes, cls, bad);
+}
+const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+#endif
+
+template <typename L>
+bool row_classes(const L* lab, int64_t d, int64_t h, const Shape& s, int num_classes, L* cls, bool& bad) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx2) return row_classes_avx2(lab, d, h, s, num_classes, cls, bad);
+#endif
+  return row_classes_baseline(lab, d, h, s, num_classes, cls, bad);
 }
 
 // Row pass along W with the boundary classes fused: per row, the boundary classes, the reflected fields
@@ -206,7 +246,7 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
   std::vector<int64_t> src(W + 2 * rmax);  // reflected source column of every padded position, computed once
   for (int64_t q = 0; q < W + 2 * rmax; ++q) src[q] = reflect_index(q - rmax, W);
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
-    std::vector<int> cls(W);
+    std::vector<L> cls(W);
     std::vector<float> f1(span + 2 * rmax, 0.f), f2(channels == 3 ? span + 2 * rmax : 0, 0.f), row_out(span);
     bool local_bad = false;
     for (int64_t row = begin; row < end; ++row) {
@@ -218,7 +258,7 @@ bool row_pass(const L* labels, const Shape& s, int num_classes, const Taps& tc, 
         continue;
       }
       for (int64_t q = 0; q < W + 2 * rmax; ++q) {
-        const int k = cls[src[q]];
+        const int k = static_cast<int>(cls[src[q]]);
         f1[q] = k > 0 ? 1.f : 0.f;
         if (channels == 3) f2[q] = k > 0 ? mu[k - 1] : 0.f;
       }
