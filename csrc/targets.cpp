@@ -90,9 +90,8 @@ void check_params(int64_t num_classes, double sigma_contour, double sigma_weight
 
 [[noreturn]] void fail_label_range(const at::Tensor& labels, int64_t num_classes, const char* op) {
   const auto mm = at::aminmax(labels);
-  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, num_classes) = [0, ", num(num_classes),
-                    "), found values in [", num(std::get<0>(mm).item<int64_t>()), ", ",
-                    num(std::get<1>(mm).item<int64_t>()), "]");
+  TORCH_CHECK_VALUE(false, op, ": labels must lie in [0, num_classes=", num(num_classes), "), got values in [",
+                    num(std::get<0>(mm).item<int64_t>()), ", ", num(std::get<1>(mm).item<int64_t>()), "]");
 }
 
 // ---- CPU kernels -------------------------------------------------------------------------------------

@@ -189,9 +189,11 @@ def test_labels_out_of_range(device, bad_value):
     labels = blob_labels((2, 9, 10, 11), 3, dtype=torch.int32)
     labels[1, 4, 5, 6] = bad_value
     labels = labels.to(device)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\)"):
+    message = r"labels must lie in \[0, num_classes=3\), got values in \[" + str(min(0, bad_value)) + ", " + \
+        str(max(2, bad_value)) + r"\]"
+    with pytest.raises(ValueError, match=message):
         targets_ext.make_targets(labels, 3, 2.0, 8.0, MU0, (25.0, 25.0))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\)"):
+    with pytest.raises(ValueError, match=message):
         targets_ext.boundary_map(labels, 3)
 
 
