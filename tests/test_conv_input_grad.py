@@ -1,6 +1,8 @@
 """hmedn_fast.ops.conv.conv_input_grad (input gradient without the forward's input) against ATen's
 convolution_backward in float64: 2D / 3D, strides (incl. sizes the striding rounds down), paddings, dilations,
-groups, channels-last gradients; a shape that does not fit raises."""
+groups, channels-last gradients; a shape that does not fit raises. Its Triton backend (forced: the forward kernel
+on the flipped, channel-swapped weights, C_in output channels in blocks) against float64 on the same bf16/fp16
+values, in a TRITON_INTERPRET=1 subprocess and on CUDA; what it does not take falls back or raises when forced."""
 from __future__ import annotations
 
 import pytest
@@ -27,6 +29,71 @@ def test_input_gradient_equals_aten(shape, c_out, k, stride, padding, dilation, 
     got = conv_input_grad(gy, w, x.shape, [stride] * nd, [padding] * nd, [dilation] * nd, groups)
     assert got.shape == x.shape and got.dtype == gy.dtype
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.not_interpreted
+def test_interpreter_suite(interpreter_suite):
+    interpreter_suite(__file__)
+
+
+def _triton_case(n, c_out, c_in, size, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    gy = torch.randn(n, c_out, *size, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last_3d)
+    w = (torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_out) ** 0.5).to(device)
+    return gy, w
+
+
+def _check_triton_input_grad(gy, w, c_in, d):
+    """The gradient equals the float64 one up to float32 accumulation and one rounding to gy's dtype (one unit in
+    the last place under the interpreter, whose float32 -> bf16 / fp16 cast truncates; half a unit on the GPU)."""
+    from hmedn_fast.ops.triton import conv_fwd
+
+    shape = (gy.shape[0], c_in, *gy.shape[2:])
+    real_empty = torch.empty
+    conv_fwd.torch.empty = lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))  # poison the output
+    try:
+        got = conv_input_grad(gy, w, shape, [1] * 3, [d] * 3, [d] * 3, 1, backend="triton")
+    finally:
+        conv_fwd.torch.empty = real_empty
+    want = torch.ops.aten.convolution_backward(gy.double(), torch.zeros(shape, dtype=torch.float64, device=gy.device),
+                                               w.to(gy.dtype).double(), None, [1] * 3, [d] * 3, [d] * 3, False,
+                                               [0] * 3, 1, [True, False, False])[0]
+    assert got.shape == want.shape and got.dtype == gy.dtype and torch.isfinite(got).all()
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    ulp = 2.0 ** (-7 if gy.dtype == torch.bfloat16 else -10)
+    rel = ulp if gy.is_cpu else ulp / 2
+    torch.testing.assert_close(got.double(), want, rtol=rel, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("n, c_out, c_in, size, d", [
+    (2, 16, 48, (5, 6, 7), 1), (1, 16, 80, (4, 5, 3), 2), (1, 32, 20, (3, 4, 5), 3), (1, 16, 144, (3, 3, 4), 1),
+    (1, 16, 16, (4, 4, 4), 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_input_grad_matches_float64(n, c_out, c_in, size, d, dtype):
+    gy, w = _triton_case(n, c_out, c_in, size, dtype)
+    _check_triton_input_grad(gy, w, c_in, d)
+
+
+@pytest.mark.interpreted
+def test_triton_input_grad_falls_back_or_raises_when_forced(monkeypatch):
+    gy, w = _triton_case(1, 16, 8, (4, 4, 4))
+    args = ((1, 8, 8, 8, 8), [2] * 3, [1] * 3, [1] * 3, 1)  # strided: not a "same" convolution
+    gy2 = torch.randn(1, 16, 4, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    want = conv_input_grad(gy2, w, *args, backend="reference")
+    assert torch.equal(conv_input_grad(gy2, w, *args), want)  # automatic: the transposed convolution
+    with pytest.raises(RuntimeError, match="groups 1 and stride 1"):
+        conv_input_grad(gy2, w, *args, backend="triton")
+    monkeypatch.setenv("HMEDN_BACKEND_CONV_DGRAD", "triton")
+    with pytest.raises(RuntimeError, match="channels-last"):
+        conv_input_grad(gy.contiguous(), w, (1, 8, 4, 4, 4), [1] * 3, [1] * 3, [1] * 3, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("c_out, c_in, size, d", [(16, 80, 48, 1), (16, 48, 37, 1), (32, 32, 40, 2), (16, 144, 24, 1)])
+def test_cuda_triton_input_grad_matches_float64(c_out, c_in, size, d):
+    gy, w = _triton_case(1, c_out, c_in, (size, size + 3, size - 5), device="cuda")
+    _check_triton_input_grad(gy, w, c_in, d)
 
 
 def test_shape_that_does_not_fit_raises():

@@ -149,7 +149,7 @@ def conv_backward(
 
 
 def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
-                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+                    padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None) -> Tensor:
     """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself: the transposed
     convolution of ``grad`` (cuDNN's backward-data kernels), in grad's dtype and layout. Lets a caller free the
     forward's input before this gradient is allocated (``aten.convolution_backward`` takes the input tensor even
@@ -159,6 +159,10 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
         grad: (N, C_out, *out_spatial). weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
         input_shape: (N, C_in, *spatial) of the forward's input.
         stride, padding, dilation, groups: the convolution's.
+        backend: None (automatic: ``"reference"``), ``"reference"`` (``conv_transpose``) or ``"triton"``
+            (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_input_grad`: 3x3x3 "same" convolutions, stride 1,
+            bf16/fp16 channels-last gradients; only when forced, by this argument or ``HMEDN_BACKEND_CONV_DGRAD``,
+            until it is measured on a GPU).
     """
     fn = F.conv_transpose2d if weight.ndim == 4 else F.conv_transpose3d
     k = weight.shape[2:]
@@ -169,6 +173,20 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
             or input_shape[1] != weight.shape[1] * groups):
         raise ValueError(f"input_shape {tuple(input_shape)} does not fit this convolution's output "
                          f"{tuple(grad.shape)} and weight {tuple(weight.shape)}")
+
+    def triton_unavailable_here() -> str | None:
+        reason = triton_unavailable(grad)
+        if reason is not None:
+            return reason
+        from hmedn_fast.ops.triton.conv_fwd import input_grad_unsupported
+
+        return input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
+
+    if choose_backend("conv_dgrad", backend, [("reference", lambda: None), ("triton", triton_unavailable_here)]) \
+            == "triton":
+        from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
+
+        return conv3x3_input_grad(grad, weight, dilation[0])
     return fn(grad, weight.to(grad.dtype), None, list(stride), list(padding), extra, groups, list(dilation))
 
 

@@ -43,16 +43,22 @@ def launch_config(c_in: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, C_OUT: tl.constexpr, BM: tl.constexpr,
-                BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
+                BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
     row = tl.program_id(0) * BM + tl.arange(0, BM)
     live = row < NV
     x = row % W
     y = (row // W) % H
     z = (row // (W * H)) % D
     ck = tl.arange(0, BK)
-    co = tl.arange(0, C_OUT)
-    acc = tl.zeros([BM, C_OUT], tl.float32)
+    if C_OUT == CO_BLOCK:  # one block of output channels: no channel mask
+        co = tl.arange(0, CO_BLOCK)
+        co_ok = tl.full([CO_BLOCK], 1, tl.int1)
+    else:
+        co = tl.program_id(1) * CO_BLOCK + tl.arange(0, CO_BLOCK)
+        co_ok = co < C_OUT
+    acc = tl.zeros([BM, CO_BLOCK], tl.float32)
     for k in tl.range(0, 27 * NCHUNK, num_stages=NUM_STAGES):
         tap = k // NCHUNK
         ci = (k % NCHUNK) * BK + ck
@@ -63,12 +69,14 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, C_OUT: tl.constexpr
         ok = live & (z + dz >= 0) & (z + dz < D) & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
         src = row + (dz * H + dy) * W + dx
         a = tl.load(x_ptr + src[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + co[None, :], mask=ci_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + co[None, :], mask=ci_ok[:, None] & co_ok[None, :],
+                    other=0.0)
         if F32_DOT:  # the interpreter's bf16 dot reads raw bits (Triton 3.9); float32 products of bf16 are exact
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-    tl.store(y_ptr + row[:, None] * C_OUT + co[None, :], acc.to(y_ptr.dtype.element_ty), mask=live[:, None])
+    tl.store(y_ptr + row[:, None] * C_OUT + co[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=live[:, None] & co_ok[None, :])
 
 
 _KERNEL = FastLauncher(_fwd_kernel)
@@ -94,16 +102,24 @@ def pack_weight(weight: Tensor) -> Tensor:
     return weight.permute(2, 3, 4, 1, 0).reshape(27, c_in, c_out).contiguous()
 
 
+def out_channel_block(c_out: int) -> int:
+    """Output channels per program (the dots' N tile): all of them for 16 or 32, else blocks of up to 64."""
+    return c_out if c_out in (16, 32) else min(64, max(16, next_power_of_2(c_out)))
+
+
 def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: int | None = None,
-                    block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+                    block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                    co_block: int | None = None) -> Tensor:
     """``conv3d(inp, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output.
 
     Args:
         inp: (N, C_in, D, H, W) bf16/fp16, channels-last contiguous (see :func:`unsupported`).
-        weight: (C_out, C_in, 3, 3, 3) of inp's dtype, C_out 16 or 32.
+        weight: (C_out, C_in, 3, 3, 3) of inp's dtype (any strides). The automatic dispatch sends C_out 16 or 32
+            here; other counts run in blocks of :func:`out_channel_block` output channels per program.
         dilation: the convolution's dilation (= its padding).
-        block_voxels, block_k, num_warps, num_stages: voxels per program (power of two >= 16), input channels per
-            step (power of two >= 16), warps, pipelining stages; None takes :func:`launch_config`'s.
+        block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
+            channels per step (power of two >= 16), warps, pipelining stages, output channels per program (power
+            of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s.
     Returns:
         (N, C_out, D, H, W) in inp's dtype, channels-last; float32 accumulation, one rounding.
     """
@@ -112,13 +128,52 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     nv = n * d * h * w
     bm, bk, warps, stages = launch_config(c_in)
     bm, bk = block_voxels or bm, block_k or bk
+    co_block = co_block or out_channel_block(c_out)
     out = torch.empty((n, c_out, d, h, w), dtype=inp.dtype, device=inp.device, memory_format=torch.channels_last_3d)
     if nv == 0:
         return out
-    _KERNEL((cdiv(nv, bm),), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
-            C_OUT=c_out, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET, NUM_STAGES=num_stages or stages,
-            num_warps=num_warps or warps)
+    _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
+            C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
+            NUM_STAGES=num_stages or stages, num_warps=num_warps or warps)
     return out
 
 
-__all__ = ["conv3x3_forward", "launch_config", "pack_weight", "unsupported"]
+def input_grad_unsupported(grad: Tensor, weight: Tensor, input_shape, stride, padding, dilation,
+                           groups: int) -> str | None:
+    """Why :func:`conv3x3_input_grad` cannot give the input gradient of this convolution, or None."""
+    if grad.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
+        return "a 3D convolution with a 3x3x3 kernel"
+    if groups != 1 or tuple(stride) != (1, 1, 1):
+        return "groups 1 and stride 1"
+    dil = tuple(dilation)
+    if len(set(dil)) != 1 or tuple(padding) != dil or tuple(input_shape[2:]) != tuple(grad.shape[2:]):
+        return "padding equal to one dilation for every axis ('same' output)"
+    if grad.dtype not in (torch.bfloat16, torch.float16):
+        return "a bf16 / fp16 gradient"
+    if not grad.is_contiguous(memory_format=torch.channels_last_3d):
+        return "a channels-last contiguous gradient"
+    if grad.numel() >= 2**31 or math.prod(input_shape) >= 2**31:
+        return "fewer than 2**31 elements"
+    return None
+
+
+def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, **config) -> Tensor:
+    """Input gradient of ``conv3d(x, weight, padding=dilation, dilation=dilation)``:
+
+        gx[u, ci] = sum_{tap, co} gy[u - s_tap, co] w[co, ci, tap],
+
+    the same "same" convolution of the output gradient with the kernel flipped and its channel axes swapped. The
+    shifted operand is the narrow gradient (the layer's C_out, 16 or 32 channels in hmedn_3d_l2) and the output's
+    C_in channels are the dots' N tile (blocks of up to 64).
+
+    Args:
+        grad: (N, C_out, D, H, W) bf16/fp16, channels-last contiguous. weight: (C_out, C_in, 3, 3, 3) (cast to
+            grad's dtype). dilation: the convolution's. config: launch options of :func:`conv3x3_forward`.
+    Returns:
+        (N, C_in, D, H, W) in grad's dtype, channels-last; float32 accumulation, one rounding.
+    """
+    return conv3x3_forward(grad, weight.to(grad.dtype).flip(2, 3, 4).transpose(0, 1), dilation, **config)
+
+
+__all__ = ["conv3x3_forward", "conv3x3_input_grad", "input_grad_unsupported", "launch_config", "out_channel_block",
+           "pack_weight", "unsupported"]
