@@ -4,13 +4,13 @@ weight gradient without re-running the forward).
 Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1,
 16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"``
 (``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
-same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient is always
-ATen's (cuDNN).
+same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient
+(:func:`conv_input_grad`) is cuDNN's transposed convolution unless its Triton backend is forced.
 
 Automatic choice where both can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the faster one measured on
-the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the H200 sweeps,
-:func:`prefers_triton_forward` and :func:`prefers_triton`. ``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` /
-``HMEDN_BACKEND_CONV_WGRAD`` (``HMEDN_BACKEND``) force one.
+the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps,
+:func:`prefers_triton_forward` (H200) and :func:`prefers_triton` (H100). ``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` /
+``HMEDN_BACKEND_CONV_WGRAD`` / ``HMEDN_BACKEND_CONV_DGRAD`` (``HMEDN_BACKEND``) force one.
 """
 from __future__ import annotations
 
