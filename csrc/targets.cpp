@@ -127,26 +127,30 @@ inline __attribute__((always_inline)) void conv_span_impl(const float* c, int64_
 
 using ConvSpan = void (*)(const float*, int64_t, const float*, int, int64_t, float*);
 
+// CPU features, read once at load time: the hot loops are compiled twice (baseline and AVX2) and pick by them.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HMEDN_X86_CLONES 1
+const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
+const bool kHasFma = __builtin_cpu_supports("fma");
+#else
+#define HMEDN_X86_CLONES 0
+#endif
+
 void conv_span_baseline(const float* c, int64_t step, const float* taps, int r, int64_t n, float* out) {
   conv_span_impl<false>(c, step, taps, r, n, out);
 }
 
 // The hot loop again, compiled for AVX2 + FMA and picked at load time when the CPU has both.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if HMEDN_X86_CLONES
 __attribute__((target("avx2,fma"))) void conv_span_avx2(const float* c, int64_t step, const float* taps, int r,
                                                          int64_t n, float* out) {
   conv_span_impl<true>(c, step, taps, r, n, out);
 }
 
-ConvSpan pick_conv_span() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? conv_span_avx2 : conv_span_baseline;
-}
+const ConvSpan conv_span = kHasAvx2 && kHasFma ? conv_span_avx2 : conv_span_baseline;
 #else
-ConvSpan pick_conv_span() { return conv_span_baseline; }
+const ConvSpan conv_span = conv_span_baseline;
 #endif
-
-const ConvSpan conv_span = pick_conv_span();
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -215,19 +219,18 @@ bool row_classes_baseline(const L* lab, int64_t d, int64_t h, const Shape& s, in
   return row_classes_impl(lab, d, h, s, num_classes, cls, bad);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if HMEDN_X86_CLONES
 // Again for AVX2: the baseline (SSE2) has no 64-bit lane compare, so int64 labels would run scalar there.
 template <typename L>
 __attribute__((target("avx2"))) bool row_classes_avx2(const L* lab, int64_t d, int64_t h, const Shape& s,
                                                       int num_classes, L* cls, bool& bad) {
   return row_classes_impl(lab, d, h, s, num_classes, cls, bad);
 }
-const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
 #endif
 
 template <typename L>
 bool row_classes(const L* lab, int64_t d, int64_t h, const Shape& s, int num_classes, L* cls, bool& bad) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if HMEDN_X86_CLONES
   if (kHasAvx2) return row_classes_avx2(lab, d, h, s, num_classes, cls, bad);
 #endif
   return row_classes_baseline(lab, d, h, s, num_classes, cls, bad);

@@ -60,8 +60,11 @@ def _check_labels(labels: Tensor, num_classes: int, values: bool = True) -> None
         )
     if labels.numel() == 0:
         raise ValueError(f"labels must be non-empty (N >= 1 and every spatial size >= 1), got {tuple(labels.shape)}")
-    if not values:
-        return
+    if values:
+        _check_label_values(labels, num_classes)
+
+
+def _check_label_values(labels: Tensor, num_classes: int) -> None:
     low, high = (int(v) for v in torch.aminmax(labels))  # one host synchronisation
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got values in [{low}, {high}]")
@@ -220,7 +223,7 @@ def make_targets(
     chosen = _backend(labels, backend, method)
     # the C++ op checks every CPU label in its boundary pass (same ValueError), so only the others read them here
     if chosen == "reference" or (chosen == "cuda" and check_labels):
-        _check_labels(labels, num_classes)
+        _check_label_values(labels, num_classes)
     if chosen == "reference":
         b = _reference_boundaries(labels, num_classes, method)
         return Targets(

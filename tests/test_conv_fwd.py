@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _rounding import assert_rounded_once
 from hmedn_fast.ops.conv import conv_forward
 
 CL = torch.channels_last_3d
@@ -30,15 +31,8 @@ def _case(n, c_in, c_out, size, dtype=torch.bfloat16, device="cpu", seed=0):
 
 
 def _check_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, d: int) -> None:
-    """y equals the float64 convolution up to float32 accumulation and one rounding to y's dtype: half a unit in
-    the last place on the GPU (round to nearest), one unit under the interpreter, whose float32 -> bf16 / fp16
-    cast truncates (Triton 3.9: checked against torch's casts)."""
-    want = F.conv3d(x.double(), w.double(), padding=d, dilation=d)
-    assert y.shape == want.shape and y.dtype == x.dtype and torch.isfinite(y).all()
-    assert y.is_contiguous(memory_format=CL)
-    ulp = 2.0 ** (-7 if y.dtype == torch.bfloat16 else -10)  # relative spacing at a mantissa of 1.0
-    rel = ulp if y.is_cpu else ulp / 2
-    torch.testing.assert_close(y.double(), want, rtol=rel, atol=1e-5 * want.abs().max().item())
+    """y equals the float64 convolution up to float32 accumulation and one rounding to x's dtype."""
+    assert_rounded_once(y, F.conv3d(x.double(), w.double(), padding=d, dilation=d), x.dtype)
 
 
 @pytest.mark.interpreted

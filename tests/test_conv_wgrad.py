@@ -161,26 +161,14 @@ def test_cuda_weight_gradient_matches_float64(c_in, c_out, size, d):
 def test_cuda_launch_config_is_not_pathological(c_in, c_out, size, d):
     """The default launch configuration of every hmedn_3d_l2 shape class runs within 2x of cuDNN's time (it is
     0.5-1.3x in the H100 sweep; a 32-channel block with 32 output channels once made it 10-50x slower)."""
-    import statistics
-
-    x, gy, w = _case(1, c_in, c_out, (size,) * 3, device="cuda")
-    w = w.to(x.dtype)
-
-    def median_ms(fn, n=7):
-        fn()
-        times = []
-        for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    from torch.utils.benchmark import Timer
 
     from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
 
-    ours = median_ms(lambda: conv3x3_wgrad(gy, x, d))
-    cudnn = median_ms(lambda: torch.ops.aten.convolution_backward(gy, x, w, None, [1] * 3, [d] * 3, [d] * 3, False,
-                                                                  [0] * 3, 1, [False, True, False]))
+    x, gy, w = _case(1, c_in, c_out, (size,) * 3, device="cuda")
+    w = w.to(x.dtype)
+    env = dict(conv3x3_wgrad=conv3x3_wgrad, gy=gy, x=x, w=w, d=d, torch=torch)
+    ours = Timer("conv3x3_wgrad(gy, x, d)", globals=env).blocked_autorange(min_run_time=0.2).median
+    cudnn = Timer("torch.ops.aten.convolution_backward(gy, x, w, None, [1] * 3, [d] * 3, [d] * 3, False, [0] * 3, 1, "
+                  "[False, True, False])", globals=env).blocked_autorange(min_run_time=0.2).median
     assert ours < 2 * cudnn, (ours, cudnn)

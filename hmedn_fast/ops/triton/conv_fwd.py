@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.triton.conv_wgrad import same_3x3_unsupported
+from hmedn_fast.ops.triton.conv_wgrad import same_3x3_geometry_unsupported, same_3x3_unsupported
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 
@@ -141,12 +141,10 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
 def input_grad_unsupported(grad: Tensor, weight: Tensor, input_shape, stride, padding, dilation,
                            groups: int) -> str | None:
     """Why :func:`conv3x3_input_grad` cannot give the input gradient of this convolution, or None."""
-    if grad.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
-        return "a 3D convolution with a 3x3x3 kernel"
-    if groups != 1 or tuple(stride) != (1, 1, 1):
-        return "groups 1 and stride 1"
-    dil = tuple(dilation)
-    if len(set(dil)) != 1 or tuple(padding) != dil or tuple(input_shape[2:]) != tuple(grad.shape[2:]):
+    reason = same_3x3_geometry_unsupported(grad, weight, stride, padding, dilation, groups)
+    if reason is not None:
+        return reason
+    if tuple(input_shape[2:]) != tuple(grad.shape[2:]):
         return "padding equal to one dilation for every axis ('same' output)"
     if grad.dtype not in (torch.bfloat16, torch.float16):
         return "a bf16 / fp16 gradient"

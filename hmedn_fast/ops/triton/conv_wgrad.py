@@ -112,10 +112,10 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, tiles_per_pro
 _KERNEL = FastLauncher(_wgrad_kernel)
 
 
-def same_3x3_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
-    """Why a convolution is not the shape the Triton convolution kernels serve (3D, 3x3x3 kernel, stride 1, one
-    dilation with padding = dilation, groups 1, 16 or 32 output channels), or None. Dtype and layout are each
-    kernel's own checks."""
+def same_3x3_geometry_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation,
+                                  groups: int) -> str | None:
+    """Why a convolution is not a 3D 3x3x3 "same" one (stride 1, one dilation with padding = dilation, groups 1),
+    or None."""
     if inp.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         return "a 3D convolution with a 3x3x3 kernel"
     if groups != 1 or tuple(stride) != (1, 1, 1):
@@ -123,9 +123,17 @@ def same_3x3_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation,
     d = tuple(dilation)
     if len(set(d)) != 1 or tuple(padding) != d:
         return "padding equal to one dilation for every axis ('same' output)"
-    if weight.shape[0] not in (16, 32):
-        return "16 or 32 output channels"
     return None
+
+
+def same_3x3_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
+    """Why a convolution is not the shape the automatic dispatch sends to the Triton convolution kernels (a "same"
+    3x3x3 one, :func:`same_3x3_geometry_unsupported`, with 16 or 32 output channels), or None. Dtype and layout are
+    each kernel's own checks."""
+    reason = same_3x3_geometry_unsupported(inp, weight, stride, padding, dilation, groups)
+    if reason is None and weight.shape[0] not in (16, 32):
+        return "16 or 32 output channels"
+    return reason
 
 
 def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:
@@ -180,4 +188,4 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
 
-__all__ = ["conv3x3_wgrad", "launch_config", "same_3x3_unsupported", "unsupported"]
+__all__ = ["conv3x3_wgrad", "launch_config", "same_3x3_geometry_unsupported", "same_3x3_unsupported", "unsupported"]
