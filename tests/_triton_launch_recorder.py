@@ -59,7 +59,7 @@ def workloads() -> None:
 
     cl = torch.channels_last_3d
     # every launch-configuration class of hmedn_3d_l2's convolutions (forward, weight and input gradient)
-    for c_in, c_out, d in [(16, 16, 1), (32, 16, 1), (48, 16, 1), (64, 16, 1), (144, 16, 1), (32, 32, 2), (160, 32, 1)]:
+    for c_in, c_out, d in [(16, 16, 1), (32, 16, 1), (48, 16, 1), (64, 16, 1), (80, 16, 1), (144, 16, 1), (32, 32, 2), (160, 32, 1)]:
         x = torch.randn(1, c_in, 3, 4, 5).bfloat16().contiguous(memory_format=cl)
         w = torch.randn(c_out, c_in, 3, 3, 3).bfloat16()
         y = conv_forward(x, w, (1,) * 3, (d,) * 3, (d,) * 3, 1, backend="triton")

@@ -131,7 +131,7 @@ def test_measured_choice_overrides_the_static_rule(monkeypatch, faster):
 @pytest.mark.interpreted
 def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
     """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last: the 16 and 48 channel layers
-    run the Triton forward; outputs and gradients match the eager float32 block to bf16 rounding."""
+    run the Triton forward, the three input gradients the same kernel; outputs and gradients match the eager float32 block to bf16 rounding."""
     from hmedn_fast.nn.blocks import DenseBlock
     from hmedn_fast.ops.triton import conv_fwd
 
@@ -147,8 +147,9 @@ def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
     xr, xl = x.clone().requires_grad_(), x.bfloat16().contiguous(memory_format=CL).requires_grad_()
     ref(xr).backward(gy)
     yl = lean(xl)
-    yl.backward(gy.bfloat16())
     assert calls == [16, 48]
+    yl.backward(gy.bfloat16())
+    assert calls[2:] == [16, 16, 16]  # the input gradients: the same kernel on each layer's 16-channel gradient
     torch.testing.assert_close(yl.float(), ref(xr).detach(), rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(xl.grad.float(), xr.grad, rtol=5e-2, atol=5e-2 * xr.grad.abs().max().item())
 

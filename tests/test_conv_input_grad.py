@@ -86,6 +86,61 @@ def test_triton_input_grad_falls_back_or_raises_when_forced(monkeypatch):
         conv_input_grad(gy.contiguous(), w, (1, 8, 4, 4, 4), [1] * 3, [1] * 3, [1] * 3, 1)
 
 
+def _count_kernel_calls(monkeypatch) -> list:
+    from hmedn_fast.ops.triton import conv_fwd
+
+    calls, real = [], conv_fwd.conv3x3_input_grad
+    monkeypatch.setattr(conv_fwd, "conv3x3_input_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("c_out, c_in, kernel", [(16, 48, True), (32, 32, True), (32, 160, False)])
+def test_automatic_input_grad_follows_the_static_rule(monkeypatch, c_out, c_in, kernel):
+    """Without timing, the kernel runs where prefers_triton_input_grad says (16 output channels, or 32 from at
+    most 32), for conv_input_grad and for conv_backward's input gradient; both equal the float64 gradient."""
+    from hmedn_fast.ops import measured
+    from hmedn_fast.ops.conv import conv_backward
+
+    measured.forget()
+    calls = _count_kernel_calls(monkeypatch)
+    gy, w = _triton_case(1, c_out, c_in, (3, 4, 5))
+    x = torch.randn(1, c_in, 3, 4, 5).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    want = torch.ops.aten.convolution_backward(gy.double(), x.double(), w.bfloat16().double(), None, [1] * 3,
+                                               [1] * 3, [1] * 3, False, [0] * 3, 1, [True, False, False])[0]
+    for got in (conv_input_grad(gy, w, x.shape, [1] * 3, [1] * 3, [1] * 3, 1),
+                conv_backward(gy, x, w, [1] * 3, [1] * 3, [1] * 3, 1, True, False)[0]):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert len(calls) == (2 if kernel else 0)
+
+
+@pytest.mark.interpreted
+def test_measured_input_grad_choice_overrides_the_static_rule(monkeypatch):
+    """Where timing is possible (faked: the transposed convolution faster) the 16 -> 48 input gradient, the kernel's
+    by the static rule, takes cuDNN's path; the choice is remembered (one timing per signature)."""
+    from hmedn_fast.ops import measured
+
+    measured.forget()
+    calls, timed = _count_kernel_calls(monkeypatch), []
+    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
+
+    def fake_time(run, reps):
+        before = len(calls)
+        run()
+        timed.append(len(calls) > before)
+        return 2.0 if len(calls) > before else 1.0
+
+    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    gy, w = _triton_case(1, 16, 48, (3, 4, 5))
+    args = ((1, 48, 3, 4, 5), [1] * 3, [1] * 3, [1] * 3, 1)
+    first = conv_input_grad(gy, w, *args)
+    assert sorted(timed) == [False, True] and len(calls) == 1  # the kernel ran once, while timed
+    assert torch.equal(first, conv_input_grad(gy, w, *args, backend="reference"))
+    conv_input_grad(gy, w, *args)
+    assert len(timed) == 2 and len(calls) == 1
+    measured.forget()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("c_out, c_in, size, d", [(16, 80, 48, 1), (16, 48, 37, 1), (32, 32, 40, 2), (16, 144, 24, 1)])
 def test_cuda_triton_input_grad_matches_float64(c_out, c_in, size, d):

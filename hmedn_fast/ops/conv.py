@@ -5,12 +5,14 @@ Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x
 16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"``
 (``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
 same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient
-(:func:`conv_input_grad`) is cuDNN's transposed convolution unless its Triton backend is forced.
+(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"triton"`` (the forward kernel on the flipped,
+channel-swapped weights, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
 
 Automatic choice where both can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the faster one measured on
 the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps,
-:func:`prefers_triton_forward` (H200) and :func:`prefers_triton` (H100). ``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` /
-``HMEDN_BACKEND_CONV_WGRAD`` / ``HMEDN_BACKEND_CONV_DGRAD`` (``HMEDN_BACKEND``) force one.
+:func:`prefers_triton_forward` (H200), :func:`prefers_triton` and :func:`prefers_triton_input_grad` (H100).
+``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` / ``HMEDN_BACKEND_CONV_WGRAD`` / ``HMEDN_BACKEND_CONV_DGRAD``
+(``HMEDN_BACKEND``) force one.
 """
 from __future__ import annotations
 
@@ -112,24 +114,33 @@ def conv_backward(
         weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
         stride, padding, dilation, groups: the convolution's.
         need_input, need_weight: which gradients to compute (None for the other).
-        backend: weight-gradient backend, None (automatic), ``"triton"`` or ``"reference"``.
+        backend: weight-gradient backend, None (automatic), ``"triton"`` or ``"reference"``. The input gradient's
+            backend is chosen as in :func:`conv_input_grad` (``HMEDN_BACKEND_CONV_DGRAD`` forces one).
     Returns:
         ``(grad_input, grad_weight)``: grad_input in inp's dtype, grad_weight in weight's dtype (the Triton
         kernel accumulates in float32 and rounds once to it; ATen's in grad's dtype first).
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
+    triton_input = need_input and _input_grad_backend(
+        grad, w, x.shape, _output_padding(grad, w, x.shape, stride, padding, dilation, groups), stride, padding,
+        dilation, groups, None) == "triton"
 
     def run(use_triton: bool) -> tuple[Tensor | None, Tensor | None]:
         gi = gw = None
-        if need_input or (need_weight and not use_triton):
+        aten_input, aten_weight = need_input and not triton_input, need_weight and not use_triton
+        if aten_input or aten_weight:
             gi, gw, _ = torch.ops.aten.convolution_backward(
                 grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
-                [need_input, need_weight and not use_triton, False])
+                [aten_input, aten_weight, False])
         if use_triton:
             from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
 
             gw = conv3x3_wgrad(grad, x, dilation[0])
+        if triton_input:
+            from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
+
+            gi = conv3x3_input_grad(grad, w, dilation[0])
         return gi, gw
 
     if not need_weight:
@@ -139,7 +150,7 @@ def conv_backward(
         first = "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference"
         if reason is None and automatic("conv_wgrad", backend):
             key = ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
-                   tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input)
+                   tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, triton_input)
             first = measured.choice(key, {"triton": lambda: run(True), "reference": lambda: run(False)}, first, (grad,))
         candidates = [("triton", lambda: reason), ("reference", lambda: None)]
         if first != "triton":
@@ -148,46 +159,81 @@ def conv_backward(
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 
-def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
-                    padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None) -> Tensor:
-    """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself: the transposed
-    convolution of ``grad`` (cuDNN's backward-data kernels), in grad's dtype and layout. Lets a caller free the
-    forward's input before this gradient is allocated (``aten.convolution_backward`` takes the input tensor even
-    when only the input gradient is asked for).
+def prefers_triton_input_grad(c_in: int, c_out: int) -> bool:
+    """Whether the Triton input gradient beat cuDNN's (``cudnn.benchmark``) in the H100 sweep
+    (``benchmarks/results/conv_dgrad_nvidia_h100_80gb_hbm3.json``, bf16 channels-last): 1.5-1.8x for 16 output
+    channels to 16-64 input channels at 128^3, 1.2-1.6x to 96 and 144 at 64^3, 1.1x for the dilated 32 -> 32;
+    cuDNN 2.8x faster for 32 -> 160 at 16^3 (the measured choice takes it where it wins)."""
+    return c_out == 16 or (c_out == 32 and c_in <= 32)
 
-    Args:
-        grad: (N, C_out, *out_spatial). weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
-        input_shape: (N, C_in, *spatial) of the forward's input.
-        stride, padding, dilation, groups: the convolution's.
-        backend: None (automatic: ``"reference"``), ``"reference"`` (``conv_transpose``) or ``"triton"``
-            (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_input_grad`: 3x3x3 "same" convolutions, stride 1,
-            bf16/fp16 channels-last gradients; only when forced, by this argument or ``HMEDN_BACKEND_CONV_DGRAD``,
-            until it is measured on a GPU).
-    """
-    fn = F.conv_transpose2d if weight.ndim == 4 else F.conv_transpose3d
-    k = weight.shape[2:]
+
+def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int], output_padding: Sequence[int],
+                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                        backend: str | None) -> str:
+    """``"triton"`` or ``"reference"`` for this input gradient: forced, measured (``cudnn.benchmark``), or the
+    static rule :func:`prefers_triton_input_grad`."""
+    reason = triton_unavailable(grad)
+    if reason is None:
+        from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad, input_grad_unsupported
+
+        reason = input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
+    first = "triton" if prefers_triton_input_grad(weight.shape[1], weight.shape[0]) else "reference"
+    if reason is None and automatic("conv_dgrad", backend):
+        key = ("conv_dgrad", grad.device, grad.dtype, tuple(grad.shape), grad.stride(), tuple(weight.shape),
+               tuple(dilation))
+        first = measured.choice(key, {"triton": lambda: conv3x3_input_grad(grad, weight, dilation[0]),
+                                      "reference": lambda: _transposed(grad, weight, output_padding, stride, padding,
+                                                                       dilation, groups)}, first, (grad,))
+    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
+    if first != "triton":
+        candidates.reverse()  # forcing "triton" still takes the kernel
+    return choose_backend("conv_dgrad", backend, candidates)
+
+
+def _output_padding(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int) -> list[int]:
+    """The transposed convolution's output padding that gives ``input_shape``; ValueError if none does."""
     natural = [(o - 1) * s - 2 * p + d * (kk - 1) + 1
-               for o, s, p, d, kk in zip(grad.shape[2:], stride, padding, dilation, k)]
+               for o, s, p, d, kk in zip(grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
     extra = [int(i) - n for i, n in zip(input_shape[2:], natural)]
     if (len(input_shape) != grad.ndim or any(not 0 <= e < max(s, d) for e, s, d in zip(extra, stride, dilation))
             or input_shape[1] != weight.shape[1] * groups):
         raise ValueError(f"input_shape {tuple(input_shape)} does not fit this convolution's output "
                          f"{tuple(grad.shape)} and weight {tuple(weight.shape)}")
+    return extra
 
-    def triton_unavailable_here() -> str | None:
-        reason = triton_unavailable(grad)
-        if reason is not None:
-            return reason
-        from hmedn_fast.ops.triton.conv_fwd import input_grad_unsupported
 
-        return input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
+def _transposed(grad: Tensor, weight: Tensor, output_padding: Sequence[int], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """The input gradient as the transposed convolution of ``grad`` (cuDNN's backward-data kernels)."""
+    fn = F.conv_transpose2d if weight.ndim == 4 else F.conv_transpose3d
+    return fn(grad, weight.to(grad.dtype), None, list(stride), list(padding), list(output_padding), groups,
+              list(dilation))
 
-    if choose_backend("conv_dgrad", backend, [("reference", lambda: None), ("triton", triton_unavailable_here)]) \
-            == "triton":
+
+def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None) -> Tensor:
+    """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself, in grad's dtype. Lets a
+    caller free the forward's input before this gradient is allocated (``aten.convolution_backward`` takes the
+    input tensor even when only the input gradient is asked for).
+
+    Args:
+        grad: (N, C_out, *out_spatial). weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
+        input_shape: (N, C_in, *spatial) of the forward's input.
+        stride, padding, dilation, groups: the convolution's.
+        backend: None (automatic), ``"reference"`` (the transposed convolution, cuDNN's backward-data kernels, in
+            grad's layout) or ``"triton"`` (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_input_grad`: 3x3x3
+            "same" convolutions, stride 1, bf16/fp16 channels-last gradients; channels-last output). Automatic:
+            the faster measured per signature while ``cudnn.benchmark`` is on, else
+            :func:`prefers_triton_input_grad` where the kernel can run.
+    """
+    extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
+    if _input_grad_backend(grad, weight, input_shape, extra, stride, padding, dilation, groups, backend) == "triton":
         from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
 
         return conv3x3_input_grad(grad, weight, dilation[0])
-    return fn(grad, weight.to(grad.dtype), None, list(stride), list(padding), extra, groups, list(dilation))
+    return _transposed(grad, weight, extra, stride, padding, dilation, groups)
 
 
-__all__ = ["conv_backward", "conv_forward", "conv_input_grad", "prefers_triton", "prefers_triton_forward"]
+__all__ = ["conv_backward", "conv_forward", "conv_input_grad", "prefers_triton", "prefers_triton_forward",
+           "prefers_triton_input_grad"]
