@@ -66,6 +66,17 @@ def test_default_must_be_a_runner():
 
 
 @pytest.mark.cuda
+def test_cuda_timer_counts_gpu_time_not_host_time():
+    """A call whose host side takes 0.3 ms (a sleep) around a ~us kernel times as the kernel: the GPU is held busy
+    while the host queues the timed calls."""
+    import time
+
+    x = torch.randn(1 << 10, device="cuda")
+    ms = measured._time_ms(lambda: time.sleep(3e-4) or x.add(1), 3)
+    assert 0 < ms < 0.3, ms
+
+
+@pytest.mark.cuda
 def test_cuda_timer_and_conditions(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     x = torch.randn(1 << 22, device="cuda")

@@ -10,7 +10,9 @@ CPU, while a CUDA graph is being captured or while ``torch.compile`` traces, a r
 is one, else the static rule.
 
 Timing runs each backend once to warm it up (Triton compilation, cuDNN's own algorithm search), then ``reps``
-times between two CUDA events: one host synchronisation per backend, on the first call of a signature only. A
+times between two CUDA events, the GPU held busy while the host queues them (GPU time, not the host's launch
+cost: small shapes would otherwise compare the two backends' host paths): one host synchronisation per backend, on the
+first call of a signature only. A
 backend running out of memory while timed (e.g. near a memory cap) leaves the static rule in charge for that call
 and the signature is timed again on its next call.
 """
@@ -30,10 +32,17 @@ def can_measure(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
+_HOLD_CYCLES = 4_000_000  # ~2 ms of GPU clock: longer than the host takes to queue the timed calls
+
+
 def _time_ms(run: Callable[[], object], reps: int) -> float:
-    """Milliseconds of ``reps`` back-to-back calls of ``run`` after one warm-up call (CUDA events)."""
+    """GPU milliseconds of ``reps`` back-to-back calls of ``run`` after one warm-up call (CUDA events). The GPU
+    is held busy (``torch.cuda._sleep``) while the host queues the calls, so the host's launch cost is not
+    counted: what a CUDA-graph replay (the trainer's lean + graph step) runs, and what ``cudnn.benchmark``
+    compares for cuDNN's own algorithms."""
     run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_HOLD_CYCLES)
     start.record()
     for _ in range(reps):
         run()
@@ -43,7 +52,7 @@ def _time_ms(run: Callable[[], object], reps: int) -> float:
 
 
 def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: str, tensors: tuple[torch.Tensor, ...],
-           reps: int = 3) -> str:
+           reps: int = 5) -> str:
     """The backend to use for the signature ``key``.
 
     Args:

@@ -123,7 +123,8 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
         inp: (N, C_in, D, H, W) bf16/fp16, channels-last contiguous (see :func:`unsupported`).
         weight: (C_out, C_in, 3, 3, 3) of inp's dtype (any strides). The automatic dispatch sends C_out 16 or 32
             here; other counts run in blocks of :func:`out_channel_block` output channels per program.
-        dilation: the convolution's dilation (= its padding).
+        dilation: the convolution's dilation (= its padding); negative: every tap's offset negated (the kernel
+            flipped, as the input gradient needs).
         block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
             channels per step (power of two >= 16), warps, pipelining stages, output channels per program (power
             of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s.
@@ -169,17 +170,19 @@ def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, **config) ->
 
         gx[u, ci] = sum_{tap, co} gy[u - s_tap, co] w[co, ci, tap],
 
-    the same "same" convolution of the output gradient with the kernel flipped and its channel axes swapped. The
-    shifted operand is the narrow gradient (the layer's C_out, 16 or 32 channels in hmedn_3d_l2) and the output's
-    C_in channels are the dots' N tile (blocks of up to 64).
+    the same "same" convolution of the output gradient with the channel axes swapped and every tap's offset
+    negated: the forward kernel with dilation ``-dilation`` (no flipped copy of the kernel). The shifted operand is
+    the narrow gradient (the layer's C_out, 16 or 32 channels in hmedn_3d_l2) and the output's C_in channels are
+    the dots' N tile (:func:`out_channel_block`).
 
     Args:
         grad: (N, C_out, D, H, W) bf16/fp16, channels-last contiguous. weight: (C_out, C_in, 3, 3, 3) (cast to
-            grad's dtype). dilation: the convolution's. config: launch options of :func:`conv3x3_forward`.
+            grad's dtype). dilation: the convolution's (positive). config: launch options of
+            :func:`conv3x3_forward`.
     Returns:
         (N, C_in, D, H, W) in grad's dtype, channels-last; float32 accumulation, one rounding.
     """
-    return conv3x3_forward(grad, weight.to(grad.dtype).flip(2, 3, 4).transpose(0, 1), dilation, **config)
+    return conv3x3_forward(grad, weight.to(grad.dtype).transpose(0, 1), -int(dilation), **config)
 
 
 __all__ = ["conv3x3_forward", "conv3x3_input_grad", "input_grad_unsupported", "launch_config", "out_channel_block",
