@@ -224,7 +224,8 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
     return dict(config=case, flops_fwd_bwd=flops, best_eager=best, rows=rows)
 
 
-GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl")  # also timed as CUDA-graph replays (no host launch cost)
+GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl", "ours_blocks_bf16_cl",  # also timed as CUDA-graph replays
+           "ours_lean_sum_bf16_cl")  # (no host launch cost)
 
 
 def graphed_row(module, cl: bool, x, gf, gl, iters: int, flops: int) -> dict:

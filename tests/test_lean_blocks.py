@@ -155,6 +155,36 @@ def test_auto_rule():
     assert path.resolve_checkpoint(x) == "lean"  # CPU: unlimited
 
 
+def test_blocks_backward_holds_few_fusion_gradients():
+    """In "blocks" the dense fusion's terms are added inside the block loop, so backward makes each feature's
+    fusion gradient just before that feature's block runs backward: the forward + backward peak of live tensors
+    is 39 % of eager's on this pathway (52 % when the fusion summed all features after the loop and backward held
+    every feature's gradient at once), and gradients are unchanged."""
+    from _live_bytes import LiveBytes
+
+    path = HRPathway(8, 8, 9, (2, 4), num_classes=4, spatial_dims=3).double()
+    x = torch.randn(1, 8, 16, 16, 16, dtype=torch.float64)
+    gf, gl = torch.randn_like(x), torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
+    peaks, grads = {}, {}
+    for mode in ("none", "blocks"):
+        path.checkpoint = mode
+        xr = x.clone().requires_grad_()
+        with LiveBytes() as live:
+            torch.autograd.backward(list(path(xr)), [gf, gl])
+        peaks[mode], grads[mode] = live.peak, xr.grad
+    assert peaks["blocks"] < 0.45 * peaks["none"], peaks
+    torch.testing.assert_close(grads["blocks"], grads["none"], rtol=1e-10, atol=1e-12)
+
+
+def test_dense_fusion_sum_checks_the_channels_added():
+    from hmedn_fast.nn.lean import DenseFusionSum
+
+    fusion = DenseFusionSum(nn.Conv2d(12, 5, 1))
+    fusion.add(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="4 channels, conv takes 12"):
+        fusion.result()
+
+
 def test_dense_fusion_sum_equals_concatenation():
     conv = nn.Conv3d(12, 5, 1, bias=True)
     feats = [torch.randn(2, 4, 3, 4, 5, dtype=torch.float64) for _ in range(3)]

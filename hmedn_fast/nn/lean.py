@@ -287,22 +287,43 @@ def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: T
                                                      eps, mask)
 
 
-def dense_fusion_sum(features: list[Tensor], conv: nn.Module) -> Tensor:
-    """A 1x1 convolution over ``torch.cat(features, 1)`` computed as the sum of per-input 1x1 convolutions
-    with the matching slices of ``conv.weight`` (no concatenation is materialised or saved for backward).
+class DenseFusionSum:
+    """A 1x1 convolution over the concatenation of features that arrive one at a time, as the running sum of
+    per-input 1x1 convolutions with the matching slices of ``conv.weight`` (no concatenation is materialised or
+    saved for backward).
+
+    Adding each term as soon as its feature exists (inside the pathway's block loop) also bounds the backward's
+    memory: autograd runs ready nodes newest first, so the gradient a term sends to its feature is made just
+    before the block that consumes that feature runs backward, instead of the fusion's backward making every
+    feature's gradient at once and holding them all while the blocks run backward.
 
     Args:
-        features: tensors (N, C_i, *spatial) with sum C_i = ``conv.in_channels``.
         conv: a 1x1 ``nn.Conv2d`` / ``nn.Conv3d`` (groups=1).
-
-    Returns:
-        (N, conv.out_channels, *spatial), equal to ``conv(torch.cat(features, 1))``.
     """
-    fn = F.conv2d if conv.weight.ndim == 4 else F.conv3d
-    out, start = None, 0
-    for i, f in enumerate(features):
-        w = conv.weight[:, start:start + f.shape[1]]
-        start += f.shape[1]
-        term = fn(f, w, conv.bias if i == 0 else None)
-        out = term if out is None else out + term
-    return out
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv, self.start, self.out = conv, 0, None
+
+    def add(self, feature: Tensor) -> None:
+        """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``."""
+        conv = self.conv
+        fn = F.conv2d if conv.weight.ndim == 4 else F.conv3d
+        w = conv.weight[:, self.start:self.start + feature.shape[1]]
+        term = fn(feature, w, conv.bias if self.start == 0 else None)
+        self.start += feature.shape[1]
+        self.out = term if self.out is None else self.out + term
+
+    def result(self) -> Tensor:
+        """(N, conv.out_channels, *spatial), equal to ``conv(torch.cat(features, 1))``."""
+        if self.out is None or self.start != self.conv.in_channels:
+            raise ValueError(f"the features added have {self.start} channels, conv takes {self.conv.in_channels}")
+        return self.out
+
+
+def dense_fusion_sum(features: list[Tensor], conv: nn.Module) -> Tensor:
+    """``conv(torch.cat(features, 1))`` for a 1x1 ``conv`` as a :class:`DenseFusionSum` of ``features``
+    (tensors (N, C_i, *spatial) with sum C_i = ``conv.in_channels``)."""
+    fusion = DenseFusionSum(conv)
+    for f in features:
+        fusion.add(f)
+    return fusion.result()

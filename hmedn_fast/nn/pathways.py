@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
-from .lean import dense_fusion_sum, norm_relu
+from .lean import DenseFusionSum, norm_relu
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
                      max_pool, upsample_to)
 from .layers import dropout as dropout_layer
@@ -37,7 +37,8 @@ class HRPathway(nn.Module):
         checkpoint: what the blocks keep for backward (:mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
             "lean" (block inputs + conv outputs; norm + ReLU recomputed), "blocks" (block inputs only; convs
             recomputed too) or "auto". In "blocks" the dense fusion is computed as a sum of per-input 1x1
-            convolutions (no concatenation kept); the other modes concatenate (one wide 1x1 convolution:
+            convolutions added inside the block loop (no concatenation kept, and backward holds one feature's
+            fusion gradient at a time: :class:`hmedn_fast.nn.lean.DenseFusionSum`); the other modes concatenate (one wide 1x1 convolution:
             faster, ``(num_blocks + 1) L`` channels kept; ``dense_sum`` forces either). Gradients are the
             same in every mode.
         memory_budget: bytes for "auto" (default: half the CUDA device's free memory at forward time;
@@ -111,15 +112,21 @@ class HRPathway(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mode = self.resolve_checkpoint(x)
         y = self.proj(x)
+        summed = self.fuse is not None and (self.dense_sum or (self.dense_sum is None and mode == "blocks"))
+        fusion = DenseFusionSum(self.fuse[0]) if summed else None
         outs = [y]
         for block in self.blocks:
+            if fusion is not None:
+                fusion.add(y)  # each term before the block that consumes its feature: see DenseFusionSum
             block.checkpoint = mode
             y = block(y)
-            outs.append(y)
-        if self.fuse is None:
+            if fusion is None:
+                outs.append(y)
+        if fusion is not None:
+            fusion.add(y)
+            feats = norm_relu(self.fuse[1], fusion.result())
+        elif self.fuse is None:
             feats = y
-        elif self.dense_sum or (self.dense_sum is None and mode == "blocks"):
-            feats = norm_relu(self.fuse[1], dense_fusion_sum(outs, self.fuse[0]))
         else:
             feats = self.fuse(torch.cat(outs, 1))
         return feats, (self.head(feats) if self.head is not None else None)
