@@ -8,8 +8,10 @@ Cases: ``3d_l2``: HR pathway of HMEDN-3D-L2 (9 blocks (2, 4), L=32, input 32 cha
 ``2d_l3``: HR pathway of HRDN-L3 (L=56 at 1/4 of 144x208 = 36x52, input 128 channels, batch 10).
 Implementations: eager fp32; eager bf16 autocast + channels-last; torch.compile of the latter; the latter with
 torch.utils.checkpoint per block; ours (``checkpoint="lean"`` / ``"blocks"`` / ``"auto"``, Triton norm + ReLU,
-bf16 + channels-last) and ours in fp32 (for the 1e-4 check); on CUDA also eager bf16 + channels-last and ours
-lean replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch cost). TFLOP/s = FLOPs of one eager fp32 step counted
+bf16 + channels-last; the dense fusion as an in-loop sum of 1x1 convs, and ``ours_lean_cat`` with one 1x1 conv
+over the concatenation) and ours in fp32 (for the 1e-4 check); on CUDA also eager bf16 + channels-last and ours
+lean / blocks / lean_cat replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch
+cost). TFLOP/s = FLOPs of one eager fp32 step counted
 by ``torch.utils.flop_counter`` / time (recomputation is not counted: "useful" FLOP/s).
 Writes ``blocks_<card>.json`` into ``--out`` and prints tables. ``--smoke`` runs tiny shapes (CPU allowed).
 """
@@ -90,9 +92,9 @@ def implementations(case: dict, device: str, with_compile: bool) -> dict:
              "ours_lean_bf16_cl": (build(case, device, "lean"), True),
              "ours_blocks_bf16_cl": (build(case, device, "blocks"), True),
              "ours_auto_bf16_cl": (build(case, device, "auto"), True)}
-    summed = build(case, device, "lean")
-    summed.dense_sum = True  # item 2: the same lean pathway with the fusion as a sum of per-input 1x1 convs
-    impls["ours_lean_sum_bf16_cl"] = (summed, True)
+    concatenated = build(case, device, "lean")
+    concatenated.dense_sum = False  # item 2: lean with the fusion as one 1x1 conv over the concatenation
+    impls["ours_lean_cat_bf16_cl"] = (concatenated, True)
     if with_compile:
         impls["compile_bf16_cl"] = (torch.compile(build(case, device)), True)
     fmt = torch.channels_last if case["spatial_dims"] == 2 else torch.channels_last_3d
@@ -225,7 +227,7 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
 
 
 GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl", "ours_blocks_bf16_cl",  # also timed as CUDA-graph replays
-           "ours_lean_sum_bf16_cl")  # (no host launch cost)
+           "ours_lean_cat_bf16_cl")  # (no host launch cost)
 
 
 def graphed_row(module, cl: bool, x, gf, gl, iters: int, flops: int) -> dict:

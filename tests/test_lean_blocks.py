@@ -133,11 +133,13 @@ def test_lean_modes_keep_less_for_backward():
         path.checkpoint = mode
         kept[mode] = _saved_bytes(path, x)
     full = 8 * 24 * 24 * 4  # one (1, L, H, W) float32 tensor
-    # per block eager keeps conv1 out, ReLU out, conv2 out, block out; lean drops the ReLU out, blocks also
-    # both conv outputs (block outputs stay: the dense fusion needs them) and the 5-tensor concatenation of
-    # the dense fusion (a sum of per-input 1x1 convs in "blocks")
-    assert kept["none"] - kept["lean"] >= 4 * full
-    assert kept["lean"] - kept["blocks"] >= (2 * 4 + 5) * full
+    # per block eager keeps conv1 out, ReLU out, conv2 out, block out; lean drops the ReLU out and the 5-tensor
+    # concatenation of the dense fusion (a sum of per-input 1x1 convs in "lean" and "blocks"), blocks also both
+    # conv outputs (block outputs stay: the dense fusion needs them)
+    assert kept["none"] - kept["lean"] >= (4 + 5) * full
+    assert kept["lean"] - kept["blocks"] >= 2 * 4 * full
+    path.checkpoint, path.dense_sum = "lean", False  # forced concatenation: kept again
+    assert _saved_bytes(path, x) - kept["lean"] >= 5 * full
 
 
 def test_auto_rule():

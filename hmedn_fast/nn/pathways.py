@@ -36,11 +36,11 @@ class HRPathway(nn.Module):
         dense: use the dense fusion (True) or return the last block (False).
         checkpoint: what the blocks keep for backward (:mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
             "lean" (block inputs + conv outputs; norm + ReLU recomputed), "blocks" (block inputs only; convs
-            recomputed too) or "auto". In "blocks" the dense fusion is computed as a sum of per-input 1x1
-            convolutions added inside the block loop (no concatenation kept, and backward holds one feature's
-            fusion gradient at a time: :class:`hmedn_fast.nn.lean.DenseFusionSum`); the other modes concatenate (one wide 1x1 convolution:
-            faster, ``(num_blocks + 1) L`` channels kept; ``dense_sum`` forces either). Gradients are the
-            same in every mode.
+            recomputed too) or "auto". In "lean" and "blocks" the dense fusion is computed as a sum of
+            per-input 1x1 convolutions added inside the block loop (no concatenation kept, and backward holds one
+            feature's fusion gradient at a time: :class:`hmedn_fast.nn.lean.DenseFusionSum`); "none"
+            concatenates (one wide 1x1 convolution, ``(num_blocks + 1) L`` channels kept). ``dense_sum`` forces
+            either. Gradients are the same in every mode.
         memory_budget: bytes for "auto" (default: half the CUDA device's free memory at forward time;
             unlimited on CPU). Rule: "lean" when its kept activations, about ``(3 * num_blocks + 4) * N * L *
             prod(spatial)`` elements of the compute dtype, fit in the budget, else "blocks"; "none" when
@@ -74,7 +74,7 @@ class HRPathway(nn.Module):
                                           or memory_budget < 0):
             raise ValueError(f"memory_budget must be a non-negative int (bytes) or None, got {memory_budget!r}")
         self.memory_budget = memory_budget
-        self.dense_sum: bool | None = None  # None: sum of 1x1 convs in "blocks"; True/False force it
+        self.dense_sum: bool | None = None  # None: sum of 1x1 convs in "lean" / "blocks"; True/False force it
 
     @property
     def checkpoint(self) -> str:
@@ -112,7 +112,7 @@ class HRPathway(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mode = self.resolve_checkpoint(x)
         y = self.proj(x)
-        summed = self.fuse is not None and (self.dense_sum or (self.dense_sum is None and mode == "blocks"))
+        summed = self.fuse is not None and (mode != "none" if self.dense_sum is None else self.dense_sum)
         fusion = DenseFusionSum(self.fuse[0]) if summed else None
         outs = [y]
         for block in self.blocks:
