@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _fake_measure import count_calls, fake_timing
 from _rounding import assert_rounded_once
 from hmedn_fast.ops.conv import conv_forward
 
@@ -82,9 +83,7 @@ def test_unsupported_convolutions_fall_back_or_raise_when_forced(change, reason)
 def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, triton):
     from hmedn_fast.ops.triton import conv_fwd
 
-    calls = []
-    real = conv_fwd.conv3x3_forward
-    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, conv_fwd, "conv3x3_forward")
     x, w = _case(1, c_in, 16, (3, 4, 5))
     conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1)
     assert calls == ([1] if triton else [])
@@ -99,19 +98,8 @@ def test_measured_choice_overrides_the_static_rule(monkeypatch, faster):
     from hmedn_fast.ops.triton import conv_fwd
 
     measured.forget()
-    calls, timed = [], []
-    real = conv_fwd.conv3x3_forward
-    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda *a, **k: calls.append("triton") or real(*a, **k))
-    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
-
-    def fake_time(run, reps):
-        before = len(calls)
-        run()
-        name = "triton" if len(calls) > before else "reference"
-        timed.append(name)
-        return 1.0 if name == faster else 2.0
-
-    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    calls = count_calls(monkeypatch, conv_fwd, "conv3x3_forward")
+    timed = fake_timing(monkeypatch, calls, faster)
     x, w = _case(1, 32, 16, (3, 4, 5))
     args = ((1, 1, 1), (1,) * 3, (1,) * 3, 1)
     chosen = [1] if faster == "triton" else []
@@ -131,7 +119,8 @@ def test_measured_choice_overrides_the_static_rule(monkeypatch, faster):
 @pytest.mark.interpreted
 def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
     """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last: the 16 and 48 channel layers
-    run the Triton forward, the three input gradients the same kernel; outputs and gradients match the eager float32 block to bf16 rounding."""
+    run the Triton forward, the three input gradients the same kernel; outputs and gradients match the eager
+    float32 block to bf16 rounding."""
     from hmedn_fast.nn.blocks import DenseBlock
     from hmedn_fast.ops.triton import conv_fwd
 

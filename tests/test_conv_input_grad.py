@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _fake_measure import count_calls, fake_timing
 from _rounding import assert_rounded_once
 from hmedn_fast.ops.conv import conv_input_grad
 
@@ -89,9 +90,7 @@ def test_triton_input_grad_falls_back_or_raises_when_forced(monkeypatch):
 def _count_kernel_calls(monkeypatch) -> list:
     from hmedn_fast.ops.triton import conv_fwd
 
-    calls, real = [], conv_fwd.conv3x3_input_grad
-    monkeypatch.setattr(conv_fwd, "conv3x3_input_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    return count_calls(monkeypatch, conv_fwd, "conv3x3_input_grad")
 
 
 @pytest.mark.interpreted
@@ -121,20 +120,12 @@ def test_measured_input_grad_choice_overrides_the_static_rule(monkeypatch):
     from hmedn_fast.ops import measured
 
     measured.forget()
-    calls, timed = _count_kernel_calls(monkeypatch), []
-    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
-
-    def fake_time(run, reps):
-        before = len(calls)
-        run()
-        timed.append(len(calls) > before)
-        return 2.0 if len(calls) > before else 1.0
-
-    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    calls = _count_kernel_calls(monkeypatch)
+    timed = fake_timing(monkeypatch, calls, "reference")
     gy, w = _triton_case(1, 16, 48, (3, 4, 5))
     args = ((1, 48, 3, 4, 5), [1] * 3, [1] * 3, [1] * 3, 1)
     first = conv_input_grad(gy, w, *args)
-    assert sorted(timed) == [False, True] and len(calls) == 1  # the kernel ran once, while timed
+    assert sorted(timed) == ["reference", "triton"] and len(calls) == 1  # the kernel ran once, while timed
     assert torch.equal(first, conv_input_grad(gy, w, *args, backend="reference"))
     conv_input_grad(gy, w, *args)
     assert len(timed) == 2 and len(calls) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _fake_measure import count_calls, fake_timing
 from _gpu_time import graph_ms
 
 from hmedn_fast.ops.conv import conv_backward
@@ -91,9 +92,7 @@ def test_automatic_choice_follows_the_measured_speed(monkeypatch, c_in, c_out, t
     still takes the kernel."""
     from hmedn_fast.ops.triton import conv_wgrad
 
-    calls = []
-    real = conv_wgrad.conv3x3_wgrad
-    monkeypatch.setattr(conv_wgrad, "conv3x3_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, conv_wgrad, "conv3x3_wgrad")
     x, gy, w = _case(1, c_in, c_out, (3, 4, 3))
     conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, False, True)
     assert calls == ([1] if triton else [])
@@ -111,21 +110,11 @@ def test_measured_choice_overrides_the_static_rule(monkeypatch, need_input):
 
     measured.forget()
     monkeypatch.setenv("HMEDN_BACKEND_CONV_DGRAD", "reference")  # the input gradient's own choice is not timed here
-    calls, timed = [], []
-    real = conv_wgrad.conv3x3_wgrad
-    monkeypatch.setattr(conv_wgrad, "conv3x3_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(measured, "can_measure", lambda *t: True)
-
-    def fake_time(run, reps):
-        before = len(calls)
-        run()
-        timed.append(len(calls) > before)
-        return 1.0 if len(calls) > before else 2.0
-
-    monkeypatch.setattr(measured, "_time_ms", fake_time)
+    calls = count_calls(monkeypatch, conv_wgrad, "conv3x3_wgrad")
+    timed = fake_timing(monkeypatch, calls, "triton")
     x, gy, w = _case(1, 16, 16, (3, 4, 3))
     gi, gw = conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, need_input, True)
-    assert sorted(timed) == [False, True] and len(calls) == 2  # one timed call of the kernel, then the chosen one
+    assert sorted(timed) == ["reference", "triton"] and len(calls) == 2  # the kernel timed once, then chosen
     want_gi, want_gw = _float64_grads(gy, x, w, 1)
     torch.testing.assert_close(gw.double(), want_gw, rtol=1e-2, atol=1e-2 * want_gw.abs().max().item())
     assert (gi is not None) == need_input

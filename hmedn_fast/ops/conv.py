@@ -5,8 +5,8 @@ Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x
 16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"``
 (``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
 same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient
-(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"triton"`` (the forward kernel on the flipped,
-channel-swapped weights, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
+(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"triton"`` (the forward kernel on the
+channel-swapped weights with its tap offsets negated, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
 
 Automatic choice where both can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the faster one measured on
 the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps,
@@ -16,7 +16,7 @@ the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the sta
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -33,6 +33,20 @@ def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, paddi
     from hmedn_fast.ops.triton.conv_wgrad import unsupported
 
     return unsupported(grad, inp, weight, stride, padding, dilation, groups)
+
+
+def _choose(op: str, backend: str | None, reason: str | None, prefer_triton: bool,
+            signature: Callable[[], Hashable], runners: Mapping[str, Callable[[], object]], tensor: Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for one call of ``op``: forced (``backend=`` / ``HMEDN_BACKEND_<OP>``), else
+    where the kernel can run (``reason`` None) the faster one measured per ``signature()`` (:mod:`measured`),
+    else the static rule ``prefer_triton``. Forcing ``"triton"`` where it cannot run raises (choose_backend)."""
+    first = "triton" if prefer_triton else "reference"
+    if reason is None and automatic(op, backend):
+        first = measured.choice(signature(), runners, first, (tensor,))
+    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
+    if first != "triton":
+        candidates.reverse()
+    return choose_backend(op, backend, candidates)
 
 
 def prefers_triton(c_in: int, c_out: int) -> bool:
@@ -89,16 +103,12 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         autocast_cast = cast if cast and torch.is_autocast_enabled(dev) else (x, weight)  # what autocast would pass
         return fn(*autocast_cast, None, stride, padding, dilation, groups)
 
-    reason = triton_unavailable_here()
-    first = "triton" if weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]) else "reference"
-    if reason is None and automatic("conv_fwd", backend):
-        key = ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
-               tuple(padding), tuple(dilation), groups)
-        first = measured.choice(key, {n: (lambda n=n: run(n)) for n in ("triton", "reference")}, first, (x,))
-    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
-    if first != "triton":
-        candidates.reverse()
-    return run(choose_backend("conv_fwd", backend, candidates))
+    return run(_choose(
+        "conv_fwd", backend, triton_unavailable_here(),
+        weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]),
+        lambda: ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
+                 tuple(padding), tuple(dilation), groups),
+        {"triton": lambda: run("triton"), "reference": lambda: run("reference")}, x))
 
 
 def conv_backward(
@@ -122,9 +132,8 @@ def conv_backward(
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
-    triton_input = need_input and _input_grad_backend(
-        grad, w, x.shape, _output_padding(grad, w, x.shape, stride, padding, dilation, groups), stride, padding,
-        dilation, groups, None) == "triton"
+    triton_input = need_input and _input_grad_backend(grad, w, x.shape, stride, padding, dilation, groups,
+                                                      None) == "triton"
 
     def run(use_triton: bool) -> tuple[Tensor | None, Tensor | None]:
         gi = gw = None
@@ -146,16 +155,13 @@ def conv_backward(
     if not need_weight:
         gi, gw = run(False)
     else:
-        reason = _triton_unavailable(grad, x, w, stride, padding, dilation, groups)
-        first = "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference"
-        if reason is None and automatic("conv_wgrad", backend):
-            key = ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
-                   tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, triton_input)
-            first = measured.choice(key, {"triton": lambda: run(True), "reference": lambda: run(False)}, first, (grad,))
-        candidates = [("triton", lambda: reason), ("reference", lambda: None)]
-        if first != "triton":
-            candidates.reverse()  # forcing "triton" still takes the kernel
-        gi, gw = run(choose_backend("conv_wgrad", backend, candidates) == "triton")
+        chosen = _choose(
+            "conv_wgrad", backend, _triton_unavailable(grad, x, w, stride, padding, dilation, groups),
+            prefers_triton(w.shape[1], w.shape[0]),
+            lambda: ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
+                     tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, triton_input),
+            {"triton": lambda: run(True), "reference": lambda: run(False)}, grad)
+        gi, gw = run(chosen == "triton")
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 
@@ -167,9 +173,8 @@ def prefers_triton_input_grad(c_in: int, c_out: int) -> bool:
     return c_out == 16 or (c_out == 32 and c_in <= 32)
 
 
-def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int], output_padding: Sequence[int],
-                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                        backend: str | None) -> str:
+def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None) -> str:
     """``"triton"`` or ``"reference"`` for this input gradient: forced, measured (``cudnn.benchmark``), or the
     static rule :func:`prefers_triton_input_grad`."""
     reason = triton_unavailable(grad)
@@ -177,17 +182,13 @@ def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int]
         from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad, input_grad_unsupported
 
         reason = input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
-    first = "triton" if prefers_triton_input_grad(weight.shape[1], weight.shape[0]) else "reference"
-    if reason is None and automatic("conv_dgrad", backend):
-        key = ("conv_dgrad", grad.device, grad.dtype, tuple(grad.shape), grad.stride(), tuple(weight.shape),
-               tuple(dilation))
-        first = measured.choice(key, {"triton": lambda: conv3x3_input_grad(grad, weight, dilation[0]),
-                                      "reference": lambda: _transposed(grad, weight, output_padding, stride, padding,
-                                                                       dilation, groups)}, first, (grad,))
-    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
-    if first != "triton":
-        candidates.reverse()  # forcing "triton" still takes the kernel
-    return choose_backend("conv_dgrad", backend, candidates)
+    no_padding = [0] * (grad.ndim - 2)  # timed only for the kernel's "same" geometry: no output padding
+    return _choose(
+        "conv_dgrad", backend, reason, prefers_triton_input_grad(weight.shape[1], weight.shape[0]),
+        lambda: ("conv_dgrad", grad.device, grad.dtype, tuple(grad.shape), grad.stride(), tuple(weight.shape),
+                 tuple(dilation)),
+        {"triton": lambda: conv3x3_input_grad(grad, weight, dilation[0]),
+         "reference": lambda: _transposed(grad, weight, no_padding, stride, padding, dilation, groups)}, grad)
 
 
 def _output_padding(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
@@ -228,7 +229,7 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
             :func:`prefers_triton_input_grad` where the kernel can run.
     """
     extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
-    if _input_grad_backend(grad, weight, input_shape, extra, stride, padding, dilation, groups, backend) == "triton":
+    if _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend) == "triton":
         from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
 
         return conv3x3_input_grad(grad, weight, dilation[0])

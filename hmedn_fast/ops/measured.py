@@ -11,10 +11,9 @@ is one, else the static rule.
 
 Timing runs each backend once to warm it up (Triton compilation, cuDNN's own algorithm search), then ``reps``
 times between two CUDA events, the GPU held busy while the host queues them (GPU time, not the host's launch
-cost: small shapes would otherwise compare the two backends' host paths): one host synchronisation per backend, on the
-first call of a signature only. A
-backend running out of memory while timed (e.g. near a memory cap) leaves the static rule in charge for that call
-and the signature is timed again on its next call.
+cost: small shapes would otherwise compare the two backends' host paths): one host synchronisation per backend,
+on the first call of a signature only. A backend running out of memory while timed (e.g. near a memory cap)
+leaves the static rule in charge for that call and the signature is timed again on its next call.
 """
 from __future__ import annotations
 
