@@ -3,6 +3,8 @@ errors on the CPU; on a GPU, replayed steps equal eager steps, new input shapes 
 non-finite step inside a replay is skipped on the device."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,19 @@ def test_cuda_graph_trainer_steps_equal_eager_steps(tmp_path):
     assert trainer.train_step(*batches[1]) is not None
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.net.parameters()))
     assert trainer.step_fn.captures == 1
+
+
+@pytest.mark.cuda
+def test_trainer_defaults_to_lean_steps_replayed_from_a_cuda_graph(tmp_path):
+    """Without checkpointing / cuda_graph options a CUDA trainer takes the fast path (lean blocks, the step
+    replayed from a CUDA graph) and trains; with a memory budget the steps stay eager (planned level)."""
+    trainer = Trainer(TrainConfig(
+        data="phantom", out=str(tmp_path / "auto"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
+        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False))
+    assert trainer.cuda_graph is True and trainer.checkpoint_level == "lean"
+    assert isinstance(trainer.step_fn, GraphedStep)
+    trainer.fit()
+    assert trainer.step_fn.captures == 1
+    row = trainer.history[-1]
+    assert row["cuda_graph"] is True and row["checkpointing"] == "lean" and math.isfinite(row["train_loss"])

@@ -149,7 +149,7 @@ def test_blocks_level_keeps_lean_dense_blocks_and_checkpoints_the_others(norm, l
 def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
     cfg = TrainConfig(data="phantom", out=str(tmp_path), model="hmedn_2d", phantom_cases=3, phantom_size=32,
                       overrides=dict(widths=(8, 8, 16, 16), growth_rates=4, num_layers=2, hr_stage=2, hr_channels=8,
-                                     hr_blocks=2), epochs=1, steps_per_epoch=1, progress=False)
+                                     hr_blocks=2), epochs=1, steps_per_epoch=1, progress=False, device="cpu")
     trainer = Trainer(cfg)
     real_forward, calls = trainer.net.forward, []
 

@@ -206,6 +206,45 @@ def test_cuda_graph_needs_a_cuda_device(tmp_path):
         Trainer(_config(tmp_path, cuda_graph=True, device="cpu"))
 
 
+def test_cuda_graph_option_must_be_bool_or_none(tmp_path):
+    with pytest.raises(TypeError, match="cuda_graph must be True, False or None"):
+        _config(tmp_path, cuda_graph="yes")
+
+
+@pytest.mark.parametrize("kw, precision, world, expected", [
+    ({}, "bf16", 1, True), ({}, "fp32", 1, True), ({}, "fp16", 1, False), ({}, "bf16", 2, False),
+    ({"compile": True}, "bf16", 1, False), ({"memory_budget": "8GiB"}, "bf16", 1, False),
+    ({"cuda_graph": False}, "bf16", 1, False), ({"cuda_graph": True}, "fp32", 1, True)])
+def test_cuda_graph_is_on_by_default_where_it_can_run(tmp_path, kw, precision, world, expected):
+    """The trainer's automatic choice (cuda_graph=None) on a CUDA device: on for one process with fp32 / bf16, no
+    compile, no memory budget; an explicit option wins. Never on the CPU."""
+    from hmedn_fast.train.trainer import automatic_cuda_graph, default_checkpointing
+    cfg = _config(tmp_path, **kw)
+    assert automatic_cuda_graph(cfg, torch.device("cuda", 0), world, precision) is expected
+    if cfg.cuda_graph is None:
+        assert automatic_cuda_graph(cfg, torch.device("cpu"), 1, "fp32") is False
+    assert default_checkpointing(torch.device("cuda", 0)) == "lean"
+    assert default_checkpointing(torch.device("cpu")) == "none"
+
+
+def test_cpu_trainer_defaults_and_the_cli_flag(tmp_path):
+    """On the CPU the defaults resolve to eager steps without checkpointing, and the epoch log says so;
+    ``--cuda-graph`` / ``--no-cuda-graph`` / nothing parse to True / False / None (automatic)."""
+    trainer = Trainer(_config(tmp_path, device="cpu", val_every=5))
+    assert trainer.cuda_graph is False and trainer.checkpoint_level == "none"
+    assert trainer.step_fn == trainer._step_tensors
+    trainer.fit()
+    row = json.loads((tmp_path / "run" / "log.json").read_text())["history"][-1]
+    assert row["checkpointing"] == "none" and row["cuda_graph"] is False
+    import argparse
+    from hmedn_fast.train.cli import configure
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args([]).cuda_graph is None
+    assert parser.parse_args(["--cuda-graph"]).cuda_graph is True
+    assert parser.parse_args(["--no-cuda-graph"]).cuda_graph is False
+
+
 def test_configuration_that_does_not_fit_the_data(tmp_path):
     _write_png(tmp_path / "png")
     with pytest.raises(ValueError, match="3D but the data"):

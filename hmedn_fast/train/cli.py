@@ -35,6 +35,10 @@ _HELP = {
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "cuda_graph": "capture the training step in a CUDA graph and replay it (CUDA, one process, fp32/bf16)",
     "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
+}
+_AUTO = {  # what a None default means
+    "cuda_graph": "auto: on for one process on CUDA with fp32/bf16, no --compile and no --memory-budget",
+    "checkpointing": "auto: planned with --memory-budget, else lean on CUDA and none on the CPU",
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",
     "resume": "continue from OUT/last.pt exactly",
@@ -75,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kw: dict[str, Any] = {"dest": f.name, "help": _HELP.get(f.name, f.name.replace("_", " "))}
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.name == "cuda_graph":
             kw.update(action=argparse.BooleanOptionalAction, default=default)
         elif f.name in ("patch_size", "betas"):
             kw.update(nargs="+", type=float if f.name == "betas" else int, default=default)
@@ -87,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             kw.update(type=_optional_number(float), default=default)
         else:
             kw.update(type=str, default=default)
-        kw["help"] += f" (default: {default})"
+        kw["help"] += f" (default: {_AUTO.get(f.name, default) if default is None else default})"
         parser.add_argument(flag, **kw)
 
 

@@ -103,10 +103,15 @@ class TrainConfig:
             sets ``torch.backends.cudnn.benchmark`` for the process).
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
             after two eager steps and replay it (:class:`hmedn_fast.train.graphed.GraphedStep`): no per-kernel
-            launch cost on the host. One process, fp32/bf16, no ``compile``; the step's peak memory stays reserved.
+            launch cost on the host; the step's peak memory stays reserved. ``None`` (default): on wherever it can
+            run, i.e. one process on a CUDA device, precision fp32 / bf16, no ``compile`` and no ``memory_budget``
+            (whose trial steps and out-of-memory retries run eagerly); ``True`` forces it (ValueError where it cannot
+            run), ``False`` keeps eager steps.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
-            (``"none"``/``"lean"``/``"blocks"``; default ``"none"`` without a budget).
+            (``"none"``/``"lean"``/``"blocks"``); default without a budget: ``"lean"`` on CUDA (the Triton lean
+            blocks: less memory than ``"none"``, and with the CUDA graph the fastest step measured, see
+            ``benchmarks/results/train_*.json``), ``"none"`` on the CPU.
         phantom_cases, phantom_size: phantom source options.
         progress: tqdm progress bars. ``threads``: torch CPU threads (None: torch's default).
         resume: continue from ``out/last.pt``.
@@ -144,7 +149,7 @@ class TrainConfig:
     memory_format: str = "auto"
     compile: bool = False
     cudnn_benchmark: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     memory_budget: str | None = None
     checkpointing: str | None = None
     phantom_cases: int = 24
@@ -197,6 +202,8 @@ class TrainConfig:
             raise ValueError(f"foreground_prob must be in [0, 1], got {self.foreground_prob!r}")
         if self.checkpointing is not None and self.checkpointing not in memory.LEVELS:
             raise ValueError(f"checkpointing must be one of {memory.LEVELS} or None, got {self.checkpointing!r}")
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True, False or None (automatic), got {self.cuda_graph!r}")
         if self.cuda_graph and self.compile:
             raise ValueError("cuda_graph and compile exclude each other (torch.compile has its own CUDA graphs: "
                              "mode='reduce-overhead')")
@@ -213,6 +220,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def automatic_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, precision: str) -> bool:
+    """``cfg.cuda_graph`` resolved: the option when given, else whether the step can replay a CUDA graph here
+    (one process on a CUDA device, ``precision`` (resolved) fp32 / bf16, no ``compile``, no ``memory_budget``)."""
+    if cfg.cuda_graph is not None:
+        return cfg.cuda_graph
+    return (device.type == "cuda" and world_size == 1 and precision != "fp16" and not cfg.compile
+            and cfg.memory_budget is None)
+
+
+def default_checkpointing(device: torch.device) -> str:
+    """The checkpointing level without a ``checkpointing`` option or memory budget: ``"lean"`` on CUDA (the
+    Triton lean blocks), ``"none"`` elsewhere."""
+    return "lean" if device.type == "cuda" else "none"
 
 
 def _lr_lambda(schedule: str, total: int):
@@ -233,7 +255,8 @@ class Trainer:
     Attributes (after construction): ``model`` (DDP-wrapped when distributed; the bare model is
     ``self.net``), ``optimizer``, ``scheduler``, ``scaler``, ``loss_fn``, ``train_items`` / ``val_volumes``,
     ``patch_size``, ``batch_size``, ``num_classes``, ``spatial_dims``, ``history`` (epoch rows),
-    ``memory_plan`` (a :class:`~hmedn_fast.train.memory.MemoryPlan` or None), ``checkpoint_level``.
+    ``memory_plan`` (a :class:`~hmedn_fast.train.memory.MemoryPlan` or None), ``checkpoint_level``,
+    ``cuda_graph`` (whether steps replay a CUDA graph: the option, resolved).
     """
 
     def __init__(self, config: TrainConfig, ctx: DistContext | None = None) -> None:
@@ -287,10 +310,11 @@ class Trainer:
         if cfg.cuda_graph and (self.device.type != "cuda" or self.ctx.world_size > 1):
             raise ValueError(f"cuda_graph needs one process on a CUDA device, got device {self.device} and "
                              f"{self.ctx.world_size} process(es)")
+        self.cuda_graph = automatic_cuda_graph(cfg, self.device, self.ctx.world_size, self.precision)
         self.loss_fn = HMEDNLoss(self.num_classes, aux_weights=cfg.aux_weight, check_values=False).to(self.device)
 
         self.memory_plan = resume_record.get("memory_plan") if resume_record else None
-        self.checkpoint_level = cfg.checkpointing or "none"
+        self.checkpoint_level = cfg.checkpointing or default_checkpointing(self.device)
         if resume_record:
             self.checkpoint_level = resume_record["checkpoint_level"]
             self.patch_size, self.batch_size = tuple(resume_record["patch_size"]), resume_record["batch_size"]
@@ -309,7 +333,7 @@ class Trainer:
 
         # fused: its update skips itself on the device when found_inf is set (non-finite steps need no host sync)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self._lr(cfg.lr), betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay, fused=True, capturable=cfg.cuda_graph)
+                                           weight_decay=cfg.weight_decay, fused=True, capturable=self.cuda_graph)
         total = cfg.epochs * cfg.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.schedule, total))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -323,7 +347,7 @@ class Trainer:
         self.position: dict[str, Any] = {"epoch": 0, "step": 0, "sums": {}, "count": 0, "time": 0.0}
         if resume_record:
             self._restore(resume_record)
-        self.step_fn = GraphedStep(self._step_tensors) if cfg.cuda_graph else self._step_tensors
+        self.step_fn = GraphedStep(self._step_tensors) if self.cuda_graph else self._step_tensors
         self._part_names: list[str] = []  # the loss parts' names, in the order _step_tensors returns them
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -521,7 +545,8 @@ class Trainer:
         epoch = pos["epoch"]
         row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * cfg.steps_per_epoch,
                                "lr": self._host_lr(), "skipped_steps": self.nonfinite,
-                               "checkpointing": self.checkpoint_level, "time_s": round(pos["time"], 3)}
+                               "checkpointing": self.checkpoint_level, "cuda_graph": self.cuda_graph,
+                               "time_s": round(pos["time"], 3)}
         row.update({f"train_{k}": v / max(pos["count"], 1) for k, v in pos["sums"].items()})
         improved = False
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
