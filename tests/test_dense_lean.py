@@ -164,6 +164,70 @@ def test_lean_dense_block_triton_engine_frozen_convolutions(monkeypatch):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
 
 
+def _grads_with(block, x, w, o, mode):
+    """Input (and other-path) gradients of one of the graphs around the block used by the reuse tests."""
+    xi, other = x.clone().requires_grad_(), o.clone().requires_grad_()
+    if mode == "private":  # a multiply after the block: its gradient is fresh and private
+        (block(xi) * w).sum().backward()
+    elif mode == "other_path_pending":  # add hands one gradient to both paths; the other path runs backward later
+        s = other.sin()
+        (s + block(xi)).mul(w).sum().backward()
+    elif mode == "two_uses":  # the same gradient reaches two lean blocks: only the second may write it
+        (block(xi) + block(xi * 2)).mul(w).sum().backward()
+    return [xi.grad, other.grad, *[p.grad for p in block.parameters()]]
+
+
+@pytest.mark.not_interpreted
+@pytest.mark.parametrize("mode, reuses", [("private", 1), ("other_path_pending", 0), ("two_uses", 1)])
+def test_lean_dense_block_reuses_only_private_gradients(mode, reuses):
+    """The backward accumulates into the incoming gradient instead of a copy only where nothing else can read it
+    (hmedn_fast.nn.grad_reuse): gradients equal the eager block's in float64 with the reuse, and the reuse count
+    says when it happened (not while another path's node still holds the gradient, at the second of two blocks
+    sharing one)."""
+    from hmedn_fast.nn import grad_reuse
+    ref, lean = _blocks(6, 4, 3, 3)
+    g = torch.Generator().manual_seed(7)
+    x, w, o = (torch.randn(2, c, 5, 6, 7, generator=g, dtype=torch.float64) for c in (6, 18, 18))
+    want = _grads_with(ref, x, w, o, mode)
+    before = grad_reuse.reused
+    got = _grads_with(lean, x, w, o, mode)
+    assert grad_reuse.reused - before == reuses
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_leaves_visible_gradients_alone(monkeypatch):
+    """A gradient the caller passed (y.backward(gy)) or a hook kept is never written; with the reuse switched off
+    nothing is reused; the reuse lowers the backward's peak by one block-output-sized buffer."""
+    from hmedn_fast.nn import grad_reuse
+    from _live_bytes import LiveBytes
+    _, lean = _blocks(6, 4, 3, 3)
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64)
+    gy = torch.randn(2, 18, 5, 6, 7, dtype=torch.float64)
+    before, kept = grad_reuse.reused, []
+    snapshot = gy.clone()
+    lean(x.clone().requires_grad_()).backward(gy)
+    assert torch.equal(gy, snapshot)
+    y = lean(x.clone().requires_grad_())
+    y.register_hook(kept.append)
+    (y * gy).sum().backward()
+    assert torch.equal(kept[0], gy) and grad_reuse.reused == before
+
+    peaks = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(grad_reuse, "ENABLED", enabled)
+        xi = x.clone().requires_grad_()
+        with LiveBytes() as m:
+            (lean(xi) * gy).sum().backward()
+        peaks[enabled] = m.peak
+    assert grad_reuse.reused == before + 1
+    assert peaks[False] - peaks[True] == gy.numel() * gy.element_size()
+
+
 @pytest.mark.not_interpreted
 def test_lean_dense_block_under_cpu_autocast():
     """bf16 autocast (CPU): the convolutions run in bf16 as in the eager block, the buffer in the dtype torch.cat
@@ -220,3 +284,28 @@ def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch):
         assert err_g <= 1.1 * err_e, (i, err_g, err_e)
     for g, e in zip(got[3], eager[3]):  # running statistics: the forward is the same computation
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_lean_dense_block_gradient_reuse(monkeypatch):
+    """On the GPU (Triton norm engine, channels-last, bf16 autocast as the trainer runs it) the backward that
+    accumulates into the private incoming gradient gives the same gradients as the one that copies it, bitwise."""
+    from hmedn_fast.nn import grad_reuse
+    _, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
+    lean = lean.cuda().to(memory_format=torch.channels_last_3d)
+    g = torch.Generator("cuda").manual_seed(2)
+    x = torch.randn(1, 16, 32, 32, 32, device="cuda", generator=g).to(memory_format=torch.channels_last_3d)
+    w = torch.randn(1, 80, 32, 32, 32, device="cuda", generator=g).to(memory_format=torch.channels_last_3d)
+    runs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(grad_reuse, "ENABLED", enabled)
+        lean.zero_grad()
+        before = grad_reuse.reused
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lean(xi)
+        (y.float() * w).sum().backward()
+        runs[enabled] = (grad_reuse.reused - before, [xi.grad, *[p.grad for p in lean.parameters()]])
+    assert runs[False][0] == 0 and runs[True][0] == 1
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)

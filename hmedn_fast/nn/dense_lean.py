@@ -28,6 +28,7 @@ from ..device import channels_last_format
 from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
+from . import grad_reuse
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
                    norm_kernels, supports, triton_norm_forward)
 
@@ -116,6 +117,7 @@ class LeanDenseBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, block: nn.Module, *params: Tensor | None) -> Tensor:
         layers, dev = block.layers, x.device.type
+        grad_reuse.prepare()
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         conv_dtype = autocast[2] if autocast[1] else torch.promote_types(x.dtype, params[2].dtype)
         fmt = _layout(x)
@@ -148,7 +150,10 @@ class LeanDenseBlock(torch.autograd.Function):
         params = rest[:3 * len(layers)]
         need = ctx.needs_input_grad
         dev, autocast_on, autocast_dtype = ctx.autocast
-        gbuf = gout.to(dtype=out.dtype, memory_format=ctx.fmt, copy=True)  # one copy, whatever the dtypes
+        if grad_reuse.exclusive(gout, out.dtype, ctx.fmt):  # nobody else sees it: accumulate in place
+            gbuf = gout.detach()
+        else:
+            gbuf = gout.to(dtype=out.dtype, memory_format=ctx.fmt, copy=True)  # one copy, whatever the dtypes
         grads: list[Tensor | None] = [None] * len(params)
         c = out.shape[1]
         for i in reversed(range(len(layers))):
