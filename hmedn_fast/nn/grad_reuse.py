@@ -36,7 +36,7 @@ def prepare() -> None:
     """Measure the baseline counts once per process (a tiny CPU forward + backward). Called by a Function's forward
     so that the measurement never runs inside a backward pass."""
     global _baseline
-    if _baseline is None and ENABLED:
+    if _baseline is None and ENABLED and not torch.compiler.is_compiling():
         x = torch.ones(4, requires_grad=True)
         with torch.enable_grad():
             (_Probe.apply(x) * 2.0).sum().backward()  # MulBackward makes a fresh, private gradient
