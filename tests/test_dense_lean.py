@@ -228,6 +228,41 @@ def test_lean_dense_block_leaves_visible_gradients_alone(monkeypatch):
     assert peaks[False] - peaks[True] == gy.numel() * gy.element_size()
 
 
+@pytest.mark.interpreted
+def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch):
+    """Triton engine (forced): when layer i's backward replays its activation, the tensors layer i+1's backward made
+    (its replayed activation, its output-gradient copy, its input gradient: up to c_(i+1) channels each) are gone,
+    so they never sit beside layer i's at the backward's peak."""
+    import weakref
+    from hmedn_fast.nn import dense_lean
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    _, lean = _blocks(8, 8, 4, 3, dtype=torch.float32)
+    x = torch.randn(1, 8, 6, 6, 6).to(memory_format=torch.channels_last_3d).requires_grad_()
+    w = torch.randn(1, 40, 6, 6, 6).to(memory_format=torch.channels_last_3d)
+    y = lean(x)
+    made, alive_at_replay = [], []
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            made.append(weakref.ref(out))
+            return out
+        return call
+
+    real_replay = dense_lean._TritonNorm.replay
+
+    def replay(self, *args):
+        alive_at_replay.append(sum(r() is not None for r in made))
+        return recorded(real_replay)(self, *args)
+
+    monkeypatch.setattr(dense_lean._TritonNorm, "replay", replay)
+    monkeypatch.setattr(dense_lean, "conv_input_grad", recorded(dense_lean.conv_input_grad))
+    monkeypatch.setattr(dense_lean, "_dense", recorded(dense_lean._dense))
+    (y * w).sum().backward()
+    assert len(made) == 3 * 4 + 1  # per layer: activation, output-gradient copy, input gradient; then gx
+    assert alive_at_replay == [0, 0, 0, 0]
+
+
 @pytest.mark.not_interpreted
 def test_lean_dense_block_under_cpu_autocast():
     """bf16 autocast (CPU): the convolutions run in bf16 as in the eager block, the buffer in the dtype torch.cat

@@ -173,10 +173,14 @@ class LeanDenseBlock(torch.autograd.Function):
                 a = None
                 conv = layer.conv
                 ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+            gf = None
             need_w = need[2 + 3 * i] and weight is not None
             need_b = need[3 + 3 * i] and bias is not None
             gnw, gnb = engine.backward(ga.to(a_dtype), inp, a, weight, need_w, need_b, gbuf[:, :c])
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
+            # free this layer's temporaries before the next (narrower) layer allocates its own: held over, the
+            # c-channel input gradient and activation would sit beside the next layer's at the backward's peak
+            ga = a = inp = None
         gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt) if need[0] else None
         return (gx, None, *grads)
 
