@@ -9,14 +9,16 @@ over the concatenations that used it. That is O(n^2) channel copies and saved ch
 :class:`LeanDenseBlock` writes x and each layer's g new channels once into one (N, C_out, *spatial) buffer, the
 block output, in x's layout. Layer i normalises the channel slice ``buffer[:, :c_i]`` in place of a
 concatenation (the Triton norm reads the slice, ATen's BatchNorm takes it as it is) and its convolution writes
-its g channels into the buffer. Saved: the buffer and each norm's statistics (C floats). On CUDA the norms run on the fused Triton kernels whatever their size.
-The backward replays
-each norm + ReLU from the buffer with the saved statistics (no reduction), runs the convolution and norm
-backward kernels directly, and accumulates input gradients into slices of one gradient buffer. With the Triton
-norm (which recomputes the ReLU mask itself) a layer's replayed activation is freed after its weight gradient,
-before the input gradient of the same size is allocated: the widest layer's activation no longer adds to the
-backward's peak. BatchNorm layers
-only (the default norm); other norms, and convolutions with a bias, run the eager block. Autocast is replayed
+its g channels into the buffer. Saved: the buffer and each norm's statistics (C floats). On CUDA the norms run on
+the fused Triton kernels whatever their size.
+
+The backward replays each norm + ReLU from the buffer with the saved statistics (no reduction), runs the
+convolution and norm backward kernels directly, and accumulates input gradients into slices of one gradient
+buffer: the incoming gradient itself when nothing else can see it (:mod:`hmedn_fast.nn.grad_reuse`), else a copy.
+With the Triton norm (which recomputes the ReLU mask itself) a layer's replayed activation is freed after its
+weight gradient, before the input gradient of the same size is allocated, and each layer's temporaries are dropped
+before the next layer replays its own: the widest layer's tensors never add to the backward's peak. BatchNorm
+layers only (the default norm); other norms, and convolutions with a bias, run the eager block. Autocast is replayed
 as the forward ran it. Differentiable once.
 """
 from __future__ import annotations
