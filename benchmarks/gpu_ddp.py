@@ -78,7 +78,9 @@ def train_args(device: str, quick: bool) -> tuple[list[str], int, dict]:
         epochs, steps = 2, quick_steps
     args = ["--data", "phantom", "--model", model, "--phantom-cases", str(cases), "--phantom-size", str(size),
             "--epochs", str(epochs), "--steps-per-epoch", str(steps), "--val-every", str(epochs), "--seed", "0",
-            "--device", device, "--no-progress"]
+            "--device", device, "--no-progress",
+            # both runs step eagerly at one level (a DDP run cannot replay a CUDA graph; the one-GPU run would)
+            "--no-cuda-graph", "--checkpointing", "none"]
     if device == "cpu":
         args += ["--threads", "1"]
     args += [x for k, v in overrides.items() for x in ("--set", f"{k}={v if isinstance(v, str) else repr(v)}")]

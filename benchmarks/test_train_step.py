@@ -84,7 +84,7 @@ def test_cuda_train_step_128(benchmark, level):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_train_step_128_graphed(benchmark):
-    """The lean step replayed from a CUDA graph (``hmedn train --checkpointing lean --cuda-graph``)."""
+    """The lean step replayed from a CUDA graph (what ``hmedn train`` runs by default on one CUDA GPU)."""
     torch.backends.cudnn.benchmark = True
     torch.cuda.reset_peak_memory_stats()
     step = _step_fn("cuda", "lean", 128, {}, torch.bfloat16, graph=True)
