@@ -292,7 +292,9 @@ def test_cli_reports_bad_data_and_trains(tmp_path, capsys):
     (tmp_path / "msd" / "imagesTr" / "case2.nii.gz").unlink()
     (tmp_path / "msd" / "labelsTr" / "case2.nii.gz").unlink()
     assert main(args) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "hmedn train: hmedn_2d on cpu, fp32, contiguous, checkpointing none, CUDA graph off, patch (" in captured.err
     assert summary["last_epoch"]["epoch"] == 1 and summary["out"] == str(tmp_path / "cli")
     record = load_checkpoint(tmp_path / "cli" / "last.pt")
     assert record["overrides"]["widths"] == (8, 16, 32, 32) and record["slices"] == 3 and record["spatial_dims"] == 2

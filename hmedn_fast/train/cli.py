@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = Trainer(TrainConfig(**options))
+        if trainer.ctx.is_main:
+            print(f"hmedn train: {trainer.describe()}", file=sys.stderr, flush=True)
         result = trainer.fit()
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"hmedn train: error: {exc}", file=sys.stderr)

@@ -350,6 +350,15 @@ class Trainer:
         self.step_fn = GraphedStep(self._step_tensors) if self.cuda_graph else self._step_tensors
         self._part_names: list[str] = []  # the loss parts' names, in the order _step_tensors returns them
 
+    def describe(self) -> str:
+        """One line of what this run trains and how: model, device, precision, layout, checkpointing level, CUDA
+        graph, patch x batch (x processes)."""
+        layout = "contiguous" if self.memory_format == torch.contiguous_format else "channels-last"
+        procs = f" x {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
+        return (f"{self.config.model} on {self.device}, {self.precision}, {layout}, checkpointing "
+                f"{self.checkpoint_level}, CUDA graph {'on' if self.cuda_graph else 'off'}, patch "
+                f"{tuple(self.patch_size)} x batch {self.batch_size}{procs}")
+
     # ------------------------------------------------------------------------------------------ set-up
     def _resume_record(self) -> dict[str, Any] | None:
         if not self.config.resume:
