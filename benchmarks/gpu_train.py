@@ -9,8 +9,8 @@ uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contou
 inside the step by the fast targets op, difficulty-guided CE + contour term + deep supervision, fused kernel on
 CUDA). ``lean_graph`` = the trainer's CUDA defaults: bf16 autocast, channels-last weights and batches, activation
 checkpointing level ``"lean"`` (memory-lean HR pathway blocks, :mod:`hmedn_fast.train.memory`), the step replayed
-from a CUDA graph; ``lean`` is the same without the graph, ``"blocks"`` (convolutions recomputed too) is reported
-beside it. DynUNet is MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
+from a CUDA graph; ``lean`` is the same without the graph, ``"blocks"`` (convolutions recomputed too) and
+``"stages"`` (the first stage recomputed too) are reported beside it. DynUNet is MONAI's nnU-Net network for 128^3 (kernels 3, strides 1-2-2-2-2-2, filters 32..320, instance norm, no deep
 supervision) with plain cross-entropy, bf16 autocast, in the contiguous layout (as MONAI runs it) and
 channels-last. ``*_cl`` = channels-last (``torch.channels_last_3d``) model and input; ``compiled_bf16_cl`` =
 ``hmedn train --compile`` (``torch.compile`` of the model, timed after its compiling first steps); ``*_graph`` =
@@ -54,7 +54,8 @@ from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
 NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl",  # steps timed, no cube search (time)
-                  "lean_graph", "dynunet_bf16_graph", "eager_bf16_cl_graph", "lean_blocks_graph")
+                  "lean_graph", "dynunet_bf16_graph", "eager_bf16_cl_graph", "lean_blocks_graph",
+                  "lean_stages_graph")
 SIZES = list(range(64, 257, 16))
 CL = torch.channels_last_3d
 CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format, torch.compile, CUDA graph)
@@ -67,6 +68,7 @@ CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format,
     "eager_bf16_cl_graph": ("hmedn_3d_l2", torch.bfloat16, "none", CL, False, True),
     "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False, False),
     "lean_blocks_graph": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False, True),
+    "lean_stages_graph": ("hmedn_3d_l2", torch.bfloat16, "stages", CL, False, True),
     "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False, False),
     "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL, False, False),
     "dynunet_bf16_graph": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False, True),
@@ -353,7 +355,7 @@ def main() -> None:
 
     steps, cubes = result["step"], result["largest_cube_8gib"]
     targets = {"lean_voxels_vs_eager_fp32": cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)}
-    for ours in ("lean", "lean_graph", "lean_blocks_graph"):
+    for ours in ("lean", "lean_graph", "lean_blocks_graph", "lean_stages_graph"):
         for base in ("dynunet_bf16", "dynunet_bf16_cl", "dynunet_bf16_graph"):
             if ours in steps and base in steps:
                 targets[f"{ours}_speedup_vs_{base}"] = steps[base]["p50_ms"] / steps[ours]["p50_ms"]

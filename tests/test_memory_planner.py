@@ -30,9 +30,9 @@ def test_parse_memory_budget_errors(text, total, match):
 
 
 class FakeGPU:
-    """Peak bytes of a step: parameters + per-voxel activations by level (lean keeps 60%, blocks 30%)."""
+    """Peak bytes of a step: parameters + per-voxel activations by level (lean keeps 60%, blocks 30%, stages 20%)."""
 
-    factor = {"none": 1.0, "lean": 0.6, "blocks": 0.3}
+    factor = {"none": 1.0, "lean": 0.6, "blocks": 0.3, "stages": 0.2}
 
     def __init__(self, oom_above: float = math.inf):
         self.oom_above, self.calls = oom_above, []
@@ -62,16 +62,17 @@ def test_plan_takes_the_cheapest_level_that_fits(level):
 
 
 def test_plan_halves_the_batch_then_shrinks_the_patch():
-    budget = int(_peak("blocks", (64, 64, 64), 1) / 0.9) + 1
+    leanest = LEVELS[-1]
+    budget = int(_peak(leanest, (64, 64, 64), 1) / 0.9) + 1
     fake = FakeGPU()
     plan = plan_memory(budget, (64, 64, 64), 4, fake)
-    assert (plan.level, plan.patch_size, plan.batch_size) == ("blocks", (64, 64, 64), 1)
-    assert [c[2] for c in fake.calls[3:]] == [2, 1]
+    assert (plan.level, plan.patch_size, plan.batch_size) == (leanest, (64, 64, 64), 1)
+    assert [c[2] for c in fake.calls[len(LEVELS):]] == [2, 1]
 
-    budget = int(_peak("blocks", (48, 48, 48), 1) / 0.9) + 1
+    budget = int(_peak(leanest, (48, 48, 48), 1) / 0.9) + 1
     plan = plan_memory(budget, (64, 64, 64), 2, FakeGPU())
-    assert plan.level == "blocks" and plan.batch_size == 1
-    assert _peak("blocks", plan.patch_size, 1) <= 0.9 * budget
+    assert plan.level == leanest and plan.batch_size == 1
+    assert _peak(leanest, plan.patch_size, 1) <= 0.9 * budget
     assert sorted(plan.patch_size) == [48, 48, 48]  # shrunk axis by axis, largest first, 16 at a time
 
 
@@ -93,7 +94,7 @@ def test_plan_raises_when_nothing_fits():
 
 def test_escalator():
     esc = OOMEscalator("none")
-    assert [esc.escalate(), esc.escalate(), esc.escalate()] == ["lean", "blocks", None]
+    assert [esc.escalate(), esc.escalate(), esc.escalate(), esc.escalate()] == ["lean", "blocks", "stages", None]
     with pytest.raises(ValueError, match="current"):
         OOMEscalator("all")
 
@@ -126,7 +127,7 @@ def test_checkpointing_levels_keep_gradients_and_save_memory(norm):
     for level in LEVELS[1:]:
         for name, g in results["none"][1].items():
             torch.testing.assert_close(results[level][1][name], g, rtol=1e-10, atol=1e-12, msg=f"{level} {name}")
-    assert results["none"][0] > results["lean"][0] > results["blocks"][0]
+    assert results["none"][0] > results["lean"][0] > results["blocks"][0] > results["stages"][0]
     with pytest.raises(ValueError, match="level"):
         set_checkpointing(model, "everything")
 
@@ -170,9 +171,10 @@ def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     trainer.net.forward = always_oom
-    with pytest.warns(RuntimeWarning, match="'blocks'"), pytest.raises(torch.OutOfMemoryError):
+    with pytest.warns(RuntimeWarning) as warned, pytest.raises(torch.OutOfMemoryError):
         trainer.train_step(images, labels)
-    assert trainer.checkpoint_level == "blocks"
+    assert [str(w.message).split("'")[1] for w in warned] == ["blocks", "stages"]
+    assert trainer.checkpoint_level == "stages" and trainer.net.net.recompute_first_stage
 
 
 def test_checkpointing_levels_keep_batchnorm_running_statistics():
@@ -191,3 +193,25 @@ def test_checkpointing_levels_keep_batchnorm_running_statistics():
     for level in LEVELS[1:]:
         for k, v in states["none"].items():
             torch.testing.assert_close(states[level][k], v, rtol=1e-12, atol=1e-14, msg=f"{level} {k}")
+
+
+def test_stages_level_recomputes_the_first_stage_without_random_numbers():
+    """With dropout on, "stages" (first stage recomputed in backward) gives the "blocks" level's loss, gradients,
+    running statistics and RNG state after the step: the dropout masks are drawn once, outside the recomputed part,
+    and the recomputation draws nothing."""
+    base = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
+                        hr_channels=4, hr_blocks=2, dropout=0.3).double().train()
+    x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
+    results = {}
+    for level in ("blocks", "stages"):
+        model = copy.deepcopy(base)
+        set_checkpointing(model, level)
+        torch.manual_seed(5)
+        _, grads = _saved_bytes_and_grads(model, x)
+        results[level] = (grads, torch.get_rng_state(), copy.deepcopy(model.state_dict()))
+    (ga, rng_a, sd_a), (gb, rng_b, sd_b) = results["blocks"], results["stages"]
+    assert torch.equal(rng_a, rng_b)
+    for name, g in ga.items():
+        torch.testing.assert_close(gb[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    for k, v in sd_a.items():
+        torch.testing.assert_close(sd_b[k], v, rtol=1e-12, atol=1e-14, msg=k)

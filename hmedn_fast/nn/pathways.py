@@ -8,6 +8,7 @@ from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
 from .lean import DenseFusionSum, norm_relu
+from .recompute import recomputed
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
                      max_pool, upsample_to)
 from .layers import dropout as dropout_layer
@@ -157,6 +158,11 @@ class DistillingPathway(nn.Module):
         hr_pathway: an :class:`HRPathway` bridging encoder and decoder at ``hr_stage`` (0-based), or None.
         hr_stage: the stage the HR pathway bridges.
 
+    Attribute ``recompute_first_stage`` (False; True at the ``"stages"`` checkpointing level of
+    :func:`hmedn_fast.train.memory.set_checkpointing`): in training with autograd on, the stem, the first dense
+    block and its transition keep only their input for backward and run again there (BatchNorm running statistics
+    updated once); same outputs and gradients.
+
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
     (N, K, *spatial) (fused), aux: the side logits at their stages' resolutions followed by the HR
@@ -203,12 +209,23 @@ class DistillingPathway(nn.Module):
         self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
         self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
         self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
+        self.recompute_first_stage = False
+
+    def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, the first dense block and its transition (the first stage without its dropout)."""
+        block, transition, _ = self.enc[0]
+        return transition(block(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        x = self.stem(x)
-        for s, enc in enumerate(self.enc):
-            x = enc(x if s == 0 else self.pool(x))
+        if self.recompute_first_stage and self.training and torch.is_grad_enabled():
+            x = recomputed(self._first_stage, (self.stem, *self.enc[0][:2]), x,
+                           preserve_rng_state=False)  # no random numbers inside
+        else:
+            x = self._first_stage(x)
+        x = self.enc[0][2](x)
+        skips = [x]
+        for enc in self.enc[1:]:
+            x = enc(self.pool(x))
             skips.append(x)
         hr_feats = hr_logits = None
         if self.hr is not None:

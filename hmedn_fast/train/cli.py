@@ -34,7 +34,7 @@ _HELP = {
     "compile": "torch.compile the model for the training steps (slow first steps, faster after)",
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "cuda_graph": "capture the training step in a CUDA graph and replay it (CUDA, one process, fp32/bf16)",
-    "checkpointing": "fixed activation checkpointing level: none, lean or blocks",
+    "checkpointing": "fixed activation checkpointing level: none, lean, blocks or stages",
 }
 _AUTO = {  # what a None default means
     "cuda_graph": "auto: on for one process on CUDA with fp32/bf16, no --compile and no --memory-budget",
@@ -45,7 +45,7 @@ _AUTO = {  # what a None default means
     "threads": "torch CPU threads",
 }
 _CHOICES = {"schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16"),
-            "checkpointing": ("none", "lean", "blocks"), "memory_format": ("auto", "channels_last", "contiguous")}
+            "checkpointing": ("none", "lean", "blocks", "stages"), "memory_format": ("auto", "channels_last", "contiguous")}
 
 
 def _literal(text: str) -> Any:

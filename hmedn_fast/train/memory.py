@@ -4,7 +4,7 @@
 training step fits ``budget * (1 - headroom)``:
 
 1. the requested patch and batch size with each checkpointing level, cheapest first (``"none"``, ``"lean"``,
-   ``"blocks"``): checkpointing costs recomputation, so it is used only when needed;
+   ``"blocks"``, ``"stages"``): checkpointing costs recomputation, so it is used only when needed;
 2. with the most memory-saving level, the batch halved down to 1;
 3. then the patch shrunk, largest axis first, by ``multiple`` voxels down to ``min_size``.
 
@@ -28,26 +28,30 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   keeps anyway) and C floats per layer, so checkpointing it saves nothing, while recomputing an eager dense block
   in backward allocates its concatenations again: with every dense block checkpointed, this level's measured
   peak was above the lean level's (H200, ``benchmarks/results/train_nvidia_h200.json``: 3975 vs 3734 MiB), so an
-  out-of-memory escalation from "lean" could not help.
+  out-of-memory escalation from "lean" could not help;
+- ``"stages"``: "blocks", and the distilling pathway's first stage (stem, full-resolution dense block and its
+  transition; :attr:`hmedn_fast.nn.pathways.DistillingPathway.recompute_first_stage`) keeps only its input and is
+  recomputed in backward: its dense buffer and the stem's and transition's conv outputs (hmedn_3d_l2 at 128^3:
+  80 + 16 + 16 full-resolution channels) are not held while the decoder's full-resolution block runs backward,
+  where the lean step peaks (``docs/decisions/train.md``, stop 19).
 
 Every level gives the same gradients; only memory and time differ.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hmedn_fast.nn.blocks import DenseBlock
 from hmedn_fast.nn.dense_lean import supported as lean_dense_supported
-from hmedn_fast.nn.pathways import HRPathway
+from hmedn_fast.nn.pathways import DistillingPathway, HRPathway
+from hmedn_fast.nn.recompute import recomputed
 
-LEVELS = ("none", "lean", "blocks")
+LEVELS = ("none", "lean", "blocks", "stages")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -181,29 +185,10 @@ class OOMEscalator:
         return self.current
 
 
-@contextlib.contextmanager
-def _running_stats_frozen(module: nn.Module):
-    """BatchNorm layers of ``module`` use batch statistics but leave their running statistics (and batch
-    counters) as they were: for the recomputed forward of a checkpointed block."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(norms, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
-
-
 def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
-    def contexts():
-        return contextlib.nullcontext(), _running_stats_frozen(module)
-
     def run(*args, **kwargs):
         if torch.is_grad_enabled() and module.training:
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+            return recomputed(lambda *a: forward(*a, **kwargs), (module,), *args)
         return forward(*args, **kwargs)
     return run
 
@@ -216,12 +201,15 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, HRPathway):
-            m.checkpoint = level
+            m.checkpoint = "blocks" if level == "stages" else level
+            count += 1
+        elif isinstance(m, DistillingPathway):
+            m.recompute_first_stage = level == "stages"
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward
             m.lean = level != "none"
-            if level == "blocks" and not lean_dense_supported(m):
+            if level in ("blocks", "stages") and not lean_dense_supported(m):
                 m.forward = _checkpointed_forward(m, m.forward)
             count += 1
     return count
