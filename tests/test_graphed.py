@@ -126,3 +126,18 @@ def test_trainer_defaults_to_lean_steps_replayed_from_a_cuda_graph(tmp_path):
     assert trainer.step_fn.captures == 1
     row = trainer.history[-1]
     assert row["cuda_graph"] is True and row["checkpointing"] == "lean" and math.isfinite(row["train_loss"])
+
+
+@pytest.mark.cuda
+def test_trainer_resumes_an_eager_run_with_cuda_graph_steps(tmp_path):
+    """A run trained without the CUDA graph and resumed with the default (graph on) captures and trains on: the
+    optimizer groups loaded from the checkpoint become capturable."""
+    kw = dict(data="phantom", out=str(tmp_path / "run"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
+              overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2,
+                             dropout=0.0), num_classes=4, steps_per_epoch=3, batch_size=1, progress=False)
+    Trainer(TrainConfig(**kw, epochs=1, cuda_graph=False)).fit()
+    trainer = Trainer(TrainConfig(**kw, epochs=2, resume=True))
+    assert trainer.cuda_graph is True
+    assert all(group["capturable"] for group in trainer.optimizer.param_groups)
+    trainer.fit()
+    assert trainer.step_fn.captures == 1 and math.isfinite(trainer.history[-1]["train_loss"])

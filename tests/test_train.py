@@ -245,6 +245,20 @@ def test_cpu_trainer_defaults_and_the_cli_flag(tmp_path):
     assert parser.parse_args(["--no-cuda-graph"]).cuda_graph is False
 
 
+def test_resume_takes_this_runs_cuda_graph_setting_for_the_optimizer(tmp_path):
+    """cuda_graph may differ between a run and its resumption: the optimizer groups loaded from the checkpoint carry
+    the saved run's ``capturable`` flag, which must follow this run's (AdamW refuses to be captured otherwise)."""
+    Trainer(_config(tmp_path, device="cpu")).fit()
+    path = tmp_path / "run" / "last.pt"
+    record = load_checkpoint(path)
+    record["optimizer"]["param_groups"][0]["capturable"] = True  # as a CUDA-graph run saves it
+    torch.save(record, path)
+    trainer = Trainer(_config(tmp_path, device="cpu", resume=True, epochs=2))
+    assert trainer.cuda_graph is False
+    assert all(group["capturable"] is False for group in trainer.optimizer.param_groups)
+    trainer.fit()
+
+
 def test_configuration_that_does_not_fit_the_data(tmp_path):
     _write_png(tmp_path / "png")
     with pytest.raises(ValueError, match="3D but the data"):

@@ -407,8 +407,9 @@ class Trainer:
         self.net.load_state_dict(record["state_dict"])
         self.optimizer.load_state_dict(record["optimizer"])
         self.scheduler.load_state_dict(record["scheduler"])
-        for group in self.optimizer.param_groups:  # a loaded learning rate may be a tensor on another device
-            group["lr"] = self._lr(group["lr"])
+        for group in self.optimizer.param_groups:  # a loaded learning rate may be a tensor on another device, and
+            group["lr"] = self._lr(group["lr"])    # the saved run may have stepped with(out) a CUDA graph: the
+            group["capturable"] = self.cuda_graph  # loaded groups carry its capturable flag, this run's must hold
         self.scaler.load_state_dict(record["scaler"])
         self.history, self.best, self.nonfinite = record["history"], record["best"], record["nonfinite"]
         self.position = dict(record["position"])
