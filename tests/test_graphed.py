@@ -23,6 +23,45 @@ def test_bad_arguments():
         GraphedStep(lambda x: x)()
 
 
+class _FakeCapture:
+    """Stands in for ``torch.cuda.graph`` on the CPU: ending a capture interrupted by an exception raises an error of
+    its own (as ending an invalidated stream capture may), chained to the interrupting one."""
+
+    def __init__(self, graph):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is not None:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+@pytest.mark.parametrize("raised, expected", [(torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+                                               torch.OutOfMemoryError),
+                                              (ValueError("a bug in the step"), RuntimeError)])
+def test_failed_capture_resets_and_keeps_out_of_memory_visible(monkeypatch, raised, expected):
+    """A step that fails while captured leaves no graph behind (the next call warms up again); an out-of-memory
+    error stays a torch.OutOfMemoryError (what the trainer's escalation catches) even when ending the capture raised
+    over it; other errors propagate as they come."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+    def step(x):
+        raise raised
+
+    fn = GraphedStep(step, warmup=1)
+    fn._signature, fn._warm = "a signature", 1
+    with pytest.raises(expected) as info:
+        fn._capture((torch.ones(2),))
+    assert fn._graph is None and fn._warm == 0 and fn.captures == 0 and fn._inputs == ()
+    if expected is torch.OutOfMemoryError:
+        assert "while capturing" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+
+
 # --------------------------------------------------------------------------------------------------- GPU
 def _deterministic():
     torch.backends.cudnn.benchmark = False

@@ -43,7 +43,9 @@ class GraphedStep:
     optimizer whose update reads its hyper-parameters from device memory: e.g.
     ``torch.optim.AdamW(params, lr=torch.tensor(lr, device="cuda"), fused=True)`` (a float learning rate would be
     frozen into the graph; learning-rate schedulers update a tensor learning rate in place). The graph keeps its
-    own memory pool: the step's peak memory stays reserved between calls.
+    own memory pool: the step's peak memory stays reserved between calls. A capture that fails frees the graph (the
+    next call warms up again); one that ran out of memory raises ``torch.OutOfMemoryError`` even where ending the
+    interrupted capture raised an error of its own.
 
     Args:
         step: the training step, called as ``step(*inputs)``.
@@ -106,10 +108,29 @@ class GraphedStep:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph allocates from its own pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._output = self.step(*self._inputs)
+        try:
+            with torch.cuda.graph(graph):
+                self._output = self.step(*self._inputs)
+        except Exception as err:
+            self.reset()  # the next call warms up and captures anew
+            if not isinstance(err, torch.OutOfMemoryError) and _out_of_memory_in(err):
+                # ending an interrupted capture can raise its own error over the allocator's: keep the OOM visible
+                # to callers that handle it (the trainer escalates checkpointing and retries)
+                raise torch.OutOfMemoryError(f"out of memory while capturing the step's CUDA graph ({err})") from err
+            raise
         self._graph = graph
         self.captures += 1
+
+
+def _out_of_memory_in(err: BaseException) -> bool:
+    """Whether an out-of-memory error is ``err`` or in the chain of exceptions that led to it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 __all__ = ["WARMUP", "GraphedStep"]
