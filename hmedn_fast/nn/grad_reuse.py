@@ -11,9 +11,9 @@ both), ``y.backward(g)`` hands the caller's ``g``, a tensor hook may keep it, or
 references to the tensor, references to its storage) equal those of a gradient known to be private: one measured
 once per process (:func:`prepare`, from the Function's forward) by :class:`_Probe` through the same call structure
 (a ``once_differentiable`` backward passing the gradient two calls down), so the baseline follows the Python and
-PyTorch versions; without a baseline nothing is reused. It also has to own
-its whole storage (not a view), be dense in the wanted layout and dtype, and not be traced by ``torch.compile``.
-Anything else is copied, as before. ``ENABLED = False`` turns the reuse off (benchmarks compare both).
+PyTorch versions; without a baseline nothing is reused. It also has to own its whole storage (not a view), be dense
+in the wanted layout and dtype, and not be traced by ``torch.compile``. Anything else is copied, as before.
+``ENABLED = False`` turns the reuse off (benchmarks compare both).
 """
 from __future__ import annotations
 
