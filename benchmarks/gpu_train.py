@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from hmedn_fast.losses import HMEDNLoss  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.graphed import WARMUP, GraphedStep  # noqa: E402
-from hmedn_fast.train.memory import set_checkpointing  # noqa: E402
+from hmedn_fast.train.memory import LEVELS, set_checkpointing  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
@@ -205,14 +205,14 @@ def _smoke() -> dict:
     loss_fn = HMEDNLoss(4, check_values=False).cuda()
     x, y = torch.randn(1, 4, 64, 64, 64, device="cuda"), make_labels(1, 64)
     grads, losses = {}, {}
-    for level in ("none", "lean", "blocks"):
+    for level in LEVELS:
         set_checkpointing(model, level)
         model.zero_grad()
         loss = loss_fn(model(x), y).total
         loss.backward()
         losses[level] = float(loss.detach())
         grads[level] = torch.cat([p.grad.flatten() for p in model.parameters()])
-    rel = {lv: float((grads[lv] - grads["none"]).norm() / grads["none"].norm()) for lv in ("lean", "blocks")}
+    rel = {lv: float((grads[lv] - grads["none"]).norm() / grads["none"].norm()) for lv in LEVELS[1:]}
     model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(x)
