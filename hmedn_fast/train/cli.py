@@ -16,7 +16,8 @@ import json
 import sys
 from typing import Any, Sequence
 
-from hmedn_fast.train.trainer import NonFiniteLossError, TrainConfig, jsonable
+from hmedn_fast.train.memory import LEVELS
+from hmedn_fast.train.trainer import MEMORY_FORMATS, PRECISIONS, SCHEDULES, NonFiniteLossError, TrainConfig, jsonable
 
 _HELP = {
     "data": "'phantom', an MSD folder (imagesTr/, labelsTr/) or a PNG folder (images/, labels/)",
@@ -34,18 +35,17 @@ _HELP = {
     "compile": "torch.compile the model for the training steps (slow first steps, faster after)",
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "cuda_graph": "capture the training step in a CUDA graph and replay it (CUDA, one process, fp32/bf16)",
-    "checkpointing": "fixed activation checkpointing level: none, lean, blocks or stages",
-}
-_AUTO = {  # what a None default means
-    "cuda_graph": "auto: on for one process on CUDA with fp32/bf16, no --compile and no --memory-budget",
-    "checkpointing": "auto: planned with --memory-budget, else lean on CUDA and none on the CPU",
+    "checkpointing": "fixed activation checkpointing level: " + ", ".join(LEVELS),
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",
     "resume": "continue from OUT/last.pt exactly",
     "threads": "torch CPU threads",
 }
-_CHOICES = {"schedule": ("poly", "cosine", "constant"), "precision": ("auto", "fp32", "bf16", "fp16"),
-            "checkpointing": ("none", "lean", "blocks", "stages"), "memory_format": ("auto", "channels_last", "contiguous")}
+_AUTO = {  # what a None default means
+    "cuda_graph": "auto: on for one process on CUDA with fp32/bf16, no --compile and no --memory-budget",
+    "checkpointing": "auto: planned with --memory-budget, else lean on CUDA and none on the CPU",
+}
+_CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "checkpointing": LEVELS, "memory_format": MEMORY_FORMATS}
 
 
 def _literal(text: str) -> Any:
