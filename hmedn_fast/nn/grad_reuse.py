@@ -27,11 +27,6 @@ reused = 0  # gradients reused so far in this process (diagnostics, tests)
 _baseline: tuple[int, int, int] | None = None
 
 
-def _counts(grad: Tensor) -> tuple[int, int, int]:
-    """(Python references, C++ references to the TensorImpl, references to the storage) of ``grad``."""
-    return sys.getrefcount(grad), grad._use_count(), torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
-
-
 def prepare() -> None:
     """Measure the baseline counts once per process (a tiny CPU forward + backward). Called by a Function's forward
     so that the measurement never runs inside a backward pass."""
@@ -64,7 +59,8 @@ def _probe(grad: Tensor) -> tuple[int, int, int]:
 
 
 def _measure(grad: Tensor) -> tuple[int, int, int]:
-    return _counts(grad)
+    """(Python references, C++ references to the TensorImpl, references to the storage) of ``grad``."""
+    return sys.getrefcount(grad), grad._use_count(), torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
 
 
 def exclusive(grad: Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> bool:

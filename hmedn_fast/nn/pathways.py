@@ -218,8 +218,7 @@ class DistillingPathway(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         if self.recompute_first_stage and self.training and torch.is_grad_enabled():
-            x = recomputed(self._first_stage, (self.stem, *self.enc[0][:2]), x,
-                           preserve_rng_state=False)  # no random numbers inside
+            x = recomputed(self._first_stage, (self.stem, self.enc[0]), x, preserve_rng_state=False)  # no RNG inside
         else:
             x = self._first_stage(x)
         x = self.enc[0][2](x)

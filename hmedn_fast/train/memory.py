@@ -193,6 +193,11 @@ def _checkpointed_forward(module: nn.Module, forward: Callable) -> Callable:
     return run
 
 
+def _at_least(level: str, other: str) -> bool:
+    """Whether ``level`` saves at least what ``other`` saves (each level does what the previous ones do)."""
+    return LEVELS.index(level) >= LEVELS.index(other)
+
+
 def set_checkpointing(model: nn.Module, level: str) -> int:
     """Apply checkpointing ``level`` (see the module doc) to every HR pathway and dense block of a live
     ``model``. Returns the number of modules whose mode was set."""
@@ -201,15 +206,15 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, HRPathway):
-            m.checkpoint = "blocks" if level == "stages" else level
+            m.checkpoint = "blocks" if _at_least(level, "blocks") else level
             count += 1
         elif isinstance(m, DistillingPathway):
-            m.recompute_first_stage = level == "stages"
+            m.recompute_first_stage = _at_least(level, "stages")
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward
             m.lean = level != "none"
-            if level in ("blocks", "stages") and not lean_dense_supported(m):
+            if _at_least(level, "blocks") and not lean_dense_supported(m):
                 m.forward = _checkpointed_forward(m, m.forward)
             count += 1
     return count

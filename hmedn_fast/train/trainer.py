@@ -109,8 +109,8 @@ class TrainConfig:
             run), ``False`` keeps eager steps.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
-            (``"none"``/``"lean"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the Triton lean
-            blocks: less memory than ``"none"``, and with the CUDA graph the fastest step measured, see
+            (``"none"``/``"lean"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the
+            Triton lean blocks: less memory than ``"none"``, and with the CUDA graph the fastest step measured, see
             ``benchmarks/results/train_*.json``), ``"none"`` on the CPU.
         phantom_cases, phantom_size: phantom source options.
         progress: tqdm progress bars. ``threads``: torch CPU threads (None: torch's default).
