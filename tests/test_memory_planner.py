@@ -215,3 +215,37 @@ def test_stages_level_recomputes_the_first_stage_without_random_numbers():
         torch.testing.assert_close(gb[name], g, rtol=1e-10, atol=1e-12, msg=name)
     for k, v in sd_a.items():
         torch.testing.assert_close(sd_b[k], v, rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_step_measurer_needs_a_warm_up_step():
+    from hmedn_fast.train.memory import cuda_step_measurer
+    with pytest.raises(ValueError, match="steps must be an int >= 2"):
+        cuda_step_measurer(lambda level: None, None, 1, 2, torch.device("cuda", 0), None, steps=1)
+
+
+@pytest.mark.cuda
+def test_cuda_step_measurer_reports_the_steady_step_not_the_first_steps_kernel_timing():
+    """The first step of a shape times candidate kernels (cudnn.benchmark; the Triton-or-cuDNN measured choices),
+    allocating what later steps never hold. The planner must plan for the steps it will run: a measure right after
+    every choice was forgotten equals one with every choice remembered."""
+    from hmedn_fast.losses import HMEDNLoss
+    from hmedn_fast.ops import measured
+    from hmedn_fast.train.memory import cuda_step_measurer
+
+    def build(level):
+        model = create_model("hmedn_3d_l2", in_channels=4, num_classes=3)
+        set_checkpointing(model, level)
+        return model
+
+    device = torch.device("cuda", 0)
+    loss_fn = HMEDNLoss(3, check_values=False).to(device)
+    measure = cuda_step_measurer(build, loss_fn, 4, 3, device, torch.bfloat16, torch.channels_last_3d)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        measured.forget()
+        cold = measure("lean", (64, 64, 64), 1)
+        warm = measure("lean", (64, 64, 64), 1)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    assert abs(cold - warm) <= 0.01 * warm, f"first measure {cold / 2**20:.1f} MiB, second {warm / 2**20:.1f} MiB"

@@ -223,24 +223,34 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
 def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_channels: int, num_classes: int,
                        device: torch.device, autocast_dtype: torch.dtype | None,
                        memory_format: torch.memory_format = torch.contiguous_format, steps: int = 2) -> Measure:
-    """A ``measure`` for :func:`plan_memory` that runs ``steps`` real training steps (random input and labels,
-    AdamW, autocast when ``autocast_dtype`` is set, model and input in ``memory_format``) of ``build(level)`` on
-    a CUDA ``device`` and returns the peak of ``torch.cuda.max_memory_allocated`` over them."""
+    """A ``measure`` for :func:`plan_memory` that runs ``steps`` (>= 2) real training steps (random input and
+    labels, AdamW, autocast when ``autocast_dtype`` is set, model and input in ``memory_format``) of
+    ``build(level)`` on a CUDA ``device`` and returns ``torch.cuda.max_memory_allocated`` over the last one.
+    The earlier steps are warm-up: the first step of a shape times candidate kernels (``cudnn.benchmark``'s
+    algorithms, :mod:`hmedn_fast.ops.measured`'s Triton-or-cuDNN choices), allocating outputs and workspaces
+    that the training steps, which reuse those per-process choices, never hold."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an int >= 2 (warm-up steps, then the measured one), got {steps!r}")
+
     def measure(level: str, patch: tuple[int, ...], batch: int) -> int:
         model = build(level).to(device, memory_format=memory_format).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+
+        def step() -> None:  # a function, so that nothing of one step is alive during the next
+            x = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=memory_format)
+            y = torch.randint(0, num_classes, (batch, *patch), device=device, dtype=torch.uint8)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                out = model(x)
+            loss_fn(out, y).total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         try:
-            for _ in range(steps):
-                x = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=memory_format)
-                y = torch.randint(0, num_classes, (batch, *patch), device=device, dtype=torch.uint8)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    out = model(x)
-                loss_fn(out, y).total.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            for _ in range(steps - 1):
+                step()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
             torch.cuda.synchronize(device)
             return int(torch.cuda.max_memory_allocated(device))
         finally:
