@@ -154,7 +154,7 @@ def test_cuda_graph_trainer_steps_equal_eager_steps(tmp_path):
 @pytest.mark.cuda
 def test_trainer_defaults_to_lean_steps_replayed_from_a_cuda_graph(tmp_path):
     """Without checkpointing / cuda_graph options a CUDA trainer takes the fast path (lean blocks, the step
-    replayed from a CUDA graph) and trains; with a memory budget the steps stay eager (planned level)."""
+    replayed from a CUDA graph) and trains."""
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "auto"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
         overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
@@ -180,3 +180,38 @@ def test_trainer_resumes_an_eager_run_with_cuda_graph_steps(tmp_path):
     assert all(group["capturable"] for group in trainer.optimizer.param_groups)
     trainer.fit()
     assert trainer.step_fn.captures == 1 and math.isfinite(trainer.history[-1]["train_loss"])
+
+
+@pytest.mark.cuda
+def test_memory_budget_steps_replay_a_cuda_graph_and_a_capture_out_of_memory_escalates(tmp_path):
+    """With a memory budget the planned steps are replayed from a CUDA graph too. An allocation over the budget
+    while the step is being captured (a ballast tensor standing in for a capture that does not fit) escalates
+    checkpointing like an eager step's out-of-memory error: the trainer warns, warms up at the next level,
+    captures it and trains on with finite losses."""
+    budget = 2 * 2**30
+    trainer = Trainer(TrainConfig(
+        data="phantom", out=str(tmp_path / "budget"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
+        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False, memory_budget=str(budget)))
+    assert trainer.cuda_graph is True and isinstance(trainer.step_fn, GraphedStep)
+    planned = trainer.checkpoint_level
+    assert planned == "none"  # the tiny model fits the budget without checkpointing
+    step, ballast = trainer.step_fn.step, []
+
+    def step_with_ballast(*inputs):
+        if torch.cuda.is_current_stream_capturing() and not ballast:
+            ballast.append(True)
+            torch.empty(budget, dtype=torch.uint8, device="cuda")  # over the process's cap: out of memory
+        return step(*inputs)
+
+    trainer.step_fn.step = step_with_ballast
+    g = torch.Generator("cuda").manual_seed(2)
+    batches = [(torch.randn(1, 1, 32, 32, 32, device="cuda", generator=g),
+                torch.randint(0, 4, (1, 32, 32, 32), device="cuda", generator=g, dtype=torch.uint8))
+               for _ in range(6)]
+    with pytest.warns(RuntimeWarning, match="escalating activation checkpointing to 'lean'"):
+        parts = [trainer.train_step(x, y) for x, y in batches]
+    assert ballast and trainer.checkpoint_level == "lean" and trainer.step_fn.captures == 1
+    assert all(p is not None and math.isfinite(p["loss"]) for p in parts)
+    trainer.fit()
+    assert trainer.history[-1]["cuda_graph"] is True and math.isfinite(trainer.history[-1]["train_loss"])

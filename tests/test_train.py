@@ -213,11 +213,11 @@ def test_cuda_graph_option_must_be_bool_or_none(tmp_path):
 
 @pytest.mark.parametrize("kw, precision, world, expected", [
     ({}, "bf16", 1, True), ({}, "fp32", 1, True), ({}, "fp16", 1, False), ({}, "bf16", 2, False),
-    ({"compile": True}, "bf16", 1, False), ({"memory_budget": "8GiB"}, "bf16", 1, False),
+    ({"compile": True}, "bf16", 1, False), ({"memory_budget": "8GiB"}, "bf16", 1, True),
     ({"cuda_graph": False}, "bf16", 1, False), ({"cuda_graph": True}, "fp32", 1, True)])
 def test_cuda_graph_is_on_by_default_where_it_can_run(tmp_path, kw, precision, world, expected):
     """The trainer's automatic choice (cuda_graph=None) on a CUDA device: on for one process with fp32 / bf16, no
-    compile, no memory budget; an explicit option wins. Never on the CPU."""
+    compile (a memory budget included); an explicit option wins. Never on the CPU."""
     from hmedn_fast.train.trainer import automatic_cuda_graph, default_checkpointing
     cfg = _config(tmp_path, **kw)
     assert automatic_cuda_graph(cfg, torch.device("cuda", 0), world, precision) is expected

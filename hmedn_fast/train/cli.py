@@ -42,7 +42,7 @@ _HELP = {
     "threads": "torch CPU threads",
 }
 _AUTO = {  # what a None default means
-    "cuda_graph": "auto: on for one process on CUDA with fp32/bf16, no --compile and no --memory-budget",
+    "cuda_graph": "auto: on for one process on CUDA with fp32/bf16 and no --compile",
     "checkpointing": "auto: planned with --memory-budget, else lean on CUDA and none on the CPU",
 }
 _CHOICES = {"schedule": SCHEDULES, "precision": PRECISIONS, "checkpointing": LEVELS, "memory_format": MEMORY_FORMATS}

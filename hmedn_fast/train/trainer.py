@@ -104,9 +104,10 @@ class TrainConfig:
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
             after two eager steps and replay it (:class:`hmedn_fast.train.graphed.GraphedStep`): no per-kernel
             launch cost on the host; the step's peak memory stays reserved. ``None`` (default): on wherever it can
-            run, i.e. one process on a CUDA device, precision fp32 / bf16, no ``compile`` and no ``memory_budget``
-            (whose trial steps and out-of-memory retries run eagerly); ``True`` forces it (ValueError where it cannot
-            run), ``False`` keeps eager steps.
+            run, i.e. one process on a CUDA device, precision fp32 / bf16, no ``compile`` (with ``memory_budget``
+            too: the planner's trial steps run eagerly, and a capture that runs out of memory escalates
+            checkpointing like an eager step does, then warms up and captures again); ``True`` forces it
+            (ValueError where it cannot run), ``False`` keeps eager steps.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
             (``"none"``/``"lean"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the
@@ -224,11 +225,10 @@ class TrainConfig:
 
 def automatic_cuda_graph(cfg: TrainConfig, device: torch.device, world_size: int, precision: str) -> bool:
     """``cfg.cuda_graph`` resolved: the option when given, else whether the step can replay a CUDA graph here
-    (one process on a CUDA device, ``precision`` (resolved) fp32 / bf16, no ``compile``, no ``memory_budget``)."""
+    (one process on a CUDA device, ``precision`` (resolved) fp32 / bf16, no ``compile``)."""
     if cfg.cuda_graph is not None:
         return cfg.cuda_graph
-    return (device.type == "cuda" and world_size == 1 and precision != "fp16" and not cfg.compile
-            and cfg.memory_budget is None)
+    return device.type == "cuda" and world_size == 1 and precision != "fp16" and not cfg.compile
 
 
 def default_checkpointing(device: torch.device) -> str:
