@@ -68,6 +68,7 @@ CONFIGS = {  # name: (model, autocast dtype, checkpointing level, memory format,
     "eager_bf16_cl_graph": ("hmedn_3d_l2", torch.bfloat16, "none", CL, False, True),
     "lean_blocks": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False, False),
     "lean_blocks_graph": ("hmedn_3d_l2", torch.bfloat16, "blocks", CL, False, True),
+    "lean_stages": ("hmedn_3d_l2", torch.bfloat16, "stages", CL, False, False),
     "lean_stages_graph": ("hmedn_3d_l2", torch.bfloat16, "stages", CL, False, True),
     "dynunet_bf16": ("dynunet", torch.bfloat16, None, torch.contiguous_format, False, False),
     "dynunet_bf16_cl": ("dynunet", torch.bfloat16, None, CL, False, False),
@@ -306,8 +307,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="a subset of the settings (must include lean and eager_fp32)")
+                        help="a subset of the settings (the voxel target needs lean and eager_fp32 in the cube part)")
     parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json)")
+    parser.add_argument("--part", choices=("all", "steps", "cubes"), default="all",
+                        help="steps: smoke check, step times and the lean profile; cubes: the largest cubes under "
+                             "8 GiB (all of it takes ~8 min on an H100 host: two calls fit a 10-minute limit)")
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an existing record (next to it)")
     parser.add_argument("--norm-ab", action="store_true",
                         help="also the norm_act backend / threshold A/B of the lean step (norm_act_ab; ~2 min more)")
@@ -334,45 +338,51 @@ def main() -> None:
               "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30, "configs": list(configs)}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
     path = args.out / f"train_{slug}{'_' + args.tag if args.tag else ''}.json"
-    result["smoke"] = smoke()
-    print("smoke:", json.dumps(result["smoke"]), flush=True)
+    result["part"] = args.part
+    steps = result["step"] = {}
+    cubes = result["largest_cube_8gib"] = {}
+    if args.part != "cubes":
+        result["smoke"] = smoke()
+        print("smoke:", json.dumps(result["smoke"]), flush=True)
+        for name in configs:
+            steps[name] = time_steps(name, 128, args.warmup, args.iters)
+            r = steps[name]
+            print(f"{name:14s} step p50 {r['p50_ms']:8.1f} ms  mean {r['mean_ms']:8.1f} ms  peak "
+                  f"{r['peak_mib']:8.0f} MiB", flush=True)
+            path.write_text(json.dumps(result, indent=1))  # partial record, completed below
 
-    result["step"] = {}
-    for name in configs:
-        result["step"][name] = time_steps(name, 128, args.warmup, args.iters)
-        r = result["step"][name]
-        print(f"{name:14s} step p50 {r['p50_ms']:8.1f} ms  mean {r['mean_ms']:8.1f} ms  peak {r['peak_mib']:8.0f} MiB",
-              flush=True)
-    path.write_text(json.dumps(result, indent=1))  # partial record, completed below
+    if args.part != "steps":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
+        for name in [c for c in configs if c not in NO_CUBE_SEARCH]:
+            cubes[name] = largest_cube(name)
+            print(f"{name:14s} largest cube under 8 GiB: {cubes[name]['largest_cube']}", flush=True)
+            path.write_text(json.dumps(result, indent=1))
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
-    result["largest_cube_8gib"] = {}
-    for name in [c for c in configs if c not in NO_CUBE_SEARCH]:
-        result["largest_cube_8gib"][name] = largest_cube(name)
-        print(f"{name:14s} largest cube under 8 GiB: {result['largest_cube_8gib'][name]['largest_cube']}", flush=True)
-    torch.cuda.set_per_process_memory_fraction(1.0)
-
-    steps, cubes = result["step"], result["largest_cube_8gib"]
-    targets = {"lean_voxels_vs_eager_fp32": cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)}
+    targets = {}
+    if "lean" in cubes and "eager_fp32" in cubes:
+        targets["lean_voxels_vs_eager_fp32"] = cubes["lean"]["voxels"] / max(cubes["eager_fp32"]["voxels"], 1)
     for ours in ("lean", "lean_graph", "lean_blocks_graph", "lean_stages_graph"):
         for base in ("dynunet_bf16", "dynunet_bf16_cl", "dynunet_bf16_graph"):
             if ours in steps and base in steps:
                 targets[f"{ours}_speedup_vs_{base}"] = steps[base]["p50_ms"] / steps[ours]["p50_ms"]
                 targets[f"{ours}_peak_fraction_of_{base}"] = steps[ours]["peak_mib"] / steps[base]["peak_mib"]
     result["targets"] = targets
-    result["profile_lean"] = profile_step("lean", 128)
-    path.write_text(json.dumps(result, indent=1))
-    if args.norm_ab:
-        result["norm_act_ab"] = norm_ab(128, args.iters)
-        print("norm_act A/B (lean step):", json.dumps(result["norm_act_ab"]), flush=True)
-    print(f"lean step profile: {result['profile_lean']['gpu_ms']:.1f} ms of GPU kernels; largest:", flush=True)
-    for k in result["profile_lean"]["kernels"][:12]:
-        print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
+    if args.part != "cubes":
+        result["profile_lean"] = profile_step("lean", 128)
+        path.write_text(json.dumps(result, indent=1))
+        if args.norm_ab:
+            result["norm_act_ab"] = norm_ab(128, args.iters)
+            print("norm_act A/B (lean step):", json.dumps(result["norm_act_ab"]), flush=True)
+        print(f"lean step profile: {result['profile_lean']['gpu_ms']:.1f} ms of GPU kernels; largest:", flush=True)
+        for k in result["profile_lean"]["kernels"][:12]:
+            print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}", flush=True)
     print("targets:", json.dumps(targets), flush=True)
     path.write_text(json.dumps(result, indent=1))
-    plot(result, path.with_suffix(".png"))
-    print("wrote", path, "and", path.with_suffix(".png"))
+    if steps:
+        plot(result, path.with_suffix(".png"))
+    print("wrote", path, *(["and", path.with_suffix(".png")] if steps else []))
 
 
 if __name__ == "__main__":

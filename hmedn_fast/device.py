@@ -7,20 +7,29 @@ import torch
 
 def resolve_device(device: str | None) -> torch.device:
     """``None`` / ``"auto"``: CUDA when available, else CPU; otherwise ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    A CUDA device always comes back with its index (``"cuda"``: the current device), as tensors report theirs
+    and as ``torch.cuda`` calls such as ``set_per_process_memory_fraction`` need.
 
     Raises:
-        ValueError: an unknown device string, a non-CPU/CUDA device, or CUDA asked for but not available.
+        ValueError: an unknown device string, a non-CPU/CUDA device, CUDA asked for but not available, or a CUDA
+            index beyond the visible devices.
     """
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                             f"are visible")
     return dev
 
 

@@ -336,3 +336,24 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("one", "ddp"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resolve_device_gives_cuda_devices_their_index(monkeypatch):
+    """"cuda" / "auto" resolve to the current CUDA device with its index (``set_per_process_memory_fraction``, used
+    by the memory budget, rejects an index-less device); an index beyond the visible devices is a ValueError."""
+    from hmedn_fast.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
