@@ -37,6 +37,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _uncapped_gpu(request):
+    """A CUDA test that trains under a memory budget caps the process (``set_per_process_memory_fraction``); lift
+    the cap afterwards so that the tests after it get the whole GPU."""
+    yield
+    if "cuda" in request.keywords and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
+
+
 @pytest.fixture
 def interpreter_suite():
     """Run a test file's non-cuda tests again in a subprocess with TRITON_INTERPRET=1 (it must be set before
