@@ -62,6 +62,38 @@ def test_failed_capture_resets_and_keeps_out_of_memory_visible(monkeypatch, rais
         assert "while capturing" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
 
 
+class _RecordingStep(GraphedStep):
+    """A GraphedStep that runs its step eagerly (any device) and logs resets and calls in ``events``."""
+
+    def __init__(self, step, events):
+        super().__init__(step)
+        self.events = events  # after the constructor's own reset
+
+    def __call__(self, *inputs):
+        self.events.append("step")
+        return self.step(*inputs)
+
+    def reset(self):
+        getattr(self, "events", []).append("reset")
+        super().reset()
+
+
+def test_trainer_frees_the_graph_before_each_validation(tmp_path, monkeypatch):
+    """The graph's private pool keeps the training step's peak reserved, where validation could not allocate (under
+    a memory budget most of the cap): the trainer frees the graph before validating, and training captures again."""
+    trainer = Trainer(TrainConfig(
+        data="phantom", out=str(tmp_path / "run"), model="hmedn_2d", phantom_cases=6, phantom_size=32,
+        overrides=dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
+                       dropout=0.0), epochs=3, steps_per_epoch=2, batch_size=2, val_every=2, threads=1,
+        progress=False, device="cpu"))
+    events = []
+    trainer.step_fn = _RecordingStep(trainer._step_tensors, events)
+    validate = trainer.validate
+    monkeypatch.setattr(trainer, "validate", lambda: (events.append("validate"), validate())[1])
+    trainer.fit()
+    assert events == ["step", "step", "step", "step", "reset", "validate", "step", "step", "reset", "validate"]
+
+
 # --------------------------------------------------------------------------------------------------- GPU
 def _deterministic():
     torch.backends.cudnn.benchmark = False

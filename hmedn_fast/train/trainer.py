@@ -103,7 +103,8 @@ class TrainConfig:
             sets ``torch.backends.cudnn.benchmark`` for the process).
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
             after two eager steps and replay it (:class:`hmedn_fast.train.graphed.GraphedStep`): no per-kernel
-            launch cost on the host; the step's peak memory stays reserved. ``None`` (default): on wherever it can
+            launch cost on the host; the step's peak memory stays reserved between steps (the graph is freed
+            before each validation and captured again after it). ``None`` (default): on wherever it can
             run, i.e. one process on a CUDA device, precision fp32 / bf16, no ``compile`` (with ``memory_budget``
             too: the planner's trial steps run eagerly, and a capture that runs out of memory escalates
             checkpointing like an eager step does, then warms up and captures again); ``True`` forces it
@@ -560,6 +561,11 @@ class Trainer:
         row.update({f"train_{k}": v / max(pos["count"], 1) for k, v in pos["sums"].items()})
         improved = False
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            if isinstance(self.step_fn, GraphedStep):
+                # the graph's private pool keeps the training step's peak reserved, where validation could not use
+                # it (under a memory budget it is most of the cap); the next step warms up and captures again
+                self.step_fn.reset()
+                torch.cuda.empty_cache()
             if self.ctx.is_main:
                 row.update(self.validate())
                 if row["val_dice_mean"] > self.best["score"]:
