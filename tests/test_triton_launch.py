@@ -36,6 +36,55 @@ def test_int_helpers_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b)
 
 
+class _OnSecondGpu(torch.Tensor):
+    """A CPU tensor that reports CUDA device 1 (what the launcher's key reads)."""
+
+    def get_device(self):
+        return 1
+
+
+def test_launches_run_with_the_tensors_device_current(monkeypatch):
+    """Triton loads and launches a kernel on the current device; a launch over tensors of another GPU (cuda:1
+    while cuda:0 is current) must switch to it for the first (compiling) and the cached launches, and leave the
+    current device as it was. Devices are simulated: the current device is a variable, torch.cuda.device sets it."""
+    import contextlib
+
+    state = {"current": 0, "switches": 0}
+
+    @contextlib.contextmanager
+    def device(index):
+        before, state["current"] = state["current"], index
+        state["switches"] += 1
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+
+    class FakeJit:
+        arg_names = ["x", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                seen.append(("compile", state["current"]))
+                return object()
+            return launch
+
+    monkeypatch.setattr(FastLauncher, "_run", staticmethod(lambda kernel, grid, full: seen.append(
+        ("cached", state["current"]))))
+    fast = FastLauncher(FakeJit())
+    x = torch.randn(8).as_subclass(_OnSecondGpu)
+    fast((1,), x, BLOCK=8)
+    fast((1,), x, BLOCK=8)
+    assert seen == [("compile", 1), ("cached", 1)] and state == {"current": 0, "switches": 2}
+    monkeypatch.setattr(_OnSecondGpu, "get_device", lambda self: 0)
+    fast((1,), torch.randn(8).as_subclass(_OnSecondGpu), BLOCK=8)
+    assert seen[-1] == ("compile", 0) and state["switches"] == 2  # already current: no switch
+
+
 @pytest.mark.cuda
 def test_repeat_launches_equal_plain_launches():
     """Scale-and-shift kernel over strided views: every specialisation (alignment, stride 1 or not, sizes

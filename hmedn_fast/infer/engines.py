@@ -202,7 +202,8 @@ class CompiledEngine(Engine):
             self.graph = None
             if cuda_graph:
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(self.graph):
+                # capture (and replay, in run) on the current device, which must be the engine's (e.g. cuda:1)
+                with torch.cuda.device(self.device), torch.inference_mode(), torch.cuda.graph(self.graph):
                     self.static_output = fn(self.static_input)
         finally:
             torch.backends.cudnn.benchmark = benchmark
@@ -225,7 +226,8 @@ class CompiledEngine(Engine):
         n = x.shape[0]
         self.static_input[:n].copy_(x)
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.device):
+                self.graph.replay()
             outs = self.static_output
         else:
             with torch.inference_mode():

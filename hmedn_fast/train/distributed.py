@@ -39,10 +39,13 @@ class DistContext:
 
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group described by torchrun's environment (nccl on CUDA, gloo on the CPU), or return
-    a single-process context when ``WORLD_SIZE`` is unset or 1. On CUDA each rank uses ``cuda:LOCAL_RANK``."""
+    a single-process context when ``WORLD_SIZE`` is unset or 1. On CUDA each rank uses ``cuda:LOCAL_RANK``; a single
+    process makes its device (``device``, resolved) the current one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world <= 1:
+        if dev.type == "cuda":  # e.g. cuda:1: kernels, streams and graphs that use the current device follow
+            torch.cuda.set_device(dev)
         return DistContext(0, 1, dev)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":

@@ -10,7 +10,9 @@ Key per argument (a superset of Triton's specialisation, so two calls with one k
 tensors: dtype and 16-byte alignment of the data pointer (plus, once per launch, the device index of the first
 tensor: one launch's tensors share a device); ints: value 1 or not, divisibility
 by 16, and 32- or 64-bit range; bools, None and constexprs: their value; floats: only their type.
-On the CPU (``TRITON_INTERPRET=1``) or whenever ``FastLauncher.enabled`` is False it is a plain launch.
+On the CPU (``TRITON_INTERPRET=1``) or whenever ``FastLauncher.enabled`` is False it is a plain launch. Either
+way a launch runs with the tensors' device current (Triton loads and launches on the current device), so the
+ops work on any GPU of a machine, as PyTorch ops do.
 """
 from __future__ import annotations
 
@@ -78,10 +80,22 @@ class FastLauncher:
         self.cache: dict[tuple, tuple[Any, tuple]] = {}
 
     def __call__(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
-        if INTERPRET or not FastLauncher.enabled:
+        if INTERPRET:
             self.fn[grid](*args, **constexprs)
             return
         key = (_args_key(args), tuple(constexprs.items()))
+        device = key[0][-1]  # the first tensor's device index
+        if device is not None and device >= 0 and device != torch.cuda.current_device():
+            # Triton loads and launches kernels on the current device: make it the tensors' (e.g. cuda:1)
+            with torch.cuda.device(device):
+                self._launch(key, grid, args, constexprs)
+        else:
+            self._launch(key, grid, args, constexprs)
+
+    def _launch(self, key: tuple, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any]) -> None:
+        if not FastLauncher.enabled:
+            self.fn[grid](*args, **constexprs)
+            return
         hit = self.cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches

@@ -1,0 +1,96 @@
+"""Our ops, graphed steps, inference engines and the trainer on the second GPU of a machine (cuda:1) while cuda:0
+is the current device: Triton launches, CUDA-graph captures and replays must follow the tensors' device, as
+PyTorch ops do. Needs two GPUs (e.g. the nvidia-h100-x2 machine); skips otherwise."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                 reason="needs two CUDA GPUs")]
+
+
+@pytest.fixture(autouse=True)
+def first_gpu_current():
+    before = torch.cuda.current_device()
+    torch.cuda.set_device(0)
+    yield
+    torch.cuda.set_device(before)
+
+
+def test_triton_norm_and_loss_on_the_second_gpu():
+    from hmedn_fast.ops.loss import difficulty_guided_loss
+    from hmedn_fast.ops.norm_act import norm_act
+
+    dev = torch.device("cuda", 1)
+    x = torch.randn(2, 16, 12, 12, 12, device=dev).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.rand(16, device=dev) + 0.5, torch.randn(16, device=dev)
+    grads = {}
+    for backend in ("triton", "reference"):
+        xi = x.clone().requires_grad_(True)
+        out = norm_act(xi, w, b, kind="batch", backend=backend)
+        out.square().sum().backward()
+        grads[backend] = (out.detach(), xi.grad)
+    assert torch.cuda.current_device() == 0
+    for got, want in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    logits = torch.randn(2, 3, 10, 11, 12, device=dev)
+    labels = torch.randint(0, 3, (2, 10, 11, 12), device=dev, dtype=torch.uint8)
+    weight = torch.rand(2, 10, 11, 12, device=dev) + 1.0
+    losses = {}
+    for backend in ("triton", "reference"):
+        z = logits.clone().requires_grad_(True)
+        loss = difficulty_guided_loss(z, labels, weight, backend=backend)
+        loss.backward()
+        losses[backend] = (loss.detach(), z.grad)
+    for got, want in zip(losses["triton"], losses["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_steps_and_engine_on_the_second_gpu():
+    from hmedn_fast.infer.engines import CompiledEngine, EagerEngine
+    from hmedn_fast.models import create_model
+    from hmedn_fast.train.graphed import GraphedStep
+
+    dev = torch.device("cuda", 1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+                              torch.nn.Conv3d(8, 3, 3, padding=1)).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device=dev), fused=True, capturable=True)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    fn = GraphedStep(step)
+    x, y = torch.randn(2, 2, 8, 8, 8, device=dev), torch.randint(0, 3, (2, 8, 8, 8), device=dev)
+    losses = [float(fn(x, y)) for _ in range(5)]
+    assert fn.captures == 1 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert torch.cuda.current_device() == 0
+
+    model = create_model("hmedn_3d_l2", widths=(4, 8, 12, 16), growth_rates=4, num_layers=2, hr_channels=4,
+                         hr_blocks=2).eval().to(dev)
+    v = torch.randn(2, 4, 16, 16, 16, device=dev)
+    ref = EagerEngine(model, device=dev, fuse=False)(v)[0]
+    got = CompiledEngine(model, (16, 16, 16), batch=2, device=dev, dtype=torch.float32, compile=False)(v)[0]
+    assert got.device == dev and (got - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_trainer_on_the_second_gpu(tmp_path):
+    from hmedn_fast.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(
+        data="phantom", out=str(tmp_path / "run"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
+        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False, device="cuda:1"))
+    assert trainer.device == torch.device("cuda", 1) and trainer.cuda_graph
+    trainer.fit()
+    assert math.isfinite(trainer.history[-1]["train_loss"])
+    assert next(trainer.net.parameters()).device == torch.device("cuda", 1)
