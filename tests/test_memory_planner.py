@@ -61,6 +61,16 @@ def test_plan_takes_the_cheapest_level_that_fits(level):
     assert len(plan.trials) == len(fake.calls)
 
 
+def test_plan_shows_its_trials_in_a_progress_bar(capsys):
+    budget = int(_peak("blocks", (64, 64, 64), 2) / 0.9) + 1
+    plan_memory(budget, (64, 64, 64), 2, FakeGPU(), progress=True)
+    err = capsys.readouterr().err
+    assert "memory plan (0.27 GiB budget): 3trial" in err
+    assert f"blocks 64x64x64 batch 2: {_peak('blocks', (64, 64, 64), 2) / 2**30:.2f} GiB" in err
+    plan_memory(budget, (64, 64, 64), 2, FakeGPU())
+    assert capsys.readouterr().err == ""
+
+
 def test_plan_halves_the_batch_then_shrinks_the_patch():
     leanest = LEVELS[-1]
     budget = int(_peak(leanest, (64, 64, 64), 1) / 0.9) + 1

@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hmedn_fast.nn.blocks import DenseBlock
 from hmedn_fast.nn.dense_lean import supported as lean_dense_supported
@@ -114,7 +115,7 @@ def _smaller_patches(patch: tuple[int, ...], multiple: int, min_size: int):
 
 def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, measure: Measure,
                 levels: Sequence[str] = LEVELS, multiple: int = 16, min_size: int = 16,
-                headroom: float = 0.1) -> MemoryPlan:
+                headroom: float = 0.1, progress: bool = False) -> MemoryPlan:
     """Choose checkpointing level, batch and patch size under ``budget_bytes`` (see the module doc).
 
     Args:
@@ -126,6 +127,8 @@ def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, m
         levels: checkpointing levels, least memory-saving first.
         multiple, min_size: patch shrinking step and lower bound per axis.
         headroom: fraction of the budget kept free for allocator fragmentation.
+        progress: a progress bar on stderr, one tick per trial step measured (a trial's first step of a shape
+            times kernels: seconds each at 3D training sizes).
     """
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be a positive int, got {budget_bytes!r}")
@@ -139,7 +142,12 @@ def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, m
     patch = tuple(int(p) for p in patch_size)
     trials: list[dict] = []
 
+    bar = tqdm(desc=f"memory plan ({budget_bytes / 2**30:.2f} GiB budget)", unit="trial", disable=not progress,
+               leave=False)
+
     def fits(level: str, p: tuple[int, ...], b: int) -> MemoryPlan | None:
+        trial = f"{level} {'x'.join(map(str, p))} batch {b}"
+        bar.set_postfix_str(trial)
         try:
             peak = int(measure(level, p, b))
         except torch.OutOfMemoryError:
@@ -148,24 +156,30 @@ def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, m
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         trials.append({"level": level, "patch_size": list(p), "batch_size": b, "peak_bytes": peak})
+        bar.update()
+        bar.set_postfix_str(f"{trial}: " + ("out of memory" if peak is None else f"{peak / 2**30:.2f} GiB"))
         if peak is not None and peak <= limit:
             return MemoryPlan(level, p, b, peak, budget_bytes, trials)
         return None
 
-    for level in levels:
-        if plan := fits(level, patch, batch_size):
-            return plan
-    leanest = levels[-1]
-    b = batch_size
-    while b > 1:
-        b = max(b // 2, 1)
-        if plan := fits(leanest, patch, b):
-            return plan
-    for p in _smaller_patches(patch, multiple, min_size):
-        if plan := fits(leanest, p, b):
-            return plan
-    raise ValueError(f"no configuration fits the memory budget of {budget_bytes / 2**30:.2f} GiB "
-                     f"(with {headroom:.0%} headroom); trials: {trials}")
+    def search() -> MemoryPlan:
+        for level in levels:
+            if plan := fits(level, patch, batch_size):
+                return plan
+        leanest = levels[-1]
+        b = batch_size
+        while b > 1:
+            b = max(b // 2, 1)
+            if plan := fits(leanest, patch, b):
+                return plan
+        for p in _smaller_patches(patch, multiple, min_size):
+            if plan := fits(leanest, p, b):
+                return plan
+        raise ValueError(f"no configuration fits the memory budget of {budget_bytes / 2**30:.2f} GiB "
+                         f"(with {headroom:.0%} headroom); trials: {trials}")
+
+    with bar:
+        return search()
 
 
 class OOMEscalator:

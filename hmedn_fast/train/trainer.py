@@ -397,7 +397,8 @@ class Trainer:
         budget = memory.parse_memory_budget(self.config.memory_budget, total)
         measure = memory.cuda_step_measurer(self._build_model, self.loss_fn, self.in_channels, self.num_classes,
                                             self.device, self.autocast_dtype, self.memory_format)
-        plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure)
+        plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure,
+                                  progress=self.config.progress and self.ctx.is_main)
         torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), self.device)
         self.memory_plan = asdict(plan)
         self.checkpoint_level, self.patch_size, self.batch_size = plan.level, plan.patch_size, plan.batch_size
