@@ -2,7 +2,9 @@
 trainer's lean mode, against MONAI DynUNet (bf16) in the same run, and the largest trainable cube under an 8 GiB
 cap. (The 2-GPU DDP comparison is benchmarks/gpu_ddp.py.)
 
-    python benchmarks/gpu_train.py --out DIR [--iters 10] [--norm-ab]
+    python benchmarks/gpu_train.py --out DIR [--iters 10] [--norm-ab] [--part all|steps|cubes] [--tag TAG]
+
+(On an H100 host all of it takes ~8 minutes: ``--part steps`` and ``--part cubes`` split it into two records.)
 
 A step = forward (under autocast for bf16) + loss + backward + AdamW step, on a fixed random batch. hmedn_3d_l2
 uses the trainer's loss, :class:`hmedn_fast.losses.HMEDNLoss` (weight and contour targets made from the labels
