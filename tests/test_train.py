@@ -218,7 +218,7 @@ def test_cuda_graph_option_must_be_bool_or_none(tmp_path):
 def test_cuda_graph_is_on_by_default_where_it_can_run(tmp_path, kw, precision, world, expected):
     """The trainer's automatic choice (cuda_graph=None) on a CUDA device: on for one process with fp32 / bf16, no
     compile (a memory budget included); an explicit option wins. Never on the CPU."""
-    from hmedn_fast.train.trainer import automatic_cuda_graph, default_checkpointing
+    from hmedn_fast.train.config import automatic_cuda_graph, default_checkpointing
     cfg = _config(tmp_path, **kw)
     assert automatic_cuda_graph(cfg, torch.device("cuda", 0), world, precision) is expected
     if cfg.cuda_graph is None:

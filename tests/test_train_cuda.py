@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from hmedn_fast.train import TrainConfig, Trainer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterable
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

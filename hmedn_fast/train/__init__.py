@@ -3,6 +3,7 @@ memory planner and data-parallel (torchrun) support."""
 from __future__ import annotations
 
 from .memory import MemoryPlan, parse_memory_budget, plan_memory
-from .trainer import NonFiniteLossError, TrainConfig, Trainer
+from .config import TrainConfig
+from .trainer import NonFiniteLossError, Trainer
 
 __all__ = ["MemoryPlan", "NonFiniteLossError", "TrainConfig", "Trainer", "parse_memory_budget", "plan_memory"]

@@ -8,7 +8,7 @@ A checkpoint is the :func:`hmedn_fast.models.io.model_record` of the model (so `
 - ``position``: ``{"epoch", "step"}`` = the next step to run (step 0 of an epoch after an epoch end), and
   the running sums of the epoch's losses so far, so the epoch's logged mean is the uninterrupted one;
 - ``history`` (per-epoch log rows), ``best`` (best validation score and its epoch), ``nonfinite``
-  (steps skipped so far), ``config`` (the :class:`~hmedn_fast.train.trainer.TrainConfig` as a dict),
+  (steps skipped so far), ``config`` (the :class:`~hmedn_fast.train.config.TrainConfig` as a dict),
   ``split`` (train / validation case names), ``memory_plan`` and ``spacing`` / ``slices`` / ``spatial_dims``
   of the data.
 

@@ -1,6 +1,6 @@
 """``hmedn train``: command-line front end of :class:`hmedn_fast.train.trainer.Trainer`.
 
-Every :class:`~hmedn_fast.train.trainer.TrainConfig` option is a flag (``--steps-per-epoch``,
+Every :class:`~hmedn_fast.train.config.TrainConfig` option is a flag (``--steps-per-epoch``,
 ``--memory-budget 8GiB``, ``--resume``, ...); model constructor overrides are ``--set key=value`` (values read
 as Python literals, e.g. ``--set widths=(8,16,32,64) --set norm=instance``). Multi-GPU:
 ``torchrun --nproc_per_node=2 -m hmedn_fast.train.cli ...`` (or ``hmedn train`` under torchrun). Also runnable as
@@ -17,7 +17,8 @@ import sys
 from typing import Any, Sequence
 
 from hmedn_fast.train.memory import LEVELS
-from hmedn_fast.train.trainer import MEMORY_FORMATS, PRECISIONS, SCHEDULES, NonFiniteLossError, TrainConfig, jsonable
+from hmedn_fast.train.config import MEMORY_FORMATS, PRECISIONS, SCHEDULES, TrainConfig
+from hmedn_fast.train.trainer import NonFiniteLossError, jsonable
 
 _HELP = {
     "data": "'phantom', an MSD folder (imagesTr/, labelsTr/) or a PNG folder (images/, labels/)",

@@ -250,7 +250,7 @@ def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_
         model = build(level).to(device, memory_format=memory_format).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-        def step() -> None:  # a function, so that nothing of one step is alive during the next
+        def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:  # nothing of one step lives into the next
             x = torch.randn(batch, in_channels, *patch, device=device).contiguous(memory_format=memory_format)
             y = torch.randint(0, num_classes, (batch, *patch), device=device, dtype=torch.uint8)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -261,10 +261,10 @@ def cuda_step_measurer(build: Callable[[str], nn.Module], loss_fn: Callable, in_
 
         try:
             for _ in range(steps - 1):
-                step()
+                step(model, opt)
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            step()
+            step(model, opt)
             torch.cuda.synchronize(device)
             return int(torch.cuda.max_memory_allocated(device))
         finally:
