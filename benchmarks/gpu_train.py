@@ -310,7 +310,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="a subset of the settings (the voxel target needs lean and eager_fp32 in the cube part)")
-    parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON name (train_<card>_<tag>.json; default: the "
+                                                  "part, unless all)")
     parser.add_argument("--part", choices=("all", "steps", "cubes"), default="all",
                         help="steps: smoke check, step times and the lean profile; cubes: the largest cubes under "
                              "8 GiB (all of it takes ~8 min on an H100 host: two calls fit a 10-minute limit)")
@@ -339,7 +340,8 @@ def main() -> None:
                            "monai": monai_version, "python": platform.python_version()},
               "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30, "configs": list(configs)}
     slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
-    path = args.out / f"train_{slug}{'_' + args.tag if args.tag else ''}.json"
+    tag = args.tag or ("" if args.part == "all" else args.part)  # the two parts never overwrite each other
+    path = args.out / f"train_{slug}{'_' + tag if tag else ''}.json"
     result["part"] = args.part
     steps = result["step"] = {}
     cubes = result["largest_cube_8gib"] = {}

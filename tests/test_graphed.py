@@ -27,7 +27,7 @@ class _FakeCapture:
     """Stands in for ``torch.cuda.graph`` on the CPU: ending a capture interrupted by an exception raises an error of
     its own (as ending an invalidated stream capture may), chained to the interrupting one."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, stream=None):
         pass
 
     def __enter__(self):
@@ -49,6 +49,7 @@ def test_failed_capture_resets_and_keeps_out_of_memory_visible(monkeypatch, rais
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: None)
 
     def step(x):
         raise raised
@@ -78,20 +79,32 @@ class _RecordingStep(GraphedStep):
         super().reset()
 
 
-def test_trainer_frees_the_graph_before_each_validation(tmp_path, monkeypatch):
-    """The graph's private pool keeps the training step's peak reserved, where validation could not allocate (under
-    a memory budget most of the cap): the trainer frees the graph before validating, and training captures again."""
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_trainer_frees_the_graph_before_each_validation_under_a_budget(tmp_path, monkeypatch, budgeted):
+    """The graph's private pool keeps the training step's peak reserved, where validation cannot allocate; under a
+    memory budget (most of the cap) the trainer frees the graph and the gradients before validating, and training
+    captures again. Without a budget the graph stays."""
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "run"), model="hmedn_2d", phantom_cases=6, phantom_size=32,
         overrides=dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
                        dropout=0.0), epochs=3, steps_per_epoch=2, batch_size=2, val_every=2, threads=1,
         progress=False, device="cpu"))
+    if budgeted:  # what the planner leaves (CUDA only); the trainer only asks whether there is one
+        trainer.memory_plan = {"budget_bytes": 2**30}
     events = []
     trainer.step_fn = _RecordingStep(trainer._step_tensors, events)
     validate = trainer.validate
-    monkeypatch.setattr(trainer, "validate", lambda: (events.append("validate"), validate())[1])
+
+    def validating():
+        events.append("validate" if all(p.grad is None for p in trainer.net.parameters()) else "validate (grads)")
+        return validate()
+
+    monkeypatch.setattr(trainer, "validate", validating)
     trainer.fit()
-    assert events == ["step", "step", "step", "step", "reset", "validate", "step", "step", "reset", "validate"]
+    if budgeted:
+        assert events == ["step"] * 4 + ["reset", "validate"] + ["step"] * 2 + ["reset", "validate"]
+    else:
+        assert events == ["step"] * 4 + ["validate (grads)"] + ["step"] * 2 + ["validate (grads)"]
 
 
 # --------------------------------------------------------------------------------------------------- GPU

@@ -16,9 +16,11 @@ pytestmark = [pytest.mark.cuda,
 @pytest.fixture(autouse=True)
 def first_gpu_current():
     before = torch.cuda.current_device()
+    benchmark, deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     torch.cuda.set_device(0)
     yield
     torch.cuda.set_device(before)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
 
 
 def test_triton_norm_and_loss_on_the_second_gpu():
@@ -52,28 +54,48 @@ def test_triton_norm_and_loss_on_the_second_gpu():
 
 
 def test_graphed_steps_and_engine_on_the_second_gpu():
+    """A graph captured on cuda:0 first, then steps on cuda:1 replayed from a graph equal the same steps run eagerly
+    (deterministic cuDNN: bitwise), and a graphed inference engine on cuda:1 matches the eager one."""
     from hmedn_fast.infer.engines import CompiledEngine, EagerEngine
     from hmedn_fast.models import create_model
     from hmedn_fast.train.graphed import GraphedStep
 
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+    def make(dev):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(8, 3, 3, padding=1)).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device=dev), fused=True, capturable=True)
+
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return net, step
+
+    first = GraphedStep(make(torch.device("cuda", 0))[1])  # the process's first capture is on cuda:0
+    x0, y0 = torch.randn(2, 2, 8, 8, 8, device="cuda:0"), torch.randint(0, 3, (2, 8, 8, 8), device="cuda:0")
+    for _ in range(4):
+        first(x0, y0)
+    assert first.captures == 1
+
     dev = torch.device("cuda", 1)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
-                              torch.nn.Conv3d(8, 3, 3, padding=1)).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device=dev), fused=True, capturable=True)
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    fn = GraphedStep(step)
-    x, y = torch.randn(2, 2, 8, 8, 8, device=dev), torch.randint(0, 3, (2, 8, 8, 8), device=dev)
-    losses = [float(fn(x, y)) for _ in range(5)]
-    assert fn.captures == 1 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert torch.cuda.current_device() == 0
+    g = torch.Generator(dev).manual_seed(3)
+    batches = [(torch.randn(2, 2, 8, 8, 8, device=dev, generator=g),
+                torch.randint(0, 3, (2, 8, 8, 8), device=dev, generator=g)) for _ in range(6)]
+    runs = []
+    for graphed in (False, True):
+        net, step = make(dev)
+        fn = GraphedStep(step) if graphed else step
+        losses = [float(fn(x, y)) for x, y in batches]
+        runs.append((losses, [t.detach().clone() for t in (*net.parameters(), *net.buffers())], fn))
+    (la, wa, _), (lb, wb, fn) = runs
+    assert fn.captures == 1 and lb == la and torch.cuda.current_device() == 0
+    for a, b in zip(wa, wb):
+        assert torch.equal(a, b)
 
     model = create_model("hmedn_3d_l2", widths=(4, 8, 12, 16), growth_rates=4, num_layers=2, hr_channels=4,
                          hr_blocks=2).eval().to(dev)

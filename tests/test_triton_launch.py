@@ -43,6 +43,7 @@ class _OnSecondGpu(torch.Tensor):
         return 1
 
 
+@pytest.mark.not_interpreted  # the interpreter launches plainly, on the CPU
 def test_launches_run_with_the_tensors_device_current(monkeypatch):
     """Triton loads and launches a kernel on the current device; a launch over tensors of another GPU (cuda:1
     while cuda:0 is current) must switch to it for the first (compiling) and the cached launches, and leave the
@@ -60,7 +61,7 @@ def test_launches_run_with_the_tensors_device_current(monkeypatch):
         finally:
             state["current"] = before
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: state["current"], raising=False)  # not in CPU builds
     monkeypatch.setattr(torch.cuda, "device", device)
     seen = []
 
@@ -73,13 +74,13 @@ def test_launches_run_with_the_tensors_device_current(monkeypatch):
                 return object()
             return launch
 
-    monkeypatch.setattr(FastLauncher, "_run", staticmethod(lambda kernel, grid, full: seen.append(
-        ("cached", state["current"]))))
+    monkeypatch.setattr(FastLauncher, "_run", staticmethod(lambda kernel, grid, full, dev: seen.append(
+        ("cached", state["current"], dev))))
     fast = FastLauncher(FakeJit())
     x = torch.randn(8).as_subclass(_OnSecondGpu)
     fast((1,), x, BLOCK=8)
     fast((1,), x, BLOCK=8)
-    assert seen == [("compile", 1), ("cached", 1)] and state == {"current": 0, "switches": 2}
+    assert seen == [("compile", 1), ("cached", 1, 1)] and state == {"current": 0, "switches": 2}
     monkeypatch.setattr(_OnSecondGpu, "get_device", lambda self: 0)
     fast((1,), torch.randn(8).as_subclass(_OnSecondGpu), BLOCK=8)
     assert seen[-1] == ("compile", 0) and state["switches"] == 2  # already current: no switch

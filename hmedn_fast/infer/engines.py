@@ -202,8 +202,9 @@ class CompiledEngine(Engine):
             self.graph = None
             if cuda_graph:
                 self.graph = torch.cuda.CUDAGraph()
-                # capture (and replay, in run) on the current device, which must be the engine's (e.g. cuda:1)
-                with torch.cuda.device(self.device), torch.inference_mode(), torch.cuda.graph(self.graph):
+                # captured on a stream of the engine's device (torch.cuda.graph's default capture stream is one per
+                # process, on whichever device was current at the first capture)
+                with torch.inference_mode(), torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
                     self.static_output = fn(self.static_input)
         finally:
             torch.backends.cudnn.benchmark = benchmark
@@ -226,8 +227,7 @@ class CompiledEngine(Engine):
         n = x.shape[0]
         self.static_input[:n].copy_(x)
         if self.graph is not None:
-            with torch.cuda.device(self.device):
-                self.graph.replay()
+            self.graph.replay()  # on the device it was captured on
             outs = self.static_output
         else:
             with torch.inference_mode():

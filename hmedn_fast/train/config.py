@@ -58,8 +58,8 @@ class TrainConfig:
             sets ``torch.backends.cudnn.benchmark`` for the process).
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
             after two eager steps and replay it (:class:`hmedn_fast.train.graphed.GraphedStep`): no per-kernel
-            launch cost on the host; the step's peak memory stays reserved between steps (the graph is freed
-            before each validation and captured again after it). ``None`` (default): on wherever it can
+            launch cost on the host; the step's peak memory stays reserved between steps (under a
+            ``memory_budget`` the graph is freed before each validation and captured again after it). ``None`` (default): on wherever it can
             run, i.e. one process on a CUDA device, precision fp32 / bf16, no ``compile`` (with ``memory_budget``
             too: the planner's trial steps run eagerly, and a capture that runs out of memory escalates
             checkpointing like an eager step does, then warms up and captures again); ``True`` forces it

@@ -109,8 +109,9 @@ class GraphedStep:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph allocates from its own pool
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # a capture stream of the inputs' device (torch.cuda.graph's default is one stream per process, made
+            # on whichever device was current at the process's first capture)
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 self._output = self.step(*self._inputs)
         except Exception as err:
             self.reset()  # the next call warms up and captures anew

@@ -83,19 +83,19 @@ class FastLauncher:
         if INTERPRET:
             self.fn[grid](*args, **constexprs)
             return
-        key = (_args_key(args), tuple(constexprs.items()))
-        device = key[0][-1]  # the first tensor's device index
-        if device is not None and device >= 0 and device != torch.cuda.current_device():
+        device = next((a.get_device() for a in args if isinstance(a, torch.Tensor)), -1)  # one launch, one device
+        if device >= 0 and device != torch._C._cuda_getDevice():
             # Triton loads and launches kernels on the current device: make it the tensors' (e.g. cuda:1)
             with torch.cuda.device(device):
-                self._launch(key, grid, args, constexprs)
+                self._launch(device, grid, args, constexprs)
         else:
-            self._launch(key, grid, args, constexprs)
+            self._launch(device, grid, args, constexprs)
 
-    def _launch(self, key: tuple, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any]) -> None:
+    def _launch(self, device: int, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any]) -> None:
         if not FastLauncher.enabled:
             self.fn[grid](*args, **constexprs)
             return
+        key = (_args_key(args), tuple(constexprs.items()))
         hit = self.cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches
@@ -103,20 +103,19 @@ class FastLauncher:
             return
         kernel, tail = hit
         try:
-            self._run(kernel, grid, (*args, *tail))
+            self._run(kernel, grid, (*args, *tail), device)
         except (TypeError, AttributeError, ImportError) as err:  # a Triton whose launcher API differs
             FastLauncher.enabled = False
             warnings.warn(f"hmedn_fast: direct Triton launches disabled ({err!r}); using kernel[grid](...)")
             self.fn[grid](*args, **constexprs)
 
     @staticmethod
-    def _run(kernel: Any, grid: tuple[int, ...], full: tuple) -> None:
+    def _run(kernel: Any, grid: tuple[int, ...], full: tuple, device: int) -> None:
         """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later), on the current stream of
-        the first tensor argument's device."""
+        ``device`` (the tensor arguments')."""
         if knobs is None:
             raise ImportError("triton.knobs (Triton >= 3.4)")
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-        device = next(a for a in full if isinstance(a, torch.Tensor)).get_device()
         stream = driver.active.get_current_stream(device)
         kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
                    kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
