@@ -52,6 +52,18 @@ def test_triton_norm_and_loss_on_the_second_gpu():
     for got, want in zip(losses["triton"], losses["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
+    from hmedn_fast.ops import measured
+    from hmedn_fast.ops.conv import conv_forward
+    measured.forget()
+    torch.backends.cudnn.benchmark = True  # the automatic backend is timed (Triton vs cuDNN) on cuda:1's inputs
+    x = torch.randn(1, 16, 24, 24, 24, device=dev, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.randn(16, 16, 3, 3, 3, device=dev, dtype=torch.bfloat16) * 0.1
+    got = conv_forward(x, w, (1, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+    want = torch.nn.functional.conv3d(x.float(), w.float(), None, 1, 1)
+    assert got.device == dev and len(measured.remembered()) == 1 and torch.cuda.current_device() == 0
+    assert (got.float() - want).abs().max() < 2e-2 * want.abs().max()
+
 
 def test_graphed_steps_and_engine_on_the_second_gpu():
     """A graph captured on cuda:0 first, then steps on cuda:1 replayed from a graph equal the same steps run eagerly

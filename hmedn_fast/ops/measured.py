@@ -17,6 +17,7 @@ leaves the static rule in charge for that call and the signature is timed again 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Hashable, Mapping
 
 import torch
@@ -68,12 +69,15 @@ def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: 
     remembered = _CHOICES.get(key)
     if remembered is not None:
         return remembered
-    if not can_measure(*tensors):
-        return default
-    try:
-        times = {name: _time_ms(run, reps) for name, run in runners.items()}
-    except torch.cuda.OutOfMemoryError:  # timing must not fail where the default alone would run: not remembered
-        return default
+    device = next((t.device for t in tensors if t.is_cuda), None)
+    # the capture check, the events and the GPU hold act on the current device: make it the inputs' (e.g. cuda:1)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        if not can_measure(*tensors):
+            return default
+        try:
+            times = {name: _time_ms(run, reps) for name, run in runners.items()}
+        except torch.cuda.OutOfMemoryError:  # timing must not fail where the default alone would run: not remembered
+            return default
     _CHOICES[key] = best = min(times, key=times.__getitem__)
     return best
 
