@@ -162,7 +162,7 @@ def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, m
             return MemoryPlan(level, p, b, peak, budget_bytes, trials)
         return None
 
-    def search() -> MemoryPlan:
+    with bar:
         for level in levels:
             if plan := fits(level, patch, batch_size):
                 return plan
@@ -175,11 +175,8 @@ def plan_memory(budget_bytes: int, patch_size: Sequence[int], batch_size: int, m
         for p in _smaller_patches(patch, multiple, min_size):
             if plan := fits(leanest, p, b):
                 return plan
-        raise ValueError(f"no configuration fits the memory budget of {budget_bytes / 2**30:.2f} GiB "
-                         f"(with {headroom:.0%} headroom); trials: {trials}")
-
-    with bar:
-        return search()
+    raise ValueError(f"no configuration fits the memory budget of {budget_bytes / 2**30:.2f} GiB "
+                     f"(with {headroom:.0%} headroom); trials: {trials}")
 
 
 class OOMEscalator:

@@ -253,7 +253,7 @@ class Trainer:
             try:
                 return self._step(images, labels)
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._free_step_memory()
                 level = self.escalator.escalate()
                 if level is None:
                     raise
@@ -261,10 +261,15 @@ class Trainer:
                               f"and retrying", RuntimeWarning, stacklevel=2)
                 memory.set_checkpointing(self.net, level)
                 self.checkpoint_level = level
-                if isinstance(self.step_fn, GraphedStep):
-                    self.step_fn.reset()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+
+    def _free_step_memory(self) -> None:
+        """Drop what the training step holds between steps: the gradients, the CUDA graph and its pool (the next
+        step warms up and captures again, e.g. at a new checkpointing level) and the allocator's cached blocks."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.step_fn, GraphedStep):
+            self.step_fn.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float] | None:
         *vals, finite = self.step_fn(images, labels).tolist()  # the step's one host synchronisation
@@ -383,11 +388,9 @@ class Trainer:
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             if self.memory_plan is not None and isinstance(self.step_fn, GraphedStep):
                 # the graph's private pool keeps the training step's peak reserved, where validation cannot use it:
-                # under a memory budget that is most of the cap. Free it (gradients included); the next training
-                # step warms up and captures again. Without a budget the graph stays (recapturing costs ~2 %).
-                self.step_fn.reset()
-                self.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                # under a memory budget that is most of the cap. Without a budget the graph stays (recapturing
+                # costs ~2 % of an epoch).
+                self._free_step_memory()
             if self.ctx.is_main:
                 row.update(self.validate())
                 if row["val_dice_mean"] > self.best["score"]:
