@@ -82,15 +82,14 @@ class GraphedStep:
                               "(the step runs eagerly for the warm-up steps)", RuntimeWarning, stacklevel=2)
             self.reset()
             self._signature = signature
-        with torch.cuda.device(inputs[0].device):  # capture and replay run on the current device: the inputs'
-            if self._graph is None:
-                if self._warm < self.warmup:
-                    self._warm += 1
-                    return self._eager(inputs)
-                self._capture(inputs)
-            for buffer, t in zip(self._inputs, inputs):
-                buffer.copy_(t)
-            self._graph.replay()
+        if self._graph is None:  # warm-up and capture run on streams of the inputs' device; replay on the graph's
+            if self._warm < self.warmup:
+                self._warm += 1
+                return self._eager(inputs)
+            self._capture(inputs)
+        for buffer, t in zip(self._inputs, inputs):
+            buffer.copy_(t)
+        self._graph.replay()
         return self._output
 
     def _eager(self, inputs: tuple[Tensor, ...]) -> Any:

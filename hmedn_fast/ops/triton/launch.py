@@ -8,7 +8,7 @@ key that captures everything Triton specialises on, and later calls the compiled
 
 Key per argument (a superset of Triton's specialisation, so two calls with one key always run one binary):
 tensors: dtype and 16-byte alignment of the data pointer (plus, once per launch, the device index of the first
-tensor: one launch's tensors share a device); ints: value 1 or not, divisibility
+tensor, which the launch also makes current: one launch's tensors share a device); ints: value 1 or not, divisibility
 by 16, and 32- or 64-bit range; bools, None and constexprs: their value; floats: only their type.
 On the CPU (``TRITON_INTERPRET=1``) or whenever ``FastLauncher.enabled`` is False it is a plain launch. Either
 way a launch runs with the tensors' device current (Triton loads and launches on the current device), so the
@@ -46,7 +46,6 @@ def _args_key(args: tuple) -> tuple:
     """One key entry per kernel argument (see the module docstring); a flat loop, as it runs on every launch."""
     out = []
     add = out.append
-    device = None
     for a in args:
         t = type(a)
         if t is int:
@@ -57,11 +56,8 @@ def _args_key(args: tuple) -> tuple:
             add(a)
         elif isinstance(a, torch.Tensor):
             add((a.dtype, not a.data_ptr() & 15))
-            if device is None:
-                device = a.get_device()
         else:
             raise TypeError(f"FastLauncher: unsupported kernel argument type {t.__name__}")
-    add(device)
     return tuple(out)
 
 
@@ -95,7 +91,7 @@ class FastLauncher:
         if not FastLauncher.enabled:
             self.fn[grid](*args, **constexprs)
             return
-        key = (_args_key(args), tuple(constexprs.items()))
+        key = (device, _args_key(args), tuple(constexprs.items()))
         hit = self.cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches
