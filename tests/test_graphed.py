@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from _tiny_models import TINY_2D, TINY_3D
 from hmedn_fast.train import TrainConfig, Trainer
 from hmedn_fast.train.graphed import GraphedStep
 
@@ -86,8 +87,7 @@ def test_trainer_frees_the_graph_before_each_validation_under_a_budget(tmp_path,
     captures again. Without a budget the graph stays."""
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "run"), model="hmedn_2d", phantom_cases=6, phantom_size=32,
-        overrides=dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
-                       dropout=0.0), epochs=3, steps_per_epoch=2, batch_size=2, val_every=2, threads=1,
+        overrides=TINY_2D, epochs=3, steps_per_epoch=2, batch_size=2, val_every=2, threads=1,
         progress=False, device="cpu"))
     if budgeted:  # what the planner leaves (CUDA only); the trainer only asks whether there is one
         trainer.memory_plan = {"budget_bytes": 2**30}
@@ -161,7 +161,7 @@ def test_cuda_replayed_steps_equal_eager_steps():
 def _trainer(tmp_path, graph: bool) -> Trainer:
     return Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / str(graph)), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
-        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        overrides=TINY_3D,
         num_classes=4, epochs=1, steps_per_epoch=8, batch_size=1, augment=False, progress=False,
         checkpointing="lean", cuda_graph=graph, cudnn_benchmark=False))
 
@@ -202,7 +202,7 @@ def test_trainer_defaults_to_lean_steps_replayed_from_a_cuda_graph(tmp_path):
     replayed from a CUDA graph) and trains."""
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "auto"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
-        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        overrides=TINY_3D,
         num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False))
     assert trainer.cuda_graph is True and trainer.checkpoint_level == "lean"
     assert isinstance(trainer.step_fn, GraphedStep)
@@ -217,8 +217,7 @@ def test_trainer_resumes_an_eager_run_with_cuda_graph_steps(tmp_path):
     """A run trained without the CUDA graph and resumed with the default (graph on) captures and trains on: the
     optimizer groups loaded from the checkpoint become capturable."""
     kw = dict(data="phantom", out=str(tmp_path / "run"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
-              overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2,
-                             dropout=0.0), num_classes=4, steps_per_epoch=3, batch_size=1, progress=False)
+              overrides=TINY_3D, num_classes=4, steps_per_epoch=3, batch_size=1, progress=False)
     Trainer(TrainConfig(**kw, epochs=1, cuda_graph=False)).fit()
     trainer = Trainer(TrainConfig(**kw, epochs=2, resume=True))
     assert trainer.cuda_graph is True
@@ -236,7 +235,7 @@ def test_memory_budget_steps_replay_a_cuda_graph_and_a_capture_out_of_memory_esc
     budget = 2 * 2**30
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "budget"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
-        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        overrides=TINY_3D,
         num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False, memory_budget=str(budget)))
     assert trainer.cuda_graph is True and isinstance(trainer.step_fn, GraphedStep)
     planned = trainer.checkpoint_level

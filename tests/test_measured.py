@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _simulated_gpu import SimulatedDevices, on_gpu
 from hmedn_fast.ops import measured
 
 
@@ -107,43 +108,18 @@ def test_out_of_memory_while_timing_falls_back_to_the_default(monkeypatch):
     assert measured.remembered() == {}  # timed again next time
 
 
-class _OnSecondGpu(torch.Tensor):
-    """A CPU tensor that says it lives on cuda:1 (what the choice reads)."""
-
-    @property
-    def is_cuda(self):
-        return True
-
-    @property
-    def device(self):
-        return torch.device("cuda", 1)
-
-
 def test_timing_runs_with_the_inputs_device_current(monkeypatch):
     """The capture check, the CUDA events and the GPU hold of a timing act on the current device: inputs on cuda:1
     while cuda:0 is current must be timed with cuda:1 current (else the events time an idle device), and the current
-    device is restored. Devices simulated: the current device is a variable, torch.cuda.device sets it."""
-    import contextlib
-
-    state = {"current": 0}
-
-    @contextlib.contextmanager
-    def device(dev):
-        before, state["current"] = state["current"], torch.device(dev).index
-        try:
-            yield
-        finally:
-            state["current"] = before
-
+    device is restored. Devices are simulated (tests/_simulated_gpu.py)."""
+    devices = SimulatedDevices(monkeypatch)
     seen = []
-    monkeypatch.setattr(torch.cuda, "device", device)
-    monkeypatch.setattr(measured, "can_measure", lambda *t: seen.append(("check", state["current"])) or True)
+    monkeypatch.setattr(measured, "can_measure", lambda *t: seen.append(("check", devices.current)) or True)
 
     def timer(run, reps):
-        seen.append(("time", state["current"]))
+        seen.append(("time", devices.current))
         return {"a": 2.0, "b": 1.0}[run()]
 
     monkeypatch.setattr(measured, "_time_ms", timer)
-    x = torch.randn(4).as_subclass(_OnSecondGpu)
-    assert measured.choice(("op", 9), {"a": lambda: "a", "b": lambda: "b"}, "a", (x,)) == "b"
-    assert seen == [("check", 1), ("time", 1), ("time", 1)] and state["current"] == 0
+    assert measured.choice(("op", 9), {"a": lambda: "a", "b": lambda: "b"}, "a", (on_gpu(1),)) == "b"
+    assert seen == [("check", 1), ("time", 1), ("time", 1)] and devices.current == 0

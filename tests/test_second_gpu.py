@@ -118,11 +118,12 @@ def test_graphed_steps_and_engine_on_the_second_gpu():
 
 
 def test_trainer_on_the_second_gpu(tmp_path):
+    from _tiny_models import TINY_3D
     from hmedn_fast.train import TrainConfig, Trainer
 
     trainer = Trainer(TrainConfig(
         data="phantom", out=str(tmp_path / "run"), model="hmedn_3d_l2", phantom_cases=4, phantom_size=32,
-        overrides=dict(widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=2, dropout=0.0),
+        overrides=TINY_3D,
         num_classes=4, epochs=1, steps_per_epoch=4, batch_size=1, progress=False, device="cuda:1"))
     assert trainer.device == torch.device("cuda", 1) and trainer.cuda_graph
     trainer.fit()

@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from _tiny_models import TINY_2D
 from hmedn_fast.models.io import load_model
 from hmedn_fast.train import NonFiniteLossError, TrainConfig, Trainer
 from hmedn_fast.train.checkpoint import load_checkpoint
 from hmedn_fast.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_2D = dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
-               dropout=0.0)
 
 
 @pytest.fixture(autouse=True)

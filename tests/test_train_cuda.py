@@ -6,12 +6,11 @@ import math
 
 import pytest
 
+from _tiny_models import TINY_2D
 from hmedn_fast.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.cuda
 
-TINY_2D = dict(widths=(8, 16, 32, 32), growth_rates=8, num_layers=2, hr_stage=2, hr_channels=8, hr_blocks=2,
-               dropout=0.0)
 
 
 def _config(tmp_path, **kw) -> TrainConfig:

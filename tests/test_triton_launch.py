@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from _simulated_gpu import SimulatedDevices, on_gpu  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher, _args_key, cdiv, next_power_of_2  # noqa: E402
 
 
@@ -36,33 +37,12 @@ def test_int_helpers_match_triton():
             assert cdiv(a, b) == triton.cdiv(a, b)
 
 
-class _OnSecondGpu(torch.Tensor):
-    """A CPU tensor that reports CUDA device 1 (what the launcher's key reads)."""
-
-    def get_device(self):
-        return 1
-
-
 @pytest.mark.not_interpreted  # the interpreter launches plainly, on the CPU
 def test_launches_run_with_the_tensors_device_current(monkeypatch):
     """Triton loads and launches a kernel on the current device; a launch over tensors of another GPU (cuda:1
     while cuda:0 is current) must switch to it for the first (compiling) and the cached launches, and leave the
-    current device as it was. Devices are simulated: the current device is a variable, torch.cuda.device sets it."""
-    import contextlib
-
-    state = {"current": 0, "switches": 0}
-
-    @contextlib.contextmanager
-    def device(index):
-        before, state["current"] = state["current"], index
-        state["switches"] += 1
-        try:
-            yield
-        finally:
-            state["current"] = before
-
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: state["current"], raising=False)  # not in CPU builds
-    monkeypatch.setattr(torch.cuda, "device", device)
+    current device as it was. Devices are simulated (tests/_simulated_gpu.py)."""
+    devices = SimulatedDevices(monkeypatch)
     seen = []
 
     class FakeJit:
@@ -70,20 +50,19 @@ def test_launches_run_with_the_tensors_device_current(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
-                seen.append(("compile", state["current"]))
+                seen.append(("compile", devices.current))
                 return object()
             return launch
 
     monkeypatch.setattr(FastLauncher, "_run", staticmethod(lambda kernel, grid, full, dev: seen.append(
-        ("cached", state["current"], dev))))
+        ("cached", devices.current, dev))))
     fast = FastLauncher(FakeJit())
-    x = torch.randn(8).as_subclass(_OnSecondGpu)
+    x = on_gpu(1)
     fast((1,), x, BLOCK=8)
     fast((1,), x, BLOCK=8)
-    assert seen == [("compile", 1), ("cached", 1, 1)] and state == {"current": 0, "switches": 2}
-    monkeypatch.setattr(_OnSecondGpu, "get_device", lambda self: 0)
-    fast((1,), torch.randn(8).as_subclass(_OnSecondGpu), BLOCK=8)
-    assert seen[-1] == ("compile", 0) and state["switches"] == 2  # already current: no switch
+    assert seen == [("compile", 1), ("cached", 1, 1)] and (devices.current, devices.switches) == (0, 2)
+    fast((1,), on_gpu(0), BLOCK=8)
+    assert seen[-1] == ("compile", 0) and devices.switches == 2  # already current: no switch
 
 
 @pytest.mark.cuda
