@@ -78,6 +78,49 @@ def test_lean_dense_block_equals_eager_float64(shape, channels_last, affine, mom
 
 
 @pytest.mark.not_interpreted
+@pytest.mark.parametrize("limit", [1, 5, 8, 100])
+@pytest.mark.parametrize("affine", [True, False])
+def test_lean_dense_block_channel_groups_equal_eager_float64(limit, affine):
+    """replay_channels: the backward takes each layer's input in groups of at most ``limit`` channels (the last
+    group narrower when it does not divide the layer's 6, 10 or 14 channels); the same outputs, gradients and
+    running statistics as the eager block."""
+    ref, lean = _blocks(6, 4, 3, 3, affine=affine)
+    lean.replay_channels = limit
+    x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12)
+
+
+@pytest.mark.not_interpreted
+def test_lean_dense_block_channel_groups_hold_less():
+    """The widest layer's backward temporaries (its input's replay copy, activation and input gradient: at least
+    three tensors as wide as the replayed group) shrink from the layer's 32 input channels to 8 with
+    replay_channels=8; the peak of live bytes over the backward drops by at least 3 x 24 channels."""
+    from _live_bytes import LiveBytes
+
+    _, lean = _blocks(8, 8, 4, 3)  # layer inputs: 8, 16, 24, 32 channels
+    x = torch.randn(1, 8, 12, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    gy = torch.randn(1, 40, 12, 12, 12, dtype=torch.float64)
+    peaks = {}
+    for limit in (None, 8):
+        lean.replay_channels = limit
+        y = lean(x.clone().requires_grad_())
+        with LiveBytes() as m:
+            y.backward(gy)
+        peaks[limit] = m.peak
+    assert peaks[None] - peaks[8] >= 3 * 24 * 12**3 * 8
+
+
+@pytest.mark.not_interpreted
+def test_replay_channels_rejects_bad_values():
+    block = DenseBlock(4, 4, 2, 3)
+    for bad in (0, -2, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="replay_channels"):
+            block.replay_channels = bad
+    block.replay_channels = 16
+    assert block.replay_channels == 16
+
+
+@pytest.mark.not_interpreted
 def test_lean_dense_block_parameters_only_and_fallbacks():
     """x without grad (parameters only); instance-norm blocks and eval without grad run the eager path."""
     ref, lean = _blocks(5, 3, 2, 3)
@@ -141,6 +184,17 @@ def test_lean_dense_block_triton_engine(monkeypatch, shape, channels_last):
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.interpreted
+def test_lean_dense_block_triton_engine_channel_groups(monkeypatch):
+    """Triton norm engine (forced) with replay_channels=4: each group replays and differentiates with its channels'
+    saved coefficients and norm parameters, and adds into its slice of the gradient buffer; equals the eager block."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
+    lean.replay_channels = 4
+    x = torch.randn(2, 6, 3, 4, 5).to(memory_format=torch.channels_last_3d)
     _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
 
 
@@ -229,14 +283,18 @@ def test_lean_dense_block_leaves_visible_gradients_alone(monkeypatch):
 
 
 @pytest.mark.interpreted
-def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch):
+@pytest.mark.parametrize("limit", [None, 8])
+def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch, limit):
     """Triton engine (forced): when layer i's backward replays its activation, the tensors layer i+1's backward made
     (its replayed activation, its output-gradient copy, its input gradient: up to c_(i+1) channels each) are gone,
-    so they never sit beside layer i's at the backward's peak."""
+    so they never sit beside layer i's at the backward's peak; only layer i's output-gradient copy (made before
+    its replay) is alive. With replay_channels=8 the same holds for every group: the layer inputs of 8, 16, 24 and 32
+    channels replay in 1, 2, 3 and 4 groups, each after the previous group's activation and input gradient are gone."""
     import weakref
     from hmedn_fast.nn import dense_lean
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     _, lean = _blocks(8, 8, 4, 3, dtype=torch.float32)
+    lean.replay_channels = limit
     x = torch.randn(1, 8, 6, 6, 6).to(memory_format=torch.channels_last_3d).requires_grad_()
     w = torch.randn(1, 40, 6, 6, 6).to(memory_format=torch.channels_last_3d)
     y = lean(x)
@@ -259,8 +317,9 @@ def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch)
     monkeypatch.setattr(dense_lean, "conv_input_grad", recorded(dense_lean.conv_input_grad))
     monkeypatch.setattr(dense_lean, "_dense", recorded(dense_lean._dense))
     (y * w).sum().backward()
-    assert len(made) == 3 * 4 + 1  # per layer: activation, output-gradient copy, input gradient; then gx
-    assert alive_at_replay == [0, 0, 0, 0]
+    groups = 4 if limit is None else 1 + 2 + 3 + 4
+    assert len(made) == 2 * groups + 4 + 1  # per group: activation, input gradient; per layer: output-gradient copy; gx
+    assert alive_at_replay == [1] * groups
 
 
 @pytest.mark.not_interpreted
@@ -278,16 +337,20 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.cuda
-def test_cuda_lean_dense_block_full_resolution(monkeypatch):
+@pytest.mark.parametrize("limit", [None, 32])
+def test_cuda_lean_dense_block_full_resolution(monkeypatch, limit):
     """A full-resolution dense block of hmedn_3d_l2 (16 -> 80 channels at 80^3, channels-last) in float32 with the
     eager block's norms on the Triton backend too (the lean block takes Triton on CUDA at every size; the eager block
     only from 2^22 elements, and two BatchNorm implementations differ in the last bits, which flips ReLU masks of
     near-zero activations and then single gradient elements by O(1)): the same kernels on a shared buffer must
-    give the eager block's outputs, gradients and running statistics (measured bitwise equal)."""
+    give the eager block's outputs, gradients and running statistics (measured bitwise equal without channel
+    groups; with replay_channels=32, as the "stages" level, the layers of 48, 64 and 80 input channels run
+    backward in 2, 2 and 3 groups)."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
+    lean.replay_channels = limit
     ref, lean = ref.cuda().to(memory_format=torch.channels_last_3d), lean.cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 16, 80, 80, 80, device="cuda").to(memory_format=torch.channels_last_3d)
     _compare(ref, lean, x, rtol=1e-6, atol_scale=1e-6)

@@ -205,10 +205,13 @@ def test_checkpointing_levels_keep_batchnorm_running_statistics():
             torch.testing.assert_close(states[level][k], v, rtol=1e-12, atol=1e-14, msg=f"{level} {k}")
 
 
-def test_stages_level_recomputes_the_first_stage_without_random_numbers():
-    """With dropout on, "stages" (first stage recomputed in backward) gives the "blocks" level's loss, gradients,
-    running statistics and RNG state after the step: the dropout masks are drawn once, outside the recomputed part,
-    and the recomputation draws nothing."""
+def test_stages_level_recomputes_the_first_stage_without_random_numbers(monkeypatch):
+    """With dropout on, "stages" (first stage recomputed in backward, the full-resolution dense blocks' backward in
+    channel groups: 4 channels here, so that the 4 -> 8 channel blocks take 1 and 2 groups) gives the "blocks"
+    level's loss, gradients, running statistics and RNG state after the step: the dropout masks are drawn once,
+    outside the recomputed part, and the recomputation draws nothing."""
+    from hmedn_fast.train import memory
+    monkeypatch.setattr(memory, "STAGES_REPLAY_CHANNELS", 4)
     base = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
                         hr_channels=4, hr_blocks=2, dropout=0.3).double().train()
     x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
@@ -225,6 +228,24 @@ def test_stages_level_recomputes_the_first_stage_without_random_numbers():
         torch.testing.assert_close(gb[name], g, rtol=1e-10, atol=1e-12, msg=name)
     for k, v in sd_a.items():
         torch.testing.assert_close(sd_b[k], v, rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_stages_level_groups_the_full_resolution_dense_blocks_backward():
+    """"stages" sets replay_channels on the distilling pathway's two full-resolution dense blocks (encoder and
+    decoder stage 0) and on no other; the other levels clear it."""
+    from hmedn_fast.nn.blocks import DenseBlock
+    from hmedn_fast.train.memory import STAGES_REPLAY_CHANNELS
+    model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
+                         hr_channels=4, hr_blocks=2)
+    net = model.net
+    full = {id(net.enc[0][0]), id(net.dec[0][0])}
+    dense = [m for m in model.modules() if isinstance(m, DenseBlock)]
+    assert len(dense) > 2 and full <= {id(m) for m in dense}
+    set_checkpointing(model, "stages")
+    assert [m.replay_channels for m in dense] == [STAGES_REPLAY_CHANNELS if id(m) in full else None for m in dense]
+    for level in ("blocks", "none"):
+        set_checkpointing(model, level)
+        assert all(m.replay_channels is None for m in dense)
 
 
 def test_step_measurer_needs_a_warm_up_step():

@@ -79,6 +79,12 @@ class _AtenNorm:
     def saved(self) -> tuple[Tensor, ...]:
         return self.mean, self.invstd
 
+    def group(self, g0: int, g1: int, x: Tensor) -> "_AtenNorm":
+        """This engine restricted to channels ``[g0, g1)`` (BatchNorm is per channel: the same results)."""
+        e = object.__new__(_AtenNorm)
+        e.mean, e.invstd, e.train, e.eps, e.a = self.mean[g0:g1], self.invstd[g0:g1], self.train, self.eps, None
+        return e
+
 
 class _TritonNorm:
     """BatchNorm + ReLU through the fused Triton kernels (:mod:`hmedn_fast.ops.triton.norm`), which read the
@@ -108,6 +114,15 @@ class _TritonNorm:
 
     def saved(self) -> tuple[Tensor, ...]:
         return (self.coef,)
+
+    def group(self, g0: int, g1: int, x: Tensor) -> "_TritonNorm":
+        """This engine restricted to channels ``[g0, g1)``, whose slice of the buffer is ``x``."""
+        e = object.__new__(_TritonNorm)
+        e.kernels, e.batch_stats, e.a = self.kernels, self.batch_stats, None
+        e.coef = self.coef[:, :, g0:g1].contiguous()
+        x, xs = e.kernels.flat(x)
+        e.geo = e.kernels.geometry(tuple(x.shape), xs, None, "batch", 1, self.batch_stats)
+        return e
 
 
 class LeanDenseBlock(torch.autograd.Function):
@@ -157,34 +172,70 @@ class LeanDenseBlock(torch.autograd.Function):
         else:
             gbuf = gout.to(dtype=out.dtype, memory_format=ctx.fmt, copy=True)  # one copy, whatever the dtypes
         grads: list[Tensor | None] = [None] * len(params)
+        limit = ctx.block.replay_channels
         c = out.shape[1]
         for i in reversed(range(len(layers))):
             layer, engine = layers[i], engines[i]
             g = layer.conv.out_channels
             c -= g
             weight, bias, conv_weight = params[3 * i:3 * i + 3]
-            inp = engine.prepare(out[:, :c])
-            with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
-                a = engine.replay(inp, weight, bias)
-            gf = _dense(gbuf[:, c:c + g], autocast_dtype if autocast_on else conv_weight.dtype, ctx.fmt)
-            a_dtype = a.dtype
-            if engine.needs_activation:
-                ga, gw = _conv_backward(gf, a, conv_weight, layer.conv, True, need[4 + 3 * i])
-            else:  # weight gradient first, then the activation is freed before the input gradient is allocated
-                _, gw = _conv_backward(gf, a, conv_weight, layer.conv, False, need[4 + 3 * i])
-                a = None
-                conv = layer.conv
-                ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
-            gf = None
             need_w = need[2 + 3 * i] and weight is not None
             need_b = need[3 + 3 * i] and bias is not None
-            gnw, gnb = engine.backward(ga.to(a_dtype), inp, a, weight, need_w, need_b, gbuf[:, :c])
+            gf = _dense(gbuf[:, c:c + g], autocast_dtype if autocast_on else conv_weight.dtype, ctx.fmt)
+            parts = []
+            for g0, g1 in _channel_groups(c, limit):
+                whole = g1 - g0 == c
+                eng = engine if whole else engine.group(g0, g1, out[:, g0:g1])
+                w_g, b_g, cw_g = ((weight, bias, conv_weight) if whole else
+                                  (_part(weight, g0, g1), _part(bias, g0, g1), conv_weight[:, g0:g1].contiguous()))
+                parts.append(_layer_backward(eng, out[:, g0:g1], gf, w_g, b_g, cw_g, layer.conv, need[4 + 3 * i],
+                                             need_w, need_b, gbuf[:, g0:g1], ctx.autocast))
+                # each group's temporaries (replayed activation, input gradient: g1 - g0 channels) are gone before
+                # the next group's; those of the whole layer are gone before the next (narrower) layer's
+            gf = None
+            gnw, gnb, gw = _joined([p[0] for p in parts], 0), _joined([p[1] for p in parts], 0), _joined(
+                [p[2] for p in parts], 1)
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
-            # free this layer's temporaries before the next (narrower) layer allocates its own: held over, the
-            # c-channel input gradient and activation would sit beside the next layer's at the backward's peak
-            ga = a = inp = None
         gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt) if need[0] else None
         return (gx, None, *grads)
+
+
+def _layer_backward(engine, x: Tensor, gf: Tensor, weight: Tensor | None, bias: Tensor | None, conv_weight: Tensor,
+                    conv: nn.Module, need_cw: bool, need_w: bool, need_b: bool, gx: Tensor,
+                    autocast: tuple) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One layer's backward over the buffer channels ``x`` (all of its input, or a group of them with the engine,
+    norm parameters and convolution weight columns restricted to it): replays norm + ReLU, adds the input gradient
+    to ``gx``; returns the norm weight, norm bias and convolution weight gradients (None where not needed)."""
+    dev, autocast_on, autocast_dtype = autocast
+    inp = engine.prepare(x)
+    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
+        a = engine.replay(inp, weight, bias)
+    a_dtype = a.dtype
+    if engine.needs_activation:
+        ga, gw = _conv_backward(gf, a, conv_weight, conv, True, need_cw)
+    else:  # weight gradient first, then the activation is freed before the input gradient is allocated
+        _, gw = _conv_backward(gf, a, conv_weight, conv, False, need_cw)
+        a = None
+        ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+    gnw, gnb = engine.backward(ga.to(a_dtype), inp, a, weight, need_w, need_b, gx)
+    return gnw if need_w else None, gnb if need_b else None, gw
+
+
+def _channel_groups(c: int, limit: int | None) -> list[tuple[int, int]]:
+    """``[0, c)`` in consecutive ranges of at most ``limit`` channels (one range without a limit)."""
+    step = c if limit is None else limit
+    return [(g0, min(g0 + step, c)) for g0 in range(0, c, step)]
+
+
+def _part(t: Tensor | None, g0: int, g1: int) -> Tensor | None:
+    return None if t is None else t[g0:g1]
+
+
+def _joined(parts: list[Tensor | None], dim: int) -> Tensor | None:
+    """The channel groups' gradients of one parameter as one tensor (None when not computed)."""
+    if parts[0] is None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _dense(src: Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
