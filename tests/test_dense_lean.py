@@ -81,43 +81,46 @@ def test_lean_dense_block_equals_eager_float64(shape, channels_last, affine, mom
 @pytest.mark.parametrize("limit", [1, 5, 8, 100])
 @pytest.mark.parametrize("affine", [True, False])
 def test_lean_dense_block_channel_groups_equal_eager_float64(limit, affine):
-    """replay_channels: the backward takes each layer's input in groups of at most ``limit`` channels (the last
-    group narrower when it does not divide the layer's 6, 10 or 14 channels); the same outputs, gradients and
-    running statistics as the eager block."""
+    """group_channels: forward and backward take each layer's input in groups of at most ``limit`` channels (the
+    last group narrower when it does not divide the layer's 6, 10 or 14 channels); the same outputs, gradients and
+    running statistics (a group's statistics update its channels' running statistics) as the eager block."""
     ref, lean = _blocks(6, 4, 3, 3, affine=affine)
-    lean.replay_channels = limit
+    lean.group_channels = limit
     x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
     _compare(ref, lean, x, rtol=1e-10, atol_scale=1e-12)
 
 
 @pytest.mark.not_interpreted
 def test_lean_dense_block_channel_groups_hold_less():
-    """The widest layer's backward temporaries (its input's replay copy, activation and input gradient: at least
-    three tensors as wide as the replayed group) shrink from the layer's 32 input channels to 8 with
-    replay_channels=8; the peak of live bytes over the backward drops by at least 3 x 24 channels."""
+    """The widest layer's temporaries shrink from its 32 input channels to 8 with group_channels=8: in the forward
+    its activation (at least 24 channels less at the peak of live bytes), in the backward its input's replay copy,
+    activation and input gradient (at least 3 x 24 channels less)."""
     from _live_bytes import LiveBytes
 
     _, lean = _blocks(8, 8, 4, 3)  # layer inputs: 8, 16, 24, 32 channels
     x = torch.randn(1, 8, 12, 12, 12, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
     gy = torch.randn(1, 40, 12, 12, 12, dtype=torch.float64)
+    channel = 12**3 * 8
     peaks = {}
     for limit in (None, 8):
-        lean.replay_channels = limit
-        y = lean(x.clone().requires_grad_())
-        with LiveBytes() as m:
+        lean.group_channels = limit
+        with LiveBytes() as fwd:
+            y = lean(x.clone().requires_grad_())
+        with LiveBytes() as bwd:
             y.backward(gy)
-        peaks[limit] = m.peak
-    assert peaks[None] - peaks[8] >= 3 * 24 * 12**3 * 8
+        peaks[limit] = fwd.peak, bwd.peak
+    assert peaks[None][0] - peaks[8][0] >= 24 * channel
+    assert peaks[None][1] - peaks[8][1] >= 3 * 24 * channel
 
 
 @pytest.mark.not_interpreted
-def test_replay_channels_rejects_bad_values():
+def test_group_channels_rejects_bad_values():
     block = DenseBlock(4, 4, 2, 3)
     for bad in (0, -2, 1.5, True, "8"):
-        with pytest.raises(ValueError, match="replay_channels"):
-            block.replay_channels = bad
-    block.replay_channels = 16
-    assert block.replay_channels == 16
+        with pytest.raises(ValueError, match="group_channels"):
+            block.group_channels = bad
+    block.group_channels = 16
+    assert block.group_channels == 16
 
 
 @pytest.mark.not_interpreted
@@ -189,11 +192,12 @@ def test_lean_dense_block_triton_engine(monkeypatch, shape, channels_last):
 
 @pytest.mark.interpreted
 def test_lean_dense_block_triton_engine_channel_groups(monkeypatch):
-    """Triton norm engine (forced) with replay_channels=4: each group replays and differentiates with its channels'
-    saved coefficients and norm parameters, and adds into its slice of the gradient buffer; equals the eager block."""
+    """Triton norm engine (forced) with group_channels=4: each group is normalised with its own statistics and
+    convolved into the layer's channels, replays and differentiates with its channels' saved coefficients and norm
+    parameters, and adds into its slice of the gradient buffer; equals the eager block."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
-    lean.replay_channels = 4
+    lean.group_channels = 4
     x = torch.randn(2, 6, 3, 4, 5).to(memory_format=torch.channels_last_3d)
     _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
 
@@ -288,13 +292,13 @@ def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch,
     """Triton engine (forced): when layer i's backward replays its activation, the tensors layer i+1's backward made
     (its replayed activation, its output-gradient copy, its input gradient: up to c_(i+1) channels each) are gone,
     so they never sit beside layer i's at the backward's peak; only layer i's output-gradient copy (made before
-    its replay) is alive. With replay_channels=8 the same holds for every group: the layer inputs of 8, 16, 24 and 32
+    its replay) is alive. With group_channels=8 the same holds for every group: the layer inputs of 8, 16, 24 and 32
     channels replay in 1, 2, 3 and 4 groups, each after the previous group's activation and input gradient are gone."""
     import weakref
     from hmedn_fast.nn import dense_lean
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     _, lean = _blocks(8, 8, 4, 3, dtype=torch.float32)
-    lean.replay_channels = limit
+    lean.group_channels = limit
     x = torch.randn(1, 8, 6, 6, 6).to(memory_format=torch.channels_last_3d).requires_grad_()
     w = torch.randn(1, 40, 6, 6, 6).to(memory_format=torch.channels_last_3d)
     y = lean(x)
@@ -336,6 +340,32 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.not_interpreted
+def test_lean_dense_block_channel_groups_bf16_accuracy():
+    """bf16 autocast (CPU) with a bf16 input, so the buffer is bf16 (as in the models): with group_channels=8 the
+    layers' 16-64 input channels take 2-8 groups, each group's share of a convolution is rounded to bf16 and summed
+    into the bf16 buffer: one more bf16 rounding per group. Neither this nor the eager block is the other bitwise
+    (ReLU masks of near-zero activations flip), so both are compared with a float64 run: the grouped block's
+    relative error must stay bf16-sized (< 0.1) and within 2x the eager block's for the output and every gradient
+    (the worst entry measured 1.25-1.61x over 8 seeds at 12^3 and 20^3; 16-channel groups 1.16-1.24x)."""
+    ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
+    lean.group_channels = 8
+    exact = copy.deepcopy(ref).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 12, 12, 12, generator=g).to(memory_format=torch.channels_last_3d)
+    gy = torch.randn((1, ref.out_channels, 12, 12, 12), generator=g)
+    want = _run(exact, x.double(), gy.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _run(ref, x.bfloat16(), gy.bfloat16())
+        got = _run(lean, x.bfloat16(), gy.bfloat16())
+    assert got[0].dtype == torch.bfloat16
+    pairs = list(zip([*got[:2], *got[2]], [*eager[:2], *eager[2]], [*want[:2], *want[2]]))
+    assert len(pairs) == 2 + 3 * 4
+    for i, (g, e, w) in enumerate(pairs):
+        err_g, err_e = _rel(g, w), _rel(e, w)
+        assert 0 < err_g < 0.1 and err_g <= 2 * err_e, (i, err_g, err_e)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("limit", [None, 32])
 def test_cuda_lean_dense_block_full_resolution(monkeypatch, limit):
@@ -344,26 +374,30 @@ def test_cuda_lean_dense_block_full_resolution(monkeypatch, limit):
     only from 2^22 elements, and two BatchNorm implementations differ in the last bits, which flips ReLU masks of
     near-zero activations and then single gradient elements by O(1)): the same kernels on a shared buffer must
     give the eager block's outputs, gradients and running statistics (measured bitwise equal without channel
-    groups; with replay_channels=32, as the "stages" level, the layers of 48, 64 and 80 input channels run
+    groups; with group_channels=32, as the "stages" level, the layers of 48, 64 and 80 input channels run
     backward in 2, 2 and 3 groups)."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
-    lean.replay_channels = limit
+    lean.group_channels = limit
     ref, lean = ref.cuda().to(memory_format=torch.channels_last_3d), lean.cuda().to(memory_format=torch.channels_last_3d)
     x = torch.randn(1, 16, 80, 80, 80, device="cuda").to(memory_format=torch.channels_last_3d)
     _compare(ref, lean, x, rtol=1e-6, atol_scale=1e-6)
 
 
 @pytest.mark.cuda
-def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch):
+@pytest.mark.parametrize("limit, factor", [(None, 1.1), (32, 2.0)])
+def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch, limit, factor):
     """The same block under bf16 autocast: eager and lean round at different points (the lean block accumulates
     input gradients in float32 inside the norm backward), so neither is bitwise the other. Both are compared
     with a float64 run of the same block: the lean block's error must not exceed the eager block's by more than
-    10 % (on the CPU the lean block was the more accurate one), and the eager error must be bf16-sized."""
+    10 % (on the CPU the lean block was the more accurate one), and the eager error must be bf16-sized. With
+    32-channel groups ("stages") each group's share of a convolution is rounded once more: within 2x (the CPU
+    test's bound)."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
+    lean.group_channels = limit
     ref, lean = ref.cuda().to(memory_format=torch.channels_last_3d), lean.cuda().to(memory_format=torch.channels_last_3d)
     exact = copy.deepcopy(ref).double()
     x = torch.randn(1, 16, 80, 80, 80, device="cuda").to(memory_format=torch.channels_last_3d)
@@ -379,9 +413,12 @@ def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch):
     for i, (g, e, w) in enumerate(pairs):
         err_g, err_e = _rel(g, w), _rel(e, w)
         assert 0 < err_e < 0.1, (i, err_e)
-        assert err_g <= 1.1 * err_e, (i, err_g, err_e)
-    for g, e in zip(got[3], eager[3]):  # running statistics: the forward is the same computation
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        assert err_g <= factor * err_e, (i, err_g, err_e)
+    # running statistics: the same computation without groups; with groups the later layers' inputs differ by the
+    # convolutions' extra roundings
+    rtol, atol = (1e-5, 1e-6) if limit is None else (1e-2, 1e-3)
+    for g, e in zip(got[3], eager[3]):
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
 
 
 @pytest.mark.cuda

@@ -108,9 +108,11 @@ class DenseBlock(nn.Module):
     ``lean = True`` (set by ``hmedn_fast.train.memory.set_checkpointing`` at the "lean" and "blocks" levels):
     training forwards of BatchNorm blocks run :class:`~hmedn_fast.nn.dense_lean.LeanDenseBlock` (one shared
     buffer, norm + ReLU recomputed in backward; same outputs, gradients and running statistics).
-    ``replay_channels`` (None; an int at the "stages" level): the lean backward replays and differentiates a layer's
-    input in groups of at most this many channels, so its temporaries (the replayed activation, then the input
-    gradient) are that wide instead of the layer's whole input; more, narrower kernel launches.
+    ``group_channels`` (None; an int at the "stages" level): the lean block takes a layer's input in groups of at
+    most this many channels: the forward normalises each group and sums the groups' shares of the convolution
+    into the layer's output channels, the backward replays and differentiates each group, so a layer's temporaries
+    (its activation, its input gradient) are group-wide instead of as wide as its whole input; more, narrower
+    kernel launches, and the convolution's output rounded once per group.
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int, spatial_dims: int = 2,
@@ -123,18 +125,18 @@ class DenseBlock(nn.Module):
             DenseLayer(in_channels + i * growth_rate, growth_rate, spatial_dims, norm) for i in range(num_layers))
         self.out_channels = in_channels + num_layers * growth_rate
         self.lean = False
-        self._replay_channels: int | None = None
+        self._group_channels: int | None = None
 
     @property
-    def replay_channels(self) -> int | None:
-        """Channels per group of the lean backward's replay (None: a layer's whole input at once)."""
-        return self._replay_channels
+    def group_channels(self) -> int | None:
+        """Channels per group of a layer's input in the lean block (None: the whole input at once)."""
+        return self._group_channels
 
-    @replay_channels.setter
-    def replay_channels(self, value: int | None) -> None:
+    @group_channels.setter
+    def group_channels(self, value: int | None) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"replay_channels must be None or a positive int, got {value!r}")
-        self._replay_channels = value
+            raise ValueError(f"group_channels must be None or a positive int, got {value!r}")
+        self._group_channels = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.lean and torch.is_grad_enabled() and lean_dense_supported(self)

@@ -33,11 +33,12 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   transition; :attr:`hmedn_fast.nn.pathways.DistillingPathway.recompute_first_stage`) keeps only its input and is
   recomputed in backward: its dense buffer and the stem's and transition's conv outputs (hmedn_3d_l2 at 128^3:
   80 + 16 + 16 full-resolution channels) are not held while the decoder's full-resolution block runs backward,
-  where the lean step peaks (``docs/decisions/train.md``, stop 19); and the backward of both full-resolution
-  dense blocks replays each layer's input in groups of ``STAGES_REPLAY_CHANNELS`` channels
-  (:attr:`hmedn_fast.nn.blocks.DenseBlock.replay_channels`).
+  where the lean step peaks (``docs/decisions/train.md``, stop 19); and both full-resolution dense blocks take
+  each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels, forward and backward
+  (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`).
 
-Every level gives the same gradients; only memory and time differ.
+Every level gives the same gradients; only memory and time differ (at ``"stages"`` under bf16 autocast up to
+rounding: the grouped full-resolution convolutions round each group's share once more).
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ from hmedn_fast.nn.pathways import DistillingPathway, HRPathway
 from hmedn_fast.nn.recompute import recomputed
 
 LEVELS = ("none", "lean", "blocks", "stages")
-# "stages": the full-resolution dense blocks' backward replays at most this many input channels of a layer at once
-# (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
-STAGES_REPLAY_CHANNELS = 32
+# "stages": the full-resolution dense blocks take at most this many input channels of a layer at once, forward and
+# backward (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
+STAGES_GROUP_CHANNELS = 32
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -227,7 +228,7 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
         elif isinstance(m, DistillingPathway):
             m.recompute_first_stage = _at_least(level, "stages")
             for stage in (m.enc[0], m.dec[0]):  # the full-resolution dense blocks
-                stage[0].replay_channels = STAGES_REPLAY_CHANNELS if _at_least(level, "stages") else None
+                stage[0].group_channels = STAGES_GROUP_CHANNELS if _at_least(level, "stages") else None
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward
