@@ -114,6 +114,64 @@ def test_lean_dense_block_channel_groups_hold_less():
 
 
 @pytest.mark.not_interpreted
+@pytest.mark.parametrize("lean_block", [True, False])
+def test_input_buffer_equals_concatenation(lean_block):
+    """block(block.input_buffer(parts)) equals block(torch.cat(parts, 1)) with the parts' gradients, in float64
+    (parts of two layouts: the buffer takes the first part's); the lean block fills the buffer it was given in place
+    (the output is the buffer) and makes no concatenated tensor: the forward's peak of live bytes is lower by at
+    least the concatenation's size."""
+    from _live_bytes import LiveBytes
+
+    ref, lean = _blocks(6, 4, 3, 3)
+    lean.lean = lean_block
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(2, 4, 5, 6, 7, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last_3d),
+             torch.randn(2, 2, 5, 6, 7, generator=g, dtype=torch.float64)]
+    gy = torch.randn(2, ref.out_channels, 5, 6, 7, generator=g, dtype=torch.float64)
+    results, peaks = [], []
+    for block, via_buffer in ((ref, False), (lean, False), (lean, True)):
+        block.zero_grad()
+        ps = [p.clone().requires_grad_() for p in parts]
+        with LiveBytes() as m:
+            buf = block.input_buffer([ps[0], ps[1]]) if via_buffer else torch.cat(ps, 1)
+            y = block(buf)
+        if via_buffer and lean_block:
+            assert y is buf and y.shape[1] == block.out_channels
+            assert y.is_contiguous(memory_format=torch.channels_last_3d)
+        y.backward(gy)
+        results.append((y, *(p.grad for p in ps), *(q.grad for q in block.parameters())))
+        peaks.append(m.peak)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if lean_block:
+        assert peaks[1] - peaks[2] >= 2 * 6 * 5 * 6 * 7 * 8  # the (2, 6, 5, 6, 7) float64 concatenation
+
+
+@pytest.mark.not_interpreted
+def test_input_buffer_gradcheck():
+    _, lean = _blocks(3, 2, 2, 2)
+    parts = [torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)]
+    params = list(lean.parameters())
+    assert torch.autograd.gradcheck(lambda a, b, *ps: lean(lean.input_buffer([a, b])), (*parts, *params), eps=1e-6,
+                                    atol=1e-6)
+
+
+@pytest.mark.not_interpreted
+def test_dense_block_rejects_wrong_inputs():
+    """A tensor of the wrong channel count, even one of the output's size, is an error (never taken as a buffer and
+    overwritten); a lean buffer given to the block when it does not run lean (no grad) is an error too."""
+    _, lean = _blocks(6, 4, 3, 3)
+    for channels in (5, lean.out_channels):
+        with pytest.raises(ValueError, match="x must be"):
+            lean(torch.randn(1, channels, 4, 4, 4, dtype=torch.float64, requires_grad=True))
+    buf = lean.input_buffer([torch.randn(1, 6, 4, 4, 4, dtype=torch.float64, requires_grad=True)])
+    with torch.no_grad(), pytest.raises(ValueError, match="lean buffer"):
+        lean(buf)
+
+
+@pytest.mark.not_interpreted
 def test_group_channels_rejects_bad_values():
     block = DenseBlock(4, 4, 2, 3)
     for bad in (0, -2, 1.5, True, "8"):
@@ -188,6 +246,25 @@ def test_lean_dense_block_triton_engine(monkeypatch, shape, channels_last):
     if channels_last:
         x = x.to(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
     _compare(ref, lean, x, rtol=1e-4, atol_scale=1e-5)
+
+
+@pytest.mark.interpreted
+def test_lean_dense_block_triton_engine_input_buffer(monkeypatch):
+    """Triton norm engine (forced), the block filling a buffer from input_buffer (two parts, channels-last):
+    outputs and all gradients equal the eager block on the concatenation, in float32."""
+    monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
+    ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    parts = [torch.randn(2, k, 3, 4, 5, generator=g).to(memory_format=torch.channels_last_3d) for k in (4, 2)]
+    gy = torch.randn(2, ref.out_channels, 3, 4, 5, generator=g)
+    results = []
+    for block, make in ((ref, lambda ps: torch.cat(ps, 1)), (lean, lambda ps: lean.input_buffer(ps))):
+        ps = [p.clone().requires_grad_() for p in parts]
+        y = block(make(ps))
+        y.backward(gy)
+        results.append((y, *(p.grad for p in ps), *(q.grad for q in block.parameters())))
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.interpreted

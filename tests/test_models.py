@@ -190,16 +190,27 @@ def test_hmedn_loss_on_odd_sizes_uses_whole_aux_cells():
     torch.testing.assert_close(res.total, main + sum(res.parts[f"aux{i}"] for i in range(4)))
 
 
-def test_decoder_does_not_hold_the_upsampled_features_while_its_stage_runs():
-    """The decoder concatenates the upsampled features with the skip (and the HR features) and runs its stage; the
-    upsampled tensor is not needed after the concatenation, and no reference may keep it alive while the stage's
-    dense block runs (it would add to the forward's peak: 64 MiB at hmedn_3d_l2's 128^3 in bf16)."""
+@pytest.mark.parametrize("level", ["none", "lean"])
+def test_decoder_does_not_hold_the_upsampled_features_while_its_stage_runs(monkeypatch, level):
+    """The decoder stage's input is the upsampled features, the skip (and the HR features) along channels: copied
+    into the lean dense block's buffer ("lean") or concatenated ("none"). The upsampled tensor is not needed after
+    that, and no reference may keep it alive while the stage's dense block runs (it would add to the forward's
+    peak: 64 MiB at hmedn_3d_l2's 128^3 in bf16)."""
     import weakref
+    from hmedn_fast.nn import dense_lean
+    from hmedn_fast.train.memory import set_checkpointing
     model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
                          hr_channels=4, hr_blocks=2).train()
+    set_checkpointing(model, level)
     net, ups, alive = model.net, [], []
     for s in range(net.depth):
         net.up[s].register_forward_hook(lambda m, i, o: ups.append(weakref.ref(o)))
-        net.dec[s][0].layers[0].register_forward_pre_hook(lambda m, i: alive.append(ups[-1]() is not None))
+        if level == "none":
+            net.dec[s][0].layers[0].register_forward_pre_hook(lambda m, i: alive.append(ups[-1]() is not None))
+    if level == "lean":  # the lean block runs no layer module: look when it prepares each layer's norm
+        real = dense_lean.norm_call
+        monkeypatch.setattr(dense_lean, "norm_call", lambda *a, **k: (
+            alive.append(ups[-1]() is not None) if ups else None, real(*a, **k))[1])
     model(torch.randn(1, 4, 16, 16, 16, requires_grad=True)).seg.sum().backward()
-    assert len(alive) == net.depth and not any(alive)
+    per_stage = 1 if level == "none" else 2  # the lean blocks' two layers
+    assert len(alive) == net.depth * per_stage and not any(alive)

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .dense_lean import lean_dense_forward
+from .dense_lean import is_buffer, lean_dense_buffer, lean_dense_forward
 from .dense_lean import supported as lean_dense_supported
 from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
@@ -123,7 +123,7 @@ class DenseBlock(nn.Module):
             check_positive_int(name, v)
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, spatial_dims, norm) for i in range(num_layers))
-        self.out_channels = in_channels + num_layers * growth_rate
+        self.in_channels, self.out_channels = in_channels, in_channels + num_layers * growth_rate
         self.lean = False
         self._group_channels: int | None = None
 
@@ -138,9 +138,26 @@ class DenseBlock(nn.Module):
             raise ValueError(f"group_channels must be None or a positive int, got {value!r}")
         self._group_channels = value
 
+    def input_buffer(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The block input made of ``parts`` along channels (C_in in all), for :meth:`forward`: ``torch.cat(parts,
+        1)``, or, where the block runs lean, a buffer of the output's size (N, C_out, *spatial) whose first C_in
+        channels hold the parts, which the lean block fills in place (no concatenated tensor is made). Pass the
+        parts as a temporary list (``block(block.input_buffer([a, b]))``): nothing then holds them while the block
+        runs."""
+        if self._runs_lean(any(p.requires_grad for p in parts)):
+            return lean_dense_buffer(self, list(parts))
+        return torch.cat(list(parts), 1)
+
+    def _runs_lean(self, input_requires_grad: bool) -> bool:
+        return (self.lean and torch.is_grad_enabled() and lean_dense_supported(self)
+                and (input_requires_grad or any(p.requires_grad for p in self.parameters())))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.lean and torch.is_grad_enabled() and lean_dense_supported(self)
-                and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+        lean, buffer = self._runs_lean(x.requires_grad), is_buffer(x)
+        if x.ndim < 3 or x.shape[1] != (self.out_channels if buffer else self.in_channels) or (buffer and not lean):
+            raise ValueError(f"x must be (N, {self.in_channels}, *spatial) or, for a block running lean, this block's "
+                             f"input_buffer; got shape {tuple(x.shape)}{' (a lean buffer)' if buffer else ''}")
+        if lean:
             return lean_dense_forward(self, x)
         feats = [x]
         for layer in self.layers:

@@ -143,23 +143,64 @@ class _TritonNorm:
         return e
 
 
+class _IntoBuffer(torch.autograd.Function):
+    """``torch.cat(parts, 1)`` written into the first channels of a new (N, C_out, *spatial) buffer for
+    :class:`LeanDenseBlock` to fill (its other channels uninitialised): a block input made of parts (the decoder's
+    upsampled features and skip) is never concatenated into a tensor of its own. Inputs: C_out, the buffer's dtype
+    and memory format, the parts. Backward: each part's gradient as a dense copy of its channels (a view would keep
+    the whole gradient buffer alive for as long as the part's gradient waits to be accumulated)."""
+
+    @staticmethod
+    def forward(ctx, channels: int, dtype: torch.dtype, fmt: torch.memory_format, *parts: Tensor) -> Tensor:
+        x = parts[0]
+        out = torch.empty((x.shape[0], channels, *x.shape[2:]), device=x.device, dtype=dtype, memory_format=fmt)
+        ctx.ranges, c = [], 0
+        for part in parts:
+            copy_channels_(out[:, c:c + part.shape[1]], part)
+            ctx.ranges.append((c, c + part.shape[1], part.dtype, _layout(part)))
+            c += part.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (None, None, None, *(_dense(grad[:, a:b], dtype, fmt) for a, b, dtype, fmt in ctx.ranges))
+
+
+def buffer_format(block: nn.Module, x_dtype: torch.dtype, x: Tensor) -> tuple[torch.dtype, torch.memory_format]:
+    """The lean block's buffer dtype (what ``torch.cat`` of the input and the convolutions' outputs gives: x's dtype
+    promoted with the autocast dtype, or with the weights' dtype without autocast) and memory format (x's)."""
+    dev = x.device.type
+    weight_dtype = block.layers[0].conv.weight.dtype
+    conv_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                  else torch.promote_types(x_dtype, weight_dtype))
+    return torch.promote_types(x_dtype, conv_dtype), _layout(x)
+
+
 class LeanDenseBlock(torch.autograd.Function):
-    """Dense block forward + backward over one shared buffer (module doc). Inputs: x (N, C_in, *spatial), the
+    """Dense block forward + backward over one shared buffer (module doc). Inputs: x, the
     :class:`~hmedn_fast.nn.blocks.DenseBlock`, then per layer its norm weight, norm bias (None without affine)
-    and conv weight. Output: (N, C_in + n g, *spatial), equal to the eager block's, in x's layout and in the
-    dtype ``torch.cat`` would give (x's promoted with the convolutions' output dtype)."""
+    and conv weight. x is the block input (N, C_in, *spatial), or a buffer (N, C_out, *spatial) from
+    :func:`lean_dense_buffer` whose first C_in channels hold it, which is then filled in place and returned.
+    Output: (N, C_out = C_in + n g, *spatial), equal to the eager block's, in x's layout and in the dtype
+    ``torch.cat`` would give (x's promoted with the convolutions' output dtype)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, block: nn.Module, *params: Tensor | None) -> Tensor:
         layers, dev = block.layers, x.device.type
         grad_reuse.prepare()
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        conv_dtype = autocast[2] if autocast[1] else torch.promote_types(x.dtype, params[2].dtype)
         fmt = _layout(x)
-        out = torch.empty((x.shape[0], block.out_channels, *x.shape[2:]), device=x.device,
-                          dtype=torch.promote_types(x.dtype, conv_dtype), memory_format=fmt)
-        copy_channels_(out[:, :x.shape[1]], x)
-        engines, c, limit = [], x.shape[1], block.group_channels
+        c_in = layers[0].norm.num_features
+        ctx.prefilled = is_buffer(x)
+        if ctx.prefilled:
+            out = x
+            ctx.mark_dirty(out)
+        else:
+            dtype, _ = buffer_format(block, x.dtype, x)
+            out = torch.empty((x.shape[0], block.out_channels, *x.shape[2:]), device=x.device, dtype=dtype,
+                              memory_format=fmt)
+            copy_channels_(out[:, :c_in], x)
+        engines, c, limit = [], c_in, block.group_channels
         for layer in layers:
             inp = out[:, :c]
             training = layer.norm.training or layer.norm.running_mean is None
@@ -185,7 +226,7 @@ class LeanDenseBlock(torch.autograd.Function):
                 parts.append(engine)
             engines.append(parts[0] if len(parts) == 1 else engine_cls.joined(parts, inp))
             c += g
-        ctx.block, ctx.engines, ctx.autocast, ctx.fmt, ctx.c_in = block, engines, autocast, fmt, x.shape[1]
+        ctx.block, ctx.engines, ctx.autocast, ctx.fmt, ctx.c_in = block, engines, autocast, fmt, c_in
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(out, *params, *(t for e in engines for t in e.saved()))
         return out
@@ -226,7 +267,12 @@ class LeanDenseBlock(torch.autograd.Function):
             gnw, gnb, gw = _joined([p[0] for p in parts], 0), _joined([p[1] for p in parts], 0), _joined(
                 [p[2] for p in parts], 1)
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
-        gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt) if need[0] else None
+        if not need[0]:
+            gx = None
+        elif ctx.prefilled:  # _IntoBuffer's backward reads the input channels [0, C_in) only
+            gx = gbuf
+        else:
+            gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt)
         return (gx, None, *grads)
 
 
@@ -298,6 +344,26 @@ def _layout(x: Tensor) -> torch.memory_format:
 
 
 def lean_dense_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """The block's output through :class:`LeanDenseBlock` (callers check :func:`supported`)."""
+    """The block's output through :class:`LeanDenseBlock` (callers check :func:`supported`); x is the block input
+    or a buffer from :func:`lean_dense_buffer`."""
     params = [t for layer in block.layers for t in (layer.norm.weight, layer.norm.bias, layer.conv.weight)]
     return LeanDenseBlock.apply(x, block, *params)
+
+
+def lean_dense_buffer(block: nn.Module, parts: list[Tensor]) -> Tensor:
+    """A (N, C_out, *spatial) buffer for :func:`lean_dense_forward` whose first C_in channels hold
+    ``torch.cat(parts, 1)`` (no concatenated tensor is made); its dtype and layout are those the block's own
+    buffer would have for that input."""
+    dtype = parts[0].dtype
+    for part in parts[1:]:
+        dtype = torch.promote_types(dtype, part.dtype)
+    dtype, fmt = buffer_format(block, dtype, parts[0])
+    buf = _IntoBuffer.apply(block.out_channels, dtype, fmt, *parts)
+    buf._hmedn_lean_dense_buffer = True
+    return buf
+
+
+def is_buffer(x: Tensor) -> bool:
+    """Whether x came from :func:`lean_dense_buffer` (then the lean block fills it in place; any other input is
+    copied into a buffer of the block's own, never written to)."""
+    return getattr(x, "_hmedn_lean_dense_buffer", False)
