@@ -258,6 +258,19 @@ def test_resume_takes_this_runs_cuda_graph_setting_for_the_optimizer(tmp_path):
     trainer.fit()
 
 
+def test_resume_a_checkpoint_from_before_an_option_existed(tmp_path):
+    """A checkpoint written before an option existed (sync_bn here) resumes when this run keeps the option's default
+    (the old run behaved as the default), and not when it sets another value."""
+    Trainer(_config(tmp_path, device="cpu")).fit()
+    path = tmp_path / "run" / "last.pt"
+    record = load_checkpoint(path)
+    del record["config"]["sync_bn"]
+    torch.save(record, path)
+    with pytest.raises(ValueError, match="sync_bn"):
+        Trainer(_config(tmp_path, device="cpu", resume=True, epochs=2, sync_bn=False))
+    Trainer(_config(tmp_path, device="cpu", resume=True, epochs=2)).fit()
+
+
 def test_configuration_that_does_not_fit_the_data(tmp_path):
     _write_png(tmp_path / "png")
     with pytest.raises(ValueError, match="3D but the data"):
@@ -356,3 +369,44 @@ def test_resolve_device_gives_cuda_devices_their_index(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_multi_gpu_norms_follow_sync_bn(sync_bn):
+    """Several processes on CUDA: BatchNorm becomes SyncBatchNorm with sync_bn (the default), which the lean dense
+    blocks cannot run (a warning says so and names --no-sync-bn when a lean level is set); sync_bn=False keeps
+    BatchNorm and the lean blocks. One process, or the CPU, never converts. (The conversion only swaps modules,
+    so it is checked here without GPUs on a two-process CUDA context.)"""
+    import warnings
+    from hmedn_fast.nn.blocks import DenseBlock
+    from hmedn_fast.nn.dense_lean import supported
+    from hmedn_fast.train.distributed import DistContext, sync_norms
+    from hmedn_fast.models import create_model
+
+    def model():
+        return create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
+                            hr_channels=4, hr_blocks=2)
+
+    two_gpus = DistContext(rank=0, world_size=2, device=torch.device("cuda", 0))
+    for ctx in (DistContext(0, 1, torch.device("cuda", 0)), DistContext(0, 2, torch.device("cpu"))):
+        m = sync_norms(model(), ctx, True, "lean")
+        assert not any(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())
+    if sync_bn:
+        with pytest.warns(RuntimeWarning, match="--no-sync-bn"):
+            m = sync_norms(model(), two_gpus, True, "lean")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sync_norms(model(), two_gpus, True, "none")  # no lean blocks to lose: no warning
+    else:
+        m = sync_norms(model(), two_gpus, False, "lean")
+    dense = [x for x in m.modules() if isinstance(x, DenseBlock)]
+    assert dense and all(supported(b) != sync_bn for b in dense)
+    assert any(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules()) == sync_bn
+    assert m.hmedn_config["name"] == "hmedn_3d_l2"
+
+
+def test_sync_bn_flag():
+    from hmedn_fast.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["train", "--data", "phantom", "--out", "x", "--no-sync-bn"]).sync_bn is False
+    assert parser.parse_args(["train", "--data", "phantom", "--out", "x"]).sync_bn is True

@@ -36,6 +36,7 @@ _HELP = {
     "compile": "torch.compile the model for the training steps (slow first steps, faster after)",
     "cudnn_benchmark": "let cuDNN time its convolution algorithms (CUDA)",
     "cuda_graph": "capture the training step in a CUDA graph and replay it (CUDA, one process, fp32/bf16)",
+    "sync_bn": "several CUDA processes: BatchNorm over the global batch (SyncBatchNorm; disables the lean blocks)",
     "checkpointing": "fixed activation checkpointing level: " + ", ".join(LEVELS),
     "checkpoint_every": "also save last.pt every N steps inside an epoch (0: epoch ends only)",
     "max_nonfinite": "stop after this many skipped non-finite steps",

@@ -3,7 +3,7 @@ choices made from it on a device (:func:`automatic_cuda_graph`, :func:`default_c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -64,6 +64,11 @@ class TrainConfig:
             too: the planner's trial steps run eagerly, and a capture that runs out of memory escalates
             checkpointing like an eager step does, then warms up and captures again); ``True`` forces it
             (ValueError where it cannot run), ``False`` keeps eager steps.
+        sync_bn: several processes on CUDA: BatchNorm statistics over the global batch (``SyncBatchNorm``), as
+            one process with the global batch computes them. SyncBatchNorm cannot run in the memory-lean blocks
+            (their statistics would span processes), so with it the ``"lean"`` level's BatchNorm blocks run eager and
+            ``"blocks"`` / ``"stages"`` checkpoint them (the trainer warns); ``False`` keeps BatchNorm per process
+            (statistics over each GPU's batch) and the lean blocks. No effect in one process or on the CPU.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
             (``"none"``/``"lean"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the
@@ -107,6 +112,7 @@ class TrainConfig:
     compile: bool = False
     cudnn_benchmark: bool = True
     cuda_graph: bool | None = None
+    sync_bn: bool = True
     memory_budget: str | None = None
     checkpointing: str | None = None
     phantom_cases: int = 24
@@ -195,3 +201,9 @@ def default_checkpointing(device: torch.device) -> str:
 
 __all__ = ["MEMORY_FORMATS", "PRECISIONS", "RESUMABLE_CHANGES", "SCHEDULES", "TrainConfig", "automatic_cuda_graph",
            "default_checkpointing"]
+
+
+def option_default(name: str) -> Any:
+    """The default of TrainConfig option ``name``."""
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    return f.default_factory() if f.default is MISSING else f.default

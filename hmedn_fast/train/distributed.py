@@ -5,12 +5,13 @@
 ``R * batch_size``: the sample indices of each global step are split between ranks
 (:class:`hmedn_fast.data.datasets.StepBatchSampler`) and every sample is a function of its index, so ``R``
 ranks see exactly the samples of one process at the same global batch. With BatchNorm on CUDA the model's
-norms become ``SyncBatchNorm`` (statistics over the global batch); on the CPU (gloo, tests) use instance or
-group norm for per-sample statistics. Rank 0 validates, logs and writes checkpoints.
+norms become ``SyncBatchNorm`` (statistics over the global batch) unless ``sync_bn=False``; on the CPU (gloo,
+tests) use instance or group norm for per-sample statistics. Rank 0 validates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +57,34 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, dev)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP-wrap ``model`` (already on ``ctx.device``) when running distributed; BatchNorm -> SyncBatchNorm on
-    CUDA. The unwrapped model stays reachable as ``.module``."""
+def wrap_model(model: nn.Module, ctx: DistContext, sync_bn: bool = True, level: str = "none") -> nn.Module:
+    """DDP-wrap ``model`` (already on ``ctx.device``) when running distributed, its norms made as
+    :func:`sync_norms` says. The unwrapped model stays reachable as ``.module``."""
     if not ctx.distributed:
         return model
+    model = sync_norms(model, ctx, sync_bn, level)
     if ctx.device.type == "cuda":
-        config = getattr(model, "hmedn_config", None)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if config is not None:
-            model.hmedn_config = config
         return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index])
     return nn.parallel.DistributedDataParallel(model)
+
+
+def sync_norms(model: nn.Module, ctx: DistContext, sync_bn: bool, level: str) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm when running distributed on CUDA with ``sync_bn`` (in place; the model's
+    ``hmedn_config`` kept); a warning when that takes the memory-lean blocks of checkpointing ``level`` away (they
+    need per-process statistics). ``model`` unchanged otherwise."""
+    if not (ctx.distributed and ctx.device.type == "cuda" and sync_bn):
+        return model
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and level != "none" and ctx.is_main:
+        warnings.warn(f"SyncBatchNorm (sync_bn, the multi-GPU default) cannot run in the memory-lean blocks: at "
+                      f"checkpointing level {level!r} the BatchNorm blocks run eager or checkpointed, using more "
+                      f"memory than on one GPU; --no-sync-bn keeps per-GPU BatchNorm statistics and the lean blocks",
+                      RuntimeWarning, stacklevel=2)
+    config = getattr(model, "hmedn_config", None)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config is not None:
+        model.hmedn_config = config
+    return model
 
 
 def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -49,7 +49,8 @@ from hmedn_fast.losses import HMEDNLoss
 from hmedn_fast.models import MODELS, SegmentationOutput, create_model
 from hmedn_fast.train import memory
 from hmedn_fast.train.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
-from hmedn_fast.train.config import RESUMABLE_CHANGES, TrainConfig, automatic_cuda_graph, default_checkpointing
+from hmedn_fast.train.config import (RESUMABLE_CHANGES, TrainConfig, automatic_cuda_graph, default_checkpointing,
+                                     option_default)
 from hmedn_fast.train.distributed import DistContext, all_reduce_mean, barrier, init_distributed, wrap_model
 from hmedn_fast.train.graphed import GraphedStep
 
@@ -146,7 +147,7 @@ class Trainer:
             self._plan_memory()
         torch.manual_seed(cfg.seed)
         self.net = self._build_model(self.checkpoint_level).to(self.device, memory_format=self.memory_format)
-        self.model = wrap_model(self.net, self.ctx)
+        self.model = wrap_model(self.net, self.ctx, cfg.sync_bn, self.checkpoint_level)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.escalator = memory.OOMEscalator(self.checkpoint_level)
@@ -186,8 +187,10 @@ class Trainer:
         record = load_checkpoint(self.out / "last.pt")
         stored = record.get("config", {})
         now = self.config.to_dict()
-        differ = {k: (stored.get(k), now[k]) for k in now
-                  if k not in RESUMABLE_CHANGES and jsonable(stored.get(k)) != jsonable(now[k])}
+        # an option the checkpoint's version did not have yet ran as its default
+        stored = {k: stored[k] if k in stored else jsonable(option_default(k)) for k in now}
+        differ = {k: (stored[k], now[k]) for k in now
+                  if k not in RESUMABLE_CHANGES and jsonable(stored[k]) != jsonable(now[k])}
         if differ:
             raise ValueError(f"cannot resume {self.out / 'last.pt'}: options differ from the checkpoint's "
                              f"(stored, now): {differ}")
