@@ -1,7 +1,7 @@
 """DDP check (issue 7): ``hmedn train`` under torchrun on N GPUs (batch B per rank) against one GPU with batch N*B,
 same seed and options, so both runs see the same samples in the same global steps; compares their loss curves.
 
-    python benchmarks/gpu_ddp.py --out DIR [--nproc 2] [--device cuda|cpu] [--quick] [--timeout 300]
+    python benchmarks/gpu_ddp.py --out DIR [--nproc 2] [--device cuda|cpu] [--quick] [--timeout 300] [--train-args ARGS]
 
 Runs, one after the other (never concurrently, so the wall times are clean):
 
@@ -190,6 +190,9 @@ def main() -> None:
                         help="cuda: NCCL, one GPU per rank; cpu: gloo, tiny instance-norm model (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per run (default: 300)")
+    parser.add_argument("--train-args", default="", metavar="'ARGS'",
+                        help="more hmedn train options for both runs, later ones winning (e.g. \"--checkpointing lean "
+                             "--no-sync-bn\": per-GPU BatchNorm, so the curves differ by more than rounding)")
     args = parser.parse_args()
     if args.nproc < 2:
         parser.error(f"--nproc must be >= 2 (a DDP run), got {args.nproc}")
@@ -201,6 +204,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     card = card_name(args.device)
     common, batch, setup = train_args(args.device, args.quick)
+    common += shlex.split(args.train_args)
     n = args.nproc
     threads = str(max((os.cpu_count() or 1) // n, 1)) if args.device == "cuda" else "1"
     env = {**os.environ, **NO_MULTICAST, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
@@ -253,6 +257,7 @@ def main() -> None:
     result = {"card": card, "device": args.device, "nproc": n,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(args.device), "setup": {**setup, "global_batch": n * batch, "quick": args.quick,
+                                                           "train_args": args.train_args,
                                                            "omp_num_threads": int(threads), **NO_MULTICAST},
               "runs": runs, "loss_difference": diff, "final_weights_difference": weights,
               "steady_epoch_train_s": steady,

@@ -161,7 +161,8 @@ def test_input_buffer_gradcheck():
 @pytest.mark.not_interpreted
 def test_dense_block_rejects_wrong_inputs():
     """A tensor of the wrong channel count, even one of the output's size, is an error (never taken as a buffer and
-    overwritten); a lean buffer given to the block when it does not run lean (no grad) is an error too."""
+    overwritten); a lean buffer given to the block when it does not run lean (no grad) is an error too; so are
+    parts that are none, of other sizes or of another channel count in all."""
     _, lean = _blocks(6, 4, 3, 3)
     for channels in (5, lean.out_channels):
         with pytest.raises(ValueError, match="x must be"):
@@ -169,6 +170,10 @@ def test_dense_block_rejects_wrong_inputs():
     buf = lean.input_buffer([torch.randn(1, 6, 4, 4, 4, dtype=torch.float64, requires_grad=True)])
     with torch.no_grad(), pytest.raises(ValueError, match="lean buffer"):
         lean(buf)
+    a = torch.randn(1, 4, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    for bad in ([], [a], [a, torch.randn(1, 2, 4, 4, 5, dtype=torch.float64)], [a, torch.randn(2, 2, 4, 4, 4)]):
+        with pytest.raises(ValueError, match="parts must"):
+            lean.input_buffer(bad)
 
 
 @pytest.mark.not_interpreted

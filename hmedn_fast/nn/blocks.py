@@ -144,9 +144,17 @@ class DenseBlock(nn.Module):
         channels hold the parts, which the lean block fills in place (no concatenated tensor is made). Pass the
         parts as a temporary list (``block(block.input_buffer([a, b]))``): nothing then holds them while the block
         runs."""
+        parts = list(parts)
+        if not parts or any(p.ndim != parts[0].ndim or p.ndim < 3 or p.shape[0] != parts[0].shape[0]
+                            or p.shape[2:] != parts[0].shape[2:] for p in parts):
+            raise ValueError(f"parts must be (N, C_i, *spatial) tensors of one N and spatial size, got shapes "
+                             f"{[tuple(p.shape) for p in parts]}")
+        if sum(p.shape[1] for p in parts) != self.in_channels:
+            raise ValueError(f"parts must have {self.in_channels} channels in all, got "
+                             f"{[p.shape[1] for p in parts]}")
         if self._runs_lean(any(p.requires_grad for p in parts)):
-            return lean_dense_buffer(self, list(parts))
-        return torch.cat(list(parts), 1)
+            return lean_dense_buffer(self, parts)
+        return torch.cat(parts, 1)
 
     def _runs_lean(self, input_requires_grad: bool) -> bool:
         return (self.lean and torch.is_grad_enabled() and lean_dense_supported(self)
