@@ -123,14 +123,20 @@ class DenseBlock(nn.Module):
             check_positive_int(name, v)
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, spatial_dims, norm) for i in range(num_layers))
-        self.in_channels, self.out_channels = in_channels, in_channels + num_layers * growth_rate
+        self.out_channels = in_channels + num_layers * growth_rate
         self.lean = False
         self._group_channels: int | None = None
 
     @property
+    def in_channels(self) -> int:
+        """C_in (the first layer's input channels)."""
+        return self.layers[0].conv.in_channels
+
+    @property
     def group_channels(self) -> int | None:
-        """Channels per group of a layer's input in the lean block (None: the whole input at once)."""
-        return self._group_channels
+        """Channels per group of a layer's input in the lean block (None: the whole input at once; also for a block
+        pickled before the option existed)."""
+        return self.__dict__.get("_group_channels")
 
     @group_channels.setter
     def group_channels(self, value: int | None) -> None:
