@@ -410,3 +410,16 @@ def test_sync_bn_flag():
     parser = build_parser()
     assert parser.parse_args(["train", "--data", "phantom", "--out", "x", "--no-sync-bn"]).sync_bn is False
     assert parser.parse_args(["train", "--data", "phantom", "--out", "x"]).sync_bn is True
+
+
+def test_describe_names_the_batch_norm_of_multi_gpu_runs():
+    from types import SimpleNamespace
+    from hmedn_fast.train.distributed import DistContext
+    for sync_bn, words in ((True, "SyncBatchNorm"), (False, "per-GPU BatchNorm")):
+        run = SimpleNamespace(config=SimpleNamespace(model="hmedn_3d_l2", sync_bn=sync_bn),
+                              device=torch.device("cuda", 0), precision="bf16", memory_format=torch.channels_last_3d,
+                              checkpoint_level="lean", cuda_graph=False, patch_size=(64, 64, 64), batch_size=2,
+                              ctx=DistContext(0, 2, torch.device("cuda", 0)))
+        assert Trainer.describe(run).endswith(f"batch 2 x 2 processes, {words}")
+    run.ctx = DistContext(0, 1, torch.device("cuda", 0))
+    assert Trainer.describe(run).endswith("batch 2")

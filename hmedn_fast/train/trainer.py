@@ -173,9 +173,11 @@ class Trainer:
 
     def describe(self) -> str:
         """One line of what this run trains and how: model, device, precision, layout, checkpointing level, CUDA
-        graph, patch x batch (x processes)."""
+        graph, patch x batch (x processes; on CUDA, which BatchNorm)."""
         layout = "contiguous" if self.memory_format == torch.contiguous_format else "channels-last"
         procs = f" x {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
+        if self.ctx.world_size > 1 and self.device.type == "cuda":
+            procs += ", SyncBatchNorm" if self.config.sync_bn else ", per-GPU BatchNorm"
         return (f"{self.config.model} on {self.device}, {self.precision}, {layout}, checkpointing "
                 f"{self.checkpoint_level}, CUDA graph {'on' if self.cuda_graph else 'off'}, patch "
                 f"{tuple(self.patch_size)} x batch {self.batch_size}{procs}")
