@@ -166,41 +166,23 @@ class _IntoBuffer(torch.autograd.Function):
         return (None, None, None, *(_dense(grad[:, a:b], dtype, fmt) for a, b, dtype, fmt in ctx.ranges))
 
 
-def buffer_format(block: nn.Module, x_dtype: torch.dtype, x: Tensor) -> tuple[torch.dtype, torch.memory_format]:
-    """The lean block's buffer dtype (what ``torch.cat`` of the input and the convolutions' outputs gives: x's dtype
-    promoted with the autocast dtype, or with the weights' dtype without autocast) and memory format (x's)."""
-    dev = x.device.type
-    weight_dtype = block.layers[0].conv.weight.dtype
-    conv_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                  else torch.promote_types(x_dtype, weight_dtype))
-    return torch.promote_types(x_dtype, conv_dtype), _layout(x)
-
-
 class LeanDenseBlock(torch.autograd.Function):
-    """Dense block forward + backward over one shared buffer (module doc). Inputs: x, the
+    """Dense block forward + backward over one shared buffer (module doc). Inputs: the buffer (N, C_out, *spatial)
+    from :func:`lean_dense_buffer`, whose first C_in channels hold the block input, the
     :class:`~hmedn_fast.nn.blocks.DenseBlock`, then per layer its norm weight, norm bias (None without affine)
-    and conv weight. x is the block input (N, C_in, *spatial), or a buffer (N, C_out, *spatial) from
-    :func:`lean_dense_buffer` whose first C_in channels hold it, which is then filled in place and returned.
-    Output: (N, C_out = C_in + n g, *spatial), equal to the eager block's, in x's layout and in the dtype
-    ``torch.cat`` would give (x's promoted with the convolutions' output dtype)."""
+    and conv weight. The buffer is filled in place and returned: (N, C_out = C_in + n g, *spatial), equal to the
+    eager block's output, in the input's layout and in the dtype ``torch.cat`` would give (the input's promoted
+    with the convolutions' output dtype). The buffer's gradient is returned whole: :class:`_IntoBuffer` reads its
+    first C_in channels."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, block: nn.Module, *params: Tensor | None) -> Tensor:
-        layers, dev = block.layers, x.device.type
+    def forward(ctx, out: Tensor, block: nn.Module, *params: Tensor | None) -> Tensor:
+        layers, dev = block.layers, out.device.type
         grad_reuse.prepare()
+        ctx.mark_dirty(out)
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        fmt = _layout(x)
-        c_in = layers[0].norm.num_features
-        ctx.prefilled = is_buffer(x)
-        if ctx.prefilled:
-            out = x
-            ctx.mark_dirty(out)
-        else:
-            dtype, _ = buffer_format(block, x.dtype, x)
-            out = torch.empty((x.shape[0], block.out_channels, *x.shape[2:]), device=x.device, dtype=dtype,
-                              memory_format=fmt)
-            copy_channels_(out[:, :c_in], x)
-        engines, c, limit = [], c_in, block.group_channels
+        fmt = _layout(out)
+        engines, c, limit = [], block.in_channels, block.group_channels
         for layer in layers:
             inp = out[:, :c]
             training = layer.norm.training or layer.norm.running_mean is None
@@ -226,8 +208,7 @@ class LeanDenseBlock(torch.autograd.Function):
                 parts.append(engine)
             engines.append(parts[0] if len(parts) == 1 else engine_cls.joined(parts, inp))
             c += g
-        ctx.block, ctx.engines, ctx.autocast, ctx.fmt, ctx.c_in = block, engines, autocast, fmt, c_in
-        ctx.x_dtype = x.dtype
+        ctx.block, ctx.engines, ctx.autocast, ctx.fmt = block, engines, autocast, fmt
         ctx.save_for_backward(out, *params, *(t for e in engines for t in e.saved()))
         return out
 
@@ -267,13 +248,7 @@ class LeanDenseBlock(torch.autograd.Function):
             gnw, gnb, gw = _joined([p[0] for p in parts], 0), _joined([p[1] for p in parts], 0), _joined(
                 [p[2] for p in parts], 1)
             grads[3 * i:3 * i + 3] = [gnw if need_w else None, gnb if need_b else None, gw]
-        if not need[0]:
-            gx = None
-        elif ctx.prefilled:  # _IntoBuffer's backward reads the input channels [0, C_in) only
-            gx = gbuf
-        else:
-            gx = _dense(gbuf[:, :ctx.c_in], ctx.x_dtype, ctx.fmt)
-        return (gx, None, *grads)
+        return (gbuf if need[0] else None, None, *grads)
 
 
 def _layer_backward(engine, x: Tensor, gf: Tensor, weight: Tensor | None, bias: Tensor | None, conv_weight: Tensor,
@@ -346,19 +321,24 @@ def _layout(x: Tensor) -> torch.memory_format:
 def lean_dense_forward(block: nn.Module, x: Tensor) -> Tensor:
     """The block's output through :class:`LeanDenseBlock` (callers check :func:`supported`); x is the block input
     or a buffer from :func:`lean_dense_buffer`."""
+    if not is_buffer(x):
+        x = lean_dense_buffer(block, [x])
     params = [t for layer in block.layers for t in (layer.norm.weight, layer.norm.bias, layer.conv.weight)]
     return LeanDenseBlock.apply(x, block, *params)
 
 
 def lean_dense_buffer(block: nn.Module, parts: list[Tensor]) -> Tensor:
     """A (N, C_out, *spatial) buffer for :func:`lean_dense_forward` whose first C_in channels hold
-    ``torch.cat(parts, 1)`` (no concatenated tensor is made); its dtype and layout are those the block's own
-    buffer would have for that input."""
+    ``torch.cat(parts, 1)`` (no concatenated tensor is made): in the first part's layout and in the dtype
+    ``torch.cat`` of the input and the convolutions' outputs gives (the parts' promoted with the autocast dtype,
+    or with the weights' dtype without autocast)."""
     dtype = parts[0].dtype
     for part in parts[1:]:
         dtype = torch.promote_types(dtype, part.dtype)
-    dtype, fmt = buffer_format(block, dtype, parts[0])
-    buf = _IntoBuffer.apply(block.out_channels, dtype, fmt, *parts)
+    dev = parts[0].device.type
+    conv_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                  else torch.promote_types(dtype, block.layers[0].conv.weight.dtype))
+    buf = _IntoBuffer.apply(block.out_channels, torch.promote_types(dtype, conv_dtype), _layout(parts[0]), *parts)
     buf._hmedn_lean_dense_buffer = True
     return buf
 

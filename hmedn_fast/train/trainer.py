@@ -190,7 +190,7 @@ class Trainer:
         stored = record.get("config", {})
         now = self.config.to_dict()
         # an option the checkpoint's version did not have yet ran as its default
-        stored = {k: stored[k] if k in stored else jsonable(option_default(k)) for k in now}
+        stored = {k: stored.get(k, option_default(k)) for k in now}
         differ = {k: (stored[k], now[k]) for k in now
                   if k not in RESUMABLE_CHANGES and jsonable(stored[k]) != jsonable(now[k])}
         if differ:
