@@ -81,9 +81,9 @@ def test_lean_dense_block_equals_eager_float64(shape, channels_last, affine, mom
 @pytest.mark.parametrize("limit", [1, 5, 8, 100])
 @pytest.mark.parametrize("affine", [True, False])
 def test_lean_dense_block_channel_groups_equal_eager_float64(limit, affine):
-    """group_channels: forward and backward take each layer's input in groups of at most ``limit`` channels (the
-    last group narrower when it does not divide the layer's 6, 10 or 14 channels); the same outputs, gradients and
-    running statistics (a group's statistics update its channels' running statistics) as the eager block."""
+    """group_channels: the backward takes each layer's input in groups of at most ``limit`` channels (the last group
+    narrower when it does not divide the layer's 6, 10 or 14 channels); the same outputs, gradients and running
+    statistics as the eager block."""
     ref, lean = _blocks(6, 4, 3, 3, affine=affine)
     lean.group_channels = limit
     x = torch.randn(2, 6, 5, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
@@ -92,9 +92,9 @@ def test_lean_dense_block_channel_groups_equal_eager_float64(limit, affine):
 
 @pytest.mark.not_interpreted
 def test_lean_dense_block_channel_groups_hold_less():
-    """The widest layer's temporaries shrink from its 32 input channels to 8 with group_channels=8: in the forward
-    its activation (at least 24 channels less at the peak of live bytes), in the backward its input's replay copy,
-    activation and input gradient (at least 3 x 24 channels less)."""
+    """The widest layer's backward temporaries shrink from its 32 input channels to 8 with group_channels=8: its
+    input's replay copy, activation and input gradient (at least 3 x 24 channels less at the backward's peak of live
+    bytes); the forward is not grouped (the same peak)."""
     from _live_bytes import LiveBytes
 
     _, lean = _blocks(8, 8, 4, 3)  # layer inputs: 8, 16, 24, 32 channels
@@ -109,7 +109,7 @@ def test_lean_dense_block_channel_groups_hold_less():
         with LiveBytes() as bwd:
             y.backward(gy)
         peaks[limit] = fwd.peak, bwd.peak
-    assert peaks[None][0] - peaks[8][0] >= 24 * channel
+    assert peaks[None][0] == peaks[8][0]
     assert peaks[None][1] - peaks[8][1] >= 3 * 24 * channel
 
 
@@ -274,9 +274,9 @@ def test_lean_dense_block_triton_engine_input_buffer(monkeypatch):
 
 @pytest.mark.interpreted
 def test_lean_dense_block_triton_engine_channel_groups(monkeypatch):
-    """Triton norm engine (forced) with group_channels=4: each group is normalised with its own statistics and
-    convolved into the layer's channels, replays and differentiates with its channels' saved coefficients and norm
-    parameters, and adds into its slice of the gradient buffer; equals the eager block."""
+    """Triton norm engine (forced) with group_channels=4: each group replays and differentiates with its channels'
+    saved coefficients and norm parameters and adds into its slice of the gradient buffer; equals the eager
+    block."""
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     ref, lean = _blocks(6, 4, 3, 3, dtype=torch.float32)
     lean.group_channels = 4
@@ -422,32 +422,6 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.not_interpreted
-def test_lean_dense_block_channel_groups_bf16_accuracy():
-    """bf16 autocast (CPU) with a bf16 input, so the buffer is bf16 (as in the models): with group_channels=8 the
-    layers' 16-64 input channels take 2-8 groups, each group's share of a convolution is rounded to bf16 and summed
-    into the bf16 buffer: one more bf16 rounding per group. Neither this nor the eager block is the other bitwise
-    (ReLU masks of near-zero activations flip), so both are compared with a float64 run: the grouped block's
-    relative error must stay bf16-sized (< 0.1) and within 2x the eager block's for the output and every gradient
-    (the worst entry measured 1.25-1.61x over 8 seeds at 12^3 and 20^3; 16-channel groups 1.16-1.24x)."""
-    ref, lean = _blocks(16, 16, 4, 3, dtype=torch.float32)
-    lean.group_channels = 8
-    exact = copy.deepcopy(ref).double()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 12, 12, 12, generator=g).to(memory_format=torch.channels_last_3d)
-    gy = torch.randn((1, ref.out_channels, 12, 12, 12), generator=g)
-    want = _run(exact, x.double(), gy.double())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = _run(ref, x.bfloat16(), gy.bfloat16())
-        got = _run(lean, x.bfloat16(), gy.bfloat16())
-    assert got[0].dtype == torch.bfloat16
-    pairs = list(zip([*got[:2], *got[2]], [*eager[:2], *eager[2]], [*want[:2], *want[2]]))
-    assert len(pairs) == 2 + 3 * 4
-    for i, (g, e, w) in enumerate(pairs):
-        err_g, err_e = _rel(g, w), _rel(e, w)
-        assert 0 < err_g < 0.1 and err_g <= 2 * err_e, (i, err_g, err_e)
-
-
 @pytest.mark.cuda
 def test_cuda_lean_dense_block_full_resolution(monkeypatch):
     """A full-resolution dense block of hmedn_3d_l2 (16 -> 80 channels at 80^3, channels-last) in float32 with the
@@ -490,36 +464,34 @@ def _cuda_errors_vs_float64(monkeypatch, limit, autocast):
 
 @pytest.mark.cuda
 def test_cuda_lean_dense_block_channel_groups_float32(monkeypatch):
-    """With group_channels=32 (the "stages" level) the layers of 48, 64 and 80 input channels run forward and
-    backward in 2, 2 and 3 groups: the same sums, but cuDNN picks its algorithm (and so its summation order) per
+    """With group_channels=32 (the "stages" level) the layers of 48, 64 and 80 input channels run backward in 2, 2
+    and 3 groups: the same sums, but the convolution backward picks its algorithm (and so its summation order) per
     shape, so the grouped block is not bitwise the eager one (measured: 7 of 6912 weight-gradient elements
-    2.6e-5 apart). Against float64 its errors must be float32-sized and within 2x of the eager block's."""
+    2.6e-5 apart). Against float64 the grouped errors must be within 2x of the eager block's (which are well under
+    bf16's: up to 3.4e-4 measured, for the input gradient, where float32 flips the ReLU masks of near-zero
+    activations). The forward is not grouped: running statistics equal."""
     errors, got_stats, eager_stats = _cuda_errors_vs_float64(monkeypatch, 32, autocast=False)
     for i, (err_g, err_e) in enumerate(errors):
-        assert 0 < err_e < 1e-4, (i, err_e)
+        assert 0 < err_e < 1e-3, (i, err_e)
         assert err_g <= 2 * err_e, (i, err_g, err_e)
     for g, e in zip(got_stats, eager_stats):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("limit, factor", [(None, 1.1), (32, 2.0)])
-def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch, limit, factor):
+@pytest.mark.parametrize("limit", [None, 32])
+def test_cuda_lean_dense_block_bf16_accuracy(monkeypatch, limit):
     """The same block under bf16 autocast: eager and lean round at different points (the lean block accumulates
     input gradients in float32 inside the norm backward), so neither is bitwise the other. Both are compared
     with a float64 run of the same block: the lean block's error must not exceed the eager block's by more than
-    10 % (on the CPU the lean block was the more accurate one), and the eager error must be bf16-sized. With
-    32-channel groups ("stages") each group's share of a convolution is rounded once more: within 2x (the CPU
-    test's bound)."""
+    10 % (on the CPU the lean block was the more accurate one), and the eager error must be bf16-sized; with or
+    without 32-channel backward groups ("stages": no extra rounding, each gradient element is one sum)."""
     errors, got_stats, eager_stats = _cuda_errors_vs_float64(monkeypatch, limit, autocast=True)
     for i, (err_g, err_e) in enumerate(errors):
         assert 0 < err_e < 0.1, (i, err_e)
-        assert err_g <= factor * err_e, (i, err_g, err_e)
-    # running statistics: the same computation without groups; with groups the later layers' inputs differ by the
-    # convolutions' extra roundings
-    rtol, atol = (1e-5, 1e-6) if limit is None else (1e-2, 1e-3)
-    for g, e in zip(got_stats, eager_stats):
-        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+        assert err_g <= 1.1 * err_e, (i, err_g, err_e)
+    for g, e in zip(got_stats, eager_stats):  # the same forward computation
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda

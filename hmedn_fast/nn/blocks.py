@@ -108,11 +108,10 @@ class DenseBlock(nn.Module):
     ``lean = True`` (set by ``hmedn_fast.train.memory.set_checkpointing`` at the "lean" and "blocks" levels):
     training forwards of BatchNorm blocks run :class:`~hmedn_fast.nn.dense_lean.LeanDenseBlock` (one shared
     buffer, norm + ReLU recomputed in backward; same outputs, gradients and running statistics).
-    ``group_channels`` (None; an int at the "stages" level): the lean block takes a layer's input in groups of at
-    most this many channels: the forward normalises each group and sums the groups' shares of the convolution
-    into the layer's output channels, the backward replays and differentiates each group, so a layer's temporaries
-    (its activation, its input gradient) are group-wide instead of as wide as its whole input; more, narrower
-    kernel launches, and the convolution's output rounded once per group.
+    ``group_channels`` (None; an int at the "stages" level): the lean block's backward takes a layer's input in
+    groups of at most this many channels (replays and differentiates each group: the same results), so a layer's
+    backward temporaries (its replayed activation, its input gradient) are group-wide instead of as wide as its
+    whole input; more, narrower kernel launches. The forward is not grouped.
     """
 
     def __init__(self, in_channels: int, growth_rate: int, num_layers: int, spatial_dims: int = 2,

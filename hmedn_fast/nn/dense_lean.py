@@ -22,9 +22,9 @@ layers only (the default norm); other norms, and convolutions with a bias, run t
 as the forward ran it. Differentiable once.
 
 ``block.group_channels`` (:class:`~hmedn_fast.nn.blocks.DenseBlock`; None by default) caps how many input channels
-of a layer are processed at once: the forward normalises each group (BatchNorm is per channel) and adds the group's
-share of the convolution (its weight columns) into the layer's output channels; the backward replays and
-differentiates each group. Temporaries are group-wide; under bf16 each share is rounded once more.
+of a layer the backward takes at once: it replays and differentiates each group (BatchNorm is per channel, and a
+convolution's weight and input gradients split along its input channels: the same results), so the backward's
+temporaries are group-wide. The forward takes whole layer inputs (its peak is below the grouped backward's).
 """
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ class _AtenNorm:
 
     needs_activation = True  # the backward takes the ReLU mask from the replayed activation
 
-    def __init__(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None, call: dict) -> None:
-        out, self.mean, self.invstd = _batch_norm(self.prepare(inp), weight, bias, call)
+    def __init__(self, inp: Tensor, norm: nn.Module) -> None:
+        call = norm_call(norm, update=True)
+        out, self.mean, self.invstd = _batch_norm(self.prepare(inp), norm.weight, norm.bias, call)
         self.a = torch.relu_(out)
         self.train, self.eps = call["training"], call["eps"]
 
@@ -85,16 +86,8 @@ class _AtenNorm:
 
     def group(self, g0: int, g1: int, x: Tensor) -> "_AtenNorm":
         """This engine restricted to channels ``[g0, g1)`` (BatchNorm is per channel: the same results)."""
-        return self._with(self.mean[g0:g1], self.invstd[g0:g1])
-
-    @staticmethod
-    def joined(parts: list["_AtenNorm"], x: Tensor) -> "_AtenNorm":
-        """One engine for the channels of ``parts`` (consecutive groups, in order), whose buffer slice is ``x``."""
-        return parts[0]._with(torch.cat([e.mean for e in parts]), torch.cat([e.invstd for e in parts]))
-
-    def _with(self, mean: Tensor, invstd: Tensor) -> "_AtenNorm":
         e = object.__new__(_AtenNorm)
-        e.mean, e.invstd, e.train, e.eps, e.a = mean, invstd, self.train, self.eps, None
+        e.mean, e.invstd, e.train, e.eps, e.a = self.mean[g0:g1], self.invstd[g0:g1], self.train, self.eps, None
         return e
 
 
@@ -104,10 +97,11 @@ class _TritonNorm:
 
     needs_activation = False  # the backward recomputes the ReLU mask from the input and the coefficients
 
-    def __init__(self, inp: Tensor, weight: Tensor | None, bias: Tensor | None, call: dict) -> None:
+    def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         self.kernels = norm_kernels()
+        call = norm_call(norm, update=True)
         self.batch_stats = call["training"]
-        self.a, self.coef, self.geo = triton_norm_forward(inp, None, weight, bias, call)
+        self.a, self.coef, self.geo = triton_norm_forward(inp, None, norm.weight, norm.bias, call)
 
     def prepare(self, inp: Tensor) -> Tensor:
         """The slice as the kernels read it (itself: its spatial axes flatten to one stride)."""
@@ -128,16 +122,9 @@ class _TritonNorm:
 
     def group(self, g0: int, g1: int, x: Tensor) -> "_TritonNorm":
         """This engine restricted to channels ``[g0, g1)``, whose slice of the buffer is ``x``."""
-        return self._with(self.coef[:, :, g0:g1].contiguous(), x)
-
-    @staticmethod
-    def joined(parts: list["_TritonNorm"], x: Tensor) -> "_TritonNorm":
-        """One engine for the channels of ``parts`` (consecutive groups, in order), whose buffer slice is ``x``."""
-        return parts[0]._with(torch.cat([e.coef for e in parts], 2), x)
-
-    def _with(self, coef: Tensor, x: Tensor) -> "_TritonNorm":
         e = object.__new__(_TritonNorm)
-        e.kernels, e.batch_stats, e.a, e.coef = self.kernels, self.batch_stats, None, coef
+        e.kernels, e.batch_stats, e.a = self.kernels, self.batch_stats, None
+        e.coef = self.coef[:, :, g0:g1].contiguous()
         x, xs = e.kernels.flat(x)
         e.geo = e.kernels.geometry(tuple(x.shape), xs, None, "batch", 1, self.batch_stats)
         return e
@@ -182,31 +169,18 @@ class LeanDenseBlock(torch.autograd.Function):
         ctx.mark_dirty(out)
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         fmt = _layout(out)
-        engines, c, limit = [], block.in_channels, block.group_channels
+        engines, c = [], block.in_channels
         for layer in layers:
             inp = out[:, :c]
             training = layer.norm.training or layer.norm.running_mean is None
             # Triton wherever it runs (CUDA): it reads the slice in place and costs the eager block's launches
-            engine_cls = (_TritonNorm if choose(inp, "batch", training, prefer_triton=inp.is_cuda) == "triton"
-                          else _AtenNorm)
-            call = norm_call(layer.norm, update=True)  # counts the batch once per layer
-            g = layer.conv.out_channels
-            parts = []
-            for g0, g1 in _channel_groups(c, limit):
-                # a group's norm + ReLU (per channel: its statistics and running-statistics update are the
-                # layer's) and its input channels' share of the convolution, summed into the layer's channels
-                whole = g1 - g0 == c
-                norm_w, norm_b, conv_w = _params(layer.norm.weight, layer.norm.bias, layer.conv.weight, g0, g1, whole)
-                engine = engine_cls(out[:, g0:g1], norm_w, norm_b, call if whole else _call_part(call, g0, g1))
-                f = _conv(engine.a, conv_w, layer.conv)
-                engine.a = None  # recomputed in backward
-                if g0 == 0:
-                    copy_channels_(out[:, c:c + g], f)
-                else:
-                    out[:, c:c + g].add_(f)
-                f = None
-                parts.append(engine)
-            engines.append(parts[0] if len(parts) == 1 else engine_cls.joined(parts, inp))
+            engine = (_TritonNorm if choose(inp, "batch", training, prefer_triton=inp.is_cuda) == "triton"
+                      else _AtenNorm)(inp, layer.norm)
+            f = _conv(engine.a, layer.conv.weight, layer.conv)
+            g = f.shape[1]
+            copy_channels_(out[:, c:c + g], f)
+            engine.a = None  # recomputed in backward
+            engines.append(engine)
             c += g
         ctx.block, ctx.engines, ctx.autocast, ctx.fmt = block, engines, autocast, fmt
         ctx.save_for_backward(out, *params, *(t for e in engines for t in e.saved()))
@@ -284,11 +258,6 @@ def _params(norm_weight: Tensor | None, norm_bias: Tensor | None, conv_weight: T
     if whole:
         return norm_weight, norm_bias, conv_weight
     return _part(norm_weight, g0, g1), _part(norm_bias, g0, g1), conv_weight[:, g0:g1].contiguous()
-
-
-def _call_part(call: dict, g0: int, g1: int) -> dict:
-    """A :func:`norm_call` restricted to channels ``[g0, g1)``: running statistics as views (updated in place)."""
-    return dict(call, running_mean=_part(call["running_mean"], g0, g1), running_var=_part(call["running_var"], g0, g1))
 
 
 def _part(t: Tensor | None, g0: int, g1: int) -> Tensor | None:

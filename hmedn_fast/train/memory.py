@@ -34,11 +34,10 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   recomputed in backward: its dense buffer and the stem's and transition's conv outputs (hmedn_3d_l2 at 128^3:
   80 + 16 + 16 full-resolution channels) are not held while the decoder's full-resolution block runs backward,
   where the lean step peaks (``docs/decisions/train.md``, stop 19); and both full-resolution dense blocks take
-  each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels, forward and backward
+  each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
   (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`).
 
-Every level gives the same gradients; only memory and time differ (at ``"stages"`` under bf16 autocast up to
-rounding: the grouped full-resolution convolutions round each group's share once more).
+Every level gives the same gradients; only memory and time differ.
 """
 from __future__ import annotations
 
