@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from hmedn_fast.nn import HRPathway  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
 from hmedn_fast.train.graphed import GraphedStep  # noqa: E402
 from timing import cuda_kernel_times, cuda_times, host_times  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 
 CASES = {
     "3d_l2": dict(spatial_dims=3, in_channels=32, channels=32, batch=1, size=(64, 64, 64)),
@@ -367,15 +366,7 @@ def main() -> None:
     cases = SMOKE if args.smoke else CASES
     warmup, iters = (1, 2) if args.smoke else (3, 10)
     t0 = time.time()
-    report = dict(device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  torch=torch.__version__, cuda=torch.version.cuda,
-                  cudnn=torch.backends.cudnn.version() if device == "cuda" else None, smoke=args.smoke)
-    try:
-        import triton
-        report["triton"] = triton.__version__
-    except ImportError:
-        report["triton"] = None
+    report = dict(environment(device), smoke=args.smoke)
     # as the trainer and gpu_train.py: cuDNN times its algorithms, and hmedn_fast.ops.measured picks Triton or cuDNN
     # per convolution shape by timing (records before stop 17 ran the pathway with this off)
     torch.backends.cudnn.benchmark = report["cudnn_benchmark"] = device == "cuda"
@@ -389,7 +380,7 @@ def main() -> None:
     report["seconds"] = time.time() - t0
     print_tables(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    card = report["device"].replace("NVIDIA ", "").replace(" ", "_").replace("/", "_")
+    card = card_slug(report["card"])
     path = args.out / f"blocks_{card}.json"
     path.write_text(json.dumps(report, indent=1))
     print("wrote", path)

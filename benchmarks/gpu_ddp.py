@@ -33,11 +33,8 @@ The training folders (checkpoints) live in a temporary directory and are removed
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import signal
 import subprocess
@@ -53,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hmedn_fast.train.checkpoint import load_checkpoint  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 
 # NVLink multicast off in every child (it can take a shared host's GPUs out of service)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -68,7 +66,7 @@ def card_name(device: str) -> str:
     """The card's name with spaces as ``_`` (``cpu`` for the CPU); other characters unsafe in a file name too."""
     if device == "cpu":
         return "cpu"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", torch.cuda.get_device_name(0)).strip("_")
+    return card_slug(torch.cuda.get_device_name(0))
 
 
 def train_args(device: str, quick: bool) -> tuple[list[str], int, dict]:
@@ -173,11 +171,10 @@ def plot(steps: np.ndarray, ddp: np.ndarray, one: np.ndarray, labels: tuple[str,
 
 
 def versions(device: str) -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda}
+    out = environment(device)
     if device == "cuda":
         nccl = torch.cuda.nccl.version()  # a tuple in torch 2.x, an int in older releases
         out["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
-        out["cudnn"] = torch.backends.cudnn.version()
         out["visible_gpus"] = torch.cuda.device_count()
     return out
 
@@ -254,11 +251,9 @@ def main() -> None:
                 "lr_identical": runs["ddp"]["lr"] == runs["one"]["lr"]}
     steady = {k: (float(np.mean(runs[k]["epoch_train_s"][1:])) if len(runs[k]["epoch_train_s"]) > 1 else None)
               for k in runs}
-    result = {"card": card, "device": args.device, "nproc": n,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": versions(args.device), "setup": {**setup, "global_batch": n * batch, "quick": args.quick,
-                                                           "train_args": args.train_args,
-                                                           "omp_num_threads": int(threads), **NO_MULTICAST},
+    result = {**versions(args.device), "device": args.device, "nproc": n,
+              "setup": {**setup, "global_batch": n * batch, "quick": args.quick, "train_args": args.train_args,
+                        "omp_num_threads": int(threads), **NO_MULTICAST},
               "runs": runs, "loss_difference": diff, "final_weights_difference": weights,
               "steady_epoch_train_s": steady,
               "ddp_speedup_steady_epochs": (steady["one"] / steady["ddp"]) if steady["ddp"] and steady["one"] else None,

@@ -15,10 +15,7 @@ meaningful for ONNX Runtime / TensorRT). Writes DIR/infer_<card>.json and prints
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ from hmedn_fast.infer import CompiledEngine, EagerEngine, OnnxRuntimeEngine, sli
 from hmedn_fast.infer.engines import Engine, TensorOutputs  # noqa: E402
 from hmedn_fast.models import create_model  # noqa: E402
 from timing import cuda_times, host_times  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 
 WINDOW = (128, 128, 128)
 VOLUME = (240, 240, 155)
@@ -93,11 +91,6 @@ def agreement(probs: torch.Tensor, ref: torch.Tensor) -> dict:
     probs, ref = probs.float().to(ref.device), ref.float()
     return {"max_abs_prob_diff": float((probs - ref).abs().max()),
             "argmax_agreement": float((probs.argmax(1) == ref.argmax(1)).float().mean())}
-
-
-def card_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3' (the results/ file-name convention)."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def main() -> int:
@@ -203,14 +196,10 @@ def main() -> int:
         print(f"volume {name}: {results['volume'][name]['p50_ms']:.1f} ms", flush=True)
 
     import onnxruntime
-    import triton
 
     name = torch.cuda.get_device_name()
     record = {
-        "benchmark": "infer", "model": args.model, "card": name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "triton": triton.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+        "benchmark": "infer", "model": args.model, **environment(), "onnxruntime": onnxruntime.__version__,
         "settings": {"window": WINDOW, "volume": (model.in_channels,) + VOLUME, "sliding_window": sw,
                      "cudnn_benchmark": True, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                      "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32},

@@ -17,7 +17,6 @@ Writes ``loss_<card>.json`` into ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ from hmedn_fast.ops import difficulty_guided_loss  # noqa: E402
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 
 SHAPES = {"2x4x128^3": (2, 4, 128, 128, 128), "10x4x208x144": (10, 4, 208, 144)}
 LOGIT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -186,16 +186,13 @@ def check(case: dict, dtype: torch.dtype) -> dict:
 def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
     torch.backends.cudnn.benchmark = False
     props = torch.cuda.get_device_properties(0)
-    import triton
 
     bw = copy_bandwidth()
     report = {
-        "device": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_bandwidth_GBps": bw / 1e9, "targets": TARGETS, "cases": [],
+        **environment(), "sm_count": props.multi_processor_count, "copy_bandwidth_GBps": bw / 1e9,
+        "targets": TARGETS, "cases": [],
     }
-    print(f"{report['device']}  torch {report['torch']}  triton {report['triton']}  CUDA {report['cuda']}  "
+    print(f"{report['card']}  torch {report['torch']}  triton {report['triton']}  CUDA {report['cuda']}  "
           f"copy {bw / 1e9:.0f} GB/s")
     batches, per_batch = (3, 5) if quick else (5, 10)
     for shape_name, shape in SHAPES.items():
@@ -231,7 +228,7 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                 del case
                 torch.cuda.empty_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = report["device"].replace("NVIDIA ", "").replace(" ", "_").replace("/", "_")
+    card = card_slug(report["card"])
     path = out_dir / f"loss_{card}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")

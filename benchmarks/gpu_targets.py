@@ -12,11 +12,9 @@ divides a batched call by the batch size (scipy is timed on one sample).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +28,7 @@ from scipy import ndimage as ndi
 from hmedn_fast.ops import targets_ext
 from hmedn_fast.ops.reference import targets as reference
 from timing import cuda_kernel_times, cuda_times, host_times
+from record import card_slug, environment
 
 SIGMA_CONTOUR, SIGMA_WEIGHT, MU0, MU = 2.0, 8.0, 1.0, 25.0
 # name -> (batch, spatial shape, num_classes)
@@ -224,13 +223,12 @@ def main() -> int:
     copy_gbs = copy_bandwidth_gbs()
     card = torch.cuda.get_device_name()
     result = {
-        "card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "scipy": scipy.__version__,
-        "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(), "scipy": scipy.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": os.cpu_count(),
         "copy_gbs": copy_gbs, "checks": checks, "workloads": {w: bench(w, copy_gbs) for w in WORKLOADS},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"targets_{re.sub(r'[^a-z0-9]+', '_', card.lower()).strip('_')}.json"
+    path = args.out / f"targets_{card_slug(card)}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print(f"\nwrote {path}")

@@ -30,12 +30,9 @@ Writes DIR/train_<card>.json and a PNG of it, and prints a table (``--plot RECOR
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,6 +50,7 @@ from hmedn_fast.models import create_model  # noqa: E402
 from hmedn_fast.train.graphed import WARMUP, GraphedStep  # noqa: E402
 from hmedn_fast.train.memory import LEVELS, set_checkpointing  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 
 CAP_BYTES = 8 * 2**30
 NO_CUBE_SEARCH = ("eager_bf16_cl", "compiled_bf16_cl", "dynunet_bf16_cl",  # steps timed, no cube search (time)
@@ -335,11 +333,9 @@ def main() -> None:
         monai_version = None
         configs = {k: v for k, v in configs.items() if v[0] != "dynunet"}
         print(f"MONAI DynUNet baseline skipped: {exc}", flush=True)
-    result = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                           "monai": monai_version, "python": platform.python_version()},
-              "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30, "configs": list(configs)}
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", card).strip("_").lower()
+    result = {**environment(), "monai": monai_version, "shape": [1, 4, 128, 128, 128], "cap_gib": CAP_BYTES / 2**30,
+              "configs": list(configs)}
+    slug = card_slug(card)
     tag = args.tag or ("" if args.part == "all" else args.part)  # the two parts never overwrite each other
     path = args.out / f"train_{slug}{'_' + tag if tag else ''}.json"
     result["part"] = args.part

@@ -19,6 +19,7 @@ from hmedn_fast.losses import HMEDNLoss
 from hmedn_fast.models import create_model
 from hmedn_fast.train.graphed import GraphedStep
 from hmedn_fast.train.memory import LEVELS, set_checkpointing
+from record import environment
 
 SMALL = dict(in_channels=1, widths=(8, 8, 16, 16, 16), growth_rates=4, num_layers=2, hr_channels=8, hr_blocks=3)
 
@@ -55,14 +56,6 @@ def _step_fn(device: str, level: str, size: int, overrides: dict, dtype: torch.d
     return step
 
 
-def _versions() -> dict:
-    """Card and library versions for a CUDA row's record (pytest-benchmark stores the CPU only)."""
-    import triton
-
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(), triton=triton.__version__)
-
-
 @pytest.mark.parametrize("level", LEVELS)
 def test_cpu_train_step(benchmark, level):
     benchmark.extra_info.update(shape=[1, 1, 32, 32, 32], level=level)
@@ -78,7 +71,7 @@ def test_cuda_train_step_128(benchmark, level):
     torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(shape=[1, 4, 128, 128, 128], level=level,
-                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **_versions())
+                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **environment())
 
 
 @pytest.mark.cuda
@@ -90,7 +83,7 @@ def test_cuda_train_step_128_graphed(benchmark):
     step = _step_fn("cuda", "lean", 128, {}, torch.bfloat16, graph=True)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(shape=[1, 4, 128, 128, 128], level="lean", cuda_graph=True,
-                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **_versions())
+                                peak_mib=torch.cuda.max_memory_allocated() / 2**20, **environment())
 
 
 def test_sample_production(benchmark):

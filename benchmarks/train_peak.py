@@ -13,7 +13,6 @@ was reached and the last new maxima; with ``--out`` also writes ``train_peak_<co
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import traceback
@@ -24,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_train  # noqa: E402
+from record import card_slug, environment  # noqa: E402
 from hmedn_fast.train import memory  # noqa: E402
 
 
@@ -69,10 +69,8 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     card = torch.cuda.get_device_name()
-    record = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "config": args.config, "size": args.size, "stages_group_channels": memory.STAGES_GROUP_CHANNELS,
-              "allocated_before_mib": before / 2**20, "allocator_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+    record = {**environment(), "config": args.config, "size": args.size,
+              "stages_group_channels": memory.STAGES_GROUP_CHANNELS, "allocated_before_mib": before / 2**20, "allocator_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
               "probe_peak_mib": probe.peak / 2**20, "where": probe.where, "trail": probe.trail}
     print(f"== {args.config} {args.size}^3 groups={memory.STAGES_GROUP_CHANNELS}: allocated before "
           f"{record['allocated_before_mib']:.0f} MiB, allocator peak {record['allocator_peak_mib']:.0f} MiB, "
@@ -82,7 +80,7 @@ def main() -> None:
         print(f"  {t['mib']:8.0f} {t['op']:40s} {' <- '.join(reversed(t['frames']))}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"train_peak_{args.config}_{card.replace(' ', '_').lower()}.json"
+        path = args.out / f"train_peak_{args.config}_{card_slug(card)}.json"
         path.write_text(json.dumps(record, indent=1))
         print("wrote", path)
 
