@@ -214,3 +214,30 @@ def test_decoder_does_not_hold_the_upsampled_features_while_its_stage_runs(monke
     model(torch.randn(1, 4, 16, 16, 16, requires_grad=True)).seg.sum().backward()
     per_stage = 1 if level == "none" else 2  # the lean blocks' two layers
     assert len(alive) == net.depth * per_stage and not any(alive)
+
+
+@pytest.mark.parametrize("pool", ["ours", "torch"])
+def test_stages_keeps_no_first_stage_output_for_backward(monkeypatch, pool):
+    """At the "stages" level the first stage is recomputed in backward, so its output (the full-resolution skip,
+    hmedn_3d_l2 at 128^3 in bf16: 64 MiB) must not be kept through the backward by anything: the decoder copies it
+    into its buffer and the pooling (hmedn_fast.nn.layers.MaxPool) keeps only its indices. With torch's pooling,
+    which also keeps its input, it stays alive (the test's own control)."""
+    import weakref
+    from torch import nn
+    from hmedn_fast.nn import layers
+    from hmedn_fast.train.memory import set_checkpointing
+    if pool == "torch":
+        monkeypatch.setattr(layers, "MaxPool", lambda dims: nn.MaxPool3d(2))
+    model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=2,
+                         hr_channels=4, hr_blocks=2).train()
+    set_checkpointing(model, "stages")
+    pooled = []
+    model.net.pool.register_forward_pre_hook(lambda m, i: pooled.append(weakref.ref(i[0])))
+    y = model(torch.randn(1, 4, 16, 16, 16, requires_grad=True)).seg
+    assert len(pooled) == model.net.depth  # the first call pools the first stage's output
+    first = pooled[0]()
+    if pool == "ours":
+        assert first is None
+    else:
+        assert first is not None and first.shape[1:] == (4, 16, 16, 16)
+    y.sum().backward()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.upsample import upsample_linear
@@ -40,7 +41,56 @@ def conv_transpose(spatial_dims: int, in_channels: int, out_channels: int, bias:
 
 
 def max_pool(spatial_dims: int) -> nn.Module:
-    return nn.MaxPool2d(2) if check_spatial_dims(spatial_dims) == 2 else nn.MaxPool3d(2)
+    """A 2x max pooling (:class:`MaxPool`) for 2D or 3D inputs."""
+    return MaxPool(check_spatial_dims(spatial_dims))
+
+
+class MaxPool(nn.Module):
+    """``nn.MaxPool2d(2)`` / ``nn.MaxPool3d(2)`` whose backward keeps only the argmax indices: PyTorch's also
+    keeps the input, which its backward reads for its shape and layout only, so a pooled tensor that nothing else
+    saves (the distilling pathway's first-stage output when that stage is recomputed: hmedn_3d_l2 at 128^3 in
+    bf16, 64 MiB) stays alive through the whole backward. Same outputs and gradients.
+
+    Shapes: (N, C, *spatial) -> (N, C, *(s // 2 for s in spatial)), any float dtype, either layout."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f"MaxPool({self.spatial_dims}D) expects a (N, C, *spatial) tensor with "
+                             f"{self.spatial_dims} spatial axes, got shape {tuple(x.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaxPoolIndices.apply(x)
+        pool = F.max_pool2d if self.spatial_dims == 2 else F.max_pool3d
+        return pool(x, 2)
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, kernel_size=2, stride=2"
+
+
+class _MaxPoolIndices(torch.autograd.Function):
+    """2x max pooling that saves the indices and the input's geometry (not the input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
+        y, indices = pool(x, 2, return_indices=True)
+        ctx.save_for_backward(indices)
+        ctx.geometry = (x.shape, x.stride(), x.dtype, x.device)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        indices, = ctx.saved_tensors
+        shape, stride, dtype, device = ctx.geometry
+        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)  # shape and layout only, never read
+        k = [2] * (len(shape) - 2)
+        backward = (torch.ops.aten.max_pool2d_with_indices_backward if len(shape) == 4
+                    else torch.ops.aten.max_pool3d_with_indices_backward)
+        return backward(grad.to(dtype), like, k, k, [0] * len(k), [1] * len(k), False, indices)
 
 
 def dropout(spatial_dims: int, p: float) -> nn.Module:
