@@ -248,6 +248,25 @@ def test_stages_level_groups_the_full_resolution_dense_blocks_backward():
         assert all(m.group_channels is None for m in dense)
 
 
+@pytest.mark.parametrize("level", ["blocks", "stages"])
+def test_stages_level_recomputes_the_hr_pathway(level):
+    """At "stages" the HR pathway keeps nothing for backward of its own (it runs again there from its input: the
+    ops inside it save through the recomputation's hooks, not the caller's); at "blocks" its blocks keep their
+    inputs. Gradients: test_stages_level_recomputes_the_first_stage_without_random_numbers and the real-model
+    test."""
+    model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=2,
+                         hr_channels=4, hr_blocks=2).train()
+    set_checkpointing(model, level)
+    assert model.net.recompute_hr == (level == "stages")
+    inside, saved = [], []
+    model.net.hr.register_forward_pre_hook(lambda m, i: inside.append(True))
+    model.net.hr.register_forward_hook(lambda m, i, o: inside.pop() and None)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (inside and saved.append(t.nbytes)) or t, lambda t: t):
+        out = model(torch.randn(1, 4, 16, 16, 16))
+    assert (sum(saved) == 0) == (level == "stages")
+    out.seg.sum().backward()
+
+
 def test_step_measurer_needs_a_warm_up_step():
     from hmedn_fast.train.memory import cuda_step_measurer
     with pytest.raises(ValueError, match="steps must be an int >= 2"):
@@ -288,8 +307,8 @@ def test_cuda_step_measurer_reports_the_steady_step_not_the_first_steps_kernel_t
 @pytest.mark.slow
 def test_stages_level_of_the_real_model_keeps_gradients():
     """hmedn_3d_l2 at its real widths (1x4x32^3, float64, dropout off): at "stages" the full-resolution dense blocks
-    take their layers' 32-80 input channels in 32-channel groups (forward and backward), the decoder blocks take
-    their input through input_buffer, the first stage is recomputed; every parameter gradient equals plain
+    take their layers' 32-80 input channels in 32-channel groups in backward, the decoder blocks take their input
+    through input_buffer, the first stage and the HR pathway are recomputed; every parameter gradient equals plain
     autograd's (measured: 6e-14 relative)."""
     base = create_model("hmedn_3d_l2", dropout=0.0).double().train()
     x = torch.randn(1, 4, 32, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -158,10 +158,10 @@ class DistillingPathway(nn.Module):
         hr_pathway: an :class:`HRPathway` bridging encoder and decoder at ``hr_stage`` (0-based), or None.
         hr_stage: the stage the HR pathway bridges.
 
-    Attribute ``recompute_first_stage`` (False; True at the ``"stages"`` checkpointing level of
-    :func:`hmedn_fast.train.memory.set_checkpointing`): in training with autograd on, the stem, the first dense
-    block and its transition keep only their input for backward and run again there (BatchNorm running statistics
-    updated once); same outputs and gradients.
+    Attributes ``recompute_first_stage`` and ``recompute_hr`` (False; True at the ``"stages"`` checkpointing level
+    of :func:`hmedn_fast.train.memory.set_checkpointing`): in training with autograd on, the stem, the first dense
+    block and its transition (respectively the whole HR pathway) keep only their input for backward and run again
+    there (BatchNorm running statistics updated once); same outputs and gradients.
 
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
@@ -209,7 +209,7 @@ class DistillingPathway(nn.Module):
         self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
         self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
         self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
-        self.recompute_first_stage = False
+        self.recompute_first_stage = self.recompute_hr = False
 
     def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, the first dense block and its transition (the first stage without its dropout)."""
@@ -228,7 +228,11 @@ class DistillingPathway(nn.Module):
             skips.append(x)
         hr_feats = hr_logits = None
         if self.hr is not None:
-            hr_feats, hr_logits = self.hr(skips[self.hr_stage])
+            if self.__dict__.get("recompute_hr", False) and self.training and torch.is_grad_enabled():
+                hr_feats, hr_logits = recomputed(self.hr, (self.hr,), skips[self.hr_stage],
+                                                 preserve_rng_state=False)  # no RNG inside
+            else:
+                hr_feats, hr_logits = self.hr(skips[self.hr_stage])
         by_stage = {self.depth: x}
         for s in reversed(range(self.depth)):
             # The stage's input (upsampled features, skip, HR features) goes straight into a lean dense block's

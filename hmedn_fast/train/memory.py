@@ -33,8 +33,10 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   transition; :attr:`hmedn_fast.nn.pathways.DistillingPathway.recompute_first_stage`) keeps only its input and is
   recomputed in backward: its dense buffer and the stem's and transition's conv outputs (hmedn_3d_l2 at 128^3:
   80 + 16 + 16 full-resolution channels) are not held while the decoder's full-resolution block runs backward,
-  where the lean step peaks (``docs/decisions/train.md``, stop 19); and both full-resolution dense blocks take
-  each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
+  where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR pathway likewise
+  (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks keep their inputs at
+  half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks take each layer's
+  input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
   (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`).
 
 Every level gives the same gradients; only memory and time differ.
@@ -225,7 +227,7 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
             m.checkpoint = "blocks" if _at_least(level, "blocks") else level
             count += 1
         elif isinstance(m, DistillingPathway):
-            m.recompute_first_stage = _at_least(level, "stages")
+            m.recompute_first_stage = m.recompute_hr = _at_least(level, "stages")
             for stage in (m.enc[0], m.dec[0]):  # the full-resolution dense blocks
                 stage[0].group_channels = STAGES_GROUP_CHANNELS if _at_least(level, "stages") else None
             count += 1
