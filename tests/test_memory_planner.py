@@ -184,7 +184,7 @@ def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
     with pytest.warns(RuntimeWarning) as warned, pytest.raises(torch.OutOfMemoryError):
         trainer.train_step(images, labels)
     assert [str(w.message).split("'")[1] for w in warned] == ["blocks", "stages"]
-    assert trainer.checkpoint_level == "stages" and trainer.net.net.recompute_first_stage
+    assert trainer.checkpoint_level == "stages" and trainer.net.net.recompute_stages == 2
 
 
 def test_checkpointing_levels_keep_batchnorm_running_statistics():
@@ -249,21 +249,34 @@ def test_stages_level_groups_the_full_resolution_dense_blocks_backward():
 
 
 @pytest.mark.parametrize("level", ["blocks", "stages"])
-def test_stages_level_recomputes_the_hr_pathway(level):
-    """At "stages" the HR pathway keeps nothing for backward of its own (it runs again there from its input: the
-    ops inside it save through the recomputation's hooks, not the caller's); at "blocks" its blocks keep their
-    inputs. Gradients: test_stages_level_recomputes_the_first_stage_without_random_numbers and the real-model
-    test."""
+def test_stages_level_recomputes_two_encoder_stages_and_the_hr_pathway(level):
+    """At "stages" the stem, the first two encoder stages' dense blocks and transitions, and the HR pathway keep
+    nothing for backward of their own (they run again there from their inputs: the ops inside save through the
+    recomputation's hooks, not the caller's); the third stage, and at "blocks" all of them, do. Gradients:
+    test_stages_level_recomputes_the_first_stage_without_random_numbers and the real-model test."""
+    from hmedn_fast.train.memory import STAGES_RECOMPUTED
     model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=2,
                          hr_channels=4, hr_blocks=2).train()
     set_checkpointing(model, level)
-    assert model.net.recompute_hr == (level == "stages")
-    inside, saved = [], []
-    model.net.hr.register_forward_pre_hook(lambda m, i: inside.append(True))
-    model.net.hr.register_forward_hook(lambda m, i, o: inside.pop() and None)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: (inside and saved.append(t.nbytes)) or t, lambda t: t):
+    net = model.net
+    assert (net.recompute_stages, net.recompute_hr) == ((2, True) if level == "stages" else (0, False))
+    assert STAGES_RECOMPUTED == 2
+    parts = {"stem": [net.stem], "hr": [net.hr], **{f"enc{s}": list(net.enc[s][:2]) for s in range(3)}}
+    inside, saved = [], {k: 0 for k in parts}
+    for name, modules in parts.items():
+        for m in modules:  # dense block and transition of an encoder stage
+            m.register_forward_pre_hook(lambda m, i, n=name: inside.append(n))
+            m.register_forward_hook(lambda m, i, o: inside.pop() and None)
+
+    def pack(t):
+        if inside:
+            saved[inside[-1]] += t.nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(torch.randn(1, 4, 16, 16, 16))
-    assert (sum(saved) == 0) == (level == "stages")
+    recomputed = {"stem", "enc0", "enc1", "hr"} if level == "stages" else set()
+    assert {k for k, v in saved.items() if v == 0} == recomputed, saved
     out.seg.sum().backward()
 
 

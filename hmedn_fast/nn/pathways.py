@@ -158,10 +158,11 @@ class DistillingPathway(nn.Module):
         hr_pathway: an :class:`HRPathway` bridging encoder and decoder at ``hr_stage`` (0-based), or None.
         hr_stage: the stage the HR pathway bridges.
 
-    Attributes ``recompute_first_stage`` and ``recompute_hr`` (False; True at the ``"stages"`` checkpointing level
-    of :func:`hmedn_fast.train.memory.set_checkpointing`): in training with autograd on, the stem, the first dense
-    block and its transition (respectively the whole HR pathway) keep only their input for backward and run again
-    there (BatchNorm running statistics updated once); same outputs and gradients.
+    Attributes ``recompute_stages`` (0; 2 at the ``"stages"`` checkpointing level of
+    :func:`hmedn_fast.train.memory.set_checkpointing`) and ``recompute_hr`` (False; True there): in training with
+    autograd on, the dense block and transition of that many encoder stages (the stem too in the first), and the
+    whole HR pathway, keep only their input for backward and run again there (BatchNorm running statistics updated
+    once); same outputs and gradients.
 
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
@@ -209,26 +210,29 @@ class DistillingPathway(nn.Module):
         self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
         self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
         self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
-        self.recompute_first_stage = self.recompute_hr = False
+        self.recompute_stages, self.recompute_hr = 0, False
 
-    def _first_stage(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, the first dense block and its transition (the first stage without its dropout)."""
-        block, transition, _ = self.enc[0]
-        return transition(block(self.stem(x)))
+    def _encode(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """Encoder stage s without its dropout: the stem (s = 0), the dense block and its transition."""
+        block, transition, _ = self.enc[s]
+        return transition(block(self.stem(x) if s == 0 else x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        if self.recompute_first_stage and self.training and torch.is_grad_enabled():
-            x = recomputed(self._first_stage, (self.stem, self.enc[0]), x, preserve_rng_state=False)  # no RNG inside
-        else:
-            x = self._first_stage(x)
-        x = self.enc[0][2](x)
-        skips = [x]
-        for enc in self.enc[1:]:
-            x = enc(self.pool(x))
+        recompute = self.training and torch.is_grad_enabled()
+        skips = []
+        for s, enc in enumerate(self.enc):
+            if s:
+                x = self.pool(x)  # outside the recomputed part: it would keep the larger stage output
+            if recompute and s < self.__dict__.get("recompute_stages", 0):
+                x = recomputed(self._encode, (self.stem, enc) if s == 0 else (enc,), s, x,
+                               preserve_rng_state=False)  # no RNG inside
+            else:
+                x = self._encode(s, x)
+            x = enc[2](x)  # dropout
             skips.append(x)
         hr_feats = hr_logits = None
         if self.hr is not None:
-            if self.__dict__.get("recompute_hr", False) and self.training and torch.is_grad_enabled():
+            if recompute and self.__dict__.get("recompute_hr", False):
                 hr_feats, hr_logits = recomputed(self.hr, (self.hr,), skips[self.hr_stage],
                                                  preserve_rng_state=False)  # no RNG inside
             else:

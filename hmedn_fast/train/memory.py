@@ -29,11 +29,12 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   in backward allocates its concatenations again: with every dense block checkpointed, this level's measured
   peak was above the lean level's (H200, ``benchmarks/results/train_nvidia_h200.json``: 3975 vs 3734 MiB), so an
   out-of-memory escalation from "lean" could not help;
-- ``"stages"``: "blocks", and the distilling pathway's first stage (stem, full-resolution dense block and its
-  transition; :attr:`hmedn_fast.nn.pathways.DistillingPathway.recompute_first_stage`) keeps only its input and is
-  recomputed in backward: its dense buffer and the stem's and transition's conv outputs (hmedn_3d_l2 at 128^3:
-  80 + 16 + 16 full-resolution channels) are not held while the decoder's full-resolution block runs backward,
-  where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR pathway likewise
+- ``"stages"``: "blocks", and the distilling pathway's first ``STAGES_RECOMPUTED`` encoder stages (stem, dense
+  block and transition; :attr:`hmedn_fast.nn.pathways.DistillingPathway.recompute_stages`) keep only their input
+  and are recomputed in backward: their dense buffers and the stem's and transitions' conv outputs (hmedn_3d_l2 at
+  128^3: 80 + 16 + 16 full-resolution channels, and the second stage's ~70 MiB) are not held while the decoder's
+  full-resolution block runs backward, where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR
+  pathway likewise
   (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks keep their inputs at
   half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks take each layer's
   input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
@@ -57,9 +58,11 @@ from hmedn_fast.nn.pathways import DistillingPathway, HRPathway
 from hmedn_fast.nn.recompute import recomputed
 
 LEVELS = ("none", "lean", "blocks", "stages")
-# "stages": the full-resolution dense blocks take at most this many input channels of a layer at once, forward and
-# backward (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
+# "stages": the full-resolution dense blocks' backward takes at most this many input channels of a layer at once
+# (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
 STAGES_GROUP_CHANNELS = 32
+# "stages": this many encoder stages (from full resolution) keep only their input and run again in backward
+STAGES_RECOMPUTED = 2
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -227,7 +230,8 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
             m.checkpoint = "blocks" if _at_least(level, "blocks") else level
             count += 1
         elif isinstance(m, DistillingPathway):
-            m.recompute_first_stage = m.recompute_hr = _at_least(level, "stages")
+            m.recompute_stages = STAGES_RECOMPUTED if _at_least(level, "stages") else 0
+            m.recompute_hr = _at_least(level, "stages")
             for stage in (m.enc[0], m.dec[0]):  # the full-resolution dense blocks
                 stage[0].group_channels = STAGES_GROUP_CHANNELS if _at_least(level, "stages") else None
             count += 1
