@@ -38,3 +38,12 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last when x is (and is not also NC*-contiguous), else contiguous."""
+    if x.ndim in (4, 5) and not x.is_contiguous():
+        fmt = channels_last_format(x.ndim - 2)
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format

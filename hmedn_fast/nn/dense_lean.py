@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..device import channels_last_format
+from ..device import channels_last_format, memory_format_of as _layout
 from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
@@ -276,15 +276,6 @@ def _dense(src: Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
     if src.dtype != dtype:
         return src.to(dtype, memory_format=fmt)
     return copy_channels_(torch.empty(src.shape, dtype=dtype, device=src.device, memory_format=fmt), src)
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """Channels-last when x is (and is not also NC*-contiguous), else contiguous."""
-    if x.ndim in (4, 5) and not x.is_contiguous():
-        fmt = channels_last_format(x.ndim - 2)
-        if x.is_contiguous(memory_format=fmt):
-            return fmt
-    return torch.contiguous_format
 
 
 def lean_dense_forward(block: nn.Module, x: Tensor) -> Tensor:

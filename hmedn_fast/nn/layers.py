@@ -1,7 +1,7 @@
 """Small factories shared by every block: convolutions, norms and pooling for 2D and 3D."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,26 +71,52 @@ class MaxPool(nn.Module):
 
 
 class _MaxPoolIndices(torch.autograd.Function):
-    """2x max pooling that saves the indices and the input's geometry (not the input)."""
+    """2x max pooling that saves, per output element, the argmax's offset inside its 2x2(x2) window as one byte
+    (torch's flat int64 indices are rebuilt from it in backward) and the input's geometry (not the input)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
         y, indices = pool(x, 2, return_indices=True)
-        ctx.save_for_backward(indices)
+        ctx.save_for_backward(_window_offsets(indices.to(torch.int32), x.shape[2:]))
         ctx.geometry = (x.shape, x.stride(), x.dtype, x.device)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        indices, = ctx.saved_tensors
+        offsets, = ctx.saved_tensors
         shape, stride, dtype, device = ctx.geometry
         like = torch.empty_strided(shape, stride, dtype=dtype, device=device)  # shape and layout only, never read
         k = [2] * (len(shape) - 2)
         backward = (torch.ops.aten.max_pool2d_with_indices_backward if len(shape) == 4
                     else torch.ops.aten.max_pool3d_with_indices_backward)
-        return backward(grad.to(dtype), like, k, k, [0] * len(k), [1] * len(k), False, indices)
+        return backward(grad.to(dtype), like, k, k, [0] * len(k), [1] * len(k), False,
+                        _flat_indices(offsets, shape[2:]))
+
+
+def _window_offsets(indices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Flat argmax indices into each (N, C) plane of an input of spatial ``size`` -> the argmax's offset in its 2x
+    window, ``sum_i (coordinate_i % 2) * 2 ** (n - 1 - i)`` (uint8)."""
+    offset, rest = torch.zeros_like(indices, dtype=torch.uint8), indices
+    for i, extent in enumerate(reversed(size)):
+        offset += ((rest % extent) % 2).to(torch.uint8) << i
+        rest = rest // extent
+    return offset
+
+
+def _flat_indices(offsets: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`_window_offsets`: int64 flat indices as torch's pooling returns them (the window of
+    output element ``o`` starts at input coordinate ``2 o`` along every axis)."""
+    n = len(size)
+    flat = torch.zeros_like(offsets, dtype=torch.int64)  # the offsets' (the output's) layout
+    for i, extent in enumerate(size):
+        shape = [1] * (n + 2)
+        shape[2 + i] = offsets.shape[2 + i]
+        coord = 2 * torch.arange(offsets.shape[2 + i], device=offsets.device).view(shape)
+        coord = coord + ((offsets >> (n - 1 - i)) & 1).to(torch.int64)
+        flat.mul_(extent).add_(coord)
+    return flat
 
 
 def dropout(spatial_dims: int, p: float) -> nn.Module:
