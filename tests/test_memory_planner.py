@@ -335,3 +335,34 @@ def test_stages_level_of_the_real_model_keeps_gradients():
     assert grads["none"].keys() == grads["stages"].keys() and len(grads["none"]) > 200
     for name, g in grads["none"].items():
         torch.testing.assert_close(grads["stages"][name], g, rtol=1e-9, atol=1e-12 * g.abs().max().item(), msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level, graph_break", [("lean", "net.up.0"), ("lean", "net.dec.1.1"), ("stages", None)])
+def test_compiled_levels_equal_eager(level, graph_break):
+    """torch.compile (inductor, CPU, float64) of a model at a lean level gives plain autograd's gradients and
+    running statistics, also with a graph break inside the decoder (a user's model may have them; "stages" makes
+    its own around the recomputed parts, which run eagerly). Regression: the decoder's in-place input buffer
+    (DenseBlock.input_buffer) gave O(1)-wrong gradients to its parts when graph breaks split the traced code, so
+    under compile the decoder concatenates."""
+    base = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=2,
+                        hr_channels=4, hr_blocks=2, dropout=0.0).double().train()
+    x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        set_checkpointing(model, level if compiled else "none")
+        if compiled and graph_break:
+            dict(model.named_modules())[graph_break].register_forward_pre_hook(
+                lambda m, i: torch._dynamo.graph_break())
+        torch._dynamo.reset()
+        out = (torch.compile(model) if compiled else model)(x)
+        out.seg.square().mean().backward()
+        results[compiled] = ({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                             {k: v.clone() for k, v in model.state_dict().items() if "running" in k})
+    (want, want_stats), (got, got_stats) = results[False], results[True]
+    assert want and want.keys() <= got.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12 * g.abs().max().item(), msg=name)
+    for k, v in want_stats.items():
+        torch.testing.assert_close(got_stats[k], v, rtol=1e-12, atol=1e-14, msg=k)

@@ -194,8 +194,7 @@ def test_compiled_training_steps_equal_eager_steps(tmp_path):
     ({"num_classes": 1}, "num_classes"), ({"memory_budget": "8GiB", "checkpointing": "lean"}, "not both"),
     ({"foreground_prob": 2.0}, "foreground_prob"), ({"grad_clip": -1.0}, "grad_clip"),
     ({"memory_format": "nhwc"}, "memory_format"), ({"cuda_graph": True, "compile": True}, "exclude each other"),
-    ({"cuda_graph": True, "precision": "fp16"}, "cuda_graph supports precision"),
-    ({"compile": True, "checkpointing": "stages"}, "compile does not run checkpointing 'stages'")])
+    ({"cuda_graph": True, "precision": "fp16"}, "cuda_graph supports precision")])
 def test_bad_configuration(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **kw)
@@ -424,10 +423,3 @@ def test_describe_names_the_batch_norm_of_multi_gpu_runs():
         assert Trainer.describe(run).endswith(f"batch 2 x 2 processes, {words}")
     run.ctx = DistContext(0, 1, torch.device("cuda", 0))
     assert Trainer.describe(run).endswith("batch 2")
-
-
-def test_compiled_runs_never_escalate_to_stages(tmp_path):
-    """Under torch.compile the out-of-memory escalation (and the memory planner) stop at "blocks": the "stages"
-    level's recomputation cannot be traced (TrainConfig.compile)."""
-    trainer = Trainer(_config(tmp_path, compile=True, checkpointing="blocks"))
-    assert trainer.escalator.levels == ("none", "lean", "blocks") and trainer.escalator.escalate() is None

@@ -148,7 +148,8 @@ class DenseBlock(nn.Module):
         1)``, or, where the block runs lean, a buffer of the output's size (N, C_out, *spatial) whose first C_in
         channels hold the parts, which the lean block fills in place (no concatenated tensor is made). Pass the
         parts as a temporary list (``block(block.input_buffer([a, b]))``): nothing then holds them while the block
-        runs."""
+        runs. Under ``torch.compile`` always the concatenation: traced with graph breaks around it, the in-place
+        buffer gave wrong gradients to the parts (CPU, float64; docs/decisions/train.md stop 22)."""
         parts = list(parts)
         if not parts or any(p.ndim != parts[0].ndim or p.ndim < 3 or p.shape[0] != parts[0].shape[0]
                             or p.shape[2:] != parts[0].shape[2:] for p in parts):
@@ -157,7 +158,7 @@ class DenseBlock(nn.Module):
         if sum(p.shape[1] for p in parts) != self.in_channels:
             raise ValueError(f"parts must have {self.in_channels} channels in all, got "
                              f"{[p.shape[1] for p in parts]}")
-        if self._runs_lean(any(p.requires_grad for p in parts)):
+        if self._runs_lean(any(p.requires_grad for p in parts)) and not torch.compiler.is_compiling():
             return lean_dense_buffer(self, parts)
         return torch.cat(parts, 1)
 

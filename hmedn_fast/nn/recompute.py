@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -26,12 +27,14 @@ def running_stats_frozen(modules: Iterable[nn.Module]):
             m.num_batches_tracked.copy_(count)
 
 
+@torch.compiler.disable
 def recomputed(fn: Callable[..., Any], modules: Iterable[nn.Module], *args: Any,
                preserve_rng_state: bool = True) -> Any:
     """``fn(*args)`` keeping nothing for backward but its inputs; the backward runs it again with the BatchNorm
     layers in ``modules`` (everything ``fn`` runs) leaving their running statistics alone.
     ``preserve_rng_state=False`` for an ``fn`` that draws no random numbers (no CUDA RNG state is read: CUDA-graph
-    capture safe)."""
+    capture safe). Under ``torch.compile`` this part runs eagerly (a graph break): dynamo cannot trace a
+    checkpoint with a ``context_fn`` ("checkpoint not implemented for ... context_fn")."""
     def contexts():
         return contextlib.nullcontext(), running_stats_frozen(modules)
 

@@ -54,8 +54,7 @@ class TrainConfig:
             on the CPU), ``"channels_last"`` or ``"contiguous"``: layout of the model's weights and of the batches.
         compile: ``torch.compile`` the model for the training steps (the first steps compile: ~90 s for
             hmedn_3d_l2 at 128^3 on an H200; validation and the memory planner's trial steps run uncompiled).
-            Not with ``checkpointing="stages"`` (its recomputation cannot be traced; the planner and the
-            out-of-memory escalation stop at "blocks" then).
+            At the ``"stages"`` level its recomputed parts run eagerly (graph breaks).
         cudnn_benchmark: let cuDNN time its convolution algorithms on the first step of each shape (CUDA only;
             sets ``torch.backends.cudnn.benchmark`` for the process).
         cuda_graph: capture the whole training step (forward, loss, backward, clipping, AdamW) in a CUDA graph
@@ -169,10 +168,6 @@ class TrainConfig:
             raise ValueError(f"checkpointing must be one of {memory.LEVELS} or None, got {self.checkpointing!r}")
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True, False or None (automatic), got {self.cuda_graph!r}")
-        if self.compile and self.checkpointing == "stages":
-            raise ValueError("compile does not run checkpointing 'stages': its recomputed parts (torch.utils.checkpoint "
-                             "with a context that keeps BatchNorm running statistics) cannot be traced by "
-                             "torch.compile; use 'lean' or 'blocks' with compile, or 'stages' without it")
         if self.cuda_graph and self.compile:
             raise ValueError("cuda_graph and compile exclude each other (torch.compile has its own CUDA graphs: "
                              "mode='reduce-overhead')")

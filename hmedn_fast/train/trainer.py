@@ -150,7 +150,7 @@ class Trainer:
         self.model = wrap_model(self.net, self.ctx, cfg.sync_bn, self.checkpoint_level)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.escalator = memory.OOMEscalator(self.checkpoint_level, self._levels())
+        self.escalator = memory.OOMEscalator(self.checkpoint_level)
 
         # fused: its update skips itself on the device when found_inf is set (non-finite steps need no host sync)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=self._lr(cfg.lr), betas=cfg.betas,
@@ -214,11 +214,6 @@ class Trainer:
         memory.set_checkpointing(model, level)
         return model
 
-    def _levels(self) -> tuple[str, ...]:
-        """The checkpointing levels the planner and the out-of-memory escalation may choose: not "stages" under
-        torch.compile (TrainConfig.compile says why)."""
-        return tuple(level for level in memory.LEVELS if not (self.config.compile and level == "stages"))
-
     def _plan_memory(self) -> None:
         if self.device.type != "cuda":
             raise ValueError("memory_budget needs a CUDA device (it is planned by measuring GPU memory)")
@@ -226,7 +221,7 @@ class Trainer:
         budget = memory.parse_memory_budget(self.config.memory_budget, total)
         measure = memory.cuda_step_measurer(self._build_model, self.loss_fn, self.in_channels, self.num_classes,
                                             self.device, self.autocast_dtype, self.memory_format)
-        plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure, levels=self._levels(),
+        plan = memory.plan_memory(budget, self.patch_size, self.batch_size, measure,
                                   progress=self.config.progress and self.ctx.is_main)
         torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), self.device)
         self.memory_plan = asdict(plan)
