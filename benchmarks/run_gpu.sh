@@ -7,6 +7,9 @@
 # TESTS_TIMEOUT (default 540 s) bounds the test phase. PHASES (default "build tests bench") picks what runs, e.g.
 # PHASES=bench with CUDA_VISIBLE_DEVICES=1 runs benchmarks on a second GPU while another call uses the first.
 #
+# The records name their git commit (benchmarks/record.py); the GPU machine's copy has no .git, so put
+# HMEDN_GIT_COMMIT=$(git rev-parse HEAD) - expanded here, not there - in front of the command you send.
+#
 # Packages missing on the GPU machine (nibabel, monai) travel as wheels in .whl/ (git-ignored), fetched here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl nibabel==5.4.2 monai==1.6.1
 set -uo pipefail
