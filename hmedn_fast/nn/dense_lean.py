@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..device import channels_last_format, memory_format_of as _layout
+from ..device import channels_last_format, memory_format_of
 from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
 from ..ops.norm_act import choose
@@ -144,7 +144,7 @@ class _IntoBuffer(torch.autograd.Function):
         ctx.ranges, c = [], 0
         for part in parts:
             copy_channels_(out[:, c:c + part.shape[1]], part)
-            ctx.ranges.append((c, c + part.shape[1], part.dtype, _layout(part)))
+            ctx.ranges.append((c, c + part.shape[1], part.dtype, memory_format_of(part)))
             c += part.shape[1]
         return out
 
@@ -168,7 +168,7 @@ class LeanDenseBlock(torch.autograd.Function):
         grad_reuse.prepare()
         ctx.mark_dirty(out)
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        fmt = _layout(out)
+        fmt = memory_format_of(out)
         engines, c = [], block.in_channels
         for layer in layers:
             inp = out[:, :c]
@@ -298,7 +298,8 @@ def lean_dense_buffer(block: nn.Module, parts: list[Tensor]) -> Tensor:
     dev = parts[0].device.type
     conv_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                   else torch.promote_types(dtype, block.layers[0].conv.weight.dtype))
-    buf = _IntoBuffer.apply(block.out_channels, torch.promote_types(dtype, conv_dtype), _layout(parts[0]), *parts)
+    buf = _IntoBuffer.apply(block.out_channels, torch.promote_types(dtype, conv_dtype), memory_format_of(parts[0]),
+                            *parts)
     buf._hmedn_lean_dense_buffer = True
     return buf
 

@@ -46,10 +46,11 @@ def max_pool(spatial_dims: int) -> nn.Module:
 
 
 class MaxPool(nn.Module):
-    """``nn.MaxPool2d(2)`` / ``nn.MaxPool3d(2)`` whose backward keeps only the argmax indices: PyTorch's also
-    keeps the input, which its backward reads for its shape and layout only, so a pooled tensor that nothing else
-    saves (the distilling pathway's first-stage output when that stage is recomputed: hmedn_3d_l2 at 128^3 in
-    bf16, 64 MiB) stays alive through the whole backward. Same outputs and gradients.
+    """``nn.MaxPool2d(2)`` / ``nn.MaxPool3d(2)`` whose backward keeps one byte per output element (the argmax's
+    offset in its window) and not the input. PyTorch's keeps int64 indices and the input, which its backward reads
+    for its shape and layout only, so a pooled tensor that nothing else saves (the distilling pathway's first-stage
+    output when that stage is recomputed: hmedn_3d_l2 at 128^3 in bf16, 64 MiB) stays alive through the whole
+    backward. Same outputs and gradients.
 
     Shapes: (N, C, *spatial) -> (N, C, *(s // 2 for s in spatial)), any float dtype, either layout."""
 
@@ -63,8 +64,7 @@ class MaxPool(nn.Module):
                              f"{self.spatial_dims} spatial axes, got shape {tuple(x.shape)}")
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPoolIndices.apply(x)
-        pool = F.max_pool2d if self.spatial_dims == 2 else F.max_pool3d
-        return pool(x, 2)
+        return _pool(x)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, kernel_size=2, stride=2"
@@ -76,8 +76,7 @@ class _MaxPoolIndices(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
-        y, indices = pool(x, 2, return_indices=True)
+        y, indices = _pool(x, return_indices=True)
         ctx.save_for_backward(_window_offsets(indices.to(torch.int32), x.shape[2:]))
         ctx.geometry = (x.shape, x.stride(), x.dtype, x.device)
         return y
@@ -93,6 +92,11 @@ class _MaxPoolIndices(torch.autograd.Function):
                     else torch.ops.aten.max_pool3d_with_indices_backward)
         return backward(grad.to(dtype), like, k, k, [0] * len(k), [1] * len(k), False,
                         _flat_indices(offsets, shape[2:]))
+
+
+def _pool(x: torch.Tensor, **kwargs):
+    """2x max pooling of a (N, C, H, W) or (N, C, D, H, W) tensor."""
+    return (F.max_pool2d if x.ndim == 4 else F.max_pool3d)(x, 2, **kwargs)
 
 
 def _window_offsets(indices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

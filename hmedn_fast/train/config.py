@@ -200,11 +200,11 @@ def default_checkpointing(device: torch.device) -> str:
     return "lean" if device.type == "cuda" else "none"
 
 
-__all__ = ["MEMORY_FORMATS", "PRECISIONS", "RESUMABLE_CHANGES", "SCHEDULES", "TrainConfig", "automatic_cuda_graph",
-           "default_checkpointing"]
-
-
 def option_default(name: str) -> Any:
     """The default of TrainConfig option ``name``."""
     f = {f.name: f for f in fields(TrainConfig)}[name]
     return f.default_factory() if f.default is MISSING else f.default
+
+
+__all__ = ["MEMORY_FORMATS", "PRECISIONS", "RESUMABLE_CHANGES", "SCHEDULES", "TrainConfig", "automatic_cuda_graph",
+           "default_checkpointing", "option_default"]

@@ -34,10 +34,9 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   and are recomputed in backward: their dense buffers and the stem's and transitions' conv outputs (hmedn_3d_l2 at
   128^3: 80 + 16 + 16 full-resolution channels, and the second stage's ~70 MiB) are not held while the decoder's
   full-resolution block runs backward, where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR
-  pathway likewise
-  (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks keep their inputs at
-  half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks take each layer's
-  input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
+  pathway likewise (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks
+  keep their inputs at half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks
+  take each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
   (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`).
 
 Every level gives the same gradients; only memory and time differ.
