@@ -1,0 +1,71 @@
+"""Same-process A/B of the ``stages`` level's memory cuts on the GPU: hmedn_3d_l2 1x4x128^3, bf16 autocast,
+channels-last, CUDA graph (``gpu_train.py``'s ``lean_stages_graph``), with each cut switched back in turn: the
+dense backward's channel groups (``memory.STAGES_GROUP_CHANNELS``), the number of recomputed encoder stages
+(``memory.STAGES_RECOMPUTED``) and the HR pathway's recomputation (``DistillingPathway.recompute_hr``); ``lean`` +
+graph and MONAI DynUNet bf16 + graph in the same process.
+
+    python benchmarks/stages_ab.py --out DIR
+
+Each stages variant runs twice and the second run is the one to read: a graphed setting's peak includes its first
+steps, which time kernels for shapes new in the process (DynUNet's first run likewise: cuDNN's search). Writes
+DIR/train_stages_ab_<card>.json after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_train  # noqa: E402
+from record import card_slug, environment  # noqa: E402
+from hmedn_fast.nn.pathways import DistillingPathway  # noqa: E402
+from hmedn_fast.train import memory  # noqa: E402
+
+VARIANTS = ((32, 2, True), (48, 2, True), (None, 2, True), (32, 1, True), (32, 2, False), (48, 2, False),
+            (None, 2, False))  # (group channels, recomputed stages, HR recomputed); the first is the level's default
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("stages_ab.py needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = True
+    set_checkpointing, recompute_hr = gpu_train.set_checkpointing, [True]
+
+    def patched(model: torch.nn.Module, level: str) -> None:
+        set_checkpointing(model, level)
+        for m in model.modules():
+            if isinstance(m, DistillingPathway) and level == "stages":
+                m.recompute_hr = recompute_hr[0]
+
+    gpu_train.set_checkpointing = patched
+    rows = [("dynunet_bf16_graph", None, None, None)]
+    rows += [("lean_stages_graph", *v) for v in VARIANTS]
+    rows += [("lean_graph", None, None, None), ("dynunet_bf16_graph", None, None, None)]
+    record = {**environment(), "what": __doc__, "rows": []}
+    path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}.json"
+    t0 = time.time()
+    for config, groups, stages, hr in rows:
+        memory.STAGES_GROUP_CHANNELS = groups
+        memory.STAGES_RECOMPUTED = 2 if stages is None else stages
+        recompute_hr[0] = True if hr is None else hr
+        for rep in (0, 1) if config == "lean_stages_graph" else (0,):
+            r = gpu_train.time_steps(config, 128, 4, 10)
+            record["rows"].append({"config": config, "group_channels": groups, "recompute_stages": stages,
+                                   "recompute_hr": hr, "rep": rep, **r})
+            path.write_text(json.dumps(record, indent=1))
+            print(f"{config:20s} groups={groups} stages={stages} hr={hr} rep={rep}: {r['p50_ms']:6.1f} ms "
+                  f"{r['peak_mib']:7.0f} MiB  first {r['first_step_s']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
