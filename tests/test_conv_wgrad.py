@@ -162,3 +162,41 @@ def test_cuda_launch_config_is_not_pathological(c_in, c_out, size, d):
     cudnn = graph_ms(lambda: torch.ops.aten.convolution_backward(gy, x, w, None, [1] * 3, [d] * 3, [d] * 3, False,
                                                                  [0] * 3, 1, [False, True, False]))
     assert ours < 2 * cudnn, (ours, cudnn)
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("n, c_in, c_out, total, size, d", [
+    (2, 20, 16, 48, (5, 6, 7), 1), (1, 70, 16, 96, (4, 3, 5), 2), (1, 33, 32, 64, (3, 5, 4), 1)])
+def test_weight_gradient_prologue_on_a_buffer_slice(monkeypatch, n, c_in, c_out, total, size, d):
+    _check_prologue_wgrad(monkeypatch, n, c_in, c_out, total, size, d, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, c_in, c_out, total, size, d", [(1, 80, 16, 96, (40, 48, 56), 1),
+                                                            (2, 32, 32, 64, (33, 34, 35), 3)])
+def test_cuda_weight_gradient_prologue_on_a_buffer_slice(monkeypatch, n, c_in, c_out, total, size, d):
+    _check_prologue_wgrad(monkeypatch, n, c_in, c_out, total, size, d, "cuda")
+
+
+def _check_prologue_wgrad(monkeypatch, n, c_in, c_out, total, size, d, device):
+    """Weight gradient of the convolution of relu((x - mean) a + b) with x a channel slice of a channels-last
+    buffer and the norm + ReLU in the kernel's prologue: equals the float64 weight gradient of the float64
+    activation up to one bf16 rounding of the activation (at most one unit in the last place of each
+    |gradient| x |activation| term) and float32 accumulation."""
+    from test_conv_fwd import _norm_coef, prologue_activation
+
+    from hmedn_fast.ops.triton import conv_wgrad
+
+    real_empty = torch.empty
+    monkeypatch.setattr(conv_wgrad.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    g = torch.Generator().manual_seed(4)
+    buf = torch.randn(n, total, *size, generator=g).bfloat16().contiguous(memory_format=CL).to(device)
+    gy = torch.randn(n, c_out, *size, generator=g).bfloat16().contiguous(memory_format=CL).to(device)
+    w = torch.randn(c_out, c_in, 3, 3, 3, generator=g).to(device)
+    coef = _norm_coef(c_in).to(device)
+    act = prologue_activation(buf[:, total - c_in:], coef)
+    gw = conv_wgrad.conv3x3_wgrad(gy, buf[:, total - c_in:], d, prologue=coef)
+    want = _float64_grads(gy, act, w, d)[1]
+    bound = _float64_grads(gy.abs(), act, w, d)[1] * 2.0 ** -7 + 1e-5 * want.abs().max()
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+    assert ((gw.double() - want).abs() <= bound).all()

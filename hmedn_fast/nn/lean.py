@@ -235,15 +235,18 @@ def norm_kernels():
 
 
 def triton_norm_forward(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                        call: dict) -> tuple[Tensor, Tensor, tuple]:
+                        call: dict, normalise: bool = True) -> tuple[Tensor | None, Tensor, tuple]:
     """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` (:func:`norm_call`) on the Triton
-    kernels, running statistics updated as the module would; returns it, the coefficients its backward and replay
-    need, and the kernels' geometry of c."""
+    kernels, running statistics updated as the module would; returns it (None when not ``normalise``: only the
+    statistics are taken), the coefficients its backward and replay need, and the kernels' geometry of c."""
     k = norm_kernels()
     c, cs = k.flat(c)
     geo = k.geometry(tuple(c.shape), cs, None if residual is None else k.ncs_strides(residual), "batch", 1,
                      call["training"])
     update = call["training"] and call["running_mean"] is not None
+    if not normalise:
+        return None, k.statistics(geo, c, weight, bias, call["running_mean"], call["running_var"], call["eps"],
+                                  call["momentum"], call["training"], update), geo
     y, coef = k.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
                         call["momentum"], True, call["training"], update)
     return y, coef, geo

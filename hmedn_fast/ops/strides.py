@@ -14,3 +14,12 @@ def flat_spatial_stride(t: Tensor, first: int) -> int | None:
         if t.stride(a) != t.stride(b) * t.shape[b]:
             return None
     return t.stride(dims[-1]) if dims else 1
+
+
+def voxel_stride(t: Tensor) -> int | None:
+    """For an (N, C, *spatial) tensor whose channels are innermost (stride 1) and whose voxels, N and the spatial
+    axes flattened in order, sit at one stride (channels-last contiguous, or a channel slice of such a tensor): that
+    stride; else None."""
+    if t.ndim < 3 or t.shape[1] > 1 and t.stride(1) != 1:
+        return None
+    return flat_spatial_stride(t.movedim(1, -1)[..., 0], 0) if t.shape[1] > 1 else flat_spatial_stride(t, 0)
