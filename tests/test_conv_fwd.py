@@ -118,18 +118,17 @@ def test_measured_choice_overrides_the_static_rule(monkeypatch, faster):
 
 @pytest.mark.interpreted
 def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
-    """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last, norm not fused into the
-    convolutions (``dense_lean.FUSED_FORWARD`` off; the fused path: test_dense_lean): the 16 and 48 channel layers
-    run the Triton forward by the static rule, the three input gradients the same kernel; outputs and gradients
-    match the eager float32 block to bf16 rounding."""
-    from hmedn_fast.nn import dense_lean
+    """A 16 -> 64 channel dense block (layers 16, 32, 48 -> 16), bf16 channels-last: the 16 and 48 channel layers
+    run the Triton forward, writing into the block's buffer, the three input gradients the same kernel; outputs and
+    gradients match the eager float32 block to bf16 rounding."""
     from hmedn_fast.nn.blocks import DenseBlock
     from hmedn_fast.ops.triton import conv_fwd
 
-    monkeypatch.setattr(dense_lean, "FUSED_FORWARD", False)
     calls = []
     real = conv_fwd.conv3x3_forward
-    monkeypatch.setattr(conv_fwd, "conv3x3_forward", lambda x, w, d, **k: calls.append(x.shape[1]) or real(x, w, d, **k))
+    into = []
+    monkeypatch.setattr(conv_fwd, "conv3x3_forward",
+                        lambda x, w, d, **k: calls.append(x.shape[1]) or into.append(k.get("out")) or real(x, w, d, **k))
     monkeypatch.setenv("HMEDN_BACKEND_NORM_ACT", "triton")
     ref = DenseBlock(16, 16, 3, spatial_dims=3)
     lean = copy.deepcopy(ref).bfloat16().to(memory_format=CL)
@@ -140,6 +139,7 @@ def test_lean_dense_block_routes_its_layers_through_the_kernel(monkeypatch):
     ref(xr).backward(gy)
     yl = lean(xl)
     assert calls == [16, 48]
+    assert [t.data_ptr() - yl.data_ptr() for t in into] == [16 * 2, 48 * 2]  # its channels of the output buffer
     yl.backward(gy.bfloat16())
     assert calls[2:] == [16, 16, 16]  # the input gradients: the same kernel on each layer's 16-channel gradient
     torch.testing.assert_close(yl.float(), ref(xr).detach(), rtol=3e-2, atol=3e-2)
@@ -180,66 +180,36 @@ def test_cuda_measured_choice_is_remembered_and_correct(monkeypatch):
     measured.forget()
 
 
-def _norm_coef(c: int, seed: int = 1) -> torch.Tensor:
-    """Random (1, 4, c) norm coefficients (a, b, mean, rstd) as the Triton norm kernels lay them out."""
-    g = torch.Generator().manual_seed(seed)
-    a, b, mean = torch.randn(c, generator=g), torch.randn(c, generator=g), torch.randn(c, generator=g) * 0.3
-    return torch.stack([a, b, mean, a.abs()])[None].contiguous()
-
-
-def prologue_activation(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """relu((x - mean) a + b) in float64 (the prologue's value before its one rounding)."""
-    a, b, mean = (coef[0, i].double()[None, :, None, None, None] for i in range(3))
-    return torch.relu((x.double() - mean) * a + b)
-
-
 @pytest.mark.interpreted
-@pytest.mark.parametrize("n, c_in, c_out, total, size, d", [
-    (2, 16, 16, 48, (5, 6, 7), 1), (1, 40, 32, 96, (4, 5, 6), 2), (1, 80, 16, 96, (3, 4, 5), 3)])
-def test_forward_prologue_reads_and_writes_buffer_slices(n, c_in, c_out, total, size, d):
-    _check_prologue_forward(n, c_in, c_out, total, size, d, "cpu")
+@pytest.mark.parametrize("backend", ["triton", "reference", None])
+def test_forward_into_a_buffer_slice(monkeypatch, backend):
+    """``out=`` a channel slice of a channels-last buffer (poisoned): every element of it written with the float64
+    result rounded once, the buffer's other channels untouched, on either backend (the Triton kernel writes in
+    place, the reference copies) and the automatic choice."""
+    from hmedn_fast.ops.triton import conv_fwd
 
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("n, c_in, c_out, total, size, d", [(1, 80, 16, 96, (40, 48, 56), 1),
-                                                            (2, 32, 32, 64, (33, 34, 35), 3)])
-def test_cuda_forward_prologue_reads_and_writes_buffer_slices(n, c_in, c_out, total, size, d):
-    _check_prologue_forward(n, c_in, c_out, total, size, d, "cuda")
-
-
-def _check_prologue_forward(n, c_in, c_out, total, size, d, device):
-    """Norm + ReLU applied in the prologue to a channel slice of a channels-last buffer, the result written into
-    another slice of it: equals the float64 convolution of the float64 activation up to one bf16 rounding of the
-    activation (error at most one unit in the last place of each |activation| x |weight| term) and of the output;
-    the buffer's other channels untouched."""
-    from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
-
-    g = torch.Generator().manual_seed(3)
-    buf = torch.randn(n, total, *size, generator=g).bfloat16().contiguous(memory_format=CL).to(device)
-    buf[:, c_in:c_in + c_out] = float("nan")  # poisoned: every element must be written
+    calls = count_calls(monkeypatch, conv_fwd, "conv3x3_forward")
+    x, w = _case(2, 48, 16, (5, 6, 7))
+    buf = torch.randn(2, 96, 5, 6, 7).bfloat16().contiguous(memory_format=CL)
+    buf[:, 48:64] = float("nan")
     before = buf.clone()
-    w = (torch.randn(c_out, c_in, 3, 3, 3, generator=g) / (27 * c_in) ** 0.5).bfloat16().to(device)
-    coef = _norm_coef(c_in).to(device)
-    act = prologue_activation(buf[:, :c_in], coef)
-    y = conv3x3_forward(buf[:, :c_in], w, d, prologue=coef, out=buf[:, c_in:c_in + c_out])
-    assert y.data_ptr() == buf[:, c_in:c_in + c_out].data_ptr()
-    want = F.conv3d(act, w.double(), padding=d, dilation=d)
-    bound = F.conv3d(act, w.double().abs(), padding=d, dilation=d) * 2.0 ** -7 + want.abs() * 2.0 ** -7
-    err = (y.double() - want).abs()
-    assert torch.isfinite(y).all() and (err <= bound + 1e-6).all(), (err - bound).max()
-    keep = torch.ones(total, dtype=torch.bool)
-    keep[c_in:c_in + c_out] = False
-    assert torch.equal(buf[:, keep], before[:, keep])
+    y = conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, backend=backend, out=buf[:, 48:64])
+    assert y.data_ptr() == buf[:, 48:64].data_ptr() and len(calls) == (backend != "reference")
+    _check_rounding(buf[:, 48:64].contiguous(memory_format=CL), x, w, 1)
+    assert torch.equal(buf[:, :48], before[:, :48]) and torch.equal(buf[:, 64:], before[:, 64:])
 
 
 @pytest.mark.interpreted
-def test_forward_prologue_rejects_bad_arguments():
+def test_forward_into_rejects_or_falls_back_for_bad_out():
+    """An out tensor the kernel cannot write (NC*, another dtype): automatic -> reference with a copy; forced Triton
+    -> RuntimeError naming it; the kernel itself -> ValueError naming ``out``."""
     from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
-    x, w = _case(1, 16, 16, (3, 3, 3))
-    with pytest.raises(ValueError, match="prologue"):
-        conv3x3_forward(x, w, 1, prologue=torch.zeros(1, 4, 8))
-    with pytest.raises(ValueError, match="out must"):
-        conv3x3_forward(x, w, 1, out=torch.empty(1, 16, 3, 3, 3, dtype=torch.bfloat16))  # NC*: channels not innermost
-    with pytest.raises(ValueError, match="inp must"):
-        conv3x3_forward(x.contiguous(), w, 1)
+    x, w = _case(1, 16, 16, (4, 4, 4))
+    want = F.conv3d(x, w, padding=1)
+    for out in (torch.empty(1, 16, 4, 4, 4, dtype=torch.bfloat16), torch.empty_like(want, dtype=torch.float32)):
+        assert torch.equal(conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, out=out), want.to(out.dtype))
+        with pytest.raises(RuntimeError, match="out tensor"):
+            conv_forward(x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, backend="triton", out=out)
+        with pytest.raises(ValueError, match="out must"):
+            conv3x3_forward(x, w, 1, out=out)

@@ -9,7 +9,8 @@ over the concatenations that used it. That is O(n^2) channel copies and saved ch
 :class:`LeanDenseBlock` writes x and each layer's g new channels once into one (N, C_out, *spatial) buffer, the
 block output, in x's layout. Layer i normalises the channel slice ``buffer[:, :c_i]`` in place of a
 concatenation (the Triton norm reads the slice, ATen's BatchNorm takes it as it is) and its convolution writes
-its g channels into the buffer. Saved: the buffer and each norm's statistics (C floats). On CUDA the norms run on
+its g channels into the buffer (the Triton convolution directly, measured as fast as into a tensor of its own; others
+through a copy). Saved: the buffer and each norm's statistics (C floats). On CUDA the norms run on
 the fused Triton kernels whatever their size.
 
 The backward replays each norm + ReLU from the buffer with the saved statistics (no reduction), runs the
@@ -20,12 +21,6 @@ weight gradient, before the input gradient of the same size is allocated, and ea
 before the next layer replays its own: the widest layer's tensors never add to the backward's peak. BatchNorm
 layers only (the default norm); other norms, and convolutions with a bias, run the eager block. Autocast is replayed
 as the forward ran it. Differentiable once.
-
-Where the Triton kernels take a layer's convolution (:data:`FUSED_FORWARD`, :data:`FUSED_WGRAD`), the norm + ReLU
-is not a pass of its own at all: the convolution normalises the buffer slice's tiles as it loads them (the
-statistics kernels still run), the forward convolution writes its g channels straight into the buffer, and the
-backward's weight gradient does the same from the buffer (no replayed activation); the input gradient and the norm
-backward are unchanged.
 
 ``block.group_channels`` (:class:`~hmedn_fast.nn.blocks.DenseBlock`; None by default) caps how many input channels
 of a layer the backward takes at once: it replays and differentiates each group (BatchNorm is per channel, and a
@@ -40,18 +35,10 @@ from torch import Tensor, nn
 from ..device import channels_last_format, memory_format_of
 from ..ops.conv import conv_input_grad
 from ..ops.copy import copy_channels_
-from ..ops.dispatch import forced
 from ..ops.norm_act import choose
-from ..ops.strides import voxel_stride
 from . import grad_reuse
 from .lean import (_batch_norm, _batch_norm_backward, _conv, _conv_backward, _variance, is_batch_norm, norm_call,
                    norm_kernels, supports, triton_norm_forward)
-
-# Norm + ReLU inside the Triton convolutions' tile loads (the Triton engine's layers whose convolution the kernels
-# take: 3x3x3 "same", 16 or 32 output channels, bf16/fp16 channels-last buffer): the forward writes no activation
-# and its convolution writes straight into the buffer; the backward's weight gradient needs no replayed activation.
-FUSED_FORWARD = True
-FUSED_WGRAD = True
 
 
 def supported(block: nn.Module) -> bool:
@@ -111,11 +98,11 @@ class _TritonNorm:
 
     needs_activation = False  # the backward recomputes the ReLU mask from the input and the coefficients
 
-    def __init__(self, inp: Tensor, norm: nn.Module, normalise: bool = True) -> None:
+    def __init__(self, inp: Tensor, norm: nn.Module) -> None:
         self.kernels = norm_kernels()
         call = norm_call(norm, update=True)
         self.batch_stats = call["training"]
-        self.a, self.coef, self.geo = triton_norm_forward(inp, None, norm.weight, norm.bias, call, normalise)
+        self.a, self.coef, self.geo = triton_norm_forward(inp, None, norm.weight, norm.bias, call)
 
     def prepare(self, inp: Tensor) -> Tensor:
         """The slice as the kernels read it (itself: its spatial axes flatten to one stride)."""
@@ -187,20 +174,11 @@ class LeanDenseBlock(torch.autograd.Function):
         for layer in layers:
             inp = out[:, :c]
             training = layer.norm.training or layer.norm.running_mean is None
-            g = layer.conv.out_channels
             # Triton wherever it runs (CUDA): it reads the slice in place and costs the eager block's launches
-            if choose(inp, "batch", training, prefer_triton=inp.is_cuda) == "triton":
-                fused = FUSED_FORWARD and fused_forward_unsupported(inp, layer.conv, out) is None
-                engine = _TritonNorm(inp, layer.norm, normalise=not fused)
-            else:
-                fused, engine = False, _AtenNorm(inp, layer.norm)
-            if fused:  # norm + ReLU in the convolution's prologue, written straight into the buffer
-                from ..ops.triton.conv_fwd import conv3x3_forward
-
-                conv3x3_forward(inp, layer.conv.weight.to(out.dtype), layer.conv.dilation[0], prologue=engine.coef,
-                                out=out[:, c:c + g])
-            else:
-                copy_channels_(out[:, c:c + g], _conv(engine.a, layer.conv.weight, layer.conv))
+            engine = (_TritonNorm if choose(inp, "batch", training, prefer_triton=inp.is_cuda) == "triton"
+                      else _AtenNorm)(inp, layer.norm)
+            g = layer.conv.out_channels
+            _conv(engine.a, layer.conv.weight, layer.conv, out=out[:, c:c + g])  # the Triton kernel writes in place
             engine.a = None  # recomputed in backward
             engines.append(engine)
             c += g
@@ -255,16 +233,6 @@ def _layer_backward(engine, x: Tensor, gf: Tensor, weight: Tensor | None, bias: 
     to ``gx``; returns the norm weight, norm bias and convolution weight gradients (None where not needed)."""
     dev, autocast_on, autocast_dtype = autocast
     inp = engine.prepare(x)
-    if isinstance(engine, _TritonNorm) and (not need_cw or FUSED_WGRAD and fused_wgrad_unsupported(
-            gf, inp, conv_weight, conv) is None):  # no replay: the weight gradient normalises its own tiles
-        gw = None
-        if need_cw:
-            from ..ops.triton.conv_wgrad import conv3x3_wgrad
-
-            gw = conv3x3_wgrad(gf, inp, conv.dilation[0], prologue=engine.coef).to(conv_weight.dtype)
-        ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
-        gnw, gnb = engine.backward(ga.to(inp.dtype), inp, None, weight, need_w, need_b, gx)
-        return gnw if need_w else None, gnb if need_b else None, gw
     with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
         a = engine.replay(inp, weight, bias)
     a_dtype = a.dtype
@@ -276,35 +244,6 @@ def _layer_backward(engine, x: Tensor, gf: Tensor, weight: Tensor | None, bias: 
         ga = conv_input_grad(gf, conv_weight, inp.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
     gnw, gnb = engine.backward(ga.to(a_dtype), inp, a, weight, need_w, need_b, gx)
     return gnw if need_w else None, gnb if need_b else None, gw
-
-
-def fused_forward_unsupported(inp: Tensor, conv: nn.Module, out: Tensor) -> str | None:
-    """Why a layer's forward cannot run as one Triton convolution with the norm + ReLU in its prologue
-    (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_forward`), reading the buffer slice ``inp`` and writing its
-    channels into the buffer ``out``, or None. Forcing the reference convolution (``HMEDN_BACKEND_CONV_FWD``)
-    turns it off."""
-    if forced("conv_fwd") not in (None, "triton"):
-        return "the reference convolution is forced"
-    from ..ops.triton.conv_fwd import unsupported
-
-    dev = inp.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else conv.weight.dtype
-    if out.dtype != dt:
-        return "a buffer in the convolution's compute dtype"
-    if voxel_stride(out) is None:
-        return "a channels-last buffer"
-    return unsupported(inp, conv.weight.to(dt), conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def fused_wgrad_unsupported(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module) -> str | None:
-    """Why a layer's weight gradient cannot run as the Triton kernel with the norm + ReLU in its prologue
-    (:func:`hmedn_fast.ops.triton.conv_wgrad.conv3x3_wgrad`) on the buffer slice ``inp``, or None. Forcing the
-    reference weight gradient (``HMEDN_BACKEND_CONV_WGRAD``) turns it off."""
-    if forced("conv_wgrad") not in (None, "triton"):
-        return "the reference weight gradient is forced"
-    from ..ops.triton.conv_wgrad import unsupported
-
-    return unsupported(grad, inp, weight.to(grad.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _channel_groups(c: int, limit: int | None) -> list[tuple[int, int]]:

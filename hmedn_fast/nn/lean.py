@@ -72,9 +72,10 @@ def norm_relu(norm: nn.Module, x: Tensor) -> Tensor:
     return norm_act(x, norm.weight, norm.bias, **norm_call(norm, update=True))
 
 
-def _conv(x: Tensor, weight: Tensor, conv: nn.Module) -> Tensor:
-    """``conv``'s convolution (no bias) through :func:`hmedn_fast.ops.conv.conv_forward` (its automatic backend)."""
-    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+def _conv(x: Tensor, weight: Tensor, conv: nn.Module, out: Tensor | None = None) -> Tensor:
+    """``conv``'s convolution (no bias) through :func:`hmedn_fast.ops.conv.conv_forward` (its automatic backend),
+    into ``out`` when given."""
+    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, out=out)
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
@@ -235,18 +236,15 @@ def norm_kernels():
 
 
 def triton_norm_forward(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                        call: dict, normalise: bool = True) -> tuple[Tensor | None, Tensor, tuple]:
+                        call: dict) -> tuple[Tensor, Tensor, tuple]:
     """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` (:func:`norm_call`) on the Triton
-    kernels, running statistics updated as the module would; returns it (None when not ``normalise``: only the
-    statistics are taken), the coefficients its backward and replay need, and the kernels' geometry of c."""
+    kernels, running statistics updated as the module would; returns it, the coefficients its backward and replay
+    need, and the kernels' geometry of c."""
     k = norm_kernels()
     c, cs = k.flat(c)
     geo = k.geometry(tuple(c.shape), cs, None if residual is None else k.ncs_strides(residual), "batch", 1,
                      call["training"])
     update = call["training"] and call["running_mean"] is not None
-    if not normalise:
-        return None, k.statistics(geo, c, weight, bias, call["running_mean"], call["running_var"], call["eps"],
-                                  call["momentum"], call["training"], update), geo
     y, coef = k.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
                         call["momentum"], True, call["training"], update)
     return y, coef, geo

@@ -23,7 +23,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hmedn_fast.ops import measured
+from hmedn_fast.ops.copy import copy_channels_
 from hmedn_fast.ops.dispatch import automatic, choose_backend, triton_unavailable
+from hmedn_fast.ops.strides import voxel_stride
 
 
 def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups) -> str | None:
@@ -65,7 +67,7 @@ def prefers_triton_forward(c_in: int, c_out: int) -> bool:
 
 
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                 groups: int, backend: str | None = None) -> Tensor:
+                 groups: int, backend: str | None = None, out: Tensor | None = None) -> Tensor:
     """``F.conv{2,3}d(x, weight, None, stride, padding, dilation, groups)``, autocast honoured (the Triton path
     computes in the autocast dtype when autocast is on, as cuDNN would).
 
@@ -73,8 +75,11 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         x: (N, C_in, *spatial). weight: (C_out, C_in / groups, *kernel).
         stride, padding, dilation, groups: the convolution's.
         backend: None (automatic), ``"triton"`` or ``"reference"``.
+        out: None, or a tensor of the result's shape and compute dtype to hold it (a channel slice of a buffer, say):
+            the Triton kernel writes into it directly (when it is in the compute dtype with channels innermost: a
+            channels-last tensor or a channel slice of one), else the result is copied into it.
     Returns:
-        (N, C_out, *spatial'), channels-last on the Triton backend.
+        (N, C_out, *spatial'), channels-last on the Triton backend; ``out`` when given.
     """
     fn = F.conv2d if weight.ndim == 4 else F.conv3d
     dev = x.device.type
@@ -90,6 +95,8 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         from hmedn_fast.ops.triton.conv_fwd import same_3x3_unsupported, unsupported
 
         shape_reason = same_3x3_unsupported(x, weight, stride, padding, dilation, groups)
+        if shape_reason is None and out is not None and (voxel_stride(out) is None or out.dtype != dt):
+            shape_reason = "an out tensor in the compute dtype with channels innermost"
         if shape_reason is not None:  # before casting: no copy for a convolution the kernel cannot take
             return shape_reason
         cast[:] = [x.to(dt), weight.to(dt)]
@@ -99,16 +106,20 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
-            return conv3x3_forward(*cast, dilation[0])
+            return conv3x3_forward(*cast, dilation[0], out=into)
         autocast_cast = cast if cast and torch.is_autocast_enabled(dev) else (x, weight)  # what autocast would pass
-        return fn(*autocast_cast, None, stride, padding, dilation, groups)
+        y = fn(*autocast_cast, None, stride, padding, dilation, groups)
+        return y if into is None else copy_channels_(into, y)
 
-    return run(_choose(
+    into = None  # measuring (the first call of a shape) runs both backends: only the chosen one writes into out
+    chosen = _choose(
         "conv_fwd", backend, triton_unavailable_here(),
         weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]),
         lambda: ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
                  tuple(padding), tuple(dilation), groups),
-        {"triton": lambda: run("triton"), "reference": lambda: run("reference")}, x))
+        {"triton": lambda: run("triton"), "reference": lambda: run("reference")}, x)
+    into = out
+    return run(chosen)
 
 
 def conv_backward(

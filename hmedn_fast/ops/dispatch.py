@@ -46,12 +46,7 @@ def choose_backend(op: str, requested: str | None, candidates: Sequence[tuple[st
 
 def automatic(op: str, requested: str | None) -> bool:
     """True when neither ``requested`` nor ``HMEDN_BACKEND_<OP>`` / ``HMEDN_BACKEND`` forces a backend of ``op``."""
-    return requested is None and forced(op) is None
-
-
-def forced(op: str) -> str | None:
-    """The backend ``HMEDN_BACKEND_<OP>`` (else ``HMEDN_BACKEND``) forces for ``op``, or None."""
-    return os.environ.get(f"HMEDN_BACKEND_{op.upper()}") or os.environ.get("HMEDN_BACKEND") or None
+    return requested is None and not (os.environ.get(f"HMEDN_BACKEND_{op.upper()}") or os.environ.get("HMEDN_BACKEND"))
 
 
 def triton_unavailable(*tensors) -> str | None:

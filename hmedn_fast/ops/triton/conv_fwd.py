@@ -27,9 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.strides import voxel_stride
-from hmedn_fast.ops.triton.conv_wgrad import check_prologue, same_3x3_geometry_unsupported, same_3x3_unsupported
+from hmedn_fast.ops.triton.conv_wgrad import same_3x3_geometry_unsupported, same_3x3_unsupported
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
-from hmedn_fast.ops.triton.norm import norm_relu_tile
 
 
 def launch_config(c_in: int) -> tuple[int, int, int, int]:
@@ -45,9 +44,9 @@ def launch_config(c_in: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, y_ptr, coef_ptr, NV, D, H, W, C_IN, DIL, XS, YS, C_OUT: tl.constexpr,
-                CO_BLOCK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr,
-                F32_DOT: tl.constexpr, NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr):
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, YS, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
+                BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
     row = tl.program_id(0) * BM + tl.arange(0, BM)
     live = row < NV
     x = row % W
@@ -70,9 +69,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, coef_ptr, NV, D, H, W, C_IN, DIL, XS, YS, C
         dx = (tap % 3 - 1) * DIL
         ok = live & (z + dz >= 0) & (z + dz < D) & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
         src = row + (dz * H + dy) * W + dx
-        a = tl.load(x_ptr + src[:, None] * XS + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
-        if PROLOGUE:
-            a = norm_relu_tile(a, coef_ptr, ci, C_IN, ok[:, None] & ci_ok[None, :])
+        a = tl.load(x_ptr + src[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
         b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + co[None, :], mask=ci_ok[:, None] & co_ok[None, :],
                     other=0.0)
         if F32_DOT:  # the interpreter's bf16 dot reads raw bits (Triton 3.9); float32 products of bf16 are exact
@@ -93,8 +90,8 @@ def unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: 
         return reason
     if inp.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != inp.dtype:
         return "bf16 / fp16 input and weight of one dtype"
-    if voxel_stride(inp) is None:
-        return "a channels-last input (contiguous, or a channel slice of a channels-last tensor)"
+    if not inp.is_contiguous(memory_format=torch.channels_last_3d):
+        return "a channels-last contiguous input"
     if inp.numel() >= 2**31 or math.prod(inp.shape[2:]) * inp.shape[0] * weight.shape[0] >= 2**31:
         return "fewer than 2**31 elements"
     return None
@@ -120,13 +117,11 @@ def out_channel_block(c_out: int) -> int:
 
 def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: int | None = None,
                     block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                    co_block: int | None = None, prologue: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``conv3d(act, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output; ``act`` is inp,
-    or with ``prologue`` the BatchNorm + ReLU of inp computed as the tiles are loaded (never stored).
+                    co_block: int | None = None, out: Tensor | None = None) -> Tensor:
+    """``conv3d(inp, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output.
 
     Args:
-        inp: (N, C_in, D, H, W) bf16/fp16, channels-last: contiguous or a channel slice of a channels-last tensor
-            (read in place; see :func:`unsupported`).
+        inp: (N, C_in, D, H, W) bf16/fp16, channels-last contiguous (see :func:`unsupported`).
         weight: (C_out, C_in, 3, 3, 3) of inp's dtype (any strides). The automatic dispatch sends C_out 16 or 32
             here; other counts run in blocks of :func:`out_channel_block` output channels per program.
         dilation: the convolution's dilation (= its padding); negative: every tap's offset negated (the kernel
@@ -134,21 +129,19 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
         block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
             channels per step (power of two >= 16), warps, pipelining stages, output channels per program (power
             of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s.
-        prologue: None, or (1, 4, C_in) float32 coefficients of :func:`hmedn_fast.ops.triton.norm.forward` (batch
-            statistics of one set): the convolution then reads ``relu((inp - mean) a + b)`` rounded to inp's
-            dtype, the value the norm kernel would have stored (zero padding applies to that activation).
-        out: None, or an (N, C_out, D, H, W) tensor of inp's dtype with channels innermost and voxels at one stride
-            (a channel slice of a channels-last buffer, say) to write the result into.
+        out: None, or an (N, C_out, D, H, W) tensor of inp's dtype and device with channels innermost and voxels at
+            one stride (a channel slice of a channels-last buffer, say) that the result is written into.
     Returns:
         (N, C_out, D, H, W) in inp's dtype, channels-last (``out`` when given); float32 accumulation, one rounding.
     """
     n, c_in, d, h, w = inp.shape
     c_out = weight.shape[0]
     nv = n * d * h * w
-    xs = voxel_stride(inp)
-    if xs is None:
-        raise ValueError(f"inp must be channels-last (contiguous or a channel slice), got strides {inp.stride()}")
-    check_prologue(prologue, c_in, inp.device)
+    bm, bk, warps, stages = launch_config(c_in)
+    bm, bk = block_voxels or bm, block_k or bk
+    co_block = co_block or out_channel_block(c_out)
+    if co_block == 128 and bm >= 128:  # a 128 x 128 float32 accumulator needs 8 warps' registers (the dgrad sweep)
+        warps, stages = 8, 3
     if out is None:
         out = torch.empty((n, c_out, d, h, w), dtype=inp.dtype, device=inp.device,
                           memory_format=torch.channels_last_3d)
@@ -156,17 +149,12 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
           or voxel_stride(out) is None):
         raise ValueError(f"out must be a {(n, c_out, d, h, w)} {inp.dtype} tensor on {inp.device} with channels "
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
-    bm, bk, warps, stages = launch_config(c_in)
-    bm, bk = block_voxels or bm, block_k or bk
-    co_block = co_block or out_channel_block(c_out)
-    if co_block == 128 and bm >= 128:  # a 128 x 128 float32 accumulator needs 8 warps' registers (the dgrad sweep)
-        warps, stages = 8, 3
     if nv == 0:
         return out
-    _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out,
-            inp if prologue is None else prologue, nv, d, h, w, c_in, int(dilation), xs, voxel_stride(out),
+    _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
+            voxel_stride(out),
             C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
-            NUM_STAGES=num_stages or stages, PROLOGUE=prologue is not None, num_warps=num_warps or warps)
+            NUM_STAGES=num_stages or stages, num_warps=num_warps or warps)
     return out
 
 

@@ -23,9 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv
-from hmedn_fast.ops.triton.norm import norm_relu_tile
 
 MAX_C_IN_BLOCK = 64
 
@@ -53,9 +51,8 @@ def _tap(acc, gy_ptr, row, ok_row, shift, co, xt, C_OUT: tl.constexpr, F32_DOT: 
 
 
 @triton.jit
-def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, coef_ptr, NV, D, H, W, C_IN, DIL, XS, tiles_per_prog,
-                  C_OUT: tl.constexpr, C_IN_BLOCK: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr,
-                  PROLOGUE: tl.constexpr):
+def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, tiles_per_prog,
+                  C_OUT: tl.constexpr, C_IN_BLOCK: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr):
     split = tl.program_id(0)
     cblock = tl.program_id(1)
     kd = tl.program_id(2)
@@ -81,9 +78,7 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, coef_ptr, NV, D, H, W, C_IN, DIL, XS,
         z = (row // (W * H)) % D
         zz = z - (kd - 1) * DIL
         okz = live & (zz >= 0) & (zz < D)
-        xt = tl.load(x_ptr + row[:, None] * XS + ci[None, :], mask=live[:, None] & ci_ok[None, :], other=0.0)
-        if PROLOGUE:
-            xt = norm_relu_tile(xt, coef_ptr, ci, C_IN, live[:, None] & ci_ok[None, :])
+        xt = tl.load(x_ptr + row[:, None] * C_IN + ci[None, :], mask=live[:, None] & ci_ok[None, :], other=0.0)
         if F32_DOT:  # the interpreter's bf16 dot reads raw bits (Triton 3.9); float32 products of bf16 are exact
             xt = xt.to(tl.float32)
         xt = tl.trans(xt)
@@ -148,48 +143,32 @@ def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dila
         return reason
     if grad.dtype not in (torch.bfloat16, torch.float16) or inp.dtype != grad.dtype:
         return "bf16 / fp16 input and gradient of one dtype"
-    if voxel_stride(inp) is None or not grad.is_contiguous(memory_format=torch.channels_last_3d):
-        return "a channels-last contiguous gradient and a channels-last input (or a channel slice of one)"
+    cl = torch.channels_last_3d
+    if not (inp.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)):
+        return "channels-last contiguous input and gradient"
     if inp.numel() >= 2**31 or grad.numel() >= 2**31:
         return "fewer than 2**31 elements"
     return None
 
 
-def check_prologue(prologue: Tensor | None, c_in: int, device: torch.device) -> None:
-    """ValueError unless ``prologue`` is None or (1, 4, c_in) float32 norm coefficients on ``device``
-    (:func:`hmedn_fast.ops.triton.norm.forward`'s, one statistics set, contiguous)."""
-    if prologue is not None and (tuple(prologue.shape) != (1, 4, c_in) or prologue.dtype != torch.float32
-                                 or prologue.device != device or not prologue.is_contiguous()):
-        raise ValueError(f"prologue must be contiguous (1, 4, {c_in}) float32 norm coefficients on {device}, got "
-                         f"{tuple(prologue.shape)} {prologue.dtype} on {prologue.device}")
-
-
 def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | None = None,
                   block_voxels: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                  cin_block: int | None = None, prologue: Tensor | None = None) -> Tensor:
-    """Weight gradient (C_out, C_in, 3, 3, 3), float32, of ``conv3d(act, w, padding=dilation, dilation=dilation)``,
-    ``act`` inp or, with ``prologue``, the BatchNorm + ReLU of inp computed as its tiles are loaded.
+                  cin_block: int | None = None) -> Tensor:
+    """Weight gradient (C_out, C_in, 3, 3, 3), float32, of ``conv3d(inp, w, padding=dilation, dilation=dilation)``.
 
     Args:
         grad: (N, C_out, D, H, W) output gradient, bf16/fp16, channels-last contiguous, C_out 16 or 32.
-        inp: (N, C_in, D, H, W) the convolution's input, same dtype, channels-last: contiguous or a channel slice of
-            a channels-last tensor (read in place).
+        inp: (N, C_in, D, H, W) the convolution's input, same dtype and layout.
         dilation: the convolution's dilation (= its padding).
         num_programs: programs to spread the voxels over (default: :func:`launch_config`'s per SM, or 4 with the
             interpreter).
         block_voxels, num_warps, num_stages, cin_block: tile size (voxels per dot, a power of two >= 16), warps per
             program, software-pipelining stages of the voxel loop and input channels per program (a power of two
             >= 16); None takes :func:`launch_config`'s. Larger tiles and stages can exceed the shared memory.
-        prologue: None, or (1, 4, C_in) float32 norm coefficients (as :func:`~hmedn_fast.ops.triton.conv_fwd.
-            conv3x3_forward`'s): the activation ``relu((inp - mean) a + b)`` in inp's dtype is what is differentiated.
     Returns:
         (C_out, C_in, 3, 3, 3) float32.
     """
     n, c_in, d, h, w = inp.shape
-    xs = voxel_stride(inp)
-    if xs is None:
-        raise ValueError(f"inp must be channels-last (contiguous or a channel slice), got strides {inp.stride()}")
-    check_prologue(prologue, c_in, inp.device)
     c_out = grad.shape[1]
     nv = n * d * h * w
     bv, warps, stages, per_sm, cb = launch_config(c_in, c_out)
@@ -203,10 +182,10 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     per_prog = cdiv(tiles, splits)
     splits = cdiv(tiles, per_prog)
     part = torch.empty((splits, 27, c_in, c_out), dtype=torch.float32, device=inp.device)
-    _KERNEL((splits, cblocks, 3), inp, grad, part, inp if prologue is None else prologue, nv, d, h, w, c_in,
-            int(dilation), xs, per_prog, C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET,
-            PROLOGUE=prologue is not None, num_warps=num_warps, num_stages=num_stages)
+    _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), per_prog,
+            C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, num_warps=num_warps,
+            num_stages=num_stages)
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
 
-__all__ = ["check_prologue", "conv3x3_wgrad", "launch_config", "same_3x3_geometry_unsupported", "same_3x3_unsupported", "unsupported"]
+__all__ = ["conv3x3_wgrad", "launch_config", "same_3x3_geometry_unsupported", "same_3x3_unsupported", "unsupported"]

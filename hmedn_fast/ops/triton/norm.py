@@ -65,19 +65,6 @@ def _pre_activation(x_ptr, r_ptr, coef_ptr, n, c, s, C, cn, xs_n, xs_c, xs_s, rs
 
 
 @triton.jit
-def norm_relu_tile(x, coef_ptr, c, C, mask):
-    """``relu((x - mean) a + b)`` of a ``[rows, channels]`` tile of channels ``c`` (coefficients of one statistics
-    set, ``coef[0:4, c]``, as :func:`forward` writes them), 0 where ``mask`` is off, in x's dtype: the value the
-    forward kernel stores, for convolution kernels that normalise their input tiles as they load them."""
-    cm = c < C
-    a = tl.load(coef_ptr + c, mask=cm, other=0.0)
-    b = tl.load(coef_ptr + C + c, mask=cm, other=0.0)
-    mean = tl.load(coef_ptr + 2 * C + c, mask=cm, other=0.0)
-    z = tl.maximum((x.to(tl.float32) - mean[None, :]) * a[None, :] + b[None, :], 0.0)
-    return tl.where(mask, z, 0.0).to(x.dtype)
-
-
-@triton.jit
 def _reduce_kernel(x_ptr, r_ptr, dy_ptr, coef_ptr, part_ptr, C, S, chunk, SPLIT, cn,
                    xs_n, xs_c, xs_s, rs_n, rs_c, rs_s, ds_n, ds_c, ds_s,
                    BACKWARD: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
@@ -378,14 +365,6 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
     Returns:
         y, (N, C, *spatial) in x's layout and dtype (promoted with the residual's, as ``x + residual``); coef.
     """
-    coef = statistics(geo, x, weight, bias, running_mean, running_var, eps, momentum, batch_stats, update)
-    return apply(geo, x, residual, coef, relu), coef
-
-
-def statistics(geo: Geometry, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-               running_var: Tensor | None, eps: float, momentum: float, batch_stats: bool, update: bool) -> Tensor:
-    """The coefficients ``coef`` (NS, 4, C) float32 of :func:`forward` without normalising x (2 launches, 1 with
-    running statistics); running statistics updated in place when ``update``. Arguments as :func:`forward`'s."""
     coef = torch.empty(geo.nsets, 4, geo.c, device=x.device, dtype=torch.float32)
     part = coef  # placeholder: not read with running statistics
     if batch_stats:
@@ -398,7 +377,7 @@ def statistics(geo: Geometry, x: Tensor, weight: Tensor | None, bias: Tensor | N
         coef, geo.c, geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
         float(momentum), HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
         GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
-    return coef
+    return apply(geo, x, residual, coef, relu), coef
 
 
 def apply(geo: Geometry, x: Tensor, residual: Tensor | None, coef: Tensor, relu: bool) -> Tensor:
