@@ -4,7 +4,10 @@ dense backward's channel groups (``memory.STAGES_GROUP_CHANNELS``), the number o
 (``memory.STAGES_RECOMPUTED``) and the HR pathway's recomputation (``DistillingPathway.recompute_hr``); ``lean`` +
 graph and MONAI DynUNet bf16 + graph in the same process.
 
-    python benchmarks/stages_ab.py --out DIR
+    python benchmarks/stages_ab.py --out DIR [--variants 32,2,1 32,0,1 ...]
+
+``--variants`` replaces the default list: each ``groups,stages,hr`` (group channels or ``none``, recomputed encoder
+stages, HR pathway recomputed 1/0).
 
 Each stages variant runs twice and the second run is the one to read: a graphed setting's peak includes its first
 steps, which time kernels for shapes new in the process (DynUNet's first run likewise: cuDNN's search). Writes
@@ -30,9 +33,17 @@ VARIANTS = ((32, 2, True), (48, 2, True), (None, 2, True), (32, 1, True), (32, 2
             (None, 2, False))  # (group channels, recomputed stages, HR recomputed); the first is the level's default
 
 
+def variant(text: str) -> tuple[int | None, int, bool]:
+    """``"32,2,1"`` -> (32, 2, True); ``"none,0,0"`` -> (None, 0, False)."""
+    groups, stages, hr = text.split(",")
+    return None if groups == "none" else int(groups), int(stages), hr == "1"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--variants", nargs="+", type=variant, default=list(VARIANTS))
+    parser.add_argument("--tag", default="", help="suffix of the record's name")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("stages_ab.py needs a CUDA GPU")
@@ -48,10 +59,10 @@ def main() -> None:
 
     gpu_train.set_checkpointing = patched
     rows = [("dynunet_bf16_graph", None, None, None)]
-    rows += [("lean_stages_graph", *v) for v in VARIANTS]
+    rows += [("lean_stages_graph", *v) for v in args.variants]
     rows += [("lean_graph", None, None, None), ("dynunet_bf16_graph", None, None, None)]
     record = {**environment(), "what": __doc__, "rows": []}
-    path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}.json"
+    path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
     for config, groups, stages, hr in rows:
         memory.STAGES_GROUP_CHANNELS = groups
