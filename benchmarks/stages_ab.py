@@ -6,8 +6,9 @@ graph and MONAI DynUNet bf16 + graph in the same process.
 
     python benchmarks/stages_ab.py --out DIR [--variants 32,2,1 32,0,1 ...]
 
-``--variants`` replaces the default list: each ``groups,stages,hr`` (group channels or ``none``, recomputed encoder
-stages, HR pathway recomputed 1/0).
+``--variants`` replaces the default list: each ``groups,stages,hr[,offload]`` (group channels or ``none``, recomputed
+encoder stages, HR pathway recomputed 1/0, first stage parked in host memory instead of recomputed 1/0, default 0:
+``memory.STAGES_OFFLOAD_FIRST``).
 
 Each stages variant runs twice and the second run is the one to read: a graphed setting's peak includes its first
 steps, which time kernels for shapes new in the process (DynUNet's first run likewise: cuDNN's search). Writes
@@ -29,14 +30,15 @@ from record import card_slug, environment  # noqa: E402
 from hmedn_fast.nn.pathways import DistillingPathway  # noqa: E402
 from hmedn_fast.train import memory  # noqa: E402
 
-VARIANTS = ((32, 2, True), (48, 2, True), (None, 2, True), (32, 1, True), (32, 2, False), (48, 2, False),
-            (None, 2, False))  # (group channels, recomputed stages, HR recomputed); the first is the level's default
+VARIANTS = ((32, 2, True, False), (48, 2, True, False), (None, 2, True, False), (32, 1, True, False),
+            (32, 2, False, False), (48, 2, False, False), (None, 2, False, False))
+# (group channels, recomputed stages, HR recomputed, first stage parked in host memory)
 
 
-def variant(text: str) -> tuple[int | None, int, bool]:
-    """``"32,2,1"`` -> (32, 2, True); ``"none,0,0"`` -> (None, 0, False)."""
-    groups, stages, hr = text.split(",")
-    return None if groups == "none" else int(groups), int(stages), hr == "1"
+def variant(text: str) -> tuple[int | None, int, bool, bool]:
+    """``"32,2,1"`` -> (32, 2, True, False); ``"none,0,0,1"`` -> (None, 0, False, True)."""
+    groups, stages, hr, *offload = text.split(",")
+    return None if groups == "none" else int(groups), int(stages), hr == "1", offload == ["1"]
 
 
 def main() -> None:
@@ -58,22 +60,23 @@ def main() -> None:
                 m.recompute_hr = recompute_hr[0]
 
     gpu_train.set_checkpointing = patched
-    rows = [("dynunet_bf16_graph", None, None, None)]
+    rows = [("dynunet_bf16_graph", None, None, None, None)]
     rows += [("lean_stages_graph", *v) for v in args.variants]
-    rows += [("lean_graph", None, None, None), ("dynunet_bf16_graph", None, None, None)]
+    rows += [("lean_graph", None, None, None, None), ("dynunet_bf16_graph", None, None, None, None)]
     record = {**environment(), "what": __doc__, "rows": []}
     path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
-    for config, groups, stages, hr in rows:
+    for config, groups, stages, hr, offload in rows:
         memory.STAGES_GROUP_CHANNELS = groups
         memory.STAGES_RECOMPUTED = 2 if stages is None else stages
+        memory.STAGES_OFFLOAD_FIRST = bool(offload)
         recompute_hr[0] = True if hr is None else hr
         for rep in (0, 1) if config == "lean_stages_graph" else (0,):
             r = gpu_train.time_steps(config, 128, 4, 10)
             record["rows"].append({"config": config, "group_channels": groups, "recompute_stages": stages,
-                                   "recompute_hr": hr, "rep": rep, **r})
+                                   "recompute_hr": hr, "offload_first": offload, "rep": rep, **r})
             path.write_text(json.dumps(record, indent=1))
-            print(f"{config:20s} groups={groups} stages={stages} hr={hr} rep={rep}: {r['p50_ms']:6.1f} ms "
+            print(f"{config:20s} groups={groups} stages={stages} hr={hr} offload={offload} rep={rep}: {r['p50_ms']:6.1f} ms "
                   f"{r['peak_mib']:7.0f} MiB  first {r['first_step_s']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)
     print("wrote", path)
 

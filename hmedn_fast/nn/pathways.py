@@ -8,6 +8,7 @@ from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
 from .lean import DenseFusionSum, norm_relu
+from .offload import HostParking, parking_for
 from .recompute import recomputed
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
                      max_pool, upsample_to)
@@ -162,7 +163,9 @@ class DistillingPathway(nn.Module):
     :func:`hmedn_fast.train.memory.set_checkpointing`) and ``recompute_hr`` (False; True there): in training with
     autograd on, the dense block and transition of that many encoder stages (the stem too in the first), and the
     whole HR pathway, keep only their input for backward and run again there (BatchNorm running statistics updated
-    once); same outputs and gradients.
+    once); same outputs and gradients. ``offload_first_stage`` (False): on CUDA the first encoder stage is not
+    recomputed; what it saves for backward waits in pinned host memory instead (:mod:`hmedn_fast.nn.offload`),
+    copied out while the encoder goes on and back once the full-resolution decoder stage's backward is done.
 
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
@@ -210,7 +213,7 @@ class DistillingPathway(nn.Module):
         self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
         self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
         self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
-        self.recompute_stages, self.recompute_hr = 0, False
+        self.recompute_stages, self.recompute_hr, self.offload_first_stage = 0, False, False
 
     def _encode(self, s: int, x: torch.Tensor) -> torch.Tensor:
         """Encoder stage s without its dropout: the stem (s = 0), the dense block and its transition."""
@@ -219,11 +222,16 @@ class DistillingPathway(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         recompute = self.training and torch.is_grad_enabled()
+        park = (parking_for(self) if recompute and x.is_cuda and self.__dict__.get("offload_first_stage", False)
+                and not torch.compiler.is_compiling() else None)
         skips = []
         for s, enc in enumerate(self.enc):
             if s:
                 x = self.pool(x)  # outside the recomputed part: it would keep the larger stage output
-            if recompute and s < self.__dict__.get("recompute_stages", 0):
+            if s == 0 and park is not None:
+                with park.saving():  # its saved tensors go to the host while the forward goes on
+                    x = self._encode(s, x)
+            elif recompute and s < self.__dict__.get("recompute_stages", 0):
                 x = recomputed(self._encode, (self.stem, enc) if s == 0 else (enc,), s, x,
                                preserve_rng_state=False)  # no RNG inside
             else:
@@ -244,7 +252,7 @@ class DistillingPathway(nn.Module):
             # is a temporary: the upsampled features are freed once copied, not held while the stage runs (at full
             # resolution of hmedn_3d_l2 at 128^3 in bf16: 64 MiB, and 128 MiB of concatenation, at the forward's peak)
             block = self.dec[s][0]
-            x = self.dec[s](block.input_buffer([self.up[s](x), skips[s]] + ([hr_feats] if s == self.hr_stage else [])))
+            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips[s], hr_feats, park)))
             by_stage[s] = x
         size = x.shape[2:]
         main = self.main_head(x)
@@ -252,6 +260,18 @@ class DistillingPathway(nn.Module):
         logits = self.fuse(torch.cat([main] + [upsample_to(z, size) for z in sides], 1))
         aux = sides + ([hr_logits] if hr_logits is not None else [])
         return x, logits, aux
+
+    def _stage_input(self, s: int, x: torch.Tensor, skip: torch.Tensor, hr_feats: torch.Tensor | None,
+                     park: HostParking | None) -> list[torch.Tensor]:
+        """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage); at
+        the full-resolution stage with parking, the first encoder stage's parked tensors leave the device first,
+        and they come back once this stage's backward is done (where the step peaks), while the lower stages'
+        backward runs."""
+        up = self.up[s](x)
+        if s == 0 and park is not None:
+            park.release()
+            up.register_hook(lambda grad: park.fetch())
+        return [up, skip] + ([hr_feats] if s == self.hr_stage else [])
 
 
 def _per_stage(name: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:

@@ -37,7 +37,9 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   pathway likewise (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks
   keep their inputs at half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks
   take each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
-  (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`).
+  (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`). On CUDA the first encoder stage is not recomputed
+  when ``STAGES_OFFLOAD_FIRST``: what it saves for backward waits in pinned host memory instead
+  (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.offload_first_stage`, :mod:`hmedn_fast.nn.offload`).
 
 Every level gives the same gradients; only memory and time differ.
 """
@@ -62,6 +64,8 @@ LEVELS = ("none", "lean", "blocks", "stages")
 STAGES_GROUP_CHANNELS = 32
 # "stages": this many encoder stages (from full resolution) keep only their input and run again in backward
 STAGES_RECOMPUTED = 2
+# "stages" on CUDA: the first encoder stage parks what it saves in pinned host memory instead of being recomputed
+STAGES_OFFLOAD_FIRST = True
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -231,6 +235,7 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
         elif isinstance(m, DistillingPathway):
             m.recompute_stages = STAGES_RECOMPUTED if _at_least(level, "stages") else 0
             m.recompute_hr = _at_least(level, "stages")
+            m.offload_first_stage = STAGES_OFFLOAD_FIRST and _at_least(level, "stages")
             for stage in (m.enc[0], m.dec[0]):  # the full-resolution dense blocks
                 stage[0].group_channels = STAGES_GROUP_CHANNELS if _at_least(level, "stages") else None
             count += 1

@@ -1,0 +1,124 @@
+"""Saved activations parked in pinned host memory (hmedn_fast.nn.offload.HostParking) and the "stages" level's
+first encoder stage parked instead of recomputed: gradients equal the unparked ones, the parked tensors leave the
+device at ``release``, and a CUDA-graph step with parking replays the eager steps. Pinned memory and side streams
+need a GPU: every test is marked ``cuda``; on the CPU the model's parking is off (its stage is recomputed as
+before: tests/test_memory_planner.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hmedn_fast.models import create_model
+from hmedn_fast.nn.offload import HostParking, parking_for
+from hmedn_fast.train.graphed import GraphedStep
+from hmedn_fast.train.memory import set_checkpointing
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Linear(256, 256), torch.nn.Tanh())]).cuda(
+    ).double()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["fetch", "unpack", "unreleased"])
+def test_cuda_parked_tensors_give_the_same_gradients_and_leave_the_device(mode):
+    """Three Linear + tanh layers (each saved activation 8 MiB) parked: after ``release`` the device holds at least
+    the two inner activations less; the gradients equal the unparked run's bitwise, whether the tensors come back
+    by ``fetch`` (a gradient hook), by ``unpack`` alone, or were never released."""
+    x = torch.randn(4096, 256, device="cuda", dtype=torch.float64)
+    first, second = _mlp(0), _mlp(1)
+    want = None
+    for parked in (False, True):
+        a, b = copy.deepcopy(first), copy.deepcopy(second)
+        park = HostParking()
+        torch.cuda.synchronize()
+        if parked:
+            with park.saving():
+                h = a(x)
+            before = torch.cuda.memory_allocated()
+            if mode != "unreleased":
+                park.release()
+                torch.cuda.synchronize()
+                assert before - torch.cuda.memory_allocated() >= 2 * 4096 * 256 * 8
+            if mode == "fetch":
+                h.register_hook(lambda g: park.fetch())
+        else:
+            h = a(x)
+        b(h).square().sum().backward()
+        grads = [p.grad for p in (*a.parameters(), *b.parameters())]
+        if want is None:
+            want = grads
+    assert len(park._slots) >= 3 and all(s.uses == 0 and s.fetched is None for s in park._slots if s.device is None)
+    for g, w in zip(grads, want):
+        assert torch.equal(g, w)
+
+
+def _tiny(**kw) -> torch.nn.Module:
+    return create_model("hmedn_3d_l2", widths=(8, 8, 8, 8), growth_rates=8, num_layers=2, hr_stage=1,
+                        hr_channels=8, hr_blocks=2, dropout=0.0, **kw).cuda().train()
+
+
+@pytest.mark.cuda
+def test_cuda_stages_level_parks_the_first_stage(monkeypatch):
+    """At "stages" on CUDA the first encoder stage parks its saved tensors (minimum size lowered for this small
+    model) instead of being recomputed; the gradients and running statistics equal those with it recomputed
+    (``memory.STAGES_OFFLOAD_FIRST`` off), deterministic cuDNN, float32."""
+    from hmedn_fast.train import memory
+
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    base = _tiny()
+    x = torch.randn(1, 4, 32, 32, 32, device="cuda")
+    results = {}
+    for offload in (False, True):
+        monkeypatch.setattr(memory, "STAGES_OFFLOAD_FIRST", offload)
+        model = copy.deepcopy(base)
+        set_checkpointing(model, "stages")
+        assert model.net.offload_first_stage == offload
+        parking_for(model.net).min_bytes = 0
+        out = model(x)
+        (out.seg.square().mean() + out.contour.square().mean()).backward()
+        results[offload] = ({n: p.grad for n, p in model.named_parameters()}, copy.deepcopy(model.state_dict()))
+        if offload:
+            slots = parking_for(model.net)._slots
+            assert len(slots) > 3 and all(s.device is None and s.uses == 0 for s in slots)
+    for name, g in results[False][0].items():
+        torch.testing.assert_close(results[True][0][name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=name)
+    for k, v in results[False][1].items():
+        torch.testing.assert_close(results[True][1][k], v, msg=k)
+
+
+@pytest.mark.cuda
+def test_cuda_graphed_steps_with_parking_equal_eager_steps():
+    """A "stages" training step with the first stage parked, CUDA-graphed (2 eager warm-up steps, capture,
+    replays), gives the eager steps' losses and weights over 6 steps on changing batches."""
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    g = torch.Generator("cuda").manual_seed(0)
+    batches = [torch.randn(1, 4, 32, 32, 32, device="cuda", generator=g) for _ in range(6)]
+    base = _tiny()
+    runs = []
+    for graphed in (False, True):
+        model = copy.deepcopy(base)
+        set_checkpointing(model, "stages")
+        parking_for(model.net).min_bytes = 0
+        opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True,
+                                capturable=True)
+
+        def step(x, model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = out.seg.square().mean() + out.contour.square().mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        fn = GraphedStep(step) if graphed else step
+        losses = [float(fn(x)) for x in batches]
+        runs.append((losses, [t.detach().clone() for t in model.parameters()], fn))
+    (la, wa, _), (lb, wb, fn) = runs
+    assert fn.captures == 1
+    torch.testing.assert_close(lb, la, rtol=1e-6, atol=0)
+    for a, b in zip(wa, wb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
