@@ -76,7 +76,7 @@ class HostParking:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _side(self) -> torch.cuda.Stream:
-        if self._stream is None or self._stream.device != torch.cuda.current_device():
+        if self._stream is None or self._stream.device.index != torch.cuda.current_device():
             self._stream = torch.cuda.Stream()
         return self._stream
 
