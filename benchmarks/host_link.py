@@ -32,6 +32,13 @@ def timed(stream: torch.cuda.Stream, fn) -> float:
     return start.elapsed_time(end)
 
 
+def copier(direction: str, dev: torch.Tensor, host: torch.Tensor):
+    """A call copying dev into the pinned host tensor ("d2h") or back ("h2d"), asynchronously."""
+    if direction == "d2h":
+        return lambda: host.copy_(dev, non_blocking=True)
+    return lambda: dev.copy_(host, non_blocking=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -43,8 +50,7 @@ def main() -> None:
         dev = torch.randn(mib * 2**18, device="cuda")
         host = torch.empty(dev.shape, pin_memory=True)
         for direction in ("d2h", "h2d"):
-            copy = (lambda: host.copy_(dev, non_blocking=True)) if direction == "d2h" else (
-                lambda: dev.copy_(host, non_blocking=True))
+            copy = copier(direction, dev, host)
             timed(side, copy)
             ms = min(timed(side, copy) for _ in range(5))
             rows.append({"mib": mib, "direction": direction, "ms": ms, "gb_s": mib * 2**20 / ms / 1e6})
@@ -58,8 +64,7 @@ def main() -> None:
     host = torch.empty(dev.shape, pin_memory=True)
     overlap = {}
     for direction in ("d2h", "h2d"):
-        copy = (lambda: host.copy_(dev, non_blocking=True)) if direction == "d2h" else (
-            lambda: dev.copy_(host, non_blocking=True))
+        copy = copier(direction, dev, host)
         alone = min(timed(side, copy) for _ in range(3))
         n = max(1, int(alone / conv_ms) + 1)
         torch.cuda.synchronize()

@@ -32,6 +32,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..device import memory_format_of
+
 _PARKING: "weakref.WeakKeyDictionary[nn.Module, HostParking]" = weakref.WeakKeyDictionary()
 
 
@@ -82,16 +84,15 @@ class HostParking:
 
     def _pack(self, t: Tensor):
         if (not t.is_cuda or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.min_bytes
-                or not _dense(t)):
+                or not t.is_contiguous(memory_format=memory_format_of(t))):  # the host copy is one block
             return t
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if key in self._keys:
             self._slots[self._keys[key]].uses += 1
             return self._keys[key]
         i = len(self._slots)
-        if i < len(self._pinned) and _same_layout(self._pinned[i], t):
-            host = self._pinned[i]
-        else:
+        host = self._pinned[i] if i < len(self._pinned) else None  # the previous step's buffer at this position
+        if host is None or (host.shape, host.stride(), host.dtype) != (t.shape, t.stride(), t.dtype):
             host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=True)
             self._pinned[i:i + 1] = [host]
         slot = _Slot(host)
@@ -109,10 +110,9 @@ class HostParking:
     def release(self) -> None:
         """The compute stream waits for every device-to-host copy, then the device tensors are dropped (freed once
         the forward holds no other reference)."""
-        current = torch.cuda.current_stream() if self._slots else None
         for slot in self._slots:
             if slot.device is not None:
-                current.wait_event(slot.stored)
+                torch.cuda.current_stream().wait_event(slot.stored)
                 slot.device = None
 
     def fetch(self) -> None:
@@ -121,7 +121,7 @@ class HostParking:
             return
         self.release()
         side, current = self._side(), torch.cuda.current_stream()
-        pending = [s for s in self._slots if s.fetched is None]
+        pending = [s for s in self._slots if s.fetched is None and s.uses > 0]  # not yet fetched, not yet used up
         for slot in pending:
             slot.fetched = torch.empty_strided(slot.host.shape, slot.host.stride(), dtype=slot.host.dtype,
                                                device=current.device)
@@ -148,17 +148,6 @@ class HostParking:
         if slot.uses == 0:
             slot.fetched = None  # freed once autograd is done with it, not held until the next step
         return t
-
-
-def _dense(t: Tensor) -> bool:
-    """Whether t covers exactly its memory span (a dense tensor in some dimension order: the host copy is one
-    block)."""
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) and t.ndim == 4 or (
-        t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
-
-
-def _same_layout(host: Tensor, t: Tensor) -> bool:
-    return host.shape == t.shape and host.stride() == t.stride() and host.dtype == t.dtype
 
 
 __all__ = ["HostParking", "parking_for"]

@@ -102,7 +102,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         cast[:] = [x.to(dt), weight.to(dt)]
         return unsupported(*cast, stride, padding, dilation, groups)
 
-    def run(name: str) -> Tensor:
+    def run(name: str, into: Tensor | None = None) -> Tensor:
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
@@ -111,15 +111,13 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         y = fn(*autocast_cast, None, stride, padding, dilation, groups)
         return y if into is None else copy_channels_(into, y)
 
-    into = None  # measuring (the first call of a shape) runs both backends: only the chosen one writes into out
-    chosen = _choose(
+    chosen = _choose(  # measuring (the first call of a shape) runs both backends: only the chosen one writes into out
         "conv_fwd", backend, triton_unavailable_here(),
         weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]),
         lambda: ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
                  tuple(padding), tuple(dilation), groups),
         {"triton": lambda: run("triton"), "reference": lambda: run("reference")}, x)
-    into = out
-    return run(chosen)
+    return run(chosen, out)
 
 
 def conv_backward(

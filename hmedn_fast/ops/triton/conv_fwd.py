@@ -145,15 +145,14 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     if out is None:
         out = torch.empty((n, c_out, d, h, w), dtype=inp.dtype, device=inp.device,
                           memory_format=torch.channels_last_3d)
-    elif (tuple(out.shape) != (n, c_out, d, h, w) or out.dtype != inp.dtype or out.device != inp.device
-          or voxel_stride(out) is None):
+    ys = voxel_stride(out)
+    if tuple(out.shape) != (n, c_out, d, h, w) or out.dtype != inp.dtype or out.device != inp.device or ys is None:
         raise ValueError(f"out must be a {(n, c_out, d, h, w)} {inp.dtype} tensor on {inp.device} with channels "
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     if nv == 0:
         return out
     _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
-            voxel_stride(out),
-            C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
+            ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
             NUM_STAGES=num_stages or stages, num_warps=num_warps or warps)
     return out
 
