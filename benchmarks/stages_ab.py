@@ -2,7 +2,7 @@
 channels-last, CUDA graph (``gpu_train.py``'s ``lean_stages_graph``), with each cut switched back in turn: the
 dense backward's channel groups (``memory.STAGES_GROUP_CHANNELS``), the number of recomputed encoder stages
 (``memory.STAGES_RECOMPUTED``) and the HR pathway's recomputation (``DistillingPathway.recompute_hr``); ``lean`` +
-graph and MONAI DynUNet bf16 + graph in the same process.
+graph and MONAI DynUNet bf16 (+ graph, and its plain eager step last) in the same process.
 
     python benchmarks/stages_ab.py --out DIR [--variants 32,2,1 32,0,1 ...]
 
@@ -62,7 +62,8 @@ def main() -> None:
     gpu_train.set_checkpointing = patched
     rows = [("dynunet_bf16_graph", None, None, None, None)]
     rows += [("lean_stages_graph", *v) for v in args.variants]
-    rows += [("lean_graph", None, None, None, None), ("dynunet_bf16_graph", None, None, None, None)]
+    rows += [("lean_graph", None, None, None, None), ("dynunet_bf16_graph", None, None, None, None),
+             ("dynunet_bf16", None, None, None, None)]
     record = {**environment(), "what": __doc__, "rows": []}
     path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
