@@ -6,9 +6,11 @@ graph and MONAI DynUNet bf16 (+ graph, and its plain eager step last) in the sam
 
     python benchmarks/stages_ab.py --out DIR [--variants 32,2,1 32,0,1 ...]
 
-``--variants`` replaces the default list: each ``groups,stages,hr[,offload]`` (group channels or ``none``, recomputed
-encoder stages, HR pathway recomputed 1/0, first stage parked in host memory instead of recomputed 1/0, default 0:
-``memory.STAGES_OFFLOAD_FIRST``).
+``--variants`` replaces the default list: each ``groups,stages,hr[,parked[,park_hr]]``: group channels of the decoder's
+full-resolution dense block, or ``D/E`` for the decoder's and the encoder's (``none``: whole layers;
+``memory.STAGES_GROUP_CHANNELS`` / ``STAGES_ENCODER_GROUP_CHANNELS``), recomputed encoder stages, HR pathway
+recomputed 1/0, encoder stages parked in host memory instead (``memory.STAGES_PARKED``, default 0), HR pathway
+parked instead 1/0 (``memory.STAGES_PARK_HR``, default 0).
 
 Each stages variant runs twice and the second run is the one to read: a graphed setting's peak includes its first
 steps, which time kernels for shapes new in the process (DynUNet's first run likewise: cuDNN's search). Writes
@@ -30,15 +32,17 @@ from record import card_slug, environment  # noqa: E402
 from hmedn_fast.nn.pathways import DistillingPathway  # noqa: E402
 from hmedn_fast.train import memory  # noqa: E402
 
-VARIANTS = ((32, 2, True, False), (48, 2, True, False), (None, 2, True, False), (32, 1, True, False),
-            (32, 2, False, False), (48, 2, False, False), (None, 2, False, False))
-# (group channels, recomputed stages, HR recomputed, first stage parked in host memory)
+VARIANTS = (((32, 32), 2, True, 1, False), ((48, 48), 2, True, 1, False), ((48, None), 2, True, 2, True),
+            ((32, None), 2, True, 2, True), ((None, None), 2, True, 1, False))
+# ((decoder, encoder group channels), recomputed stages, HR recomputed, stages parked, HR parked)
 
 
-def variant(text: str) -> tuple[int | None, int, bool, bool]:
-    """``"32,2,1"`` -> (32, 2, True, False); ``"none,0,0,1"`` -> (None, 0, False, True)."""
-    groups, stages, hr, *offload = text.split(",")
-    return None if groups == "none" else int(groups), int(stages), hr == "1", offload == ["1"]
+def variant(text: str) -> tuple[tuple[int | None, int | None], int, bool, int, bool]:
+    """``"32,2,1"`` -> ((32, 32), 2, True, 0, False); ``"48/none,2,1,2,1"`` -> ((48, None), 2, True, 2, True)."""
+    groups, stages, hr, *park = text.split(",")
+    dec, enc = (groups.split("/") * 2)[:2]
+    count = lambda g: None if g == "none" else int(g)  # noqa: E731
+    return (count(dec), count(enc)), int(stages), hr == "1", int(park[0]) if park else 0, park[1:] == ["1"]
 
 
 def main() -> None:
@@ -60,25 +64,26 @@ def main() -> None:
                 m.recompute_hr = recompute_hr[0]
 
     gpu_train.set_checkpointing = patched
-    rows = [("dynunet_bf16_graph", None, None, None, None)]
+    other = (None,) * 5
+    rows = [("dynunet_bf16_graph", *other)]
     rows += [("lean_stages_graph", *v) for v in args.variants]
-    rows += [("lean_graph", None, None, None, None), ("dynunet_bf16_graph", None, None, None, None),
-             ("dynunet_bf16", None, None, None, None)]
+    rows += [("lean_graph", *other), ("dynunet_bf16_graph", *other), ("dynunet_bf16", *other)]
     record = {**environment(), "what": __doc__, "rows": []}
     path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
-    for config, groups, stages, hr, offload in rows:
-        memory.STAGES_GROUP_CHANNELS = groups
+    for config, groups, stages, hr, parked, park_hr in rows:
+        memory.STAGES_GROUP_CHANNELS, memory.STAGES_ENCODER_GROUP_CHANNELS = groups or (None, None)
         memory.STAGES_RECOMPUTED = 2 if stages is None else stages
-        memory.STAGES_OFFLOAD_FIRST = bool(offload)
+        memory.STAGES_PARKED, memory.STAGES_PARK_HR = parked or 0, bool(park_hr)
         recompute_hr[0] = True if hr is None else hr
         for rep in (0, 1) if config == "lean_stages_graph" else (0,):
             r = gpu_train.time_steps(config, 128, 4, 10)
             record["rows"].append({"config": config, "group_channels": groups, "recompute_stages": stages,
-                                   "recompute_hr": hr, "offload_first": offload, "rep": rep, **r})
+                                   "recompute_hr": hr, "parked_stages": parked, "park_hr": park_hr, "rep": rep, **r})
             path.write_text(json.dumps(record, indent=1))
-            print(f"{config:20s} groups={groups} stages={stages} hr={hr} offload={offload} rep={rep}: {r['p50_ms']:6.1f} ms "
-                  f"{r['peak_mib']:7.0f} MiB  first {r['first_step_s']:.0f} s  [{time.time() - t0:.0f} s]", flush=True)
+            print(f"{config:18s} groups={groups} recompute={stages},{hr} park={parked},{park_hr} rep={rep}: "
+                  f"{r['p50_ms']:6.1f} ms {r['peak_mib']:7.0f} MiB  first {r['first_step_s']:.0f} s  "
+                  f"[{time.time() - t0:.0f} s]", flush=True)
     print("wrote", path)
 
 

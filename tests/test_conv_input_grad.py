@@ -74,6 +74,16 @@ def test_triton_input_grad_matches_float64(n, c_out, c_in, size, d, dtype):
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("c_out, offset, width", [(16, 32, 64), (32, 0, 48)])
+def test_triton_input_grad_of_a_channel_slice(c_out, offset, width):
+    """The gradient as a channel slice of a channels-last buffer whose other channels hold NaN (read in place)."""
+    gy, w = _triton_case(1, c_out, 40, (4, 5, 3))
+    buf = torch.full((1, width, 4, 5, 3), float("nan"), dtype=gy.dtype).contiguous(memory_format=torch.channels_last_3d)
+    buf[:, offset:offset + c_out] = gy
+    _check_triton_input_grad(buf[:, offset:offset + c_out], w, 40, 1)
+
+
+@pytest.mark.interpreted
 def test_triton_input_grad_falls_back_or_raises_when_forced(monkeypatch):
     gy, w = _triton_case(1, 16, 8, (4, 4, 4))
     args = ((1, 8, 8, 8, 8), [2] * 3, [1] * 3, [1] * 3, 1)  # strided: not a "same" convolution

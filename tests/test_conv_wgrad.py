@@ -54,6 +54,21 @@ def test_weight_gradient_matches_float64(monkeypatch, n, c_in, c_out, size, d, d
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("c_out, offset, width", [(16, 32, 64), (32, 16, 48)])
+def test_gradient_as_a_channel_slice_of_a_buffer(c_out, offset, width):
+    """The lean dense block passes its gradient buffer's channel slice (voxel stride = the buffer's channels): the
+    kernel reads it in place; the buffer's other channels hold NaN, so a read outside the slice shows."""
+    x, gy, w = _case(1, 24, c_out, (4, 5, 6))
+    buf = torch.full((1, width, 4, 5, 6), float("nan"), dtype=gy.dtype).contiguous(memory_format=CL)
+    buf[:, offset:offset + c_out] = gy
+    sliced = buf[:, offset:offset + c_out]
+    assert not sliced.is_contiguous(memory_format=CL)
+    _, gw = conv_backward(sliced, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, False, True, backend="triton")
+    _, want = _float64_grads(gy, x, w.to(gy.dtype), 1)
+    torch.testing.assert_close(gw.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.interpreted
 def test_only_the_weight_gradient():
     x, gy, w = _case(1, 16, 16, (4, 4, 4))
     gi, gw = conv_backward(gy, x, w, (1, 1, 1), (1,) * 3, (1,) * 3, 1, False, True, backend="triton")

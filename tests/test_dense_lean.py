@@ -372,9 +372,9 @@ def test_lean_dense_block_leaves_visible_gradients_alone(monkeypatch):
 @pytest.mark.parametrize("limit", [None, 8])
 def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch, limit):
     """Triton engine (forced): when layer i's backward replays its activation, the tensors layer i+1's backward made
-    (its replayed activation, its output-gradient copy, its input gradient: up to c_(i+1) channels each) are gone,
-    so they never sit beside layer i's at the backward's peak; only layer i's output-gradient copy (made before
-    its replay) is alive. With group_channels=8 the same holds for every group: the layer inputs of 8, 16, 24 and 32
+    (its replayed activation, its input gradient: up to c_(i+1) channels each) are gone, so they never sit beside
+    layer i's at the backward's peak (the output gradient is the gradient buffer's slice, read in place: no copy is
+    made). With group_channels=8 the same holds for every group: the layer inputs of 8, 16, 24 and 32
     channels replay in 1, 2, 3 and 4 groups, each after the previous group's activation and input gradient are gone."""
     import weakref
     from hmedn_fast.nn import dense_lean
@@ -404,8 +404,8 @@ def test_lean_dense_block_backward_frees_each_layer_before_the_next(monkeypatch,
     monkeypatch.setattr(dense_lean, "_dense", recorded(dense_lean._dense))
     (y * w).sum().backward()
     groups = 4 if limit is None else 1 + 2 + 3 + 4
-    assert len(made) == 2 * groups + 4 + 1  # per group: activation, input gradient; per layer: output-gradient copy; gx
-    assert alive_at_replay == [1] * groups
+    assert len(made) == 2 * groups + 1  # per group: activation, input gradient; then the block input's gradient
+    assert alive_at_replay == [0] * groups
 
 
 @pytest.mark.not_interpreted

@@ -212,6 +212,7 @@ def test_stages_level_recomputes_the_first_stage_without_random_numbers(monkeypa
     outside the recomputed part, and the recomputation draws nothing."""
     from hmedn_fast.train import memory
     monkeypatch.setattr(memory, "STAGES_GROUP_CHANNELS", 4)
+    monkeypatch.setattr(memory, "STAGES_ENCODER_GROUP_CHANNELS", 4)
     base = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
                         hr_channels=4, hr_blocks=2, dropout=0.3).double().train()
     x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
@@ -234,7 +235,7 @@ def test_stages_level_groups_the_full_resolution_dense_blocks_backward():
     """"stages" sets group_channels on the distilling pathway's two full-resolution dense blocks (encoder and
     decoder stage 0) and on no other; the other levels clear it."""
     from hmedn_fast.nn.blocks import DenseBlock
-    from hmedn_fast.train.memory import STAGES_GROUP_CHANNELS
+    from hmedn_fast.train.memory import STAGES_ENCODER_GROUP_CHANNELS, STAGES_GROUP_CHANNELS
     model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=1,
                          hr_channels=4, hr_blocks=2)
     net = model.net
@@ -242,7 +243,8 @@ def test_stages_level_groups_the_full_resolution_dense_blocks_backward():
     dense = [m for m in model.modules() if isinstance(m, DenseBlock)]
     assert len(dense) > 2 and full <= {id(m) for m in dense}
     set_checkpointing(model, "stages")
-    assert [m.group_channels for m in dense] == [STAGES_GROUP_CHANNELS if id(m) in full else None for m in dense]
+    want = {id(net.enc[0][0]): STAGES_ENCODER_GROUP_CHANNELS, id(net.dec[0][0]): STAGES_GROUP_CHANNELS}
+    assert [m.group_channels for m in dense] == [want.get(id(m)) for m in dense]
     for level in ("blocks", "none"):
         set_checkpointing(model, level)
         assert all(m.group_channels is None for m in dense)

@@ -1,5 +1,5 @@
 """Saved activations parked in pinned host memory (hmedn_fast.nn.offload.HostParking) and the "stages" level's
-first encoder stage parked instead of recomputed: gradients equal the unparked ones, the parked tensors leave the
+encoder stages and HR pathway parked instead of recomputed: gradients equal the unparked ones, the parked tensors leave the
 device at ``release``, and a CUDA-graph step with parking replays the eager steps. Pinned memory and side streams
 need a GPU: every test is marked ``cuda``; on the CPU the model's parking is off (its stage is recomputed as
 before: tests/test_memory_planner.py)."""
@@ -62,42 +62,48 @@ def _tiny(**kw) -> torch.nn.Module:
 
 
 @pytest.mark.cuda
-def test_cuda_stages_level_parks_the_first_stage(monkeypatch):
-    """At "stages" on CUDA the first encoder stage parks its saved tensors (minimum size lowered for this small
-    model) instead of being recomputed; the gradients and running statistics equal those with it recomputed
-    (``memory.STAGES_OFFLOAD_FIRST`` off), deterministic cuDNN, float32."""
+def test_cuda_stages_level_parks_instead_of_recomputing(monkeypatch):
+    """At "stages" on CUDA the first encoder stage (or the first two, and the HR pathway) park their saved tensors
+    (minimum size lowered for this small model) instead of being recomputed; the gradients and running statistics
+    equal those with everything recomputed (nothing parked), deterministic cuDNN, float32."""
     from hmedn_fast.train import memory
 
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     base = _tiny()
     x = torch.randn(1, 4, 32, 32, 32, device="cuda")
     results = {}
-    for offload in (False, True):
-        monkeypatch.setattr(memory, "STAGES_OFFLOAD_FIRST", offload)
+    for parks in ((0, False), (1, False), (2, True), (0, True)):
+        monkeypatch.setattr(memory, "STAGES_PARKED", parks[0])
+        monkeypatch.setattr(memory, "STAGES_PARK_HR", parks[1])
         model = copy.deepcopy(base)
         set_checkpointing(model, "stages")
-        assert model.net.offload_first_stage == offload
+        assert (model.net.park_stages, model.net.park_hr) == parks
         parking_for(model.net).min_bytes = 0
         out = model(x)
         (out.seg.square().mean() + out.contour.square().mean()).backward()
-        results[offload] = ({n: p.grad for n, p in model.named_parameters()}, copy.deepcopy(model.state_dict()))
-        if offload:
+        results[parks] = ({n: p.grad for n, p in model.named_parameters()}, copy.deepcopy(model.state_dict()))
+        if parks != (0, False):
             slots = parking_for(model.net)._slots
             assert len(slots) > 3 and all(s.device is None and s.uses == 0 for s in slots)
-    assert [n for n, g in results[True][0].items() if g is None] == [n for n, g in results[False][0].items()
-                                                                      if g is None]  # (side heads' parts unused)
-    for name, g in results[False][0].items():
-        if g is not None:
-            torch.testing.assert_close(results[True][0][name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(),
-                                       msg=name)
-    for k, v in results[False][1].items():
-        torch.testing.assert_close(results[True][1][k], v, msg=k)
+    want_grads, want_state = results[(0, False)]
+    for parks, (grads, state) in results.items():
+        assert [n for n, g in grads.items() if g is None] == [n for n, g in want_grads.items() if g is None]
+        for name, g in want_grads.items():
+            if g is not None:
+                torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(),
+                                           msg=f"{parks} {name}")
+        for k, v in want_state.items():
+            torch.testing.assert_close(state[k], v, msg=f"{parks} {k}")
 
 
 @pytest.mark.cuda
-def test_cuda_graphed_steps_with_parking_equal_eager_steps():
-    """A "stages" training step with the first stage parked, CUDA-graphed (2 eager warm-up steps, capture,
-    replays), gives the eager steps' losses and weights over 6 steps on changing batches."""
+def test_cuda_graphed_steps_with_parking_equal_eager_steps(monkeypatch):
+    """A "stages" training step with the first two encoder stages and the HR pathway parked, CUDA-graphed (2 eager
+    warm-up steps, capture, replays), gives the eager steps' losses and weights over 6 steps on changing batches."""
+    from hmedn_fast.train import memory
+
+    monkeypatch.setattr(memory, "STAGES_PARKED", 2)
+    monkeypatch.setattr(memory, "STAGES_PARK_HR", True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     g = torch.Generator("cuda").manual_seed(0)
     batches = [torch.randn(1, 4, 32, 32, 32, device="cuda", generator=g) for _ in range(6)]

@@ -8,6 +8,8 @@ Use::
     park = HostParking()
     with park.saving():            # forward of the part whose saved tensors go to the host
         y = part(x)
+    with park.saving(new_step=False):  # optionally more parts of the same step
+        z = other_part(y)
     ...                            # more forward: the device-to-host copies run beside it
     park.release()                 # the compute stream waits for the copies; the device copies are freed
     ...                            # backward of the later parts
@@ -70,11 +72,13 @@ class HostParking:
         self._keys: dict[tuple, int] = {}
         self._stream: torch.cuda.Stream | None = None
 
-    def saving(self) -> contextlib.AbstractContextManager:
-        """Context of the forward whose saved tensors are parked; starts a new step (the previous step's slots
-        are dropped: its backward is done)."""
-        self.release()
-        self._slots, self._keys = [], {}
+    def saving(self, new_step: bool = True) -> contextlib.AbstractContextManager:
+        """Context of a forward part whose saved tensors are parked. ``new_step`` (default) starts a new step: the
+        previous step's slots are dropped (its backward is done); False adds this part to the step's parked
+        tensors (several parts, one ``release`` and one ``fetch``)."""
+        if new_step:
+            self.release()
+            self._slots, self._keys = [], {}
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _side(self) -> torch.cuda.Stream:
@@ -116,12 +120,13 @@ class HostParking:
                 slot.device = None
 
     def fetch(self) -> None:
-        """Start the host-to-device copies of every parked tensor (allocated now, on the compute stream)."""
+        """Start the host-to-device copies of every parked tensor (allocated now, on the compute stream), the last
+        parked first: backward unpacks in about the reverse order of the forward's packing."""
         if not self._slots:
             return
         self.release()
         side, current = self._side(), torch.cuda.current_stream()
-        pending = [s for s in self._slots if s.fetched is None and s.uses > 0]  # not yet fetched, not yet used up
+        pending = [s for s in reversed(self._slots) if s.fetched is None and s.uses > 0]  # not fetched, not used up
         for slot in pending:
             slot.fetched = torch.empty_strided(slot.host.shape, slot.host.stride(), dtype=slot.host.dtype,
                                                device=current.device)

@@ -163,9 +163,11 @@ class DistillingPathway(nn.Module):
     :func:`hmedn_fast.train.memory.set_checkpointing`) and ``recompute_hr`` (False; True there): in training with
     autograd on, the dense block and transition of that many encoder stages (the stem too in the first), and the
     whole HR pathway, keep only their input for backward and run again there (BatchNorm running statistics updated
-    once); same outputs and gradients. ``offload_first_stage`` (False): on CUDA the first encoder stage is not
-    recomputed; what it saves for backward waits in pinned host memory instead (:mod:`hmedn_fast.nn.offload`),
-    copied out while the encoder goes on and back once the full-resolution decoder stage's backward is done.
+    once); same outputs and gradients. ``park_stages`` (0) and ``park_hr`` (False): on CUDA, in training, that many
+    encoder stages (from the first) and the HR pathway are not recomputed (nor kept): what they save for backward
+    waits in pinned host memory (:mod:`hmedn_fast.nn.offload`), copied out while the forward goes on, off the device
+    from the full-resolution decoder stage on, and copied back once that stage's backward (where the step peaks)
+    is done.
 
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
@@ -213,7 +215,7 @@ class DistillingPathway(nn.Module):
         self.main_head = conv(spatial_dims, widths[0], num_classes, 1, bias=True)
         self.side_heads = nn.ModuleList(conv(spatial_dims, widths[s], num_classes, 1, bias=True) for s in side_stages)
         self.fuse = conv(spatial_dims, num_classes * (1 + len(side_stages)), num_classes, 1, bias=True)
-        self.recompute_stages, self.recompute_hr, self.offload_first_stage = 0, False, False
+        self.recompute_stages, self.recompute_hr, self.park_stages, self.park_hr = 0, False, 0, False
 
     def _encode(self, s: int, x: torch.Tensor) -> torch.Tensor:
         """Encoder stage s without its dropout: the stem (s = 0), the dense block and its transition."""
@@ -222,15 +224,18 @@ class DistillingPathway(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         recompute = self.training and torch.is_grad_enabled()
-        park = (parking_for(self) if recompute and x.is_cuda and self.__dict__.get("offload_first_stage", False)
+        park_stages, park_hr = self.__dict__.get("park_stages", 0), self.__dict__.get("park_hr", False)
+        park = (parking_for(self) if recompute and x.is_cuda and (park_stages or park_hr)
                 and not torch.compiler.is_compiling() else None)
+        parked = 0  # parts parked so far this step (the first starts the step's parking)
         skips = []
         for s, enc in enumerate(self.enc):
             if s:
                 x = self.pool(x)  # outside the recomputed part: it would keep the larger stage output
-            if s == 0 and park is not None:
-                with park.saving():  # its saved tensors go to the host while the forward goes on
+            if park is not None and s < park_stages:
+                with park.saving(new_step=not parked):  # its saved tensors go to the host while the forward goes on
                     x = self._encode(s, x)
+                parked += 1
             elif recompute and s < self.__dict__.get("recompute_stages", 0):
                 x = recomputed(self._encode, (self.stem, enc) if s == 0 else (enc,), s, x,
                                preserve_rng_state=False)  # no RNG inside
@@ -240,7 +245,10 @@ class DistillingPathway(nn.Module):
             skips.append(x)
         hr_feats = hr_logits = None
         if self.hr is not None:
-            if recompute and self.__dict__.get("recompute_hr", False):
+            if park is not None and park_hr:
+                with park.saving(new_step=not parked):
+                    hr_feats, hr_logits = self.hr(skips[self.hr_stage])
+            elif recompute and self.__dict__.get("recompute_hr", False):
                 hr_feats, hr_logits = recomputed(self.hr, (self.hr,), skips[self.hr_stage],
                                                  preserve_rng_state=False)  # no RNG inside
             else:
@@ -264,9 +272,8 @@ class DistillingPathway(nn.Module):
     def _stage_input(self, s: int, x: torch.Tensor, skip: torch.Tensor, hr_feats: torch.Tensor | None,
                      park: HostParking | None) -> list[torch.Tensor]:
         """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage); at
-        the full-resolution stage with parking, the first encoder stage's parked tensors leave the device first,
-        and they come back once this stage's backward is done (where the step peaks), while the lower stages'
-        backward runs."""
+        the full-resolution stage with parking, the parked tensors leave the device first, and they come back once
+        this stage's backward is done (where the step peaks), while the lower stages' backward runs."""
         up = self.up[s](x)
         if s == 0 and park is not None:
             park.release()

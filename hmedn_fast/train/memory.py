@@ -36,10 +36,11 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   full-resolution block runs backward, where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR
   pathway likewise (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks
   keep their inputs at half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks
-  take each layer's input in groups of ``STAGES_GROUP_CHANNELS`` channels in backward
-  (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`). On CUDA the first encoder stage is not recomputed
-  when ``STAGES_OFFLOAD_FIRST``: what it saves for backward waits in pinned host memory instead
-  (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.offload_first_stage`, :mod:`hmedn_fast.nn.offload`).
+  take each layer's input in groups of channels in backward (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`:
+  ``STAGES_GROUP_CHANNELS`` for the decoder's, ``STAGES_ENCODER_GROUP_CHANNELS`` for the encoder's). On CUDA the
+  first ``STAGES_PARKED`` encoder stages, and the HR pathway when ``STAGES_PARK_HR``, are not recomputed: what they
+  save for backward waits in pinned host memory instead (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.park_stages`,
+  :mod:`hmedn_fast.nn.offload`).
 
 Every level gives the same gradients; only memory and time differ.
 """
@@ -62,10 +63,13 @@ LEVELS = ("none", "lean", "blocks", "stages")
 # "stages": the full-resolution dense blocks' backward takes at most this many input channels of a layer at once
 # (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
 STAGES_GROUP_CHANNELS = 32
+STAGES_ENCODER_GROUP_CHANNELS = 32  # the same for the encoder's block (its backward runs last, with less held)
 # "stages": this many encoder stages (from full resolution) keep only their input and run again in backward
 STAGES_RECOMPUTED = 2
-# "stages" on CUDA: the first encoder stage parks what it saves in pinned host memory instead of being recomputed
-STAGES_OFFLOAD_FIRST = True
+# "stages" on CUDA: this many encoder stages (from the first), and the HR pathway when STAGES_PARK_HR, park what they
+# save in pinned host memory instead of being recomputed
+STAGES_PARKED = 1
+STAGES_PARK_HR = False
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -235,9 +239,10 @@ def set_checkpointing(model: nn.Module, level: str) -> int:
         elif isinstance(m, DistillingPathway):
             m.recompute_stages = STAGES_RECOMPUTED if _at_least(level, "stages") else 0
             m.recompute_hr = _at_least(level, "stages")
-            m.offload_first_stage = STAGES_OFFLOAD_FIRST and _at_least(level, "stages")
-            for stage in (m.enc[0], m.dec[0]):  # the full-resolution dense blocks
-                stage[0].group_channels = STAGES_GROUP_CHANNELS if _at_least(level, "stages") else None
+            m.park_stages = STAGES_PARKED if _at_least(level, "stages") else 0
+            m.park_hr = STAGES_PARK_HR and _at_least(level, "stages")
+            for stage, groups in ((m.enc[0], STAGES_ENCODER_GROUP_CHANNELS), (m.dec[0], STAGES_GROUP_CHANNELS)):
+                stage[0].group_channels = groups if _at_least(level, "stages") else None  # full-resolution blocks
             count += 1
         elif isinstance(m, DenseBlock):
             m.__dict__.pop("forward", None)  # back to the class's forward

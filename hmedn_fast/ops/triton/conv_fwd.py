@@ -44,7 +44,7 @@ def launch_config(c_in: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, YS, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
+def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, XS, YS, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
                 BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr,
                 NUM_STAGES: tl.constexpr):
     row = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -69,7 +69,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, YS, C_OUT: tl.const
         dx = (tap % 3 - 1) * DIL
         ok = live & (z + dz >= 0) & (z + dz < D) & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
         src = row + (dz * H + dy) * W + dx
-        a = tl.load(x_ptr + src[:, None] * C_IN + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + src[:, None] * XS + ci[None, :], mask=ok[:, None] & ci_ok[None, :], other=0.0)
         b = tl.load(w_ptr + (tap * C_IN + ci)[:, None] * C_OUT + co[None, :], mask=ci_ok[:, None] & co_ok[None, :],
                     other=0.0)
         if F32_DOT:  # the interpreter's bf16 dot reads raw bits (Triton 3.9); float32 products of bf16 are exact
@@ -90,8 +90,8 @@ def unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: 
         return reason
     if inp.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != inp.dtype:
         return "bf16 / fp16 input and weight of one dtype"
-    if not inp.is_contiguous(memory_format=torch.channels_last_3d):
-        return "a channels-last contiguous input"
+    if voxel_stride(inp) is None:
+        return "an input with channels innermost and voxels at one stride (channels-last, or a channel slice of it)"
     if inp.numel() >= 2**31 or math.prod(inp.shape[2:]) * inp.shape[0] * weight.shape[0] >= 2**31:
         return "fewer than 2**31 elements"
     return None
@@ -121,7 +121,8 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     """``conv3d(inp, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output.
 
     Args:
-        inp: (N, C_in, D, H, W) bf16/fp16, channels-last contiguous (see :func:`unsupported`).
+        inp: (N, C_in, D, H, W) bf16/fp16 with channels innermost and voxels at one stride: channels-last
+            contiguous, or a channel slice of such a tensor (see :func:`unsupported`).
         weight: (C_out, C_in, 3, 3, 3) of inp's dtype (any strides). The automatic dispatch sends C_out 16 or 32
             here; other counts run in blocks of :func:`out_channel_block` output channels per program.
         dilation: the convolution's dilation (= its padding); negative: every tap's offset negated (the kernel
@@ -145,14 +146,16 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     if out is None:
         out = torch.empty((n, c_out, d, h, w), dtype=inp.dtype, device=inp.device,
                           memory_format=torch.channels_last_3d)
-    ys = voxel_stride(out)
+    xs, ys = voxel_stride(inp), voxel_stride(out)
+    if xs is None:
+        raise ValueError(f"inp must have channels innermost and voxels at one stride, got strides {inp.stride()}")
     if tuple(out.shape) != (n, c_out, d, h, w) or out.dtype != inp.dtype or out.device != inp.device or ys is None:
         raise ValueError(f"out must be a {(n, c_out, d, h, w)} {inp.dtype} tensor on {inp.device} with channels "
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     if nv == 0:
         return out
     _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
-            ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
+            xs, ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
             NUM_STAGES=num_stages or stages, num_warps=num_warps or warps)
     return out
 
@@ -167,8 +170,8 @@ def input_grad_unsupported(grad: Tensor, weight: Tensor, input_shape, stride, pa
         return "padding equal to one dilation for every axis ('same' output)"
     if grad.dtype not in (torch.bfloat16, torch.float16):
         return "a bf16 / fp16 gradient"
-    if not grad.is_contiguous(memory_format=torch.channels_last_3d):
-        return "a channels-last contiguous gradient"
+    if voxel_stride(grad) is None:
+        return "a gradient with channels innermost and voxels at one stride (channels-last, or a channel slice of it)"
     if grad.numel() >= 2**31 or math.prod(input_shape) >= 2**31:
         return "fewer than 2**31 elements"
     return None
@@ -185,7 +188,8 @@ def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, **config) ->
     the dots' N tile (:func:`out_channel_block`).
 
     Args:
-        grad: (N, C_out, D, H, W) bf16/fp16, channels-last contiguous. weight: (C_out, C_in, 3, 3, 3) (cast to
+        grad: (N, C_out, D, H, W) bf16/fp16, channels-last contiguous or a channel slice of such a tensor (the
+            lean dense block passes its gradient buffer's slice: no dense copy). weight: (C_out, C_in, 3, 3, 3) (cast to
             grad's dtype). dilation: the convolution's (positive). config: launch options of
             :func:`conv3x3_forward`.
     Returns:

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv
 
 MAX_C_IN_BLOCK = 64
@@ -42,16 +43,16 @@ def launch_config(c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
 
 
 @triton.jit
-def _tap(acc, gy_ptr, row, ok_row, shift, co, xt, C_OUT: tl.constexpr, F32_DOT: tl.constexpr):
+def _tap(acc, gy_ptr, row, ok_row, shift, co, xt, GS, F32_DOT: tl.constexpr):
     """acc + xt @ gy[row + shift] for the rows where ``ok_row`` (the shifted position stays inside the volume)."""
-    g = tl.load(gy_ptr + (row + shift)[:, None] * C_OUT + co[None, :], mask=ok_row[:, None], other=0.0)
+    g = tl.load(gy_ptr + (row + shift)[:, None] * GS + co[None, :], mask=ok_row[:, None], other=0.0)
     if F32_DOT:
         g = g.to(tl.float32)
     return tl.dot(xt, g, acc)
 
 
 @triton.jit
-def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, tiles_per_prog,
+def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, GS, tiles_per_prog,
                   C_OUT: tl.constexpr, C_IN_BLOCK: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr):
     split = tl.program_id(0)
     cblock = tl.program_id(1)
@@ -85,15 +86,15 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, tiles_per_pro
         ym, yp = okz & (y + DIL < H), okz & (y >= DIL)  # kh = 0 reads row y + d, kh = 2 row y - d
         xm, xp = x + DIL < W, x >= DIL
         base = row - sd
-        a00 = _tap(a00, gy_ptr, base, ym & xm, sh + DIL, co, xt, C_OUT, F32_DOT)
-        a01 = _tap(a01, gy_ptr, base, ym, sh, co, xt, C_OUT, F32_DOT)
-        a02 = _tap(a02, gy_ptr, base, ym & xp, sh - DIL, co, xt, C_OUT, F32_DOT)
-        a10 = _tap(a10, gy_ptr, base, okz & xm, DIL, co, xt, C_OUT, F32_DOT)
-        a11 = _tap(a11, gy_ptr, base, okz, 0, co, xt, C_OUT, F32_DOT)
-        a12 = _tap(a12, gy_ptr, base, okz & xp, -DIL, co, xt, C_OUT, F32_DOT)
-        a20 = _tap(a20, gy_ptr, base, yp & xm, -sh + DIL, co, xt, C_OUT, F32_DOT)
-        a21 = _tap(a21, gy_ptr, base, yp, -sh, co, xt, C_OUT, F32_DOT)
-        a22 = _tap(a22, gy_ptr, base, yp & xp, -sh - DIL, co, xt, C_OUT, F32_DOT)
+        a00 = _tap(a00, gy_ptr, base, ym & xm, sh + DIL, co, xt, GS, F32_DOT)
+        a01 = _tap(a01, gy_ptr, base, ym, sh, co, xt, GS, F32_DOT)
+        a02 = _tap(a02, gy_ptr, base, ym & xp, sh - DIL, co, xt, GS, F32_DOT)
+        a10 = _tap(a10, gy_ptr, base, okz & xm, DIL, co, xt, GS, F32_DOT)
+        a11 = _tap(a11, gy_ptr, base, okz, 0, co, xt, GS, F32_DOT)
+        a12 = _tap(a12, gy_ptr, base, okz & xp, -DIL, co, xt, GS, F32_DOT)
+        a20 = _tap(a20, gy_ptr, base, yp & xm, -sh + DIL, co, xt, GS, F32_DOT)
+        a21 = _tap(a21, gy_ptr, base, yp, -sh, co, xt, GS, F32_DOT)
+        a22 = _tap(a22, gy_ptr, base, yp & xp, -sh - DIL, co, xt, GS, F32_DOT)
     # part: (splits, 27, C_IN, C_OUT) float32; tap = 9 kd + 3 kh + kw
     out = part_ptr + (split * 27 + kd * 9) * C_IN * C_OUT + ci[:, None] * C_OUT + co[None, :]
     m = ci_ok[:, None]
@@ -143,9 +144,8 @@ def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dila
         return reason
     if grad.dtype not in (torch.bfloat16, torch.float16) or inp.dtype != grad.dtype:
         return "bf16 / fp16 input and gradient of one dtype"
-    cl = torch.channels_last_3d
-    if not (inp.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)):
-        return "channels-last contiguous input and gradient"
+    if not inp.is_contiguous(memory_format=torch.channels_last_3d) or voxel_stride(grad) is None:
+        return "a channels-last contiguous input and a gradient with channels innermost and voxels at one stride"
     if inp.numel() >= 2**31 or grad.numel() >= 2**31:
         return "fewer than 2**31 elements"
     return None
@@ -157,7 +157,8 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     """Weight gradient (C_out, C_in, 3, 3, 3), float32, of ``conv3d(inp, w, padding=dilation, dilation=dilation)``.
 
     Args:
-        grad: (N, C_out, D, H, W) output gradient, bf16/fp16, channels-last contiguous, C_out 16 or 32.
+        grad: (N, C_out, D, H, W) output gradient, bf16/fp16, C_out 16 or 32, channels-last contiguous or a channel
+            slice of such a tensor (channels innermost, voxels at one stride).
         inp: (N, C_in, D, H, W) the convolution's input, same dtype and layout.
         dilation: the convolution's dilation (= its padding).
         num_programs: programs to spread the voxels over (default: :func:`launch_config`'s per SM, or 4 with the
@@ -171,6 +172,9 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     n, c_in, d, h, w = inp.shape
     c_out = grad.shape[1]
     nv = n * d * h * w
+    gs = voxel_stride(grad)
+    if gs is None:
+        raise ValueError(f"grad must have channels innermost and voxels at one stride, got strides {grad.stride()}")
     bv, warps, stages, per_sm, cb = launch_config(c_in, c_out)
     block_voxels, num_warps, num_stages = block_voxels or bv, num_warps or warps, num_stages or stages
     cin_block = cin_block or cb
@@ -182,7 +186,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     per_prog = cdiv(tiles, splits)
     splits = cdiv(tiles, per_prog)
     part = torch.empty((splits, 27, c_in, c_out), dtype=torch.float32, device=inp.device)
-    _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), per_prog,
+    _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), gs, per_prog,
             C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, num_warps=num_warps,
             num_stages=num_stages)
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
