@@ -78,13 +78,15 @@ def test_cuda_stages_level_parks_instead_of_recomputing(monkeypatch):
         model = copy.deepcopy(base)
         set_checkpointing(model, "stages")
         assert (model.net.park_stages, model.net.park_hr) == parks
-        parking_for(model.net).min_bytes = 0
+        parts = [model.net.enc[s] for s in range(parks[0])] + ([model.net.hr] if parks[1] else [])
+        for part in parts:
+            parking_for(part).min_bytes = 0
         out = model(x)
-        (out.seg.square().mean() + out.contour.square().mean()).backward()
+        (out.seg.square().mean() + out.contour.square().mean() + sum(a.square().mean() for a in out.aux)).backward()
         results[parks] = ({n: p.grad for n, p in model.named_parameters()}, copy.deepcopy(model.state_dict()))
-        if parks != (0, False):
-            slots = parking_for(model.net)._slots
-            assert len(slots) > 3 and all(s.device is None and s.uses == 0 for s in slots)
+        for part in parts:  # every parked tensor left the device, came back, was used and dropped
+            slots = parking_for(part)._slots
+            assert len(slots) >= 3 and all(s.device is None and s.uses == 0 and s.fetched is None for s in slots)
     want_grads, want_state = results[(0, False)]
     for parks, (grads, state) in results.items():
         assert [n for n, g in grads.items() if g is None] == [n for n, g in want_grads.items() if g is None]
@@ -112,14 +114,15 @@ def test_cuda_graphed_steps_with_parking_equal_eager_steps(monkeypatch):
     for graphed in (False, True):
         model = copy.deepcopy(base)
         set_checkpointing(model, "stages")
-        parking_for(model.net).min_bytes = 0
+        for part in (model.net.enc[0], model.net.enc[1], model.net.hr):
+            parking_for(part).min_bytes = 0
         opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), fused=True,
                                 capturable=True)
 
         def step(x, model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             out = model(x)
-            loss = out.seg.square().mean() + out.contour.square().mean()
+            loss = out.seg.square().mean() + out.contour.square().mean() + sum(a.square().mean() for a in out.aux)
             loss.backward()
             opt.step()
             return loss.detach()

@@ -8,8 +8,6 @@ Use::
     park = HostParking()
     with park.saving():            # forward of the part whose saved tensors go to the host
         y = part(x)
-    with park.saving(new_step=False):  # optionally more parts of the same step
-        z = other_part(y)
     ...                            # more forward: the device-to-host copies run beside it
     park.release()                 # the compute stream waits for the copies; the device copies are freed
     ...                            # backward of the later parts
@@ -37,6 +35,7 @@ from torch import Tensor, nn
 from ..device import memory_format_of
 
 _PARKING: "weakref.WeakKeyDictionary[nn.Module, HostParking]" = weakref.WeakKeyDictionary()
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def parking_for(module: nn.Module) -> "HostParking":
@@ -70,21 +69,22 @@ class HostParking:
         self._pinned: list[Tensor] = []  # reused across steps by position
         self._slots: list[_Slot] = []
         self._keys: dict[tuple, int] = {}
-        self._stream: torch.cuda.Stream | None = None
 
-    def saving(self, new_step: bool = True) -> contextlib.AbstractContextManager:
-        """Context of a forward part whose saved tensors are parked. ``new_step`` (default) starts a new step: the
-        previous step's slots are dropped (its backward is done); False adds this part to the step's parked
-        tensors (several parts, one ``release`` and one ``fetch``)."""
-        if new_step:
-            self.release()
-            self._slots, self._keys = [], {}
+    def saving(self) -> contextlib.AbstractContextManager:
+        """Context of the forward whose saved tensors are parked; starts a new step (the previous step's slots
+        are dropped: its backward is done)."""
+        self.release()
+        self._slots, self._keys = [], {}
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _side(self) -> torch.cuda.Stream:
-        if self._stream is None or self._stream.device.index != torch.cuda.current_device():
-            self._stream = torch.cuda.Stream()
-        return self._stream
+    @staticmethod
+    def _side() -> torch.cuda.Stream:
+        """The current device's side stream, one for every parking: parts parked one after another copy in that
+        order, each at the link's full speed, so the first part's copies end first."""
+        dev = torch.cuda.current_device()
+        if dev not in _SIDE_STREAMS:
+            _SIDE_STREAMS[dev] = torch.cuda.Stream()
+        return _SIDE_STREAMS[dev]
 
     def _pack(self, t: Tensor):
         if (not t.is_cuda or isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < self.min_bytes

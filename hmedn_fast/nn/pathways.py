@@ -166,8 +166,8 @@ class DistillingPathway(nn.Module):
     once); same outputs and gradients. ``park_stages`` (0) and ``park_hr`` (False): on CUDA, in training, that many
     encoder stages (from the first) and the HR pathway are not recomputed (nor kept): what they save for backward
     waits in pinned host memory (:mod:`hmedn_fast.nn.offload`), copied out while the forward goes on, off the device
-    from the full-resolution decoder stage on, and copied back once that stage's backward (where the step peaks)
-    is done.
+    from the full-resolution decoder stage on (the first stage's) or from the start of the backward (the others'),
+    and copied back once that stage's backward (where the step peaks) is done.
 
     Shapes: forward((N, C, *spatial)) with each spatial size divisible by ``2 ** depth`` ->
     ``(features, logits, aux)``: features (N, widths[0], *spatial) of the last decoder stage, logits
@@ -225,17 +225,14 @@ class DistillingPathway(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         recompute = self.training and torch.is_grad_enabled()
         park_stages, park_hr = self.__dict__.get("park_stages", 0), self.__dict__.get("park_hr", False)
-        park = (parking_for(self) if recompute and x.is_cuda and (park_stages or park_hr)
-                and not torch.compiler.is_compiling() else None)
-        parked = 0  # parts parked so far this step (the first starts the step's parking)
+        parking = recompute and x.is_cuda and not torch.compiler.is_compiling()
+        parks: list[HostParking] = []  # this step's parked parts, in forward order
         skips = []
         for s, enc in enumerate(self.enc):
             if s:
                 x = self.pool(x)  # outside the recomputed part: it would keep the larger stage output
-            if park is not None and s < park_stages:
-                with park.saving(new_step=not parked):  # its saved tensors go to the host while the forward goes on
-                    x = self._encode(s, x)
-                parked += 1
+            if parking and s < park_stages:
+                x = _parked(enc, parks, self._encode, s, x)
             elif recompute and s < self.__dict__.get("recompute_stages", 0):
                 x = recomputed(self._encode, (self.stem, enc) if s == 0 else (enc,), s, x,
                                preserve_rng_state=False)  # no RNG inside
@@ -245,14 +242,14 @@ class DistillingPathway(nn.Module):
             skips.append(x)
         hr_feats = hr_logits = None
         if self.hr is not None:
-            if park is not None and park_hr:
-                with park.saving(new_step=not parked):
-                    hr_feats, hr_logits = self.hr(skips[self.hr_stage])
+            if parking and park_hr:
+                hr_feats, hr_logits = _parked(self.hr, parks, self.hr, skips[self.hr_stage])
             elif recompute and self.__dict__.get("recompute_hr", False):
                 hr_feats, hr_logits = recomputed(self.hr, (self.hr,), skips[self.hr_stage],
                                                  preserve_rng_state=False)  # no RNG inside
             else:
                 hr_feats, hr_logits = self.hr(skips[self.hr_stage])
+        early = parks[:1] if parking and park_stages else []  # the first encoder stage's
         by_stage = {self.depth: x}
         for s in reversed(range(self.depth)):
             # The stage's input (upsampled features, skip, HR features) goes straight into a lean dense block's
@@ -260,8 +257,10 @@ class DistillingPathway(nn.Module):
             # is a temporary: the upsampled features are freed once copied, not held while the stage runs (at full
             # resolution of hmedn_3d_l2 at 128^3 in bf16: 64 MiB, and 128 MiB of concatenation, at the forward's peak)
             block = self.dec[s][0]
-            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips[s], hr_feats, park)))
+            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips[s], hr_feats, parks, early)))
             by_stage[s] = x
+        if len(parks) > len(early):
+            x.register_hook(lambda grad: _release(parks[len(early):]))  # the backward starts
         size = x.shape[2:]
         main = self.main_head(x)
         sides = [head(by_stage[s]) for s, head in zip(self.side_stages, self.side_heads)]
@@ -270,15 +269,37 @@ class DistillingPathway(nn.Module):
         return x, logits, aux
 
     def _stage_input(self, s: int, x: torch.Tensor, skip: torch.Tensor, hr_feats: torch.Tensor | None,
-                     park: HostParking | None) -> list[torch.Tensor]:
-        """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage); at
-        the full-resolution stage with parking, the parked tensors leave the device first, and they come back once
-        this stage's backward is done (where the step peaks), while the lower stages' backward runs."""
+                     parks: list[HostParking], early: list[HostParking]) -> list[torch.Tensor]:
+        """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage). At
+        the full-resolution stage the first encoder stage's parked tensors (``early``) leave the device first (the
+        other parked parts leave when the backward starts: their copies end during this stage's forward, whose
+        peak is below its backward's); all come back, the last parked first, once this stage's backward is done
+        (where the step peaks), while the lower stages' backward runs."""
         up = self.up[s](x)
-        if s == 0 and park is not None:
-            park.release()
-            up.register_hook(lambda grad: park.fetch())
+        if s == 0 and parks:
+            _release(early)
+            up.register_hook(lambda grad: _fetch(parks))
         return [up, skip] + ([hr_feats] if s == self.hr_stage else [])
+
+
+def _parked(part: nn.Module, parks: list[HostParking], fn, *args):
+    """``fn(*args)`` with the tensors it saves for backward parked by ``part``'s :class:`HostParking` (appended to
+    ``parks``)."""
+    park = parking_for(part)
+    with park.saving():
+        out = fn(*args)
+    parks.append(park)
+    return out
+
+
+def _release(parks: list[HostParking]) -> None:
+    for park in parks:
+        park.release()
+
+
+def _fetch(parks: list[HostParking]) -> None:
+    for park in reversed(parks):  # one side stream: the copies run in this order, the first needed first
+        park.fetch()
 
 
 def _per_stage(name: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:
