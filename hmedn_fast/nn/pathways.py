@@ -256,8 +256,11 @@ class DistillingPathway(nn.Module):
             # buffer (no concatenated tensor alive while the block runs), else it is concatenated. The parts' list
             # is a temporary: the upsampled features are freed once copied, not held while the stage runs (at full
             # resolution of hmedn_3d_l2 at 128^3 in bf16: 64 MiB, and 128 MiB of concatenation, at the forward's peak)
-            block = self.dec[s][0]
-            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips[s], hr_feats, parks, early)))
+            # The skip is dropped once copied too: nothing saves it for backward (dropout keeps its mask, pooling one
+            # byte per output), and at full resolution it is 64 MiB beside the decoder block's forward peak.
+            block, skip, skips[s] = self.dec[s][0], skips[s], None
+            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skip, hr_feats, parks, early)))
+            skip = None
             by_stage[s] = x
         if len(parks) > len(early):
             x.register_hook(lambda grad: _release(parks[len(early):]))  # the backward starts

@@ -60,16 +60,17 @@ from hmedn_fast.nn.pathways import DistillingPathway, HRPathway
 from hmedn_fast.nn.recompute import recomputed
 
 LEVELS = ("none", "lean", "blocks", "stages")
-# "stages": the full-resolution dense blocks' backward takes at most this many input channels of a layer at once
-# (hmedn_3d_l2 at 128^3: 128 MiB temporaries instead of up to 320 MiB for the decoder block's last layer)
-STAGES_GROUP_CHANNELS = 32
-STAGES_ENCODER_GROUP_CHANNELS = 32  # the same for the encoder's block (its backward runs last, with less held)
+# "stages": the full-resolution decoder dense block's backward takes at most this many input channels of a layer at
+# once (hmedn_3d_l2 at 128^3: 192 MiB temporaries instead of up to 320 MiB for its last layer; 48 costs less time
+# than 32 for the same step peak once the HR pathway is parked: benchmarks/results/train_stages_ab_nvidia_h200_s25c.json)
+STAGES_GROUP_CHANNELS = 48
+STAGES_ENCODER_GROUP_CHANNELS = None  # the encoder's block: its backward runs last, with less held
 # "stages": this many encoder stages (from full resolution) keep only their input and run again in backward
 STAGES_RECOMPUTED = 2
 # "stages" on CUDA: this many encoder stages (from the first), and the HR pathway when STAGES_PARK_HR, park what they
 # save in pinned host memory instead of being recomputed
 STAGES_PARKED = 1
-STAGES_PARK_HR = False
+STAGES_PARK_HR = True
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
