@@ -17,8 +17,9 @@ The backward replays each norm + ReLU from the buffer with the saved statistics 
 convolution and norm backward kernels directly, and accumulates input gradients into slices of one gradient
 buffer: the incoming gradient itself when nothing else can see it (:mod:`hmedn_fast.nn.grad_reuse`), else a copy. A
 layer's output gradient is a dense copy of that buffer's channel slice (the Triton convolution kernels read it faster:
-lean + graph 45.4 vs 46.6 ms reading the slices in place, hmedn_3d_l2 on an H200), except in a block with
-``group_channels`` set (memory first): there the slice is read in place (ATen copies what it needs).
+hmedn_3d_l2's lean + graph step took 46.6 ms reading every slice in place against 45.4 with copies, H200, two calls
+whose DynUNet control agreed: ``benchmarks/results/train_stages_ab_nvidia_h200_s25{b,a}.json``), except in a block
+with ``group_channels`` set (memory first): there the slice is read in place (ATen copies what it needs).
 With the Triton norm (which recomputes the ReLU mask itself) a layer's replayed activation is freed after its
 weight gradient, before the input gradient of the same size is allocated, and each layer's temporaries are dropped
 before the next layer replays its own: the widest layer's tensors never add to the backward's peak. BatchNorm
