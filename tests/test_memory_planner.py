@@ -368,3 +368,21 @@ def test_compiled_levels_equal_eager(level, graph_break):
         torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12 * g.abs().max().item(), msg=name)
     for k, v in want_stats.items():
         torch.testing.assert_close(got_stats[k], v, rtol=1e-12, atol=1e-14, msg=k)
+
+
+@pytest.mark.parametrize("level", ["none", "stages"])
+def test_decoder_drops_each_skip_once_copied(level):
+    """The full-resolution skip (the first encoder stage's output after dropout) is freed before the decoder's
+    full-resolution stage runs: nothing saves it for backward, and the forward no longer holds it beside that stage's
+    peak; the step's gradients are those of the model (checked by the level tests above)."""
+    import weakref
+    model = create_model("hmedn_3d_l2", widths=(4, 8, 8, 8), growth_rates=4, num_layers=2, hr_stage=2,
+                         hr_channels=4, hr_blocks=2, dropout=0.3).double().train()
+    set_checkpointing(model, level)
+    net, seen = model.net, {}
+    assert net.hr_stage == 1  # as in hmedn_3d_l2: the HR pathway (which saves its input) reads the second stage
+    net.enc[0][2].register_forward_hook(lambda m, args, out: seen.update(skip=weakref.ref(out)))
+    net.dec[0].register_forward_pre_hook(lambda m, args: seen.update(alive=seen["skip"]() is not None))
+    out = model(torch.randn(1, 4, 16, 16, 16, dtype=torch.float64))
+    out.seg.sum().backward()
+    assert seen["alive"] is False

@@ -256,11 +256,8 @@ class DistillingPathway(nn.Module):
             # buffer (no concatenated tensor alive while the block runs), else it is concatenated. The parts' list
             # is a temporary: the upsampled features are freed once copied, not held while the stage runs (at full
             # resolution of hmedn_3d_l2 at 128^3 in bf16: 64 MiB, and 128 MiB of concatenation, at the forward's peak)
-            # The skip is dropped once copied too: nothing saves it for backward (dropout keeps its mask, pooling one
-            # byte per output), and at full resolution it is 64 MiB beside the decoder block's forward peak.
-            block, skip, skips[s] = self.dec[s][0], skips[s], None
-            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skip, hr_feats, parks, early)))
-            skip = None
+            block = self.dec[s][0]
+            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips, hr_feats, parks, early)))
             by_stage[s] = x
         if len(parks) > len(early):
             x.register_hook(lambda grad: _release(parks[len(early):]))  # the backward starts
@@ -271,14 +268,18 @@ class DistillingPathway(nn.Module):
         aux = sides + ([hr_logits] if hr_logits is not None else [])
         return x, logits, aux
 
-    def _stage_input(self, s: int, x: torch.Tensor, skip: torch.Tensor, hr_feats: torch.Tensor | None,
+    def _stage_input(self, s: int, x: torch.Tensor, skips: list[torch.Tensor | None], hr_feats: torch.Tensor | None,
                      parks: list[HostParking], early: list[HostParking]) -> list[torch.Tensor]:
-        """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage). At
+        """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage). The
+        skip leaves ``skips`` (the returned list holds its only reference then: nothing saves it for backward, as
+        dropout keeps its mask and pooling one byte per output, so it is freed once copied into the stage's buffer
+        instead of sitting beside the full-resolution block's forward: 64 MiB at 128^3 in bf16). At
         the full-resolution stage the first encoder stage's parked tensors (``early``) leave the device first (the
         other parked parts leave when the backward starts: their copies end during this stage's forward, whose
         peak is below its backward's); all come back, the last parked first, once this stage's backward is done
         (where the step peaks), while the lower stages' backward runs."""
         up = self.up[s](x)
+        skip, skips[s] = skips[s], None
         if s == 0 and parks:
             _release(early)
             up.register_hook(lambda grad: _fetch(parks))
