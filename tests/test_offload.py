@@ -135,3 +135,29 @@ def test_cuda_graphed_steps_with_parking_equal_eager_steps(monkeypatch):
     torch.testing.assert_close(lb, la, rtol=1e-6, atol=0)
     for a, b in zip(wa, wb):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_parking_with_a_frozen_encoder(monkeypatch):
+    """Fine-tuning the decoder only (encoder, stem, HR pathway and up-convolutions frozen, input without gradient):
+    the parked parts' backward never runs and no hook can be registered on their outputs; the step runs and its
+    gradients equal those without parking."""
+    from hmedn_fast.train import memory
+
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    base = _tiny()
+    for part in (base.net.stem, base.net.enc, base.net.hr, base.net.up):
+        part.requires_grad_(False)
+    x = torch.randn(1, 4, 32, 32, 32, device="cuda")
+    grads = []
+    for parks in ((0, False), (2, True)):
+        monkeypatch.setattr(memory, "STAGES_PARKED", parks[0])
+        monkeypatch.setattr(memory, "STAGES_PARK_HR", parks[1])
+        model = copy.deepcopy(base)
+        set_checkpointing(model, "stages")
+        out = model(x)
+        out.seg.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        if g is not None:
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=name)

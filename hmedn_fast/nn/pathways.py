@@ -259,7 +259,7 @@ class DistillingPathway(nn.Module):
             block = self.dec[s][0]
             x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips, hr_feats, parks, early)))
             by_stage[s] = x
-        if len(parks) > len(early):
+        if len(parks) > len(early) and x.requires_grad:  # (frozen parts: nothing to run backward through here)
             x.register_hook(lambda grad: _release(parks[len(early):]))  # the backward starts
         size = x.shape[2:]
         main = self.main_head(x)
@@ -282,7 +282,8 @@ class DistillingPathway(nn.Module):
         skip, skips[s] = skips[s], None
         if s == 0 and parks:
             _release(early)
-            up.register_hook(lambda grad: _fetch(parks))
+            if up.requires_grad:  # else the parked parts' backward (if any) copies back as it unpacks
+                up.register_hook(lambda grad: _fetch(parks))
         return [up, skip] + ([hr_feats] if s == self.hr_stage else [])
 
 
