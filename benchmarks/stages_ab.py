@@ -40,9 +40,8 @@ VARIANTS = (((32, 32), 2, True, 1, False), ((48, 48), 2, True, 1, False), ((48, 
 def variant(text: str) -> tuple[tuple[int | None, int | None], int, bool, int, bool]:
     """``"32,2,1"`` -> ((32, 32), 2, True, 0, False); ``"48/none,2,1,2,1"`` -> ((48, None), 2, True, 2, True)."""
     groups, stages, hr, *park = text.split(",")
-    dec, enc = (groups.split("/") * 2)[:2]
-    count = lambda g: None if g == "none" else int(g)  # noqa: E731
-    return (count(dec), count(enc)), int(stages), hr == "1", int(park[0]) if park else 0, park[1:] == ["1"]
+    dec, enc = ([None if g == "none" else int(g) for g in groups.split("/")] * 2)[:2]
+    return (dec, enc), int(stages), hr == "1", int(park[0]) if park else 0, park[1:] == ["1"]
 
 
 def main() -> None:

@@ -30,3 +30,13 @@ def test_git_commit_reads_the_checkout(monkeypatch):
 def test_card_slug():
     assert record.card_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
     assert record.card_slug("NVIDIA H200") == "nvidia_h200"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("32,2,1", ((32, 32), 2, True, 0, False)), ("48/none,2,1,2,1", ((48, None), 2, True, 2, True)),
+    ("none,0,0,1", ((None, None), 0, False, 1, False)), ("48/32,1,0,1,0", ((48, 32), 1, False, 1, False))])
+def test_stages_ab_variants(text, want):
+    """benchmarks/stages_ab.py's ``--variants`` syntax: decoder[/encoder] group channels, recomputed stages, HR
+    recomputed, stages parked, HR parked."""
+    import stages_ab
+    assert stages_ab.variant(text) == want
