@@ -321,10 +321,11 @@ def test_cuda_step_measurer_reports_the_steady_step_not_the_first_steps_kernel_t
 
 @pytest.mark.slow
 def test_stages_level_of_the_real_model_keeps_gradients():
-    """hmedn_3d_l2 at its real widths (1x4x32^3, float64, dropout off): at "stages" the full-resolution dense blocks
-    take their layers' 32-80 input channels in 32-channel groups in backward, the decoder blocks take their input
-    through input_buffer, the first stage and the HR pathway are recomputed; every parameter gradient equals plain
-    autograd's (measured: 6e-14 relative)."""
+    """hmedn_3d_l2 at its real widths (1x4x32^3, float64, dropout off): at "stages" the decoder's full-resolution
+    dense block takes its layers' 64 and 80 input channels in 48-channel groups in backward (reading each layer's
+    output gradient in place), the decoder blocks take their input through input_buffer, the first stage and the HR
+    pathway are recomputed (on the CPU nothing is parked); every parameter gradient equals plain autograd's
+    (measured: 6e-14 relative)."""
     base = create_model("hmedn_3d_l2", dropout=0.0).double().train()
     x = torch.randn(1, 4, 32, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     grads = {}

@@ -35,12 +35,12 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   128^3: 80 + 16 + 16 full-resolution channels, and the second stage's ~70 MiB) are not held while the decoder's
   full-resolution block runs backward, where the lean step peaks (``docs/decisions/train.md``, stop 19); the HR
   pathway likewise (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.recompute_hr`: hmedn_3d_l2's nine blocks
-  keep their inputs at half resolution otherwise, ~200 MiB at 128^3 in bf16); and both full-resolution dense blocks
+  keep their inputs at half resolution otherwise, ~220 MiB at 128^3 in bf16); and the full-resolution dense blocks
   take each layer's input in groups of channels in backward (:attr:`hmedn_fast.nn.blocks.DenseBlock.group_channels`:
-  ``STAGES_GROUP_CHANNELS`` for the decoder's, ``STAGES_ENCODER_GROUP_CHANNELS`` for the encoder's). On CUDA the
-  first ``STAGES_PARKED`` encoder stages, and the HR pathway when ``STAGES_PARK_HR``, are not recomputed: what they
-  save for backward waits in pinned host memory instead (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.park_stages`,
-  :mod:`hmedn_fast.nn.offload`).
+  ``STAGES_GROUP_CHANNELS`` for the decoder's, ``STAGES_ENCODER_GROUP_CHANNELS`` for the encoder's, None: whole
+  layers). On CUDA the first ``STAGES_PARKED`` encoder stages, and the HR pathway when ``STAGES_PARK_HR``, are not
+  recomputed: what they save for backward waits in pinned host memory instead
+  (:attr:`~hmedn_fast.nn.pathways.DistillingPathway.park_stages`, :mod:`hmedn_fast.nn.offload`).
 
 Every level gives the same gradients; only memory and time differ.
 """
