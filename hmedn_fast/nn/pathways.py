@@ -226,13 +226,16 @@ class DistillingPathway(nn.Module):
         recompute = self.training and torch.is_grad_enabled()
         park_stages, park_hr = self.__dict__.get("park_stages", 0), self.__dict__.get("park_hr", False)
         parking = recompute and x.is_cuda and not torch.compiler.is_compiling()
-        parks: list[HostParking] = []  # this step's parked parts, in forward order
+        # this step's parked parts in forward order: the first encoder stage's (released before the full-resolution
+        # decoder stage) and the later ones (released when the backward starts)
+        early: list[HostParking] = []
+        late: list[HostParking] = []
         skips = []
         for s, enc in enumerate(self.enc):
             if s:
                 x = self.pool(x)  # outside the recomputed part: it would keep the larger stage output
             if parking and s < park_stages:
-                x = _parked(enc, parks, self._encode, s, x)
+                x = _parked(enc, late if s else early, self._encode, s, x)
             elif recompute and s < self.__dict__.get("recompute_stages", 0):
                 x = recomputed(self._encode, (self.stem, enc) if s == 0 else (enc,), s, x,
                                preserve_rng_state=False)  # no RNG inside
@@ -243,13 +246,12 @@ class DistillingPathway(nn.Module):
         hr_feats = hr_logits = None
         if self.hr is not None:
             if parking and park_hr:
-                hr_feats, hr_logits = _parked(self.hr, parks, self.hr, skips[self.hr_stage])
+                hr_feats, hr_logits = _parked(self.hr, late, self.hr, skips[self.hr_stage])
             elif recompute and self.__dict__.get("recompute_hr", False):
                 hr_feats, hr_logits = recomputed(self.hr, (self.hr,), skips[self.hr_stage],
                                                  preserve_rng_state=False)  # no RNG inside
             else:
                 hr_feats, hr_logits = self.hr(skips[self.hr_stage])
-        early = parks[:1] if parking and park_stages else []  # the first encoder stage's
         by_stage = {self.depth: x}
         for s in reversed(range(self.depth)):
             # The stage's input (upsampled features, skip, HR features) goes straight into a lean dense block's
@@ -257,10 +259,10 @@ class DistillingPathway(nn.Module):
             # is a temporary: the upsampled features are freed once copied, not held while the stage runs (at full
             # resolution of hmedn_3d_l2 at 128^3 in bf16: 64 MiB, and 128 MiB of concatenation, at the forward's peak)
             block = self.dec[s][0]
-            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips, hr_feats, parks, early)))
+            x = self.dec[s](block.input_buffer(self._stage_input(s, x, skips, hr_feats, early, late)))
             by_stage[s] = x
-        if len(parks) > len(early) and x.requires_grad:  # (frozen parts: nothing to run backward through here)
-            x.register_hook(lambda grad: _release(parks[len(early):]))  # the backward starts
+        if late and x.requires_grad:  # (frozen parts: nothing to run backward through here)
+            x.register_hook(lambda grad: _release(late))  # the backward starts
         size = x.shape[2:]
         main = self.main_head(x)
         sides = [head(by_stage[s]) for s, head in zip(self.side_stages, self.side_heads)]
@@ -269,21 +271,21 @@ class DistillingPathway(nn.Module):
         return x, logits, aux
 
     def _stage_input(self, s: int, x: torch.Tensor, skips: list[torch.Tensor | None], hr_feats: torch.Tensor | None,
-                     parks: list[HostParking], early: list[HostParking]) -> list[torch.Tensor]:
+                     early: list[HostParking], late: list[HostParking]) -> list[torch.Tensor]:
         """Decoder stage s's input parts (its upsampled features, the skip, the HR features at the HR stage). The
         skip leaves ``skips`` (the returned list holds its only reference then: nothing saves it for backward, as
         dropout keeps its mask and pooling one byte per output, so it is freed once copied into the stage's buffer
         instead of sitting beside the full-resolution block's forward: 64 MiB at 128^3 in bf16). At
         the full-resolution stage the first encoder stage's parked tensors (``early``) leave the device first (the
-        other parked parts leave when the backward starts: their copies end during this stage's forward, whose
+        other parked parts, ``late``, leave when the backward starts: their copies end during this stage's forward, whose
         peak is below its backward's); all come back, the last parked first, once this stage's backward is done
         (where the step peaks), while the lower stages' backward runs."""
         up = self.up[s](x)
         skip, skips[s] = skips[s], None
-        if s == 0 and parks:
+        if s == 0 and (early or late):
             _release(early)
             if up.requires_grad:  # else the parked parts' backward (if any) copies back as it unpacks
-                up.register_hook(lambda grad: _fetch(parks))
+                up.register_hook(lambda grad: _fetch(early + late))
         return [up, skip] + ([hr_feats] if s == self.hr_stage else [])
 
 

@@ -61,8 +61,8 @@ from hmedn_fast.nn.recompute import recomputed
 
 LEVELS = ("none", "lean", "blocks", "stages")
 # "stages": the full-resolution decoder dense block's backward takes at most this many input channels of a layer at
-# once (hmedn_3d_l2 at 128^3: 192 MiB temporaries instead of up to 320 MiB for its last layer; 48 costs less time
-# than 32 for the same step peak once the HR pathway is parked: benchmarks/results/train_stages_ab_nvidia_h200_s25c.json)
+# once (hmedn_3d_l2 at 128^3: 192 MiB temporaries instead of up to 320 MiB for its last layer; with the HR pathway
+# parked, 48 gives the same step peak as 32 in less time: benchmarks/results/train_stages_ab_nvidia_h200_s25d.json)
 STAGES_GROUP_CHANNELS = 48
 STAGES_ENCODER_GROUP_CHANNELS = None  # the encoder's block: its backward runs last, with less held
 # "stages": this many encoder stages (from full resolution) keep only their input and run again in backward
