@@ -46,12 +46,25 @@ def launch_config(c_in: int) -> tuple[int, int, int, int]:
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, XS, YS, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
                 BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr,
-                NUM_STAGES: tl.constexpr):
-    row = tl.program_id(0) * BM + tl.arange(0, BM)
-    live = row < NV
-    x = row % W
-    y = (row // W) % H
-    z = (row // (W * H)) % D
+                NUM_STAGES: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr):
+    if BX == 0:  # BM consecutive voxels of the flattened (N, D, H, W)
+        row = tl.program_id(0) * BM + tl.arange(0, BM)
+        live = row < NV
+        x = row % W
+        y = (row // W) % H
+        z = (row // (W * H)) % D
+    else:  # a box of BZ x BY x BX voxels (BZ = BM // (BY BX)) of one sample: its 27 shifted tiles overlap in L1
+        nbx = tl.cdiv(W, BX)
+        nby = tl.cdiv(H, BY)
+        nbz = tl.cdiv(D, BM // (BX * BY))
+        pid = tl.program_id(0)
+        r = tl.arange(0, BM)
+        x = (pid % nbx) * BX + r % BX
+        y = (pid // nbx % nby) * BY + r // BX % BY
+        z = (pid // (nbx * nby) % nbz) * (BM // (BX * BY)) + r // (BX * BY)
+        sample = pid // (nbx * nby * nbz)
+        live = (x < W) & (y < H) & (z < D)
+        row = ((sample * D + z) * H + y) * W + x
     ck = tl.arange(0, BK)
     if C_OUT == CO_BLOCK:  # one block of output channels: no channel mask
         co = tl.arange(0, CO_BLOCK)
@@ -117,7 +130,8 @@ def out_channel_block(c_out: int) -> int:
 
 def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: int | None = None,
                     block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                    co_block: int | None = None, out: Tensor | None = None) -> Tensor:
+                    co_block: int | None = None, out: Tensor | None = None,
+                    box: tuple[int, int] | None = None) -> Tensor:
     """``conv3d(inp, weight, padding=dilation, dilation=dilation)`` (no bias), channels-last output.
 
     Args:
@@ -130,6 +144,8 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
         block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
             channels per step (power of two >= 16), warps, pipelining stages, output channels per program (power
             of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s.
+        box: None (each program takes ``block_voxels`` consecutive voxels), or ``(bx, by)``: each program takes a
+            box of ``block_voxels / (bx by)`` x by x bx voxels (D x H x W) of one sample (powers of two).
         out: None, or an (N, C_out, D, H, W) tensor of inp's dtype and device with channels innermost and voxels at
             one stride (a channel slice of a channels-last buffer, say) that the result is written into.
     Returns:
@@ -140,6 +156,9 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     nv = n * d * h * w
     bm, bk, warps, stages = launch_config(c_in)
     bm, bk = block_voxels or bm, block_k or bk
+    bx, by = box or (0, 0)
+    if bx and (bm % (bx * by) or bx & (bx - 1) or by & (by - 1)):
+        raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {bm}, got {box}")
     co_block = co_block or out_channel_block(c_out)
     if co_block == 128 and bm >= 128:  # a 128 x 128 float32 accumulator needs 8 warps' registers (the dgrad sweep)
         warps, stages = 8, 3
@@ -154,9 +173,10 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     if nv == 0:
         return out
-    _KERNEL((cdiv(nv, bm), cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
+    programs = n * cdiv(w, bx) * cdiv(h, by) * cdiv(d, bm // (bx * by)) if bx else cdiv(nv, bm)
+    _KERNEL((programs, cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
             xs, ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
-            NUM_STAGES=num_stages or stages, num_warps=num_warps or warps)
+            NUM_STAGES=num_stages or stages, BX=bx, BY=by, num_warps=num_warps or warps)
     return out
 
 

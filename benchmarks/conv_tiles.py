@@ -1,0 +1,100 @@
+"""Sweep of the Triton 3x3x3 convolution kernel's tile shapes on the GPU: each program taking consecutive voxels of
+the flattened volume (the production tiles, ``launch_config``) or a box of voxels (``conv3x3_forward(box=)``), for
+the forward and the input gradient of hmedn_3d_l2's shapes, against cuDNN (``cudnn.benchmark``) in the same
+process. GPU time of one call from CUDA-graph replays (``tests/_gpu_time.graph_ms``); every result is checked
+against cuDNN's (max abs difference relative to cuDNN's max abs value: bf16 rounding of either is ~4e-3).
+
+    python benchmarks/conv_tiles.py --out DIR [--quick]
+
+Writes DIR/conv_tiles_<card>.json and prints one line per shape (best box vs flat vs cuDNN).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _gpu_time import graph_ms  # noqa: E402
+from record import card_slug, environment  # noqa: E402
+
+from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward, conv3x3_input_grad, launch_config  # noqa: E402
+
+CL = torch.channels_last_3d
+# (pass, C_in, C_out, cube side, dilation): the forward's and the input gradient's shapes of hmedn_3d_l2 (1 x 4 x
+# 128^3): dense layers of growth 16 at 128^3, the HR pathway's dilated 32 -> 32 at 64^3. For the input gradient,
+# C_out is the layer's output (the shifted operand), C_in the gradient's width.
+SHAPES = [("fwd", 32, 32, 64, 2), ("fwd", 32, 32, 64, 4), ("fwd", 16, 16, 128, 1), ("fwd", 32, 16, 128, 1),
+          ("fwd", 64, 16, 128, 1), ("dgrad", 32, 32, 64, 2), ("dgrad", 32, 16, 128, 1), ("dgrad", 64, 16, 128, 1)]
+# (voxels per program, (bx, by), warps, stages)
+BOXES = [(128, (8, 4), 4, 3), (128, (16, 4), 4, 3), (128, (8, 8), 4, 3), (256, (8, 8), 8, 3), (256, (16, 8), 8, 3),
+         (128, (8, 4), 4, 2), (256, (8, 8), 4, 2), (64, (8, 4), 4, 3)]
+
+
+def _case(kind: str, c_in: int, c_out: int, side: int):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=g) / (27 * c_in) ** 0.5).bfloat16()
+    width = c_in if kind == "fwd" else c_out
+    x = torch.randn(1, width, side, side, side, device="cuda", generator=g).bfloat16().contiguous(memory_format=CL)
+    return x, w
+
+
+def _cudnn(kind: str, x, w, d):
+    if kind == "fwd":
+        return lambda: F.conv3d(x, w, padding=d, dilation=d)
+    shape = (x.shape[0], w.shape[1], *x.shape[2:])
+    return lambda: torch.nn.grad.conv3d_input(shape, w, x, padding=d, dilation=d)
+
+
+def _ours(kind: str, x, w, d, **config):
+    fn = conv3x3_forward if kind == "fwd" else conv3x3_input_grad
+    return lambda: fn(x, w, d, **config)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="first 3 shapes and 3 boxes")
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    shapes, boxes = (SHAPES[:3], BOXES[:3]) if args.quick else (SHAPES, BOXES)
+    record = {**environment(), "what": __doc__, "rows": []}
+    out = Path(args.out) / f"conv_tiles_{card_slug(torch.cuda.get_device_name())}.json"
+    for kind, c_in, c_out, side, d in shapes:
+        x, w = _case(kind, c_in, c_out, side)
+        want = _cudnn(kind, x, w, d)()
+        scale = want.abs().max().item()
+        row = {"pass": kind, "c_in": c_in, "c_out": c_out, "side": side, "dilation": d,
+               "gflop": 2 * 27 * c_in * c_out * side ** 3 / 1e9, "cudnn_ms": graph_ms(_cudnn(kind, x, w, d)),
+               "configs": []}
+        bm, bk, warps, stages = launch_config(c_in if kind == "fwd" else c_out)
+        candidates = [("flat", dict())] + [
+            (f"box {b[1][0]}x{b[1][1]} bm{b[0]} w{b[2]} s{b[3]}",
+             dict(block_voxels=b[0], box=b[1], num_warps=b[2], num_stages=b[3])) for b in boxes]
+        for name, config in candidates:
+            try:
+                got = _ours(kind, x, w, d, **config)()
+                err = (got.float() - want.float()).abs().max().item() / scale
+                ms = graph_ms(_ours(kind, x, w, d, **config))
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record it, go on
+                row["configs"].append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                continue
+            row["configs"].append({"name": name, "ms": ms, "err": err})
+        record["rows"].append(row)
+        ok = [c for c in row["configs"] if "ms" in c]
+        best = min((c for c in ok if c["name"] != "flat"), key=lambda c: c["ms"], default=None)
+        flat = next((c for c in ok if c["name"] == "flat"), None)
+        print(f"{kind:5s} {c_in:3d}->{c_out:3d} {side}^3 d{d}: cudnn {row['cudnn_ms']:.4f} | flat "
+              f"{flat['ms'] if flat else float('nan'):.4f} (err {flat['err'] if flat else float('nan'):.1e}) | best "
+              f"{best['name'] if best else '-'} {best['ms'] if best else float('nan'):.4f} "
+              f"(err {best['err'] if best else float('nan'):.1e})", flush=True)
+        out.write_text(json.dumps(record, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
