@@ -4,7 +4,7 @@ the forward and the input gradient of hmedn_3d_l2's shapes, against cuDNN (``cud
 process. GPU time of one call from CUDA-graph replays (``tests/_gpu_time.graph_ms``); every result is checked
 against cuDNN's (max abs difference relative to cuDNN's max abs value: bf16 rounding of either is ~4e-3).
 
-    python benchmarks/conv_tiles.py --out DIR [--quick]
+    python benchmarks/conv_tiles.py --out DIR [--quick] [--boxes 128:8x8:4:3,256:16x4:8:2] [--shapes 0,2,5] [--tag T]
 
 Writes DIR/conv_tiles_<card>.json and prints one line per shape (best box vs flat vs cuDNN).
 """
@@ -55,15 +55,29 @@ def _ours(kind: str, x, w, d, **config):
     return lambda: fn(x, w, d, **config)
 
 
+def _parse_box(text: str) -> tuple[int, tuple[int, int], int, int]:
+    """'128:8x4:4:3' -> (128, (8, 4), 4, 3)."""
+    voxels, box, warps, stages = text.split(":")
+    bx, by = box.split("x")
+    return int(voxels), (int(bx), int(by)), int(warps), int(stages)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="first 3 shapes and 3 boxes")
+    ap.add_argument("--boxes", help="comma-separated voxels:BXxBY:warps:stages (default: the BOXES list)")
+    ap.add_argument("--shapes", help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the record's file name")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     shapes, boxes = (SHAPES[:3], BOXES[:3]) if args.quick else (SHAPES, BOXES)
+    if args.shapes:
+        shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.boxes:
+        boxes = [_parse_box(b) for b in args.boxes.split(",")]
     record = {**environment(), "what": __doc__, "rows": []}
-    out = Path(args.out) / f"conv_tiles_{card_slug(torch.cuda.get_device_name())}.json"
+    out = Path(args.out) / f"conv_tiles_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     for kind, c_in, c_out, side, d in shapes:
         x, w = _case(kind, c_in, c_out, side)
         want = _cudnn(kind, x, w, d)()
