@@ -1,5 +1,5 @@
 """Sweep of the Triton 3x3x3 convolution kernel's tile shapes on the GPU: each program taking consecutive voxels of
-the flattened volume (the production tiles, ``launch_config``) or a box of voxels (``conv3x3_forward(box=)``), for
+the flattened volume (``launch_config``'s flat tiles) or a box of voxels (``conv3x3_forward(box=)``), for
 the forward and the input gradient of hmedn_3d_l2's shapes, against cuDNN (``cudnn.benchmark``) in the same
 process. GPU time of one call from CUDA-graph replays (``tests/_gpu_time.graph_ms``); every result is checked
 against cuDNN's (max abs difference relative to cuDNN's max abs value: bf16 rounding of either is ~4e-3).
@@ -85,8 +85,8 @@ def main() -> None:
         row = {"pass": kind, "c_in": c_in, "c_out": c_out, "side": side, "dilation": d,
                "gflop": 2 * 27 * c_in * c_out * side ** 3 / 1e9, "cudnn_ms": graph_ms(_cudnn(kind, x, w, d)),
                "configs": []}
-        bm, bk, warps, stages = launch_config(c_in if kind == "fwd" else c_out)
-        candidates = [("flat", dict())] + [
+        flat_bm = launch_config(c_in if kind == "fwd" else c_out)[0]  # without a volume: the flat tiles
+        candidates = [("flat", dict(block_voxels=flat_bm))] + [
             (f"box {b[1][0]}x{b[1][1]} bm{b[0]} w{b[2]} s{b[3]}",
              dict(block_voxels=b[0], box=b[1], num_warps=b[2], num_stages=b[3])) for b in boxes]
         for name, config in candidates:

@@ -10,7 +10,8 @@ graph and MONAI DynUNet bf16 (+ graph, and its plain eager step last) in the sam
 full-resolution dense block, or ``D/E`` for the decoder's and the encoder's (``none``: whole layers;
 ``memory.STAGES_GROUP_CHANNELS`` / ``STAGES_ENCODER_GROUP_CHANNELS``), recomputed encoder stages, HR pathway
 recomputed 1/0, encoder stages parked in host memory instead (``memory.STAGES_PARKED``, default 0), HR pathway
-parked instead 1/0 (``memory.STAGES_PARK_HR``, default 0).
+parked instead 1/0 (``memory.STAGES_PARK_HR``, default 0). ``--flat-conv-tiles`` runs the Triton convolutions with
+their flat tiles (no boxes; compare two processes of one call).
 
 Each stages variant runs twice and the second run is the one to read: a graphed setting's peak includes its first
 steps, which time kernels for shapes new in the process (DynUNet's first run likewise: cuDNN's search). Writes
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_train  # noqa: E402
 from record import card_slug, environment  # noqa: E402
 from hmedn_fast.nn.pathways import DistillingPathway  # noqa: E402
+from hmedn_fast.ops.triton import conv_fwd  # noqa: E402
 from hmedn_fast.train import memory  # noqa: E402
 
 VARIANTS = (((32, 32), 2, True, 1, False), ((48, 48), 2, True, 1, False), ((48, None), 2, True, 2, True),
@@ -49,7 +51,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--variants", nargs="+", type=variant, default=list(VARIANTS))
     parser.add_argument("--tag", default="", help="suffix of the record's name")
+    parser.add_argument("--flat-conv-tiles", action="store_true",
+                        help="the Triton convolutions' flat tiles everywhere (hmedn_fast.ops.triton.conv_fwd.BOX_TILES off)")
     args = parser.parse_args()
+    conv_fwd.BOX_TILES = not args.flat_conv_tiles
     if not torch.cuda.is_available():
         sys.exit("stages_ab.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,7 @@ def main() -> None:
     rows = [("dynunet_bf16_graph", *other)]
     rows += [("lean_stages_graph", *v) for v in args.variants]
     rows += [("lean_graph", *other), ("dynunet_bf16_graph", *other), ("dynunet_bf16", *other)]
-    record = {**environment(), "what": __doc__, "rows": []}
+    record = {**environment(), "what": __doc__, "box_conv_tiles": conv_fwd.BOX_TILES, "rows": []}
     path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
     for config, groups, stages, hr, parked, park_hr in rows:

@@ -52,6 +52,69 @@ def test_forward_matches_float64(monkeypatch, n, c_in, c_out, size, d, dtype):
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("n, c_in, c_out, size, d, block, box", [
+    (2, 16, 16, (5, 6, 7), 1, 32, (4, 2)), (1, 20, 32, (6, 5, 9), 2, 16, (8, 2)), (1, 32, 32, (3, 9, 4), 3, 64, (2, 8)),
+    (1, 16, 48, (4, 3, 10), 1, 16, (16, 1))])
+def test_box_tiles_match_float64(monkeypatch, n, c_in, c_out, size, d, block, box):
+    """Each program a D x H x W box of one sample: boxes cut by every axis's end, batches, boxes wider than the
+    volume, several output-channel blocks; the input gradient (the same kernel, dilation negated) too. Outputs are
+    poisoned before the kernel runs, so an unwritten element fails."""
+    from hmedn_fast.ops.triton import conv_fwd
+
+    real_empty = torch.empty
+    monkeypatch.setattr(conv_fwd.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    x, w = _case(n, c_in, c_out, size)
+    _check_rounding(conv_fwd.conv3x3_forward(x, w, d, block_voxels=block, box=box, block_k=16), x, w, d)
+    gy = torch.randn(n, c_out, *size).bfloat16().contiguous(memory_format=CL)
+    gx = conv_fwd.conv3x3_input_grad(gy, w, d, block_voxels=block, box=box, block_k=16)
+    xr = x.double().requires_grad_()
+    F.conv3d(xr, w.double(), padding=d, dilation=d).backward(gy.double())
+    assert_rounded_once(gx, xr.grad, torch.bfloat16)
+
+
+@pytest.mark.interpreted
+def test_box_tiles_write_into_a_buffer_slice():
+    """Box tiles reading a channel slice of a channels-last tensor (NaN around it) and writing into another."""
+    from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
+
+    src = torch.full((1, 48, 4, 5, 6), float("nan")).bfloat16().contiguous(memory_format=CL)
+    x, w = _case(1, 16, 16, (4, 5, 6))
+    src[:, 16:32] = x
+    buf = torch.full((1, 64, 4, 5, 6), float("nan")).bfloat16().contiguous(memory_format=CL)
+    conv3x3_forward(src[:, 16:32], w, 2, block_voxels=32, box=(4, 4), out=buf[:, 32:48])
+    _check_rounding(buf[:, 32:48].contiguous(memory_format=CL), x, w, 2)
+    assert buf[:, :32].isnan().all() and buf[:, 48:].isnan().all()
+
+
+@pytest.mark.not_interpreted
+@pytest.mark.parametrize("c_in, c_out_block, size, box", [
+    (16, 16, (128, 128, 128), (8, 8)), (32, 32, (64, 64, 64), (8, 8)), (16, 64, (4, 32, 32), (8, 8)),
+    (48, 16, (128, 128, 128), None), (16, 128, (128, 128, 128), None), (16, 16, (3, 64, 64), None),
+    (32, 32, (64, 16, 64), None)])
+def test_launch_config_takes_boxes_only_where_they_were_measured(c_in, c_out_block, size, box):
+    """Boxes for <= 32 shifted and <= 64 output channels on volumes of >= 4 x 32 x 32; flat tiles otherwise, and
+    everywhere with BOX_TILES off."""
+    from hmedn_fast.ops.triton import conv_fwd
+
+    assert conv_fwd.launch_config(c_in, c_out_block, size)[4] == box
+    try:
+        conv_fwd.BOX_TILES = False
+        assert conv_fwd.launch_config(c_in, c_out_block, size)[4] is None
+    finally:
+        conv_fwd.BOX_TILES = True
+
+
+def test_box_must_divide_the_block():
+    from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
+
+    x, w = _case(1, 16, 16, (4, 4, 4))
+    with pytest.raises(ValueError, match="box must be powers of two"):
+        conv3x3_forward(x, w, 1, block_voxels=32, box=(3, 2))
+    with pytest.raises(ValueError, match="box must be powers of two"):
+        conv3x3_forward(x, w, 1, block_voxels=16, box=(8, 4))
+
+
+@pytest.mark.interpreted
 def test_forward_under_autocast_computes_in_the_autocast_dtype():
     """float32 input and weight under bf16 autocast: computed in bf16 as F.conv3d would (and returned in bf16)."""
     x, w = _case(1, 16, 16, (4, 5, 6), torch.float32)
@@ -154,7 +217,8 @@ def test_automatic_backend_on_cpu_is_f_conv3d():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("c_in, c_out, size, d", [(16, 16, (64, 64, 64), 1), (48, 16, (40, 48, 56), 1),
-                                                 (32, 32, (33, 34, 35), 3)])
+                                                 (32, 32, (33, 34, 35), 3), (16, 16, (4, 40, 37), 1),
+                                                 (32, 32, (7, 64, 33), 2)])
 def test_cuda_forward_matches_float64(c_in, c_out, size, d):
     x, w = _case(1, c_in, c_out, size, device="cuda")
     y = torch.full((1, c_out, *size), float("nan"), device="cuda")  # the kernel allocates; poison the pool first

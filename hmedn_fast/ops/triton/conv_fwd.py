@@ -8,14 +8,16 @@ Here the N tile is exactly C_out:
 
     y[v, co] = sum_{tap, ci} x[v + d (kd - 1, kh - 1, kw - 1), ci] w[co, ci, kd, kh, kw]     (zero outside)
 
-One program owns BM consecutive voxels (flattened N, D, H, W); its loop runs over the 27 taps times the
-C_in chunks of BK channels, loading the shifted input tile (BM x BK; neighbouring taps hit the L1 cache) and the
-packed weights (BK x C_out) and accumulating in float32 registers; one rounding to the output dtype.
+One program owns BM voxels: consecutive ones of the flattened (N, D, H, W) ("flat" tiles), or a box of
+BM / (BY BX) x BY x BX voxels of one sample (box tiles, whose 27 shifted tiles overlap far more in the L1 cache);
+its loop runs over the 27 taps times the C_in chunks of BK channels, loading the shifted input tile (BM x BK) and
+the packed weights (BK x C_out) and accumulating in float32 registers; one rounding to the output dtype.
 
-Measured (H200 sweep, ``benchmarks/results/conv_fwd_H200.txt``): 1.48x cuDNN for 16 -> 16 channels and 1.11x for
-48 -> 16 at 128^3, 0.85-1.0x for the other shapes: with N = 16 every loaded input element feeds only 16
-multiply-adds, so moving the shifted input tiles, not the tensor cores, bounds it. ``hmedn_fast.ops.conv`` sends
-only the shapes where it won here.
+Measured (H200 sweep of the flat tiles, ``benchmarks/results/conv_fwd_H200.txt``): 1.48x cuDNN for 16 -> 16 channels
+and 1.11x for 48 -> 16 at 128^3, 0.85-1.0x for the other shapes: with N = 16 every loaded input element feeds only
+16 multiply-adds, so moving the shifted input tiles, not the tensor cores, bounds it. Box tiles (stop 26,
+``conv_tiles_nvidia_h200_sweep*.json``): 16 -> 16 at 128^3 2.2x cuDNN. ``hmedn_fast.ops.conv`` times both
+backends per shape (``hmedn_fast.ops.measured``) and keeps the faster.
 """
 from __future__ import annotations
 
@@ -31,16 +33,29 @@ from hmedn_fast.ops.triton.conv_wgrad import same_3x3_geometry_unsupported, same
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 
-def launch_config(c_in: int) -> tuple[int, int, int, int]:
-    """(voxels per program, input channels per step, warps, pipelining stages): the best of the H200 sweep
-    (``benchmarks/results/conv_fwd_H200.txt``) for the shapes the automatic dispatch sends here (16 -> 16:
-    128/16/4/4; 48 -> 16: 256/64/8/2), 128 voxels, up to 64 channels, 4 warps, 3 stages otherwise."""
-    if c_in <= 16:
-        return 128, 16, 4, 4
-    if c_in > 32:
-        return 256, 64, 8, 2
-    return 128, min(64, next_power_of_2(c_in)), 4, 3
+BOX_TILES = True  # class-wide switch: False keeps the flat tiles everywhere (benchmarks compare both)
 
+
+def launch_config(c_in: int, c_out_block: int = 16,
+                  size: tuple[int, int, int] | None = None) -> tuple[int, int, int, int, tuple[int, int] | None]:
+    """(voxels per program, input channels per step, warps, pipelining stages, box or None) for ``c_in`` shifted
+    channels, ``c_out_block`` output channels per program and a (D, H, W) volume.
+
+    Boxes (:func:`conv3x3_forward`'s ``box``) of 4 x 8 x 8 voxels, 4 warps, 3 stages for up to 32 shifted and 64
+    output channels on volumes of at least 4 x 32 x 32: in the H200 sweeps (``benchmarks/results/conv_tiles_nvidia_
+    h200_sweep*.json``) 16 -> 16 at 128^3 0.221 vs 0.297 ms (cuDNN 0.475), the input gradient of 32 -> 16 (16
+    shifted, 32 out) 0.245 vs 0.337, the dilated 32 -> 32 at 64^3 0.062 vs 0.070 (cuDNN 0.075), 32 -> 16 0.421 vs
+    0.439, never slower than the flat tiles. Else flat tiles (consecutive voxels), the best of the earlier H200 sweep
+    (``conv_fwd_H200.txt``): 16 -> 16: 128/16/4/4; 48 -> 16: 256/64/8/2; 128 voxels, up to 64 channels, 4 warps, 3
+    stages otherwise."""
+    bk = 16 if c_in <= 16 else min(64, next_power_of_2(c_in))
+    if BOX_TILES and size is not None and c_in <= 32 and c_out_block <= 64 and size[0] >= 4 and min(size[1:]) >= 32:
+        return 256, bk, 4, 3, (8, 8)
+    if c_in <= 16:
+        return 128, bk, 4, 4, None
+    if c_in > 32:
+        return 256, bk, 8, 2, None
+    return 128, bk, 4, 3, None
 
 
 @triton.jit
@@ -143,7 +158,8 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
             flipped, as the input gradient needs).
         block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
             channels per step (power of two >= 16), warps, pipelining stages, output channels per program (power
-            of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s.
+            of two >= 16); None takes :func:`launch_config`'s / :func:`out_channel_block`'s (its box too, unless
+            ``block_voxels`` is given).
         box: None (each program takes ``block_voxels`` consecutive voxels), or ``(bx, by)``: each program takes a
             box of ``block_voxels / (bx by)`` x by x bx voxels (D x H x W) of one sample (powers of two).
         out: None, or an (N, C_out, D, H, W) tensor of inp's dtype and device with channels innermost and voxels at
@@ -154,12 +170,14 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     n, c_in, d, h, w = inp.shape
     c_out = weight.shape[0]
     nv = n * d * h * w
-    bm, bk, warps, stages = launch_config(c_in)
+    co_block = co_block or out_channel_block(c_out)
+    bm, bk, warps, stages, auto_box = launch_config(c_in, co_block, (d, h, w))
+    if block_voxels is None and box is None:
+        box = auto_box
     bm, bk = block_voxels or bm, block_k or bk
     bx, by = box or (0, 0)
     if bx and (bm % (bx * by) or bx & (bx - 1) or by & (by - 1)):
         raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {bm}, got {box}")
-    co_block = co_block or out_channel_block(c_out)
     if co_block == 128 and bm >= 128:  # a 128 x 128 float32 accumulator needs 8 warps' registers (the dgrad sweep)
         warps, stages = 8, 3
     if out is None:
