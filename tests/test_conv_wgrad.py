@@ -54,6 +54,23 @@ def test_weight_gradient_matches_float64(monkeypatch, n, c_in, c_out, size, d, d
 
 
 @pytest.mark.interpreted
+@pytest.mark.parametrize("n, c_in, c_out, size, d, block, box", [
+    (2, 20, 16, (5, 6, 7), 1, 32, (4, 2)), (1, 16, 32, (6, 5, 9), 2, 16, (8, 2)), (3, 33, 32, (2, 9, 3), 3, 64, (2, 8))])
+def test_box_tiles_match_float64(monkeypatch, n, c_in, c_out, size, d, block, box):
+    """Each tile a D x H x W box of one sample (boxes cut by every axis's end, batches, split over 5 programs, the
+    last of which runs past the last box in the first two cases), poisoned partial-sum buffer."""
+    from hmedn_fast.ops.triton import conv_wgrad
+
+    real_empty = torch.empty
+    monkeypatch.setattr(conv_wgrad.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    x, gy, w = _case(n, c_in, c_out, size)
+    gw = conv_wgrad.conv3x3_wgrad(gy, x, d, num_programs=15, block_voxels=block, box=box,
+                                  cin_block=32 if c_in <= 32 else 64)
+    _, want = _float64_grads(gy, x, w.to(gy.dtype), d)
+    torch.testing.assert_close(gw.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.interpreted
 @pytest.mark.parametrize("c_out, offset, width", [(16, 32, 64), (32, 16, 48)])
 def test_gradient_as_a_channel_slice_of_a_buffer(c_out, offset, width):
     """The lean dense block passes its gradient buffer's channel slice (voxel stride = the buffer's channels): the

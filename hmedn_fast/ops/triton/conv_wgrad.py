@@ -53,7 +53,8 @@ def _tap(acc, gy_ptr, row, ok_row, shift, co, xt, GS, F32_DOT: tl.constexpr):
 
 @triton.jit
 def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, GS, tiles_per_prog,
-                  C_OUT: tl.constexpr, C_IN_BLOCK: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr):
+                  C_OUT: tl.constexpr, C_IN_BLOCK: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr,
+                  BX: tl.constexpr, BY: tl.constexpr):
     split = tl.program_id(0)
     cblock = tl.program_id(1)
     kd = tl.program_id(2)
@@ -72,11 +73,23 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, GS, tiles_per
     a22 = tl.zeros([C_IN_BLOCK, C_OUT], tl.float32)
     first = split * tiles_per_prog
     for t in range(first, first + tiles_per_prog):
-        row = t * BV + tl.arange(0, BV)
-        live = row < NV
-        x = row % W
-        y = (row // W) % H
-        z = (row // (W * H)) % D
+        if BX == 0:  # BV consecutive voxels of the flattened (N, D, H, W)
+            row = t * BV + tl.arange(0, BV)
+            live = row < NV
+            x = row % W
+            y = (row // W) % H
+            z = (row // (W * H)) % D
+        else:  # a box of BV / (BY BX) x BY x BX voxels of one sample: the 9 shifted tiles overlap more in L1
+            nbx = tl.cdiv(W, BX)
+            nby = tl.cdiv(H, BY)
+            nbz = tl.cdiv(D, BV // (BX * BY))
+            r = tl.arange(0, BV)
+            x = (t % nbx) * BX + r % BX
+            y = (t // nbx % nby) * BY + r // BX % BY
+            z = (t // (nbx * nby) % nbz) * (BV // (BX * BY)) + r // (BX * BY)
+            sample = t // (nbx * nby * nbz)
+            row = ((sample * D + z) * H + y) * W + x
+            live = (x < W) & (y < H) & (z < D) & (row < NV)  # tiles past the last sample's boxes: row >= NV
         zz = z - (kd - 1) * DIL
         okz = live & (zz >= 0) & (zz < D)
         xt = tl.load(x_ptr + row[:, None] * C_IN + ci[None, :], mask=live[:, None] & ci_ok[None, :], other=0.0)
@@ -153,7 +166,7 @@ def unsupported(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dila
 
 def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | None = None,
                   block_voxels: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                  cin_block: int | None = None) -> Tensor:
+                  cin_block: int | None = None, box: tuple[int, int] | None = None) -> Tensor:
     """Weight gradient (C_out, C_in, 3, 3, 3), float32, of ``conv3d(inp, w, padding=dilation, dilation=dilation)``.
 
     Args:
@@ -166,6 +179,8 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
         block_voxels, num_warps, num_stages, cin_block: tile size (voxels per dot, a power of two >= 16), warps per
             program, software-pipelining stages of the voxel loop and input channels per program (a power of two
             >= 16); None takes :func:`launch_config`'s. Larger tiles and stages can exceed the shared memory.
+        box: None (each tile is ``block_voxels`` consecutive voxels), or ``(bx, by)``: each tile a box of
+            ``block_voxels / (bx by)`` x by x bx voxels (D x H x W) of one sample (powers of two).
     Returns:
         (C_out, C_in, 3, 3, 3) float32.
     """
@@ -179,7 +194,11 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     block_voxels, num_warps, num_stages = block_voxels or bv, num_warps or warps, num_stages or stages
     cin_block = cin_block or cb
     cblocks = cdiv(c_in, cin_block)
-    tiles = cdiv(nv, block_voxels)
+    bx, by = box or (0, 0)
+    if bx and (block_voxels % (bx * by) or bx & (bx - 1) or by & (by - 1)):
+        raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {block_voxels}, "
+                         f"got {box}")
+    tiles = n * cdiv(w, bx) * cdiv(h, by) * cdiv(d, block_voxels // (bx * by)) if bx else cdiv(nv, block_voxels)
     if num_programs is None:
         num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(inp.device).multi_processor_count
     splits = max(1, min(tiles, num_programs // (3 * cblocks)))
@@ -187,7 +206,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     splits = cdiv(tiles, per_prog)
     part = torch.empty((splits, 27, c_in, c_out), dtype=torch.float32, device=inp.device)
     _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), gs, per_prog,
-            C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, num_warps=num_warps,
+            C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, BX=bx, BY=by, num_warps=num_warps,
             num_stages=num_stages)
     return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
