@@ -106,7 +106,7 @@ def main() -> None:
                "gflop": 2 * 27 * c_in * c_out * side ** 3 / 1e9, "cudnn_ms": graph_ms(_cudnn(kind, x, w, d)),
                "configs": []}
         if kind == "wgrad":
-            flat_bm = wgrad_launch_config(c_in, c_out)[0]
+            flat_bm = wgrad_launch_config(c_in, c_out)[0]  # without a volume: the flat tiles
         else:
             flat_bm = launch_config(c_in if kind == "fwd" else c_out)[0]  # without a volume: the flat tiles
         candidates = [("flat", dict(block_voxels=flat_bm))] + [

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_train  # noqa: E402
 from record import card_slug, environment  # noqa: E402
 from hmedn_fast.nn.pathways import DistillingPathway  # noqa: E402
-from hmedn_fast.ops.triton import conv_fwd  # noqa: E402
+from hmedn_fast.ops.triton import conv_wgrad  # noqa: E402
 from hmedn_fast.train import memory  # noqa: E402
 
 VARIANTS = (((32, 32), 2, True, 1, False), ((48, 48), 2, True, 1, False), ((48, None), 2, True, 2, True),
@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", type=variant, default=list(VARIANTS))
     parser.add_argument("--tag", default="", help="suffix of the record's name")
     parser.add_argument("--flat-conv-tiles", action="store_true",
-                        help="the Triton convolutions' flat tiles everywhere (hmedn_fast.ops.triton.conv_fwd.BOX_TILES off)")
+                        help="the Triton convolutions' flat tiles everywhere (hmedn_fast.ops.triton.conv_wgrad.BOX_TILES off)")
     args = parser.parse_args()
-    conv_fwd.BOX_TILES = not args.flat_conv_tiles
+    conv_wgrad.BOX_TILES = not args.flat_conv_tiles
     if not torch.cuda.is_available():
         sys.exit("stages_ab.py needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def main() -> None:
     rows = [("dynunet_bf16_graph", *other)]
     rows += [("lean_stages_graph", *v) for v in args.variants]
     rows += [("lean_graph", *other), ("dynunet_bf16_graph", *other), ("dynunet_bf16", *other)]
-    record = {**environment(), "what": __doc__, "box_conv_tiles": conv_fwd.BOX_TILES, "rows": []}
+    record = {**environment(), "what": __doc__, "box_conv_tiles": conv_wgrad.BOX_TILES, "rows": []}
     path = args.out / f"train_stages_ab_{card_slug(torch.cuda.get_device_name())}{args.tag}.json"
     t0 = time.time()
     for config, groups, stages, hr, parked, park_hr in rows:

@@ -69,6 +69,7 @@ def workloads() -> None:
         x = torch.randn(1, c_in, 4, 32, 32).bfloat16().contiguous(memory_format=cl)
         w = torch.randn(c_out, c_in, 3, 3, 3).bfloat16()
         y = conv_forward(x, w, (1,) * 3, (d,) * 3, (d,) * 3, 1, backend="triton")
+        conv_backward(y, x, w, (1,) * 3, (d,) * 3, (d,) * 3, 1, False, True, backend="triton")
         conv_input_grad(y, w, x.shape, (1,) * 3, (d,) * 3, (d,) * 3, 1, backend="triton")
     for kind, groups in [("batch", 1), ("instance", 1), ("group", 2)]:
         for residual in (False, True):

@@ -94,14 +94,14 @@ def test_box_tiles_write_into_a_buffer_slice():
 def test_launch_config_takes_boxes_only_where_they_were_measured(c_in, c_out_block, size, box):
     """Boxes for <= 32 shifted and <= 64 output channels on volumes of >= 4 x 32 x 32; flat tiles otherwise, and
     everywhere with BOX_TILES off."""
-    from hmedn_fast.ops.triton import conv_fwd
+    from hmedn_fast.ops.triton import conv_fwd, conv_wgrad
 
     assert conv_fwd.launch_config(c_in, c_out_block, size)[4] == box
     try:
-        conv_fwd.BOX_TILES = False
+        conv_wgrad.BOX_TILES = False
         assert conv_fwd.launch_config(c_in, c_out_block, size)[4] is None
     finally:
-        conv_fwd.BOX_TILES = True
+        conv_wgrad.BOX_TILES = True
 
 
 def test_box_must_divide_the_block():

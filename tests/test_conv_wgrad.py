@@ -70,6 +70,24 @@ def test_box_tiles_match_float64(monkeypatch, n, c_in, c_out, size, d, block, bo
     torch.testing.assert_close(gw.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.not_interpreted
+@pytest.mark.parametrize("c_in, c_out, size, box", [
+    (32, 32, (64, 64, 64), (16, 4)), (64, 16, (128, 128, 128), (16, 4)), (48, 16, (2, 32, 40), (16, 4)),
+    (16, 16, (128, 128, 128), None), (32, 16, (64, 64, 64), None), (160, 32, (16, 16, 16), None),
+    (32, 32, (64, 31, 64), None)])
+def test_launch_config_takes_boxes_only_where_they_were_measured(c_in, c_out, size, box):
+    """Boxes for the 32-voxel class (32 output channels, or more than 32 input channels) on volumes with H and W >=
+    32; the flat tiles elsewhere and with BOX_TILES off."""
+    from hmedn_fast.ops.triton import conv_wgrad
+
+    assert conv_wgrad.launch_config(c_in, c_out, size)[5] == box
+    try:
+        conv_wgrad.BOX_TILES = False
+        assert conv_wgrad.launch_config(c_in, c_out, size)[5] is None
+    finally:
+        conv_wgrad.BOX_TILES = True
+
+
 @pytest.mark.interpreted
 @pytest.mark.parametrize("c_out, offset, width", [(16, 32, 64), (32, 16, 48)])
 def test_gradient_as_a_channel_slice_of_a_buffer(c_out, offset, width):

@@ -29,11 +29,9 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.strides import voxel_stride
+from hmedn_fast.ops.triton import conv_wgrad
 from hmedn_fast.ops.triton.conv_wgrad import same_3x3_geometry_unsupported, same_3x3_unsupported
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
-
-
-BOX_TILES = True  # class-wide switch: False keeps the flat tiles everywhere (benchmarks compare both)
 
 
 def launch_config(c_in: int, c_out_block: int = 16,
@@ -47,9 +45,10 @@ def launch_config(c_in: int, c_out_block: int = 16,
     shifted, 32 out) 0.245 vs 0.337, the dilated 32 -> 32 at 64^3 0.062 vs 0.070 (cuDNN 0.075), 32 -> 16 0.421 vs
     0.439, never slower than the flat tiles. Else flat tiles (consecutive voxels), the best of the earlier H200 sweep
     (``conv_fwd_H200.txt``): 16 -> 16: 128/16/4/4; 48 -> 16: 256/64/8/2; 128 voxels, up to 64 channels, 4 warps, 3
-    stages otherwise."""
+    stages otherwise. ``conv_wgrad.BOX_TILES`` off: flat tiles everywhere."""
     bk = 16 if c_in <= 16 else min(64, next_power_of_2(c_in))
-    if BOX_TILES and size is not None and c_in <= 32 and c_out_block <= 64 and size[0] >= 4 and min(size[1:]) >= 32:
+    boxable = size is not None and size[0] >= 4 and min(size[1:]) >= 32
+    if conv_wgrad.BOX_TILES and boxable and c_in <= 32 and c_out_block <= 64:
         return 256, bk, 4, 3, (8, 8)
     if c_in <= 16:
         return 128, bk, 4, 4, None

@@ -29,17 +29,27 @@ from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv
 MAX_C_IN_BLOCK = 64
 
 
-def launch_config(c_in: int, c_out: int) -> tuple[int, int, int, int, int]:
-    """(voxels per tile, warps, pipelining stages, programs per SM, input channels per program) from a sweep on the
-    H100 (BV 32-128, 4/8 warps, 2/3 stages, 2/4 programs per SM, 32/64-channel blocks;
-    ``conv_wgrad_nvidia_h100_80gb_hbm3.json``): 32 voxels, 4 warps, 3 stages, 4 programs per SM and 64-channel
-    blocks were best or within 5 % of the best for every shape of hmedn_3d_l2 except 16 output channels from at
-    most 32 input channels, where 128-voxel tiles, 2 stages, 2 programs per SM and 32-channel blocks won.
-    32-channel blocks are 2-20x slower everywhere else (32 output channels: 0.46 vs 0.047 ms for 160 -> 32 at
-    16^3, 5.2 vs 0.11 ms for the dilated 32 -> 32 at 64^3), also where they cover all of C_in."""
+BOX_TILES = True  # False keeps the flat tiles in this kernel and in conv_fwd's (benchmarks compare both)
+
+
+def launch_config(c_in: int, c_out: int, size: tuple[int, int, int] | None = None
+                  ) -> tuple[int, int, int, int, int, tuple[int, int] | None]:
+    """(voxels per tile, warps, pipelining stages, programs per SM, input channels per program, box or None) for a
+    (D, H, W) volume. Flat tiles from a sweep on the H100 (BV 32-128, 4/8 warps, 2/3 stages, 2/4 programs per SM,
+    32/64-channel blocks; ``conv_wgrad_nvidia_h100_80gb_hbm3.json``): 32 voxels, 4 warps, 3 stages, 4 programs per SM
+    and 64-channel blocks were best or within 5 % of the best for every shape of hmedn_3d_l2 except 16 output
+    channels from at most 32 input channels, where 128-voxel tiles, 2 stages, 2 programs per SM and 32-channel
+    blocks won. 32-channel blocks are 2-20x slower everywhere else (32 output channels: 0.46 vs 0.047 ms for 160 ->
+    32 at 16^3, 5.2 vs 0.11 ms for the dilated 32 -> 32 at 64^3), also where they cover all of C_in.
+
+    In the first class, on volumes with H and W >= 32, tiles are 1 x 4 x 16 boxes with 2 stages (H200 sweep,
+    ``benchmarks/results/conv_tiles_nvidia_h200_wgrad.json``: dilated 32 -> 32 at 64^3 0.096 vs 0.112 ms, 64 -> 16
+    at 128^3 0.441 vs 0.529; cuDNN 0.189 and 1.782); in the second, boxes were no faster (0.453 vs 0.449 ms)."""
     if c_out == 16 and c_in <= 32:
-        return 128, 4, 2, 2, 32
-    return 32, 4, 3, 4, MAX_C_IN_BLOCK
+        return 128, 4, 2, 2, 32, None
+    if BOX_TILES and size is not None and min(size[1:]) >= 32:
+        return 64, 4, 2, 4, MAX_C_IN_BLOCK, (16, 4)
+    return 32, 4, 3, 4, MAX_C_IN_BLOCK, None
 
 
 @triton.jit
@@ -178,7 +188,8 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
             interpreter).
         block_voxels, num_warps, num_stages, cin_block: tile size (voxels per dot, a power of two >= 16), warps per
             program, software-pipelining stages of the voxel loop and input channels per program (a power of two
-            >= 16); None takes :func:`launch_config`'s. Larger tiles and stages can exceed the shared memory.
+            >= 16); None takes :func:`launch_config`'s (its box too, unless ``block_voxels`` is given). Larger tiles
+            and stages can exceed the shared memory.
         box: None (each tile is ``block_voxels`` consecutive voxels), or ``(bx, by)``: each tile a box of
             ``block_voxels / (bx by)`` x by x bx voxels (D x H x W) of one sample (powers of two).
     Returns:
@@ -190,7 +201,9 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     gs = voxel_stride(grad)
     if gs is None:
         raise ValueError(f"grad must have channels innermost and voxels at one stride, got strides {grad.stride()}")
-    bv, warps, stages, per_sm, cb = launch_config(c_in, c_out)
+    bv, warps, stages, per_sm, cb, auto_box = launch_config(c_in, c_out, (d, h, w))
+    if block_voxels is None and box is None:
+        box = auto_box
     block_voxels, num_warps, num_stages = block_voxels or bv, num_warps or warps, num_stages or stages
     cin_block = cin_block or cb
     cblocks = cdiv(c_in, cin_block)
