@@ -79,6 +79,10 @@ def _parse_box(text: str) -> tuple[int, tuple[int, int], int, int]:
     return int(voxels), (int(bx), int(by)), int(warps), int(stages)
 
 
+def _summary(config: dict | None) -> str:
+    return "-" if config is None else f"{config['name']} {config['ms']:.4f} (err {config['err']:.1e})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -100,23 +104,22 @@ def main() -> None:
     for kind, c_in, c_out, side, d in shapes:
         x, w = _case(kind, c_in, c_out, side)
         boxes = boxes_wgrad if kind == "wgrad" else boxes_conv
-        want = _cudnn(kind, x, w, d)()
+        cudnn = _cudnn(kind, x, w, d)
+        want = cudnn()
         scale = want.abs().max().item()
         row = {"pass": kind, "c_in": c_in, "c_out": c_out, "side": side, "dilation": d,
-               "gflop": 2 * 27 * c_in * c_out * side ** 3 / 1e9, "cudnn_ms": graph_ms(_cudnn(kind, x, w, d)),
-               "configs": []}
-        if kind == "wgrad":
-            flat_bm = wgrad_launch_config(c_in, c_out)[0]  # without a volume: the flat tiles
-        else:
-            flat_bm = launch_config(c_in if kind == "fwd" else c_out)[0]  # without a volume: the flat tiles
+               "gflop": 2 * 27 * c_in * c_out * side ** 3 / 1e9, "cudnn_ms": graph_ms(cudnn), "configs": []}
+        # the launch configurations without a volume: the flat tiles
+        flat_bm = (wgrad_launch_config(c_in, c_out) if kind == "wgrad"
+                   else launch_config(c_in if kind == "fwd" else c_out))[0]
         candidates = [("flat", dict(block_voxels=flat_bm))] + [
             (f"box {b[1][0]}x{b[1][1]} bm{b[0]} w{b[2]} s{b[3]}",
              dict(block_voxels=b[0], box=b[1], num_warps=b[2], num_stages=b[3])) for b in boxes]
         for name, config in candidates:
+            ours = _ours(kind, x, w, d, **config)
             try:
-                got = _ours(kind, x, w, d, **config)()
-                err = (got.float() - want.float()).abs().max().item() / scale
-                ms = graph_ms(_ours(kind, x, w, d, **config))
+                err = (ours().float() - want.float()).abs().max().item() / scale
+                ms = graph_ms(ours)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record it, go on
                 row["configs"].append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
@@ -125,10 +128,8 @@ def main() -> None:
         ok = [c for c in row["configs"] if "ms" in c]
         best = min((c for c in ok if c["name"] != "flat"), key=lambda c: c["ms"], default=None)
         flat = next((c for c in ok if c["name"] == "flat"), None)
-        print(f"{kind:5s} {c_in:3d}->{c_out:3d} {side}^3 d{d}: cudnn {row['cudnn_ms']:.4f} | flat "
-              f"{flat['ms'] if flat else float('nan'):.4f} (err {flat['err'] if flat else float('nan'):.1e}) | best "
-              f"{best['name'] if best else '-'} {best['ms'] if best else float('nan'):.4f} "
-              f"(err {best['err'] if best else float('nan'):.1e})", flush=True)
+        print(f"{kind:5s} {c_in:3d}->{c_out:3d} {side}^3 d{d}: cudnn {row['cudnn_ms']:.4f} | {_summary(flat)} | best "
+              f"{_summary(best)}", flush=True)
         out.write_text(json.dumps(record, indent=1))
     print("wrote", out)
 

@@ -91,17 +91,14 @@ def test_box_tiles_write_into_a_buffer_slice():
     (16, 16, (128, 128, 128), (8, 8)), (32, 32, (64, 64, 64), (8, 8)), (16, 64, (4, 32, 32), (8, 8)),
     (48, 16, (128, 128, 128), None), (16, 128, (128, 128, 128), None), (16, 16, (3, 64, 64), None),
     (32, 32, (64, 16, 64), None)])
-def test_launch_config_takes_boxes_only_where_they_were_measured(c_in, c_out_block, size, box):
+def test_launch_config_takes_boxes_only_where_they_were_measured(monkeypatch, c_in, c_out_block, size, box):
     """Boxes for <= 32 shifted and <= 64 output channels on volumes of >= 4 x 32 x 32; flat tiles otherwise, and
     everywhere with BOX_TILES off."""
     from hmedn_fast.ops.triton import conv_fwd, conv_wgrad
 
     assert conv_fwd.launch_config(c_in, c_out_block, size)[4] == box
-    try:
-        conv_wgrad.BOX_TILES = False
-        assert conv_fwd.launch_config(c_in, c_out_block, size)[4] is None
-    finally:
-        conv_wgrad.BOX_TILES = True
+    monkeypatch.setattr(conv_wgrad, "BOX_TILES", False)
+    assert conv_fwd.launch_config(c_in, c_out_block, size)[4] is None
 
 
 def test_box_must_divide_the_block():

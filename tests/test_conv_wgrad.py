@@ -75,17 +75,14 @@ def test_box_tiles_match_float64(monkeypatch, n, c_in, c_out, size, d, block, bo
     (32, 32, (64, 64, 64), (16, 4)), (64, 16, (128, 128, 128), (16, 4)), (48, 16, (2, 32, 40), (16, 4)),
     (16, 16, (128, 128, 128), None), (32, 16, (64, 64, 64), None), (160, 32, (16, 16, 16), None),
     (32, 32, (64, 31, 64), None)])
-def test_launch_config_takes_boxes_only_where_they_were_measured(c_in, c_out, size, box):
+def test_launch_config_takes_boxes_only_where_they_were_measured(monkeypatch, c_in, c_out, size, box):
     """Boxes for the 32-voxel class (32 output channels, or more than 32 input channels) on volumes with H and W >=
     32; the flat tiles elsewhere and with BOX_TILES off."""
     from hmedn_fast.ops.triton import conv_wgrad
 
     assert conv_wgrad.launch_config(c_in, c_out, size)[5] == box
-    try:
-        conv_wgrad.BOX_TILES = False
-        assert conv_wgrad.launch_config(c_in, c_out, size)[5] is None
-    finally:
-        conv_wgrad.BOX_TILES = True
+    monkeypatch.setattr(conv_wgrad, "BOX_TILES", False)
+    assert conv_wgrad.launch_config(c_in, c_out, size)[5] is None
 
 
 @pytest.mark.interpreted

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton import conv_wgrad
-from hmedn_fast.ops.triton.conv_wgrad import same_3x3_geometry_unsupported, same_3x3_unsupported
+from hmedn_fast.ops.triton.conv_wgrad import (same_3x3_geometry_unsupported, same_3x3_unsupported, tile_count,
+                                              tile_voxels)
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
 
 
@@ -61,24 +62,7 @@ def launch_config(c_in: int, c_out_block: int = 16,
 def _fwd_kernel(x_ptr, w_ptr, y_ptr, NV, D, H, W, C_IN, DIL, XS, YS, C_OUT: tl.constexpr, CO_BLOCK: tl.constexpr,
                 BM: tl.constexpr, BK: tl.constexpr, NCHUNK: tl.constexpr, F32_DOT: tl.constexpr,
                 NUM_STAGES: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr):
-    if BX == 0:  # BM consecutive voxels of the flattened (N, D, H, W)
-        row = tl.program_id(0) * BM + tl.arange(0, BM)
-        live = row < NV
-        x = row % W
-        y = (row // W) % H
-        z = (row // (W * H)) % D
-    else:  # a box of BZ x BY x BX voxels (BZ = BM // (BY BX)) of one sample: its 27 shifted tiles overlap in L1
-        nbx = tl.cdiv(W, BX)
-        nby = tl.cdiv(H, BY)
-        nbz = tl.cdiv(D, BM // (BX * BY))
-        pid = tl.program_id(0)
-        r = tl.arange(0, BM)
-        x = (pid % nbx) * BX + r % BX
-        y = (pid // nbx % nby) * BY + r // BX % BY
-        z = (pid // (nbx * nby) % nbz) * (BM // (BX * BY)) + r // (BX * BY)
-        sample = pid // (nbx * nby * nbz)
-        live = (x < W) & (y < H) & (z < D)
-        row = ((sample * D + z) * H + y) * W + x
+    row, x, y, z, live = tile_voxels(tl.program_id(0), NV, D, H, W, BM, BX, BY)
     ck = tl.arange(0, BK)
     if C_OUT == CO_BLOCK:  # one block of output channels: no channel mask
         co = tl.arange(0, CO_BLOCK)
@@ -174,9 +158,7 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     if block_voxels is None and box is None:
         box = auto_box
     bm, bk = block_voxels or bm, block_k or bk
-    bx, by = box or (0, 0)
-    if bx and (bm % (bx * by) or bx & (bx - 1) or by & (by - 1)):
-        raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {bm}, got {box}")
+    bx, by, programs = tile_count(n, d, h, w, bm, box)
     if co_block == 128 and bm >= 128:  # a 128 x 128 float32 accumulator needs 8 warps' registers (the dgrad sweep)
         warps, stages = 8, 3
     if out is None:
@@ -190,7 +172,6 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     if nv == 0:
         return out
-    programs = n * cdiv(w, bx) * cdiv(h, by) * cdiv(d, bm // (bx * by)) if bx else cdiv(nv, bm)
     _KERNEL((programs, cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
             xs, ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
             NUM_STAGES=num_stages or stages, BX=bx, BY=by, num_warps=num_warps or warps)

@@ -53,6 +53,41 @@ def launch_config(c_in: int, c_out: int, size: tuple[int, int, int] | None = Non
 
 
 @triton.jit
+def tile_voxels(t, NV, D, H, W, BV: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr):
+    """Tile ``t``'s BV voxels: ``(row, x, y, z, live)``, their flattened (N, D, H, W) index, coordinates and
+    whether they exist. BX = 0: BV consecutive voxels; else a box of BV / (BY BX) x BY x BX voxels of one sample,
+    whose shifted tiles overlap far more in the L1 cache (boxes are numbered x fastest, then y, z, sample)."""
+    if BX == 0:
+        row = t * BV + tl.arange(0, BV)
+        live = row < NV
+        x = row % W
+        y = (row // W) % H
+        z = (row // (W * H)) % D
+    else:
+        nbx = tl.cdiv(W, BX)
+        nby = tl.cdiv(H, BY)
+        nbz = tl.cdiv(D, BV // (BX * BY))
+        r = tl.arange(0, BV)
+        x = (t % nbx) * BX + r % BX
+        y = (t // nbx % nby) * BY + r // BX % BY
+        z = (t // (nbx * nby) % nbz) * (BV // (BX * BY)) + r // (BX * BY)
+        row = ((t // (nbx * nby * nbz) * D + z) * H + y) * W + x
+        live = (x < W) & (y < H) & (z < D) & (row < NV)  # tiles past the last sample's boxes: row >= NV
+    return row, x, y, z, live
+
+
+def tile_count(n: int, d: int, h: int, w: int, block: int, box: tuple[int, int] | None) -> tuple[int, int, int]:
+    """``(bx, by, tiles)`` for :func:`tile_voxels`: (0, 0) without a box; ValueError for a box that is not powers
+    of two (bx, by) with bx * by dividing ``block``."""
+    bx, by = box or (0, 0)
+    if not bx:
+        return 0, 0, cdiv(n * d * h * w, block)
+    if block % (bx * by) or bx & (bx - 1) or by & (by - 1):
+        raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {block}, got {box}")
+    return bx, by, n * cdiv(w, bx) * cdiv(h, by) * cdiv(d, block // (bx * by))
+
+
+@triton.jit
 def _tap(acc, gy_ptr, row, ok_row, shift, co, xt, GS, F32_DOT: tl.constexpr):
     """acc + xt @ gy[row + shift] for the rows where ``ok_row`` (the shifted position stays inside the volume)."""
     g = tl.load(gy_ptr + (row + shift)[:, None] * GS + co[None, :], mask=ok_row[:, None], other=0.0)
@@ -83,23 +118,7 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, GS, tiles_per
     a22 = tl.zeros([C_IN_BLOCK, C_OUT], tl.float32)
     first = split * tiles_per_prog
     for t in range(first, first + tiles_per_prog):
-        if BX == 0:  # BV consecutive voxels of the flattened (N, D, H, W)
-            row = t * BV + tl.arange(0, BV)
-            live = row < NV
-            x = row % W
-            y = (row // W) % H
-            z = (row // (W * H)) % D
-        else:  # a box of BV / (BY BX) x BY x BX voxels of one sample: the 9 shifted tiles overlap more in L1
-            nbx = tl.cdiv(W, BX)
-            nby = tl.cdiv(H, BY)
-            nbz = tl.cdiv(D, BV // (BX * BY))
-            r = tl.arange(0, BV)
-            x = (t % nbx) * BX + r % BX
-            y = (t // nbx % nby) * BY + r // BX % BY
-            z = (t // (nbx * nby) % nbz) * (BV // (BX * BY)) + r // (BX * BY)
-            sample = t // (nbx * nby * nbz)
-            row = ((sample * D + z) * H + y) * W + x
-            live = (x < W) & (y < H) & (z < D) & (row < NV)  # tiles past the last sample's boxes: row >= NV
+        row, x, y, z, live = tile_voxels(t, NV, D, H, W, BV, BX, BY)
         zz = z - (kd - 1) * DIL
         okz = live & (zz >= 0) & (zz < D)
         xt = tl.load(x_ptr + row[:, None] * C_IN + ci[None, :], mask=live[:, None] & ci_ok[None, :], other=0.0)
@@ -207,11 +226,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     block_voxels, num_warps, num_stages = block_voxels or bv, num_warps or warps, num_stages or stages
     cin_block = cin_block or cb
     cblocks = cdiv(c_in, cin_block)
-    bx, by = box or (0, 0)
-    if bx and (block_voxels % (bx * by) or bx & (bx - 1) or by & (by - 1)):
-        raise ValueError(f"box must be powers of two (bx, by) with bx * by dividing block_voxels {block_voxels}, "
-                         f"got {box}")
-    tiles = n * cdiv(w, bx) * cdiv(h, by) * cdiv(d, block_voxels // (bx * by)) if bx else cdiv(nv, block_voxels)
+    bx, by, tiles = tile_count(n, d, h, w, block_voxels, box)
     if num_programs is None:
         num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(inp.device).multi_processor_count
     splits = max(1, min(tiles, num_programs // (3 * cblocks)))
