@@ -80,7 +80,24 @@ CASES = {
     "3d K=9": ((1, 9, 3, 4, 5), (1,)),
     "2d K=2 down x2": ((2, 2, 3, 5), (2,)),
     "3d down (1,2,3)": ((1, 4, 2, 3, 2), (1, 2, 3)),
+    # more tiles (5 per sample, the last partial) than the interpreter's 3 programs: each program loops
+    "3d many tiles": ((2, 3, 16, 16, 19), (1,)),
+    "3d down x2 many tiles": ((2, 3, 8, 8, 9), (2,)),
 }
+
+
+@pytest.mark.interpreted
+def test_many_tiles_cases_loop_over_tiles():
+    """The "many tiles" cases give each program of the loss kernel several tiles (and one a partial one)."""
+    from hmedn_fast.ops.triton import loss as fused
+
+    programs = fused._max_programs(torch.device("cpu"))
+    for case in ("3d many tiles", "3d down x2 many tiles"):
+        (n, k, *low), factor = CASES[case]
+        children = factor[0] ** len(low)
+        voxels = low[0] * low[1] * low[2]
+        tiles = n * -(-voxels // fused._block(children, k))
+        assert tiles > 2 * programs and voxels % fused._block(children, k), case
 
 
 @pytest.mark.interpreted

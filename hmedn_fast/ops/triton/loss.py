@@ -38,6 +38,7 @@ BLOCK = 1024
 STATS_BLOCK = 4096
 NUM_WARPS = 8  # measured best with BLOCK = 1024 on H200 (2x4x128^3 fp32: 64.6 us vs 71.3 with 4)
 RESCALE_PROGRAMS = 264  # grid of the in-place rescale (2 per H100 SM)
+PROGRAMS_PER_SM = 4  # loss kernel programs per multiprocessor (each loops over tiles of BLOCK voxels)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -146,7 +147,7 @@ def _rescale_kernel(a_ptr, na, b_ptr, nb, g0_ptr, g1_ptr, g2_ptr, b0, b2, HAS_G0
 def _loss_kernel(
     logits_ptr, labels_ptr, weight_ptr, cw_ptr, clogits_ptr, ctarget_ptr, gout_ptr, norm_ptr, gscale_ptr,
     partials_ptr, counter_ptr, out_ptr, glogits_ptr, gclogits_ptr,
-    S_low, HW_low, W_low, S_full, H_full, W_full,
+    S_low, HW_low, W_low, S_full, H_full, W_full, tiles_s, num_tiles,
     stride_ln, stride_lk, stride_ls, stride_gn, stride_gk, stride_gs,
     stride_cn, stride_cs, stride_dn, stride_ds,
     ignore_index, alpha, divisor, ctr_coef,
@@ -161,81 +162,10 @@ def _loss_kernel(
     (``max(norm_ptr[0], 1)`` with NORM_PTR) times, with GSCALE, the upstream gradients ``g`` of
     ``[total, L_s, L_r]``: ``g0 + g1`` for the logits, ``alpha g0 + g2`` for the contour logits; without
     GSCALE the contour gradient gets ``ctr_coef``. GOUT: per-voxel upstream gradient (reduction none)."""
-    pid_s = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    u = pid_s * BLOCK + tl.arange(0, BLOCK)
-    mask = u < S_low
-    lrow = logits_ptr + n * stride_ln + u * stride_ls
-    fbase = n * S_full
-    labels_ptr += fbase
-    weight_ptr += fbase
-    gout_ptr += fbase
-    ctarget_ptr += fbase
-    map_ptr = out_ptr + fbase  # per-voxel map (LOSS == 2); out_ptr itself is the [L, L_s, L_r, divisor] output
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     NUM_CHILD: tl.constexpr = FD * FH * FW
-    if NUM_CHILD == 1:  # labels first, so that the class loop also picks z[y]
-        y1, valid1, w1 = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, u, mask, K, ignore_index,
-                                       HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
-    z_y = tl.zeros([BLOCK], tl.float32)
-
-    # softmax over the classes (unrolled: K is a compile-time constant): the K logits stay in registers (a
-    # tuple); the maximum first, then one exponential per logit, kept for the gradient
-    zs = ()
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    for k in tl.static_range(K):
-        z = tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32)
-        zs = zs + (z,)
-        m = tl.maximum(m, z)
-        if NUM_CHILD == 1:
-            z_y = tl.where(y1 == k, z, z_y)
-    es = ()
-    s = tl.zeros([BLOCK], tl.float32)
-    for k in tl.static_range(K):
-        e = _exp(zs[k] - m, FAST_EXP)
-        es = es + (e,)
-        s += e
-    lse = m + tl.log(s)
-    sig = tl.zeros_like(lse)
-    if HAS_CONTOUR:
-        sig = tl.sigmoid(tl.load(clogits_ptr + n * stride_cn + u * stride_cs, mask=mask, other=0.0).to(tl.float32))
-
-    if NUM_CHILD == 1:
-        wsum = w1
-        seg_acc, ctr_acc, dctr = _terms(valid1, w1, z_y, lse, sig, ctarget_ptr, gout_ptr, map_ptr, u, mask, alpha,
-                                        GOUT, HAS_CONTOUR, LOSS)
-    else:
-        # label index of the block's first voxel; child c adds ((cd * H + ch) * W + cw)
-        ud = u // HW_low
-        uh = (u % HW_low) // W_low
-        uw = u % W_low
-        first = (ud * FD * H_full + uh * FH) * W_full + uw * FW
-        wsum = tl.zeros_like(lse)
-        seg_acc = tl.zeros_like(lse)
-        ctr_acc = tl.zeros_like(lse)
-        dctr = tl.zeros_like(lse)
-        for c in range(NUM_CHILD):
-            idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
-            y_c, valid_c, w_c = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
-                                              HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
-            if LOSS != 0:
-                z_y = tl.load(lrow + y_c * stride_lk, mask=valid_c, other=0.0).to(tl.float32)
-            seg_c, ctr_c, dctr_c = _terms(valid_c, w_c, z_y, lse, sig, ctarget_ptr, gout_ptr, map_ptr, idx, mask,
-                                          alpha, GOUT, HAS_CONTOUR, LOSS)
-            wsum += w_c
-            seg_acc += seg_c
-            ctr_acc += ctr_c
-            dctr += dctr_c
-
-    if LOSS == 1:
-        num = tl.num_programs(0) * tl.num_programs(1)
-        slot = n * tl.num_programs(0) + pid_s
-        tl.store(partials_ptr + slot, tl.sum(seg_acc, axis=0))
-        tl.store(partials_ptr + num + slot, tl.sum(ctr_acc, axis=0))
-        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # orders the stores above before the ticket
-        if ticket == num - 1:
-            _finalize(partials_ptr, out_ptr, norm_ptr, num, divisor, alpha, NORM_PTR, BLOCK)
-            tl.store(counter_ptr, 0)  # every program has taken its ticket: ready for the next launch
-    if GRAD:
+    if GRAD:  # loop-invariant gradient scales
         inv = 1.0 / divisor
         if NORM_PTR:
             inv = 1.0 / tl.maximum(tl.load(norm_ptr).to(tl.float32), 1.0)
@@ -245,24 +175,102 @@ def _loss_kernel(
             g0 = tl.load(gscale_ptr).to(tl.float32)
             seg_scale = inv * (g0 + tl.load(gscale_ptr + 1).to(tl.float32))
             ctr_scale = inv * (alpha * g0 + tl.load(gscale_ptr + 2).to(tl.float32))
-        grow = glogits_ptr + n * stride_gn + u * stride_gs
-        inv_s = 1.0 / s
+    seg_tot = tl.zeros([BLOCK], tl.float32)
+    ctr_tot = tl.zeros([BLOCK], tl.float32)
+    for t in range(pid, num_tiles, nprog):  # tiles t = (sample, block of BLOCK logit voxels), strided over programs
+        n = (t // tiles_s).to(tl.int64)
+        u = (t % tiles_s) * BLOCK + tl.arange(0, BLOCK)
+        mask = u < S_low
+        lrow = logits_ptr + n * stride_ln + u * stride_ls
+        fbase = n * S_full
+        lab_ptr = labels_ptr + fbase
+        w_ptr = weight_ptr + fbase
+        go_ptr = gout_ptr + fbase
+        ct_ptr = ctarget_ptr + fbase
+        map_ptr = out_ptr + fbase  # per-voxel map (LOSS == 2); out_ptr itself is the [L, L_s, L_r, divisor] output
+        if NUM_CHILD == 1:  # labels first, so that the class loop also picks z[y]
+            y1, valid1, w1 = _label_weight(lab_ptr, w_ptr, cw_ptr, go_ptr, u, mask, K, ignore_index,
+                                           HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+        z_y = tl.zeros([BLOCK], tl.float32)
+
+        # softmax over the classes (unrolled: K is a compile-time constant): the K logits stay in registers (a
+        # tuple); the maximum first, then one exponential per logit, kept for the gradient
+        zs = ()
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
         for k in tl.static_range(K):
-            p = es[k] * inv_s
+            z = tl.load(lrow + k * stride_lk, mask=mask, other=0.0).to(tl.float32)
+            zs = zs + (z,)
+            m = tl.maximum(m, z)
             if NUM_CHILD == 1:
-                h = tl.where(y1 == k, wsum, 0.0)
-            else:
-                h = tl.zeros_like(lse)
-                for c in range(NUM_CHILD):
-                    idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
-                    y_c, _, w_c = _label_weight(labels_ptr, weight_ptr, cw_ptr, gout_ptr, idx, mask, K, ignore_index,
-                                                HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
-                    h += tl.where(y_c == k, w_c, 0.0)
-            g = seg_scale * (wsum * p - h)
-            tl.store(grow + k * stride_gk, g.to(glogits_ptr.dtype.element_ty), mask=mask)
+                z_y = tl.where(y1 == k, z, z_y)
+        es = ()
+        s = tl.zeros([BLOCK], tl.float32)
+        for k in tl.static_range(K):
+            e = _exp(zs[k] - m, FAST_EXP)
+            es = es + (e,)
+            s += e
+        lse = m + tl.log(s)
+        sig = tl.zeros_like(lse)
         if HAS_CONTOUR:
-            gc = ctr_scale * 2.0 * sig * (1.0 - sig) * dctr
-            tl.store(gclogits_ptr + n * stride_dn + u * stride_ds, gc.to(gclogits_ptr.dtype.element_ty), mask=mask)
+            sig = tl.sigmoid(tl.load(clogits_ptr + n * stride_cn + u * stride_cs, mask=mask, other=0.0).to(tl.float32))
+
+        if NUM_CHILD == 1:
+            wsum = w1
+            seg_acc, ctr_acc, dctr = _terms(valid1, w1, z_y, lse, sig, ct_ptr, go_ptr, map_ptr, u, mask, alpha,
+                                            GOUT, HAS_CONTOUR, LOSS)
+        else:
+            # label index of the block's first voxel; child c adds ((cd * H + ch) * W + cw)
+            ud = u // HW_low
+            uh = (u % HW_low) // W_low
+            uw = u % W_low
+            first = (ud * FD * H_full + uh * FH) * W_full + uw * FW
+            wsum = tl.zeros_like(lse)
+            seg_acc = tl.zeros_like(lse)
+            ctr_acc = tl.zeros_like(lse)
+            dctr = tl.zeros_like(lse)
+            for c in range(NUM_CHILD):
+                idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+                y_c, valid_c, w_c = _label_weight(lab_ptr, w_ptr, cw_ptr, go_ptr, idx, mask, K, ignore_index,
+                                                  HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+                if LOSS != 0:
+                    z_y = tl.load(lrow + y_c * stride_lk, mask=valid_c, other=0.0).to(tl.float32)
+                seg_c, ctr_c, dctr_c = _terms(valid_c, w_c, z_y, lse, sig, ct_ptr, go_ptr, map_ptr, idx, mask,
+                                              alpha, GOUT, HAS_CONTOUR, LOSS)
+                wsum += w_c
+                seg_acc += seg_c
+                ctr_acc += ctr_c
+                dctr += dctr_c
+        seg_tot += seg_acc
+        ctr_tot += ctr_acc
+
+        if GRAD:
+            grow = glogits_ptr + n * stride_gn + u * stride_gs
+            inv_s = 1.0 / s
+            for k in tl.static_range(K):
+                p = es[k] * inv_s
+                if NUM_CHILD == 1:
+                    h = tl.where(y1 == k, wsum, 0.0)
+                else:
+                    h = tl.zeros_like(lse)
+                    for c in range(NUM_CHILD):
+                        idx = first + ((c // (FH * FW)) * H_full + (c // FW) % FH) * W_full + c % FW
+                        y_c, _, w_c = _label_weight(lab_ptr, w_ptr, cw_ptr, go_ptr, idx, mask, K, ignore_index,
+                                                    HAS_WEIGHT, HAS_CW, HAS_IGNORE, GOUT)
+                        h += tl.where(y_c == k, w_c, 0.0)
+                g = seg_scale * (wsum * p - h)
+                tl.store(grow + k * stride_gk, g.to(glogits_ptr.dtype.element_ty), mask=mask)
+            if HAS_CONTOUR:
+                gc = ctr_scale * 2.0 * sig * (1.0 - sig) * dctr
+                tl.store(gclogits_ptr + n * stride_dn + u * stride_ds, gc.to(gclogits_ptr.dtype.element_ty),
+                         mask=mask)
+
+    if LOSS == 1:  # one partial pair per program, added in a fixed order by the last program to finish
+        tl.store(partials_ptr + pid, tl.sum(seg_tot, axis=0))
+        tl.store(partials_ptr + nprog + pid, tl.sum(ctr_tot, axis=0))
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")  # orders the stores above before the ticket
+        if ticket == nprog - 1:
+            _finalize(partials_ptr, out_ptr, norm_ptr, nprog, divisor, alpha, NORM_PTR, BLOCK)
+            tl.store(counter_ptr, 0)  # every program has taken its ticket: ready for the next launch
 
 
 @triton.jit
@@ -301,11 +309,12 @@ def _launch(
     glogits, gclogits = grads if grads is not None else (logits, contour_logits)
     c_first = contour_logits.ndim - len(low) if has_contour else 0
     block = _block(fd * fh * fw, k)
-    grid = (cdiv(s_low, block), n)
+    tiles_s = cdiv(s_low, block)
+    grid = (min(tiles_s * n, _max_programs(logits.device)),)
     dummy = logits
     partials = counter = dummy
     if loss == 1:
-        partials = torch.empty(2 * grid[0] * n, dtype=torch.float32, device=logits.device)
+        partials = torch.empty(2 * grid[0], dtype=torch.float32, device=logits.device)
         counter = _ticket_counter(logits.device)
     _LOSS_KERNEL(
         grid,
@@ -313,7 +322,7 @@ def _launch(
         dummy if contour_logits is None else contour_logits, dummy if contour_target is None else contour_target,
         dummy if gout is None else gout, dummy if norm is None else norm, dummy if gscale is None else gscale,
         partials, counter, dummy if out is None else out, glogits, dummy if gclogits is None else gclogits,
-        s_low, h_l * w_l, w_l, labels.numel() // n, h_f, w_f,
+        s_low, h_l * w_l, w_l, labels.numel() // n, h_f, w_f, tiles_s, tiles_s * n,
         *_strides(logits, 2), *_strides(glogits, 2),
         *(_sample_strides(contour_logits, c_first) if has_contour else (0, 0)),
         *(_sample_strides(gclogits, c_first) if has_contour else (0, 0)),
@@ -340,6 +349,7 @@ _LOSS_KERNEL = FastLauncher(_loss_kernel)
 _RESCALE_KERNEL = FastLauncher(_rescale_kernel)
 _STATS_KERNEL = FastLauncher(_label_stats_kernel)
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
 
 
 def _ticket_counter(device: torch.device) -> Tensor:
@@ -352,6 +362,17 @@ def _ticket_counter(device: torch.device) -> Tensor:
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
+
+
+def _max_programs(device: torch.device) -> int:
+    """Programs of one loss launch (each loops over tiles): PROGRAMS_PER_SM per multiprocessor on CUDA; 3 in the
+    interpreter, so that the CPU tests run several tiles per program."""
+    if device.type != "cuda":
+        return 3
+    sms = _SM_COUNT.get(device.index)
+    if sms is None:
+        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_PER_SM * sms
 
 
 def _block(children: int, num_classes: int) -> int:
