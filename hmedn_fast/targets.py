@@ -209,9 +209,9 @@ def make_targets(
         check_labels: check that every label lies in ``[0, num_classes)`` (ValueError otherwise). On CUDA this
             reads a value back: one host synchronisation, which stalls the host until the GPU has run all
             queued work (e.g. a training step's forward pass) and is not allowed while a CUDA graph is
-            captured. ``False`` skips it on CUDA (for labels checked elsewhere, e.g. by the data loader):
-            out-of-range labels then give unspecified maps, never an out-of-bounds access. CPU labels are always
-            checked (no synchronisation to save there).
+            captured. ``False`` skips it on the ``"cuda"`` backend (for labels checked elsewhere, e.g. by the data loader):
+            out-of-range labels then give unspecified maps, never an out-of-bounds access. CPU labels, and CUDA
+            labels on the reference backend, are always checked.
     Returns:
         :class:`Targets` ``(contour, weight)``, each float32 ``(N, *spatial)`` on the labels' device.
     """
