@@ -355,9 +355,10 @@ _SM_COUNT: dict[int, int] = {}
 def _ticket_counter(device: torch.device) -> Tensor:
     """int32 zero for the loss kernel's ticket, reset to 0 by the kernel's last program: one per CUDA stream
     (launches on one stream run in order), made once; a fresh one while a CUDA graph is being captured."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or torch._C._cuda_isCurrentStreamCapturing():
         return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)  # CUDA tensors' devices carry an index
+    # raw calls: torch.cuda.current_stream() builds a Stream object (tens of us of host time per loss call)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))  # CUDA tensors' devices carry an index
     counter = _COUNTERS.get(key)
     if counter is None:
         counter = _COUNTERS[key] = torch.zeros(1, dtype=torch.int32, device=device)
