@@ -169,8 +169,8 @@ def _triton_unavailable(
     for name, t in (("weight", weight), ("contour_target", contour_target), ("class_weight", class_weight)):
         if t is not None and t.requires_grad:
             return f"{name} requires grad; the fused kernel differentiates logits and contour_logits only"
-    if labels.numel() // labels.shape[0] * logits.shape[1] >= 2**31 or logits.shape[0] > 65535:
-        return "a sample above 2**31 elements or a batch above 65535 samples; use the reference backend"
+    if labels.numel() // labels.shape[0] * logits.shape[1] >= 2**31:
+        return "a sample above 2**31 elements (32-bit indices within a sample); use the reference backend"
     return None
 
 
