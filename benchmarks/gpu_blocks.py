@@ -11,7 +11,8 @@ torch.utils.checkpoint per block; ours (``checkpoint="lean"`` / ``"blocks"`` / `
 bf16 + channels-last; the dense fusion as an in-loop sum of 1x1 convs, and ``ours_lean_cat`` with one 1x1 conv
 over the concatenation) and ours in fp32 (for the 1e-4 check); on CUDA also eager bf16 + channels-last and ours
 lean / blocks / lean_cat replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch
-cost). TFLOP/s = FLOPs of one eager fp32 step counted
+cost), and ours lean as a partial-network graph inside the eager step (``*_partial_graph``:
+``torch.cuda.make_graphed_callables``). TFLOP/s = FLOPs of one eager fp32 step counted
 by ``torch.utils.flop_counter`` / time (recomputation is not counted: "useful" FLOP/s).
 Writes ``blocks_<card>.json`` into ``--out`` and prints tables. ``--smoke`` runs tiny shapes (CPU allowed).
 """
@@ -215,6 +216,8 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
     if device == "cuda":
         for name in GRAPHED:
             rows[name + "_graph"] = graphed_row(*impls[name], x, gf, gl, iters, flops)
+        rows["ours_lean_bf16_cl_partial_graph"] = partial_graph_row(impls["ours_lean_bf16_cl"][0], x, gf, gl, iters,
+                                                                    flops)
     best = min(("eager_bf16_cl", "eager_fp32"), key=lambda k: rows[k]["ms"])
     for name, r in rows.items():
         r["speedup_vs_best_eager"] = rows[best]["ms"] / r["ms"]
@@ -244,6 +247,26 @@ def graphed_row(module, cl: bool, x, gf, gl, iters: int, flops: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / GIB
     ms = timed(lambda: fn(x, gf, gl), 2, iters, "cuda")
     return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=cl)
+
+
+def partial_graph_row(module, x, gf, gl, iters: int, flops: int) -> dict:
+    """A copy of ``module`` made a partial-network CUDA graph (``torch.cuda.make_graphed_callables``, captured under
+    bf16 autocast with ``cache_enabled=False``) and run by the same eager step as the others: what an eager model
+    that contains the pathway gets. Peak memory includes the graphs' pool; errors vs the eager module's step."""
+    graphed = copy.deepcopy(module)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(graphed, (channels_last(x).detach().requires_grad_(),))
+    feats, gx = step(graphed, x, gf, gl, True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / GIB
+    want_feats, want_gx = step(module, x, gf, gl, True)
+    ms = timed(lambda: step(graphed, x, gf, gl, True), 2, iters, "cuda")
+    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=True,
+                features_err_vs_eager=rel_err(feats, want_feats), grads_err_vs_eager=rel_err(gx, want_gx))
 
 
 def bench_norm(case: dict, device: str, warmup: int, iters: int) -> dict:
