@@ -1,15 +1,16 @@
 """Fused Triton kernels of the difficulty-guided loss (eager autograd.Function + torch custom ops).
 
-One kernel (:func:`_loss_kernel`) serves every pass. A program owns ``BLOCK`` voxels of the logits' grid
-of one sample; for each it computes ``logsumexp`` over the K classes (unrolled, K a compile-time
-constant; the K logits and their exponentials stay in registers, so the gradient reuses them), then
-visits the label voxels it covers (1 when logits and labels share a resolution, ``fd*fh*fw`` when the
-logits are an integer fraction of it: nearest upsampling without materialising it), reading labels,
-weight map, contour target and (backward of ``none``) the upstream gradient once, and accumulates
+One kernel (:func:`_loss_kernel`) serves every pass. Its programs (``PROGRAMS_PER_SM`` per multiprocessor) loop
+over tiles of ``BLOCK`` voxels of the logits' grid of one sample; for each voxel a program computes
+``logsumexp`` over the K classes (unrolled, K a compile-time constant; the K logits and their exponentials
+stay in registers, so the gradient reuses them), then visits the label voxels it covers (1 when logits and
+labels share a resolution, ``fd*fh*fw`` when the logits are an integer fraction of it: nearest upsampling
+without materialising it), reading labels, weight map, contour target and (backward of ``none``) the
+upstream gradient once, and accumulates
 
-- the loss: per-program partial sums of ``L_s`` and ``L_r``; the last program to finish (integer atomic
-  ticket) adds them in a fixed order into ``[L, L_s, L_r, divisor]`` (a deterministic two-stage
-  reduction in one launch, no float atomics), or the per-voxel map for ``reduction="none"``;
+- the loss: per-program partial sums of ``L_s`` and ``L_r`` over all its tiles; the last program to finish
+  (integer atomic ticket) adds them in a fixed order into ``[L, L_s, L_r, divisor]`` (a deterministic
+  two-stage reduction in one launch, no float atomics), or the per-voxel map for ``reduction="none"``;
 - the gradients: ``d/dz_k = s_seg (sum_v w_v p_k - sum_{v: y_v = k} w_v)`` and
   ``d/dc = s_ctr 2 sigmoid'(c) sum_v (sigmoid(c) - C_v)``, written in the same pass.
 
