@@ -253,19 +253,19 @@ def partial_graph_row(module, x, gf, gl, iters: int, flops: int) -> dict:
     """A copy of ``module`` made a partial-network CUDA graph (``torch.cuda.make_graphed_callables``, captured under
     bf16 autocast with ``cache_enabled=False``) and run by the same eager step as the others: what an eager model
     that contains the pathway gets. Peak memory includes the graphs' pool; errors vs the eager module's step."""
-    graphed = copy.deepcopy(module)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(graphed, (channels_last(x).detach().requires_grad_(),))
-    feats, gx = step(graphed, x, gf, gl, True)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / GIB
+    made = [copy.deepcopy(module)]  # the copy's parameters count as allocated before, as the module's do
+
+    def capture_and_step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            sample = channels_last(x).detach().requires_grad_()
+            made[0] = torch.cuda.make_graphed_callables(made[0], (sample,))
+        made.append(step(made[0], x, gf, gl, True))
+
+    peak, before = peak_gib(capture_and_step, "cuda")
+    graphed, (feats, gx) = made
     want_feats, want_gx = step(module, x, gf, gl, True)
     ms = timed(lambda: step(graphed, x, gf, gl, True), 2, iters, "cuda")
-    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=True,
+    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before, tflops=flops / ms / 1e9, bf16=True,
                 features_err_vs_eager=rel_err(feats, want_feats), grads_err_vs_eager=rel_err(gx, want_gx))
 
 

@@ -60,6 +60,12 @@ def make_case(shape: tuple[int, ...], dtype: torch.dtype, label_dtype: torch.dty
     )
 
 
+def floor_bytes(case: dict) -> tuple[int, int]:
+    """(bytes of every input read once, bytes of the logit and contour-logit gradients written once)."""
+    nbytes_in = sum(t.numel() * t.element_size() for t in case.values())
+    return nbytes_in, sum(case[k].numel() * case[k].element_size() for k in ("logits", "contour_logits"))
+
+
 def eager_loss(logits, labels, weight, contour_logits, contour_target, alpha: float = 1.0):
     """The same loss written with plain PyTorch ops."""
     ce = F.cross_entropy(logits.float(), labels.long(), reduction="none")
@@ -105,19 +111,25 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() / (statistics.median(times) / 1e3)
 
 
-def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
-    """Median over batches of (host time of per_batch synchronised steps) / per_batch, in seconds."""
+def per_step_seconds(step: Callable[[], None], batches: int, per_batch: int) -> float:
+    """Median over batches of (host time of ``per_batch`` calls of ``step``, synchronised around the batch) /
+    per_batch, after 3 warm-up calls."""
     for _ in range(3):
-        fwd_bwd_step(fn, case)
+        step()
     times = []
     for _ in range(batches):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(per_batch):
-            fwd_bwd_step(fn, case)
+            step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / per_batch)
     return statistics.median(times)
+
+
+def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
+    """Seconds per forward + backward of ``fn`` on ``case`` (:func:`per_step_seconds`)."""
+    return per_step_seconds(lambda: fwd_bwd_step(fn, case), batches, per_batch)
 
 
 def round_trips(batches: int, per_batch: int) -> dict[str, float]:
@@ -125,23 +137,13 @@ def round_trips(batches: int, per_batch: int) -> dict[str, float]:
     ``(2 x).sum()`` and ``F.mse_loss``: what any ``loss.backward()`` costs this host at least, in us."""
     x = torch.randn(10, device="cuda", requires_grad=True)
     b = torch.randn(10, device="cuda")
-    out = {}
-    for name, fn in (("bare_mul_sum", lambda: (2 * x).sum()), ("mse_loss", lambda: F.mse_loss(x, b))):
-        def step():
-            x.grad = None
-            fn().backward()
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(batches):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(per_batch):
-                step()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / per_batch)
-        out[name] = statistics.median(times) * 1e6
-    return out
+
+    def step(fn: Callable[[], torch.Tensor]) -> None:
+        x.grad = None
+        fn().backward()
+
+    losses = {"bare_mul_sum": lambda: (2 * x).sum(), "mse_loss": lambda: F.mse_loss(x, b)}
+    return {name: per_step_seconds(lambda: step(fn), batches, per_batch) * 1e6 for name, fn in losses.items()}
 
 
 def kernel_time(fn: Callable, case: dict, steps: int = 5) -> tuple[float, dict[str, float]]:
@@ -228,8 +230,7 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
         for dname, dtype in LOGIT_DTYPES.items():
             for lname, ldtype in LABEL_DTYPES.items():
                 case = make_case(shape, dtype, ldtype)
-                nbytes_in = sum(t.numel() * t.element_size() for t in case.values())
-                nbytes_grad = sum(case[k].numel() * case[k].element_size() for k in ("logits", "contour_logits"))
+                nbytes_in, nbytes_grad = floor_bytes(case)
                 floor = (nbytes_in + nbytes_grad) / bw
                 entry = {"shape": shape_name, "logits": dname, "labels": lname, "floor_us": floor * 1e6,
                          "bytes_in": nbytes_in, "bytes_grad": nbytes_grad, "check": check(case, dtype), "impls": {}}

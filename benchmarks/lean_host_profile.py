@@ -11,7 +11,6 @@ import io
 import pstats
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_blocks  # noqa: E402
+from timing import host_times  # noqa: E402
 
 
 def main() -> None:
@@ -30,35 +30,25 @@ def main() -> None:
         def step() -> None:
             gpu_blocks.step(module, x, gf, gl, True)
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        synced, pipelined = [], []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            synced.append((time.perf_counter() - t0) * 1e3)
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(5):
+        def synced(steps: int) -> None:
+            for _ in range(steps):
                 step()
             torch.cuda.synchronize()
-            pipelined.append((time.perf_counter() - t0) / 5 * 1e3)
+
+        synced(5)  # warm-up: cuDNN and Triton choices, compiles
+        one = host_times(lambda: synced(1), 5)
+        pipelined = [ms / 5 for ms in host_times(lambda: synced(5), 3)]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
+            synced(1)
         events = prof.key_averages()
         kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
         launches = {e.key: e.count for e in events if "aunchKernel" in e.key or "ynchronize" in e.key}
-        print(f"{name}: step synchronised {statistics.median(synced):.2f} ms, pipelined "
+        print(f"{name}: step synchronised {statistics.median(one):.2f} ms, pipelined "
               f"{statistics.median(pipelined):.2f} ms, GPU kernels {kernels}, {launches}")
         if name == "lean":
             profiler = cProfile.Profile()
             profiler.enable()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
+            synced(3)
             profiler.disable()
             for order, count in (("tottime", 30), ("cumtime", 45)):
                 buf = io.StringIO()

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_time import graph_ms  # noqa: E402
-from gpu_loss import LOGIT_DTYPES, LABEL_DTYPES, copy_bandwidth, make_case  # noqa: E402
+from gpu_loss import LOGIT_DTYPES, LABEL_DTYPES, copy_bandwidth, floor_bytes, make_case  # noqa: E402
 from record import card_slug, environment  # noqa: E402
 
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
@@ -47,9 +47,7 @@ def run(out_dir: Path, blocks: list[int], warps: list[int], programs: list[int])
     for dname, dtype in LOGIT_DTYPES.items():
         for lname, ldtype in LABEL_DTYPES.items():
             case = make_case(SHAPE, dtype, ldtype)
-            nbytes = sum(t.numel() * t.element_size() for t in case.values())
-            nbytes += sum(case[k].numel() * case[k].element_size() for k in ("logits", "contour_logits"))
-            floor_us = nbytes / bw * 1e6
+            floor_us = sum(floor_bytes(case)) / bw * 1e6
             ref = forward(case)
             entry = {"logits": dname, "labels": lname, "floor_us": floor_us, "rows": []}
             for block, nw, per_sm in itertools.product(blocks, warps, programs):

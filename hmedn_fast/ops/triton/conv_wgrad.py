@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.strides import voxel_stride
-from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv
+from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors
 
 MAX_C_IN_BLOCK = 64
 
@@ -228,7 +228,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     cblocks = cdiv(c_in, cin_block)
     bx, by, tiles = tile_count(n, d, h, w, block_voxels, box)
     if num_programs is None:
-        num_programs = 4 if INTERPRET else per_sm * torch.cuda.get_device_properties(inp.device).multi_processor_count
+        num_programs = 4 if INTERPRET else per_sm * multiprocessors(inp.get_device())
     splits = max(1, min(tiles, num_programs // (3 * cblocks)))
     per_prog = cdiv(tiles, splits)
     splits = cdiv(tiles, per_prog)

@@ -16,6 +16,7 @@ ops work on any GPU of a machine, as PyTorch ops do.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -40,6 +41,12 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (n >= 1), like ``triton.next_power_of_2`` without its call overhead."""
     return 1 << (n - 1).bit_length()
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (cached: the launches ask on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _args_key(args: tuple) -> tuple:

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.strides import flat_spatial_stride
-from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, next_power_of_2
+from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors, next_power_of_2
 
 BLOCK = 1024
 STATS_BLOCK = 4096
@@ -350,7 +350,6 @@ _LOSS_KERNEL = FastLauncher(_loss_kernel)
 _RESCALE_KERNEL = FastLauncher(_rescale_kernel)
 _STATS_KERNEL = FastLauncher(_label_stats_kernel)
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
 
 
 def _ticket_counter(device: torch.device) -> Tensor:
@@ -369,12 +368,7 @@ def _ticket_counter(device: torch.device) -> Tensor:
 def _max_programs(device: torch.device) -> int:
     """Programs of one loss launch (each loops over tiles): PROGRAMS_PER_SM per multiprocessor on CUDA; 3 in the
     interpreter, so that the CPU tests run several tiles per program."""
-    if device.type != "cuda":
-        return 3
-    sms = _SM_COUNT.get(device.index)
-    if sms is None:
-        sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return PROGRAMS_PER_SM * sms
+    return PROGRAMS_PER_SM * multiprocessors(device.index) if device.type == "cuda" else 3
 
 
 def _block(children: int, num_classes: int) -> int:
