@@ -1,6 +1,8 @@
 """Host cost of one eager forward + backward of the 3D HR pathway (``gpu_blocks.py``'s 3d_l2 case, bf16 autocast +
 channels-last) on the GPU host, eager PyTorch vs ours lean: wall per step (synchronised after each step, and
-pipelined over 5 steps), GPU kernels and launch calls of one step (torch.profiler), and a cProfile of 3 lean steps.
+pipelined over 5 steps), GPU kernels and launch calls of one step (torch.profiler), the GPU time of one step by
+kernel (largest first: where a graphed step's time goes, as graphs replay the same kernels), and a cProfile of 3 lean
+steps.
 
     PYTHONPATH=. python benchmarks/lean_host_profile.py > lean_host_profile_<card>.txt
 """
@@ -18,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_blocks  # noqa: E402
-from timing import host_times  # noqa: E402
+from timing import cuda_kernel_times, host_times  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +47,11 @@ def main() -> None:
         launches = {e.key: e.count for e in events if "aunchKernel" in e.key or "ynchronize" in e.key}
         print(f"{name}: step synchronised {statistics.median(one):.2f} ms, pipelined "
               f"{statistics.median(pipelined):.2f} ms, GPU kernels {kernels}, {launches}")
+        rows = cuda_kernel_times(step, reps=3)
+        total = sum(r[1] for r in rows)
+        print(f"{name}: GPU kernel time per step {total * 1e3:.3f} ms; by kernel (us per step, launches per step):")
+        for kernel, seconds, count in rows[:25]:
+            print(f"  {seconds * 1e6:9.1f} {count:5.0f}  {kernel[:110]}")
         if name == "lean":
             profiler = cProfile.Profile()
             profiler.enable()

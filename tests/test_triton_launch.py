@@ -12,20 +12,31 @@ from hmedn_fast.ops.triton.launch import FastLauncher, _args_key, cdiv, next_pow
 
 
 def test_key_separates_what_triton_specialises_on():
+    def key(args):
+        return _args_key(args)[0]
+
     x = torch.randn(64)
-    assert _args_key((x,)) != _args_key((x.double(),))  # dtype
-    assert _args_key((x,)) != _args_key((x[1:],))  # 16-byte alignment of the pointer
-    assert _args_key((x,)) == _args_key((torch.randn(32),))
-    assert _args_key((1,)) != _args_key((3,))  # value 1
-    assert _args_key((16,)) != _args_key((17,))  # divisibility by 16
-    assert _args_key((32,)) == _args_key((48,))
-    assert _args_key((2**31,)) != _args_key((2**31 - 16,))  # 64-bit range
-    assert _args_key((True,)) != _args_key((False,)) != _args_key((None,))
-    assert _args_key((True,)) != _args_key((1,))  # a bool is a constexpr-like flag, not an int
-    assert _args_key((-32,)) == _args_key((16,)) != _args_key((-17,))  # divisibility of negative ints
-    assert _args_key((0.5,)) == _args_key((2.0,))
+    assert key((x,)) != key((x.double(),))  # dtype
+    assert key((x,)) != key((x[1:],))  # 16-byte alignment of the pointer
+    assert key((x,)) == key((torch.randn(32),))
+    assert key((1,)) != key((3,))  # value 1
+    assert key((16,)) != key((17,))  # divisibility by 16
+    assert key((32,)) == key((48,))
+    assert key((2**31,)) != key((2**31 - 16,))  # 64-bit range
+    assert key((True,)) != key((False,)) != key((None,))
+    assert key((True,)) != key((1,))  # a bool is a constexpr-like flag, not an int
+    assert key((-32,)) == key((16,)) != key((-17,))  # divisibility of negative ints
+    assert key((0.5,)) == key((2.0,))
     with pytest.raises(TypeError, match="unsupported kernel argument"):
-        _args_key(("text",))
+        key(("text",))
+
+
+def test_launch_arguments_pass_cuda_pointers_as_ints_and_leave_the_rest():
+    """Triton's launcher takes an int as a pointer directly; only CUDA tensors become ints, so a CPU tensor still
+    reaches Triton's own check ("cpu tensor?"), and every other argument is passed unchanged."""
+    x = torch.randn(8)
+    _, run = _args_key((x, 3, 0.5, None, True))
+    assert run[0] is x and run[1:] == (3, 0.5, None, True)
 
 
 def test_int_helpers_match_triton():
@@ -98,3 +109,25 @@ def test_repeat_launches_equal_plain_launches():
                             assert FastLauncher.enabled
                             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(fast.cache) > 1
+
+
+@pytest.mark.cuda
+def test_cached_launches_call_the_launch_enter_hook_with_metadata(monkeypatch):
+    """FastLauncher skips ``launch_metadata`` only while no launch-enter hook is set (proton and other profilers
+    set one): with a hook, cached launches still report the kernel's name to it."""
+    import triton
+    import triton.language as tl
+    from triton import knobs
+
+    @triton.jit
+    def fill(y_ptr, v, BLOCK: tl.constexpr):
+        tl.store(y_ptr + tl.arange(0, BLOCK), v)
+
+    fast = FastLauncher(fill)
+    y = torch.full((16,), float("nan"), device="cuda")
+    fast((1,), y, 2.0, BLOCK=16)  # compiles
+    names = []
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: names.append(metadata.get()["name"]))
+    fast((1,), y, 3.0, BLOCK=16)  # cached path
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    assert names == ["fill"] and torch.equal(y, torch.full_like(y, 3.0))

@@ -49,11 +49,15 @@ def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _args_key(args: tuple) -> tuple:
-    """One key entry per kernel argument (see the module docstring); a flat loop, as it runs on every launch."""
+def _args_key(args: tuple) -> tuple[tuple, tuple]:
+    """(key, launch arguments): one key entry per kernel argument (see the module docstring), and the arguments
+    with every CUDA tensor replaced by its data pointer (an int), which Triton's launcher takes as it is (for a
+    tensor it calls ``data_ptr()`` through Python and asks the driver about the pointer again). A flat loop, as it
+    runs on every launch."""
     out = []
     add = out.append
-    for a in args:
+    run_args = list(args)
+    for i, a in enumerate(args):
         t = type(a)
         if t is int:
             add((a == 1, not a & 15, _INT32[0] <= a <= _INT32[1]))
@@ -62,10 +66,13 @@ def _args_key(args: tuple) -> tuple:
         elif t is bool or a is None:
             add(a)
         elif isinstance(a, torch.Tensor):
-            add((a.dtype, not a.data_ptr() & 15))
+            ptr = a.data_ptr()
+            add((a.dtype, not ptr & 15))
+            if a.is_cuda:  # anything else stays a tensor, for Triton's own error ("cpu tensor?")
+                run_args[i] = ptr
         else:
             raise TypeError(f"FastLauncher: unsupported kernel argument type {t.__name__}")
-    return tuple(out)
+    return tuple(out), tuple(run_args)
 
 
 class FastLauncher:
@@ -98,7 +105,8 @@ class FastLauncher:
         if not FastLauncher.enabled:
             self.fn[grid](*args, **constexprs)
             return
-        key = (device, _args_key(args), tuple(constexprs.items()))
+        arg_key, run_args = _args_key(args)
+        key = (device, arg_key, tuple(constexprs.items()))
         hit = self.cache.get(key)
         if hit is None:
             kernel = self.fn[grid](*args, **constexprs)  # compiles (once per specialisation) and launches
@@ -106,7 +114,7 @@ class FastLauncher:
             return
         kernel, tail = hit
         try:
-            self._run(kernel, grid, (*args, *tail), device)
+            self._run(kernel, grid, (*run_args, *tail), device)
         except (TypeError, AttributeError, ImportError) as err:  # a Triton whose launcher API differs
             FastLauncher.enabled = False
             warnings.warn(f"hmedn_fast: direct Triton launches disabled ({err!r}); using kernel[grid](...)")
@@ -115,11 +123,13 @@ class FastLauncher:
     @staticmethod
     def _run(kernel: Any, grid: tuple[int, ...], full: tuple, device: int) -> None:
         """What ``JITFunction.run`` does after its cache lookup (Triton 3.3 and later), on the current stream of
-        ``device`` (the tensor arguments')."""
+        ``device`` (the tensor arguments'). ``kernel.launch_metadata`` is only asked for when a launch-enter hook is
+        set (it returns None otherwise, after binding every argument)."""
         if knobs is None:
             raise ImportError("triton.knobs (Triton >= 3.4)")
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         stream = driver.active.get_current_stream(device)
-        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
+        enter_hook = knobs.runtime.launch_enter_hook
+        metadata = None if enter_hook is None else kernel.launch_metadata(grid, stream, *full)
+        kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, metadata, enter_hook,
                    knobs.runtime.launch_exit_hook, *full)
