@@ -97,7 +97,7 @@ def main() -> None:
         print(f"{n:32s} {r['median']:10.2f} {r['min']:7.2f} {r['max']:7.2f}")
     result["fast_launcher_vs_tensors_and_metadata"] = result["us_per_launch"]["fast_launcher"]["median"] / base
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"launch_overhead_{card_slug()}.json"
+    path = args.out / f"launch_overhead_{card_slug(result['card'])}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

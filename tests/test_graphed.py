@@ -262,13 +262,13 @@ def test_memory_budget_steps_replay_a_cuda_graph_and_a_capture_out_of_memory_esc
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("checkpoint", ["lean", "blocks"])
+@pytest.mark.parametrize("checkpoint", ["lean", "blocks", "auto"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_cuda_hr_pathway_as_a_partial_graph_equals_eager(checkpoint, bf16):
     """The lean HR pathway inside an otherwise eager model, its forward and backward each replayed from a CUDA graph
     (``torch.cuda.make_graphed_callables``, captured under ``autocast(cache_enabled=False)`` for bf16): features,
     logits, input and parameter gradients equal the eager module's (fp32 1e-4, bf16 2e-2 relative to the largest)
-    on inputs other than the capture's, over two steps."""
+    on inputs other than the capture's, over two steps. "auto" captures "lean" and runs "none" eagerly."""
     import copy
 
     from hmedn_fast.nn import HRPathway
@@ -281,6 +281,8 @@ def test_cuda_hr_pathway_as_a_partial_graph_equals_eager(checkpoint, bf16):
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     with torch.autocast(**autocast):
         graphed = torch.cuda.make_graphed_callables(graphed, (sample.requires_grad_(),))
+    if checkpoint == "auto":  # the blocks keep the mode of the last forward run: the captured one
+        assert {b.checkpoint for b in graphed.blocks} == {"lean"}
     tol = 2e-2 if bf16 else 1e-4
     for seed in (1, 2):
         g = torch.Generator(device="cuda").manual_seed(seed)
@@ -299,3 +301,5 @@ def test_cuda_hr_pathway_as_a_partial_graph_equals_eager(checkpoint, bf16):
             assert got.shape == want.shape and torch.isfinite(got).all()
             err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
             assert err <= tol, (seed, err)
+    if checkpoint == "auto":
+        assert {b.checkpoint for b in eager.blocks} == {"none"}

@@ -114,11 +114,14 @@ def test_pathway_modes_give_identical_outputs_gradients_and_statistics(norm):
 
 
 def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of distinct tensors autograd keeps for backward during module(x)."""
+    """Bytes of distinct tensors other than the module's parameters that autograd keeps for backward during
+    module(x)."""
     seen = {}
+    params = {q.untyped_storage().data_ptr() for q in module.parameters()}
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in params:
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
@@ -142,19 +145,35 @@ def test_lean_modes_keep_less_for_backward():
     assert _saved_bytes(path, x) - kept["lean"] >= 5 * full
 
 
-def test_auto_rule():
+def test_auto_rule(monkeypatch):
+    """Eagerly the fastest mode that fits ("none", then "lean", then "blocks"); under CUDA-graph capture "lean"
+    first; "none" without gradients; the estimates bound what each mode's autograd graph keeps."""
+    from hmedn_fast.nn import pathways
+
     path = HRPathway(3, 8, num_blocks=2, dilations=(1, 2))
     x = torch.randn(2, 3, 10, 12)
-    need = (3 * 2 + 4) * 2 * 8 * 10 * 12 * 4
+    unit = 2 * 8 * 10 * 12 * 4
+    need_none, need_lean = (4 * 2 + 5 + 3) * unit, (3 * 2 + 4) * unit
     path.checkpoint = "auto"
-    path.memory_budget = need
-    assert path.resolve_checkpoint(x) == "lean"
-    path.memory_budget = need - 1
-    assert path.resolve_checkpoint(x) == "blocks"
-    with torch.no_grad():
-        assert path.resolve_checkpoint(x) == "none"
+    for budget, eager, captured in ((need_none, "none", "lean"), (need_none - 1, "lean", "lean"),
+                                    (need_lean, "lean", "lean"), (need_lean - 1, "blocks", "blocks")):
+        path.memory_budget = budget
+        monkeypatch.setattr(pathways, "_capturing", lambda t: False)
+        assert path.resolve_checkpoint(x) == eager
+        monkeypatch.setattr(pathways, "_capturing", lambda t: True)
+        assert path.resolve_checkpoint(x) == captured
+        with torch.no_grad():
+            assert path.resolve_checkpoint(x) == "none"
+    monkeypatch.setattr(pathways, "_capturing", lambda t: False)
     path.memory_budget = None
-    assert path.resolve_checkpoint(x) == "lean"  # CPU: unlimited
+    assert path.resolve_checkpoint(x) == "none"  # CPU: unlimited
+    for blocks, dense in ((9, True), (4, True), (2, True), (6, False)):  # the estimates cover what autograd keeps
+        p = HRPathway(8, 8, blocks, (2, 4), num_classes=4, dense=dense)
+        x = torch.randn(1, 8, 12, 12)
+        unit = 8 * 12 * 12 * 4
+        for mode, estimate in (("none", 4 * blocks + 5 + (blocks + 1) * dense), ("lean", 3 * blocks + 4)):
+            p.checkpoint = mode
+            assert 0.85 * estimate * unit <= _saved_bytes(p, x) <= 1.15 * estimate * unit, (blocks, dense, mode)
 
 
 def test_blocks_backward_holds_few_fusion_gradients():

@@ -18,6 +18,11 @@ from .layers import dropout as dropout_layer
 CHECKPOINT_MODES = ("none", "lean", "blocks", "auto")
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s forward is being captured into a CUDA graph (on its device's current stream)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class HRPathway(nn.Module):
     """High-resolution pathway: densely connected residual dilated blocks with deep supervision.
 
@@ -44,9 +49,14 @@ class HRPathway(nn.Module):
             concatenates (one wide 1x1 convolution, ``(num_blocks + 1) L`` channels kept). ``dense_sum`` forces
             either. Gradients are the same in every mode.
         memory_budget: bytes for "auto" (default: half the CUDA device's free memory at forward time;
-            unlimited on CPU). Rule: "lean" when its kept activations, about ``(3 * num_blocks + 4) * N * L *
-            prod(spatial)`` elements of the compute dtype, fit in the budget, else "blocks"; "none" when
-            gradients are off.
+            unlimited on CPU). Rule: the fastest mode whose kept activations fit in the budget. Run eagerly, that is
+            "none" (kept: about ``(4 * num_blocks + 5) * N * L * prod(spatial)`` elements of the compute dtype, plus
+            ``num_blocks + 1`` such tensors for the dense fusion's concatenation), then "lean" (about
+            ``3 * num_blocks + 4`` of them), else "blocks": un-graphed, our lean blocks are
+            bound by the host's launch and Python cost and slower than eager autograd on the GPU hosts measured
+            (``benchmarks/results/blocks_nvidia_h200_s27.json``: 34.7 vs 13.1 ms). While a CUDA graph is captured
+            (``torch.cuda.make_graphed_callables``, a whole-step graph) "lean" comes first (7.0 ms at 0.74x the
+            memory of eager's 10.8 ms graphed there), else "blocks". "none" when gradients are off.
 
     Shapes: forward((N, C_in, *spatial)) -> ``(features, logits)`` with features (N, L, *spatial) and logits
     (N, K, *spatial) or None. Spatial sizes are kept (no striding).
@@ -100,11 +110,14 @@ class HRPathway(nn.Module):
         dev = x.device.type
         itemsize = (torch.finfo(torch.get_autocast_dtype(dev)).bits // 8 if torch.is_autocast_enabled(dev)
                     else x.element_size())
-        kept = (3 * len(self.blocks) + 4) * x.shape[0] * self.channels * x[0, 0].numel() * itemsize
+        unit = x.shape[0] * self.channels * x[0, 0].numel() * itemsize  # one (N, L, *spatial) tensor
         budget = self.memory_budget
         if budget is None:
             budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else float("inf")
-        return "lean" if kept <= budget else "blocks"
+        n = len(self.blocks)
+        order = ("lean", "blocks") if _capturing(x) else ("none", "lean", "blocks")
+        kept = {"none": (4 * n + 5 + (n + 1 if self.dense else 0)) * unit, "lean": (3 * n + 4) * unit, "blocks": 0}
+        return next(mode for mode in order if kept[mode] <= budget)
 
     @property
     def receptive_field(self) -> int:
