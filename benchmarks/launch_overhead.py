@@ -1,7 +1,8 @@
 """Host time per launch of a Triton kernel with as many arguments as our norm and loss kernels (12 tensors, 24 ints,
 2 floats): ``kernel[grid](...)``; Triton's compiled-kernel launcher called with the tensors and the launch metadata
-(what ``FastLauncher`` did up to stop 27); and ``FastLauncher`` (CUDA tensors passed as data-pointer ints, no launch
-metadata without a launch-enter hook). Launches are pipelined (one synchronisation per 2000); the kernel stores one
+(what ``FastLauncher`` did up to stop 27, without its key); ``FastLauncher`` with its Python key
+(``launch._python_args_key``) and with the compiled extension's (``launch_key``; CUDA tensors passed as data-pointer
+ints, no launch metadata without a launch-enter hook). Launches are pipelined (one synchronisation per 2000); the kernel stores one
 value, so the GPU never holds the host up. Prints a table and writes ``launch_overhead_<card>.json``.
 
     PYTHONPATH=. python benchmarks/launch_overhead.py --out DIR
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import card_slug, environment  # noqa: E402
 from timing import host_times  # noqa: E402
 
+from hmedn_fast.ops.triton import launch  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
 
 TENSORS, INTS = 12, 24
@@ -62,21 +64,25 @@ def main() -> None:
                    kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
                    knobs.runtime.launch_exit_hook, *full)
 
-    paths = {
-        "kernel[grid]": lambda: _touch[grid](*call, **consts),
-        "launcher_tensors_and_metadata": triton_run_with_tensors,
-        "fast_launcher": lambda: fast(grid, *call, **consts),
+    compiled_key = launch._args_key
+    paths = {  # name -> (launch, FastLauncher's key function while it runs)
+        "kernel[grid]": (lambda: _touch[grid](*call, **consts), compiled_key),
+        "launcher_tensors_and_metadata": (triton_run_with_tensors, compiled_key),
+        "fast_launcher_python_key": (lambda: fast(grid, *call, **consts), launch._python_args_key),
+        "fast_launcher": (lambda: fast(grid, *call, **consts), compiled_key),
     }
     want = None
-    for name, fn in paths.items():  # each path computes the same value
+    for name, (fn, key) in paths.items():  # each path computes the same value
+        launch._args_key = key
         tensors[0].fill_(float("nan"))
         fn()
         torch.cuda.synchronize()
         want = tensors[0].clone() if want is None else want
         torch.testing.assert_close(tensors[0], want, rtol=0, atol=0)
 
-    def batch(fn):
+    def batch(fn, key):
         def run() -> None:
+            launch._args_key = key
             for _ in range(args.launches):
                 fn()
             torch.cuda.synchronize()
@@ -84,10 +90,12 @@ def main() -> None:
 
     rows = {}
     for _ in range(2):  # two rounds, interleaved, so drift on the host shows as a spread
-        for name, fn in paths.items():
-            ms = host_times(batch(fn), 5, warmup=1)
+        for name, (fn, key) in paths.items():
+            ms = host_times(batch(fn, key), 5, warmup=1)
             rows.setdefault(name, []).extend(t / args.launches * 1e3 for t in ms)
-    result = {**environment(), "arguments": {"tensors": TENSORS, "ints": INTS, "floats": 2, "constexprs": 2},
+    launch._args_key = compiled_key
+    result = {**environment(), "compiled_key": compiled_key is not launch._python_args_key,
+              "arguments": {"tensors": TENSORS, "ints": INTS, "floats": 2, "constexprs": 2},
               "launches_per_batch": args.launches,
               "us_per_launch": {n: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                 for n, v in rows.items()}}
@@ -95,7 +103,9 @@ def main() -> None:
     print(f"{'path':32s} {'us/launch':>10s} {'min':>7s} {'max':>7s}")
     for n, r in result["us_per_launch"].items():
         print(f"{n:32s} {r['median']:10.2f} {r['min']:7.2f} {r['max']:7.2f}")
-    result["fast_launcher_vs_tensors_and_metadata"] = result["us_per_launch"]["fast_launcher"]["median"] / base
+    us = {n: r["median"] for n, r in result["us_per_launch"].items()}
+    result["fast_launcher_vs_tensors_and_metadata"] = us["fast_launcher"] / base
+    result["fast_launcher_vs_python_key"] = us["fast_launcher"] / us["fast_launcher_python_key"]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"launch_overhead_{card_slug(result['card'])}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ kernel (largest first: where a graphed step's time goes, as graphs replay the sa
 steps.
 
     PYTHONPATH=. python benchmarks/lean_host_profile.py > lean_host_profile_<card>.txt
+    PYTHONPATH=. python benchmarks/lean_host_profile.py --python-key   # FastLauncher's key in Python (A/B)
 """
 from __future__ import annotations
 
@@ -66,4 +67,9 @@ def main() -> None:
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("lean_host_profile.py needs a CUDA GPU")
+    if "--python-key" in sys.argv[1:]:
+        from hmedn_fast.ops.triton import launch
+
+        launch._args_key = launch._python_args_key
+        print("FastLauncher key: Python (launch._python_args_key)")
     main()

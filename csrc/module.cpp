@@ -2,6 +2,10 @@
 // csrc/*.cpp files) when this shared library is loaded; they are reached as torch.ops.hmedn_fast.*.
 #include <pybind11/pybind11.h>
 
+namespace hmedn {
+void bind_launch_key(pybind11::module_& m);  // csrc/launch_key.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hmedn_fast compiled ops (registered under torch.ops.hmedn_fast)";
   m.def(
@@ -14,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True when the extension was compiled with the CUDA kernels of kernels/.");
+  hmedn::bind_launch_key(m);
 }

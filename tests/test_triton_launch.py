@@ -8,12 +8,28 @@ import torch
 pytest.importorskip("triton")
 
 from _simulated_gpu import SimulatedDevices, on_gpu  # noqa: E402
-from hmedn_fast.ops.triton.launch import FastLauncher, _args_key, cdiv, next_power_of_2  # noqa: E402
+from hmedn_fast.ops._ext import extension  # noqa: E402
+from hmedn_fast.ops.triton.launch import FastLauncher, _args_key, _python_args_key, cdiv, next_power_of_2  # noqa: E402
+
+KEYS = {"python": _python_args_key, "cpp": getattr(extension(), "launch_key", None)}
 
 
-def test_key_separates_what_triton_specialises_on():
+def _key_impl(name):
+    if KEYS[name] is None:
+        pytest.skip("the compiled extension hmedn_fast._C is not built")
+    return KEYS[name]
+
+
+def test_the_compiled_key_is_used_when_built():
+    assert _args_key is (KEYS["cpp"] or _python_args_key)
+
+
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+def test_key_separates_what_triton_specialises_on(impl):
+    args_key = _key_impl(impl)
+
     def key(args):
-        return _args_key(args)[0]
+        return args_key(args)[0]
 
     x = torch.randn(64)
     assert key((x,)) != key((x.double(),))  # dtype
@@ -29,14 +45,39 @@ def test_key_separates_what_triton_specialises_on():
     assert key((0.5,)) == key((2.0,))
     with pytest.raises(TypeError, match="unsupported kernel argument"):
         key(("text",))
+    with pytest.raises(TypeError, match="unsupported kernel argument"):
+        key((torch.float32,))
 
 
-def test_launch_arguments_pass_cuda_pointers_as_ints_and_leave_the_rest():
+@pytest.mark.parametrize("impl", ["python", "cpp"])
+def test_launch_arguments_pass_cuda_pointers_as_ints_and_leave_the_rest(impl):
     """Triton's launcher takes an int as a pointer directly; only CUDA tensors become ints, so a CPU tensor still
     reaches Triton's own check ("cpu tensor?"), and every other argument is passed unchanged."""
     x = torch.randn(8)
-    _, run = _args_key((x, 3, 0.5, None, True))
+    _, run = _key_impl(impl)((x, 3, 0.5, None, True))
     assert run[0] is x and run[1:] == (3, 0.5, None, True)
+
+
+def test_compiled_key_separates_exactly_what_the_python_key_does():
+    """Over random argument tuples (tensors of 3 dtypes at aligned and unaligned offsets, ints around 1, 16-multiples
+    and the 32-bit limits, floats, bools, None), two tuples get equal compiled keys exactly when they get equal
+    Python keys."""
+    cpp = _key_impl("cpp")
+    gen = torch.Generator().manual_seed(0)
+    base = {dt: torch.randn(64).to(dt) for dt in (torch.float32, torch.bfloat16, torch.int64)}
+    pool = ([t[o:] for t in base.values() for o in (0, 1, 8)]
+            + [1, 0, 2, 15, 16, -16, -17, 48, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**40, 1.0, 0.5, True, False,
+               None])
+
+    def draw():
+        return tuple(pool[int(i)] for i in torch.randint(len(pool), (4,), generator=gen))
+
+    tuples = [draw() for _ in range(400)]
+    py_keys = [_python_args_key(t)[0] for t in tuples]
+    cpp_keys = [cpp(t)[0] for t in tuples]
+    for i in range(len(tuples)):
+        for j in range(i):
+            assert (py_keys[i] == py_keys[j]) == (cpp_keys[i] == cpp_keys[j]), (tuples[i], tuples[j])
 
 
 def test_int_helpers_match_triton():
