@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmedn_fast.nn import HRPathway  # noqa: E402
+from hmedn_fast.ops import measured  # noqa: E402
 from hmedn_fast.ops.norm_act import norm_act  # noqa: E402
 from hmedn_fast.train.graphed import GraphedStep  # noqa: E402
 from timing import cuda_kernel_times, cuda_times, host_times  # noqa: E402
@@ -395,6 +396,10 @@ def main() -> None:
     torch.backends.cudnn.benchmark = report["cudnn_benchmark"] = device == "cuda"
     report["pathway"] = {n: bench_case(c, device, not args.no_compile and device == "cuda", warmup, iters)
                          for n, c in cases.items()}
+    # which backend the measured choice took for every convolution signature the rows met, and the GPU times it
+    # compared (hmedn_fast.ops.measured; ms for 5 calls)
+    report["measured_choices"] = [{"signature": repr(key), "chosen": measured.remembered()[key], "ms": times}
+                                  for key, times in measured.timings().items()]
     report["norm_act"] = {n: bench_norm(c, device, warmup, iters) for n, c in cases.items()}
     if device == "cuda":
         report["cudnn_sweep"] = {n: cudnn_sweep(c, device, warmup, iters) for n, c in cases.items()}
@@ -419,6 +424,10 @@ def print_tables(report: dict) -> None:
             err = f"{r.get('features_err', float('nan')):9.1e} {r.get('grads_err', float('nan')):9.1e}"
             print(f"{impl:28s} {r['ms']:8.2f} {r['tflops']:8.1f} {peak:>9s} {r['speedup_vs_best_eager']:8.2f} "
                   f"{err} {r.get('ok', '')}")
+    if report["measured_choices"]:
+        print("\n== measured backend choices (ms of 5 calls per backend)")
+        for c in report["measured_choices"]:
+            print(f"{c['chosen']:9s} " + " ".join(f"{k}={v:.3f}" for k, v in c["ms"].items()) + f"  {c['signature']}")
     for name, res in report["norm_act"].items():
         for dt, r in res.items():
             print(f"norm_act {name} {dt}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()))

@@ -38,9 +38,10 @@ def test_fastest_runner_is_taken_and_remembered(monkeypatch):
     assert sorted(timed) == ["a", "b"]
     assert measured.choice(("op", 1), runners, "a", ()) == "b" and len(timed) == 2  # remembered, not re-timed
     assert measured.remembered() == {("op", 1): "b"}
+    assert measured.timings() == {("op", 1): {"a": 2.0, "b": 1.0}}  # what the choice was made from
     assert measured.choice(("op", 2), runners, "b", ()) == "b" and len(timed) == 4  # a new signature is timed
     measured.forget()
-    assert measured.remembered() == {}
+    assert measured.remembered() == {} and measured.timings() == {}
 
 
 def test_without_timing_the_default_is_used_and_nothing_remembered(monkeypatch):

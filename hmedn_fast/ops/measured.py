@@ -23,6 +23,7 @@ from typing import Callable, Hashable, Mapping
 import torch
 
 _CHOICES: dict[Hashable, str] = {}
+_TIMES: dict[Hashable, dict[str, float]] = {}  # what each remembered choice was made from
 
 
 def can_measure(*tensors: torch.Tensor) -> bool:
@@ -78,6 +79,7 @@ def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: 
             times = {name: _time_ms(run, reps) for name, run in runners.items()}
         except torch.cuda.OutOfMemoryError:  # timing must not fail where the default alone would run: not remembered
             return default
+    _TIMES[key] = times
     _CHOICES[key] = best = min(times, key=times.__getitem__)
     return best
 
@@ -87,9 +89,15 @@ def remembered() -> dict[Hashable, str]:
     return dict(_CHOICES)
 
 
+def timings() -> dict[Hashable, dict[str, float]]:
+    """The GPU milliseconds (``reps`` calls) each remembered choice was made from: signature -> {backend: ms}."""
+    return {key: dict(times) for key, times in _TIMES.items()}
+
+
 def forget() -> None:
-    """Drop every remembered choice (the next call of each signature is timed again)."""
+    """Drop every remembered choice and its timings (the next call of each signature is timed again)."""
     _CHOICES.clear()
+    _TIMES.clear()
 
 
-__all__ = ["can_measure", "choice", "forget", "remembered"]
+__all__ = ["can_measure", "choice", "forget", "remembered", "timings"]
