@@ -398,7 +398,8 @@ def main() -> None:
                          for n, c in cases.items()}
     # which backend the measured choice took for every convolution signature the rows met, and the GPU times it
     # compared (hmedn_fast.ops.measured; ms for 5 calls)
-    report["measured_choices"] = [{"signature": repr(key), "chosen": measured.remembered()[key], "ms": times}
+    chosen = measured.remembered()
+    report["measured_choices"] = [{"signature": repr(key), "chosen": chosen[key], "ms": times}
                                   for key, times in measured.timings().items()]
     report["norm_act"] = {n: bench_norm(c, device, warmup, iters) for n, c in cases.items()}
     if device == "cuda":

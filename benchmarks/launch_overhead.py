@@ -3,7 +3,8 @@
 (what ``FastLauncher`` did up to stop 27, without its key); ``FastLauncher`` with its Python key
 (``launch._python_args_key``) and with the compiled extension's (``launch_key``; CUDA tensors passed as
 data-pointer ints, no launch metadata without a launch-enter hook). Launches are pipelined (one synchronisation per
-2000); the kernel stores one value, so the GPU never holds the host up. Prints a table and writes ``launch_overhead_<card>.json``.
+2000); the kernel stores one value, so the GPU never holds the host up. Prints a table and writes
+``launch_overhead_<card>.json``.
 
     PYTHONPATH=. python benchmarks/launch_overhead.py --out DIR
 """

@@ -22,8 +22,7 @@ from typing import Callable, Hashable, Mapping
 
 import torch
 
-_CHOICES: dict[Hashable, str] = {}
-_TIMES: dict[Hashable, dict[str, float]] = {}  # what each remembered choice was made from
+_CHOICES: dict[Hashable, tuple[str, dict[str, float]]] = {}  # signature -> (backend, the times it was chosen from)
 
 
 def can_measure(*tensors: torch.Tensor) -> bool:
@@ -69,7 +68,7 @@ def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: 
         raise ValueError(f"default must be one of {sorted(runners)}, got {default!r}")
     remembered = _CHOICES.get(key)
     if remembered is not None:
-        return remembered
+        return remembered[0]
     device = next((t.device for t in tensors if t.is_cuda), None)
     # the capture check, the events and the GPU hold act on the current device: make it the inputs' (e.g. cuda:1)
     with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
@@ -79,25 +78,24 @@ def choice(key: Hashable, runners: Mapping[str, Callable[[], object]], default: 
             times = {name: _time_ms(run, reps) for name, run in runners.items()}
         except torch.cuda.OutOfMemoryError:  # timing must not fail where the default alone would run: not remembered
             return default
-    _TIMES[key] = times
-    _CHOICES[key] = best = min(times, key=times.__getitem__)
+    best = min(times, key=times.__getitem__)
+    _CHOICES[key] = best, times
     return best
 
 
 def remembered() -> dict[Hashable, str]:
     """A copy of the choices made so far in this process (signature -> backend)."""
-    return dict(_CHOICES)
+    return {key: backend for key, (backend, _) in _CHOICES.items()}
 
 
 def timings() -> dict[Hashable, dict[str, float]]:
     """The GPU milliseconds (``reps`` calls) each remembered choice was made from: signature -> {backend: ms}."""
-    return {key: dict(times) for key, times in _TIMES.items()}
+    return {key: dict(times) for key, (_, times) in _CHOICES.items()}
 
 
 def forget() -> None:
     """Drop every remembered choice and its timings (the next call of each signature is timed again)."""
     _CHOICES.clear()
-    _TIMES.clear()
 
 
 __all__ = ["can_measure", "choice", "forget", "remembered", "timings"]
