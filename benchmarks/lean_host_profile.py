@@ -26,6 +26,7 @@ from timing import cuda_kernel_times, host_times  # noqa: E402
 
 def main() -> None:
     case = gpu_blocks.CASES["3d_l2"]
+    torch.backends.cudnn.benchmark = True  # as gpu_blocks.py: cuDNN's tuned algorithms and the measured backend choices
     x, gf, gl = gpu_blocks.make_inputs(case, "cuda")
     for name, checkpoint in (("eager", "none"), ("lean", "lean")):
         module = gpu_blocks.build(case, "cuda", checkpoint).to(memory_format=torch.channels_last_3d)

@@ -60,10 +60,11 @@ def prefers_triton(c_in: int, c_out: int) -> bool:
 
 
 def prefers_triton_forward(c_in: int, c_out: int) -> bool:
-    """Whether the Triton forward beat cuDNN (``cudnn.benchmark``) by 10 % or more in the H200 sweep
-    (``benchmarks/results/conv_fwd_H200.txt``, bf16 channels-last 128^3): 16 -> 16 channels 1.48x, 48 -> 16 1.11x;
-    cuDNN was as fast or faster for 4, 32, 64, 80, 96 and 144 -> 16 and for the dilated 32 -> 32."""
-    return c_out == 16 and c_in in (16, 48)
+    """Whether the Triton forward beat cuDNN (``cudnn.benchmark``) by 10 % or more on the H200: 16 -> 16 channels
+    1.48x, 48 -> 16 1.11x (``benchmarks/results/conv_fwd_H200.txt``, bf16 channels-last 128^3; cuDNN as fast or
+    faster for 4, 32, 64, 80, 96 and 144 -> 16); the HR pathway's dilated 32 -> 32 at 64^3 with the box tiles of
+    stop 26: 63 vs 73 us per call for dilations 2 and 4 (``blocks_nvidia_h200_s29.json``, ``measured_choices``)."""
+    return (c_out == 16 and c_in in (16, 48)) or (c_in == 32 and c_out == 32)
 
 
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
