@@ -6,8 +6,10 @@ For each case (shapes 2x4x128^3 and 10x4x208x144, fp32 / bf16 logits, uint8 / in
 and contour term on) it first checks the fused loss and its gradients against the float64 reference on
 the GPU, then times forward + backward of: eager PyTorch (``F.cross_entropy`` + weight + contour MSE, what
 one would write by hand), ``torch.compile`` of it, and the fused op (default: one-pass with the value
-checks; ``nocheck``: one-pass without them; ``nocheck_plain``: the same launched through ``kernel[grid](...)``
-instead of :class:`~hmedn_fast.ops.triton.launch.FastLauncher`; ``2pass``: two-pass without them). Per implementation:
+checks; ``nocheck``: one-pass without them, served by the compiled fast path ``csrc/fused_loss.cpp``;
+``nocheck_python``: the same through the Python path (autograd.Function and
+:class:`~hmedn_fast.ops.triton.launch.FastLauncher`); ``nocheck_plain``: the Python path launching through
+``kernel[grid](...)``; ``2pass``: two-pass without them). Per implementation:
 wall time (host clock around synchronised batches, median), GPU kernel time (sum of the kernels'
 durations from torch.profiler), CUDA-graph replay time of the step (no launch overhead; not for the
 checked variant, which synchronises) and peak extra memory (over the inputs, gradients included). The floor is
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmedn_fast.ops import difficulty_guided_loss  # noqa: E402
+from hmedn_fast.ops import loss as loss_dispatch  # noqa: E402
+from hmedn_fast.ops._ext import extension  # noqa: E402
 from hmedn_fast.ops.triton import loss as fused  # noqa: E402
 from hmedn_fast.ops.triton.launch import FastLauncher  # noqa: E402
 from timing import cuda_kernel_times, cuda_times  # noqa: E402
@@ -78,6 +82,7 @@ def implementations(with_compile: bool) -> dict[str, Callable]:
         "eager": eager_loss,
         "fused": lambda *a: difficulty_guided_loss(*a, backend="triton"),
         "fused_nocheck": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
+        "fused_nocheck_python": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
         "fused_nocheck_plain": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
         "fused_2pass": lambda *a: fused.difficulty_guided_loss(*a, 1.0, None, None, "mean", check_values=False,
                                                                one_pass=False),
@@ -188,7 +193,7 @@ def check(case: dict, dtype: torch.dtype) -> dict:
     ref_loss.backward()
     ref = (ref_loss.detach(), ref_in["logits"].grad, ref_in["contour_logits"].grad)
     result = {}
-    for name in ("fused", "fused_2pass", "eager"):
+    for name in ("fused", "fused_nocheck", "fused_2pass", "eager"):
         fn = implementations(False)[name]
         for t in _leaves(case):
             t.grad = None
@@ -236,12 +241,13 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                          "bytes_in": nbytes_in, "bytes_grad": nbytes_grad, "check": check(case, dtype), "impls": {}}
                 for name, fn in implementations(with_compile).items():
                     FastLauncher.enabled = not name.endswith("_plain")  # plain: every launch via kernel[grid]
+                    loss_dispatch.FAST_PATH = not name.endswith(("_plain", "_python"))
                     wall = wall_time(fn, case, batches, per_batch)
                     gpu, per_kernel = kernel_time(fn, case)
                     mem = peak_extra_memory(fn, case)
                     # graph replay needs no host sync inside the step: not for the checked variant
                     graph = graph_time(fn, case) * 1e6 if name in GRAPHABLE else None
-                    FastLauncher.enabled = True
+                    FastLauncher.enabled = loss_dispatch.FAST_PATH = True
                     entry["impls"][name] = {"wall_us": wall * 1e6, "gpu_us": gpu * 1e6, "graph_us": graph,
                                             "peak_extra_bytes": mem,
                                             "memory_ratio": mem / nbytes_grad,
@@ -251,6 +257,8 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                 for base in ("eager", "compile"):
                     if base in impls:
                         entry[f"wall_speedup_vs_{base}"] = impls[base]["wall_us"] / impls["fused"]["wall_us"]
+                        entry[f"wall_speedup_nocheck_vs_{base}"] = (impls[base]["wall_us"]
+                                                                     / impls["fused_nocheck"]["wall_us"])
                         entry[f"gpu_speedup_vs_{base}"] = impls[base]["gpu_us"] / impls["fused_nocheck"]["gpu_us"]
                 entry["graph_speedup_vs_eager"] = impls["eager"]["graph_us"] / impls["fused_nocheck"]["graph_us"]
                 # the wall-time target (5x eager and torch.compile) as a time, next to autograd's own minimum
@@ -260,6 +268,9 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                 _print_case(entry)
                 del case
                 torch.cuda.empty_cache()
+    kernels = getattr(extension(), "fused_loss_kernels", dict)()
+    report["fast_path"] = {"specialisations": len(kernels), "launched_directly": sum(kernels.values())}
+    print(f"compiled fast path: {report['fast_path']}")
     out_dir.mkdir(parents=True, exist_ok=True)
     card = card_slug(report["card"])
     path = out_dir / f"loss_{card}.json"

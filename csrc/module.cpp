@@ -4,6 +4,9 @@
 
 namespace hmedn {
 void bind_launch_key(pybind11::module_& m);  // csrc/launch_key.cpp
+#ifdef HMEDN_WITH_CUDA
+void bind_fused_loss(pybind11::module_& m);  // csrc/fused_loss.cpp
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "True when the extension was compiled with the CUDA kernels of kernels/.");
   hmedn::bind_launch_key(m);
+#ifdef HMEDN_WITH_CUDA
+  hmedn::bind_fused_loss(m);
+#endif
 }

@@ -13,7 +13,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
+from hmedn_fast.ops._ext import extension
+from hmedn_fast.ops.dispatch import automatic, choose_backend, triton_unavailable
 from hmedn_fast.ops.reference import loss as reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # logits and per-voxel maps
@@ -148,6 +149,29 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
+FAST_PATH = True  # use the compiled eager fast path where it serves the call (benchmarks switch it off for A/B)
+_FAST: list = []  # [hmedn_fast._C.fused_loss, or None without it], resolved on the first call without value checks
+
+
+def _fast_path():
+    """The compiled CUDA fast path of the fused loss (``csrc/fused_loss.cpp``) set up with the Triton kernels, or
+    None where the extension has no CUDA part or Triton is missing / too old."""
+    if not _FAST:
+        ext = extension()
+        fast = getattr(ext, "fused_loss", None)
+        if fast is not None:
+            try:
+                if _triton_too_old():
+                    raise ImportError("triton < 3.3")
+                from hmedn_fast.ops.triton import loss as fused
+            except ImportError:
+                fast = None
+            else:
+                fused.setup_fast_path(ext)
+        _FAST.append(fast)
+    return _FAST[0]
+
+
 @functools.cache
 def _triton_too_old() -> bool:
     import triton
@@ -237,6 +261,13 @@ def difficulty_guided_loss(
         TypeError / ValueError naming the argument for bad dtypes, shapes, devices, options, label
         values or NaN logits, before any loss kernel runs. RuntimeError for a forced unavailable backend.
     """
+    if (FAST_PATH and not check_values and (backend == "triton" or automatic("loss", backend))
+            and not torch.compiler.is_compiling()):
+        fast = _fast_path()  # serves plain CUDA calls (csrc/fused_loss.cpp); None: this function's path below
+        out = None if fast is None else fast(logits, labels, weight, contour_logits, contour_target, alpha,
+                                             class_weight, ignore_index, reduction, return_parts)
+        if out is not None:
+            return out
     check_inputs(logits, labels, weight, contour_logits, contour_target, alpha, class_weight, ignore_index,
                  reduction, return_parts)
     if ignore_index is not None and not _representable(ignore_index, labels.dtype):

@@ -83,6 +83,31 @@ def _python_args_key(args: tuple) -> tuple[tuple, tuple]:
 _args_key = getattr(extension(), "launch_key", None) or _python_args_key
 
 
+def native_launch_info(kernel: Any) -> tuple[int, int, int, str]:
+    """``(CUfunction handle, threads per block, dynamic shared memory in bytes, parameter codes)`` of a compiled and
+    launched Triton kernel, for direct launches from C++ (``csrc/fused_loss.cpp``). Codes: one letter per runtime
+    parameter in order ("p" pointer, "i" int32, "l" int64, "f" fp32; constexprs, ints equal to 1 among them, are no
+    parameters); "" when the kernel needs more than a plain ``cuLaunchKernel`` (thread-block clusters, cooperative or
+    programmatic-dependent launches, scratch memory, over 227 KiB of shared memory) or takes other parameter types."""
+    meta = kernel.metadata
+    plain = (getattr(meta, "num_ctas", 1) == 1 and not getattr(meta, "launch_cooperative_grid", False)
+             and not getattr(meta, "launch_pdl", False) and not getattr(meta, "global_scratch_size", 0)
+             and not getattr(meta, "profile_scratch_size", 0) and meta.shared <= 227 * 1024)
+    codes = []
+    for ty in kernel.src.signature.values():
+        if ty == "constexpr":
+            continue
+        code = "p" if isinstance(ty, str) and ty.startswith("*") else _PARAM_CODES.get(ty)
+        if code is None:
+            plain = False
+            break
+        codes.append(code)
+    return kernel.function, 32 * meta.num_warps, meta.shared, "".join(codes) if plain else ""
+
+
+_PARAM_CODES = {"i32": "i", "i64": "l", "fp32": "f"}
+
+
 class FastLauncher:
     """``FastLauncher(jit_fn)(grid, *args, **constexprs)`` launches ``jit_fn[grid](*args, **constexprs)``.
 

@@ -33,7 +33,9 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.strides import flat_spatial_stride
-from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors, next_power_of_2
+from hmedn_fast.ops.triton.launch import (
+    INTERPRET, FastLauncher, cdiv, multiprocessors, native_launch_info, next_power_of_2,
+)
 
 BLOCK = 1024
 STATS_BLOCK = 4096
@@ -590,6 +592,19 @@ def _backward(ctx, grad_out, *_):
 
 
 _loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- C++ fast path
+def _launch_for_cpp(kind: int, args: tuple, constexprs: dict, grid: int) -> tuple[int, int, int, str]:
+    """Callback of ``csrc/fused_loss.cpp`` for a kernel specialisation it has not launched yet: launch it through
+    Triton (compiling it once) and describe the compiled kernel for the direct launches that follow."""
+    kernel = (_loss_kernel, _rescale_kernel)[kind][(grid,)](*args, **constexprs)
+    return native_launch_info(kernel)
+
+
+def setup_fast_path(ext) -> None:
+    """Hand this module's launch constants and :func:`_launch_for_cpp` to the compiled fast path."""
+    ext.fused_loss_setup(_launch_for_cpp, BLOCK, NUM_WARPS, PROGRAMS_PER_SM, STATS_BLOCK, RESCALE_PROGRAMS)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
