@@ -231,6 +231,7 @@ def test_fast_path_steps_aside_under_graph_capture():
     eager = loss_mod.difficulty_guided_loss(logits, labels, check_values=False)
     eager.backward()
     want = logits.grad.clone()
+    eager = eager.detach()  # frees the graph: a kept AccumulateGrad node would pin the default stream into capture
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -246,5 +247,5 @@ def test_fast_path_steps_aside_under_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert captured.grad_fn.name() != "FusedDifficultyGuidedLossBackward"  # the Python path captured it
-    assert torch.equal(captured, eager.detach()) and torch.equal(logits.grad, want)
+    assert torch.equal(captured, eager) and torch.equal(logits.grad, want)
 
