@@ -250,7 +250,8 @@ def difficulty_guided_loss(
         check_values: check label values and NaN logits before computing (one host synchronisation).
             Under ``torch.compile`` the reference backend skips this check (the fused op keeps it);
             with ``False`` out-of-range labels give meaningless values (the fused kernel clamps its
-            reads, so never a memory fault).
+            reads, so never a memory fault). With ``False``, plain CUDA calls (see ``csrc/fused_loss.cpp``)
+            run the compiled fast path: the same kernels, launched and differentiated from C++.
 
     Returns:
         The loss: 0-dim for mean / sum, (N, *spatial) for none; float32 (float64 for float64
