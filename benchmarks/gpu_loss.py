@@ -6,7 +6,8 @@ For each case (shapes 2x4x128^3 and 10x4x208x144, fp32 / bf16 logits, uint8 / in
 and contour term on) it first checks the fused loss and its gradients against the float64 reference on
 the GPU, then times forward + backward of: eager PyTorch (``F.cross_entropy`` + weight + contour MSE, what
 one would write by hand), ``torch.compile`` of it, and the fused op (default: one-pass with the value
-checks; ``nocheck``: one-pass without them, served by the compiled fast path ``csrc/fused_loss.cpp``;
+checks, served by the compiled fast path ``csrc/fused_loss.cpp``; ``python``: the same through the Python path;
+``nocheck``: one-pass without the checks, fast path;
 ``nocheck_python``: the same through the Python path (autograd.Function and
 :class:`~hmedn_fast.ops.triton.launch.FastLauncher`); ``nocheck_plain``: the Python path launching through
 ``kernel[grid](...)``; ``2pass``: two-pass without them). Per implementation:
@@ -81,6 +82,7 @@ def implementations(with_compile: bool) -> dict[str, Callable]:
     impls = {
         "eager": eager_loss,
         "fused": lambda *a: difficulty_guided_loss(*a, backend="triton"),
+        "fused_python": lambda *a: difficulty_guided_loss(*a, backend="triton"),
         "fused_nocheck": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
         "fused_nocheck_python": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),
         "fused_nocheck_plain": lambda *a: difficulty_guided_loss(*a, backend="triton", check_values=False),

@@ -4,12 +4,13 @@
 // ~40 launch arguments built in Python, and a Python backward run on the autograd thread under the GIL).
 //
 // fused_loss(logits, labels, weight, contour_logits, contour_target, alpha, class_weight, ignore_index, reduction,
-// return_parts) serves the common case only: plain CUDA tensors on one device, fp32/fp16/bf16 logits whose spatial
-// dims flatten to one stride, contiguous labels / maps / class weights that need no gradient, reduction "mean"
-// (without ignore_index: that divisor is a device count) or "sum", outside CUDA-graph capture and without
+// return_parts, check_values) serves the common case only: plain CUDA tensors on one device, fp32/fp16/bf16 logits
+// whose spatial dims flatten to one stride, contiguous labels / maps / class weights that need no gradient, reduction
+// "mean" (without ignore_index: that divisor is a device count) or "sum", outside CUDA-graph capture and without
 // torch function / dispatch modes. Anything else returns None and the Python path (hmedn_fast.ops.loss) handles the
-// call, including every error message, so this file reports no input errors of its own. Value checks
-// (check_values=True) always take the Python path.
+// call, including every error message, so this file reports no input errors of its own. With check_values the
+// label range and NaN checks run here too (values_look_valid); if they find anything, the Python path takes the call
+// and raises.
 //
 // Kernels: the first launch of each specialisation goes through a Python callback (fused_loss_setup) that launches
 // it with Triton (compiling it once) and returns the compiled function's handle, block size, shared memory and
@@ -348,9 +349,20 @@ struct FusedLossBackward : public torch::autograd::Node {
 };
 
 // ------------------------------------------------------------------------------------------ forward
+// check_values: every label in [0, K) and no NaN in the logits or contour logits (a NaN sum: also +inf with -inf),
+// with one host synchronisation (the GIL released meanwhile). False sends the call to the Python path, whose checks
+// raise the precise error (an ignore_index label, or an infinite-sum false alarm, passes there).
+bool values_look_valid(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor* cl, int64_t k) {
+  const auto [low, high] = at::aminmax(labels);
+  at::Tensor bad = low.lt(0).logical_or_(high.ge(k)).logical_or_(at::isnan(logits.sum(at::kFloat)));
+  if (cl != nullptr) bad.logical_or_(at::isnan(cl->sum(at::kFloat)));
+  py::gil_scoped_release no_gil;
+  return !bad.item<bool>();
+}
+
 py::object fused_loss(py::handle logits_h, py::handle labels_h, py::handle weight_h, py::handle cl_h,
                       py::handle ct_h, py::handle alpha_h, py::handle cw_h, py::handle ignore_h,
-                      py::handle reduction_h, py::handle return_parts_h) {
+                      py::handle reduction_h, py::handle return_parts_h, py::handle check_values_h) {
   const py::object none = py::none();
   if (config.compile == nullptr) return none;
   const at::Tensor* logits_p = plain_tensor(logits_h);
@@ -368,6 +380,7 @@ py::object fused_loss(py::handle logits_h, py::handle labels_h, py::handle weigh
     return none;  // "none" (and anything invalid) takes the Python path
   }
   if (return_parts_h.ptr() != Py_True && return_parts_h.ptr() != Py_False) return none;
+  if (check_values_h.ptr() != Py_True && check_values_h.ptr() != Py_False) return none;
   const bool return_parts = return_parts_h.ptr() == Py_True;
   double alpha;
   if (PyFloat_CheckExact(alpha_h.ptr())) {
@@ -455,6 +468,7 @@ py::object fused_loss(py::handle logits_h, py::handle labels_h, py::handle weigh
   c10::cuda::CUDAGuard guard(device);
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return none;
   const CUstream stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  if (check_values_h.ptr() == Py_True && !values_look_valid(logits, labels, cl, k)) return none;
 
   // buffers (as hmedn_fast/ops/triton/loss.py's _forward and _launch)
   at::Tensor out = at::empty({4}, logits.options().dtype(at::kFloat));

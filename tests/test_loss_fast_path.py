@@ -69,15 +69,16 @@ def _options(seed: int) -> dict:
     label_dtype = r.choice(["uint8", "int16", "int32", "int64"])
     # an ignore_index some label can equal needs a device count as the divisor of a mean: the Python path's case
     unmatched = label_dtype == "uint8" or reduction == "sum"  # -100 fits no uint8 label
+    ignore_index = r.choice([None, None] + ([-100] if unmatched else []) + ([5] if reduction == "sum" else []))
     return dict(
         two_d=two_d, n=r.choice([1, 2, 3]), k=r.choice([2, 3, 5, 9]),
         low=[r.choice([3, 5, 8]), r.choice([6, 11]), r.choice([7, 16])][1 if two_d else 0:],
         factor=r.choice([1, 1, 2]), dtype=r.choice(["float32", "float16", "bfloat16"]),
-        label_dtype=label_dtype, channels_last=r.random() < 0.3, reduction=reduction,
-        ignore_index=r.choice([None, None] + ([-100] if unmatched else []) + ([5] if reduction == "sum" else [])),
+        label_dtype=label_dtype, channels_last=r.random() < 0.3, reduction=reduction, ignore_index=ignore_index,
         weight=r.choice([None, "flat", "channel"]), contour=r.choice([None, "channel", "flat"]),
         alpha=r.choice([0.7, 0.0, 2]), class_weight=r.random() < 0.5, return_parts=r.random() < 0.4,
         contour_grad=r.random() < 0.8, upstream=[r.choice([1.0, 3.0, -0.5]) for _ in range(3)],
+        check_values=r.random() < 0.3 and (ignore_index is None or ignore_index < 0),  # ignored 5s: Python path
     )
 
 
@@ -117,7 +118,7 @@ def test_cases_cover_the_options():
                   label_dtype={"uint8", "int16", "int32", "int64"}, channels_last={True, False},
                   reduction={"mean", "sum"}, ignore_index={None, -100, 5}, weight={None, "flat", "channel"},
                   contour={None, "channel", "flat"}, alpha={0.7, 0.0, 2}, class_weight={True, False},
-                  return_parts={True, False}, contour_grad={True, False})
+                  return_parts={True, False}, contour_grad={True, False}, check_values={True, False})
     for key, values in wanted.items():
         assert {o[key] for o in drawn} == values, key
     assert any(o["return_parts"] and 1.0 not in o["upstream"][:2] for o in drawn)  # rescaling that moves data
@@ -138,7 +139,7 @@ def _run(case: dict, fast: bool, dtype: torch.dtype | None = None):
         out = loss_mod.difficulty_guided_loss(
             z, case["labels"], case["weight"], c, case["contour_target"], case["alpha"], case["class_weight"],
             case["ignore_index"], case["reduction"], backend="reference" if dtype is not None else None,
-            return_parts=case["return_parts"], check_values=False)
+            return_parts=case["return_parts"], check_values=case["check_values"])
     finally:
         loss_mod.FAST_PATH = old
     outs = out if isinstance(out, tuple) else (out,)
@@ -183,14 +184,24 @@ def test_fast_path_serves_only_what_it_can():
     fast = _fast()
     logits = torch.randn(2, 3, 4, 6, 8, device="cuda", requires_grad=True)
     labels = torch.randint(0, 3, (2, 4, 6, 8), device="cuda", dtype=torch.uint8)
-    args = [logits, labels, None, None, None, 1.0, None, None, "mean", False]
+    args = [logits, labels, None, None, None, 1.0, None, None, "mean", False, True]
     assert fast(*args) is not None
+    bad_labels, nan_logits = labels.clone(), logits.detach().clone()
+    bad_labels[1, 2, 3, 4] = 3
+    nan_logits[0, 1, 2, 3, 4] = float("nan")
     for i, value in ((8, "none"), (7, 2), (5, -1.0), (5, True), (0, logits.double()), (1, labels.cpu()),
-                     (1, labels.float()), (2, torch.rand(2, 4, 6, 9, device="cuda")), (9, 1), (1, labels[:, :2])):
+                     (1, labels.float()), (2, torch.rand(2, 4, 6, 9, device="cuda")), (9, 1), (1, labels[:, :2]),
+                     (10, 1), (1, bad_labels), (0, nan_logits)):
         bad = list(args)
         bad[i] = value
         assert fast(*bad) is None, (i, value)
-    # value errors still come from the Python checks with the fast path on
+    # with the checks off the fast path computes what it is given (the kernel clamps labels)
+    assert fast(*args[:1], bad_labels, *args[2:10], False) is not None
+    # errors still come from the Python checks with the fast path on
+    with pytest.raises(ValueError, match="labels must lie in"):
+        loss_mod.difficulty_guided_loss(logits, bad_labels)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        loss_mod.difficulty_guided_loss(nan_logits, labels)
     with pytest.raises(ValueError, match="weight"):
         loss_mod.difficulty_guided_loss(logits, labels, torch.rand(2, 4, 6, 9, device="cuda"), check_values=False)
     with pytest.raises(ValueError, match="reduction"):

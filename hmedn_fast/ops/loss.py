@@ -150,7 +150,7 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
 
 # ----------------------------------------------------------------------------------------------- dispatch
 FAST_PATH = True  # use the compiled eager fast path where it serves the call (benchmarks switch it off for A/B)
-_FAST: list = []  # [hmedn_fast._C.fused_loss, or None without it], resolved on the first call without value checks
+_FAST: list = []  # [hmedn_fast._C.fused_loss, or None without it], resolved on the first call
 
 
 def _fast_path():
@@ -250,8 +250,8 @@ def difficulty_guided_loss(
         check_values: check label values and NaN logits before computing (one host synchronisation).
             Under ``torch.compile`` the reference backend skips this check (the fused op keeps it);
             with ``False`` out-of-range labels give meaningless values (the fused kernel clamps its
-            reads, so never a memory fault). With ``False``, plain CUDA calls (see ``csrc/fused_loss.cpp``)
-            run the compiled fast path: the same kernels, launched and differentiated from C++.
+            reads, so never a memory fault). Plain CUDA calls (see ``csrc/fused_loss.cpp``) run the
+            compiled fast path, checks included: the same kernels, launched and differentiated from C++.
 
     Returns:
         The loss: 0-dim for mean / sum, (N, *spatial) for none; float32 (float64 for float64
@@ -262,11 +262,10 @@ def difficulty_guided_loss(
         TypeError / ValueError naming the argument for bad dtypes, shapes, devices, options, label
         values or NaN logits, before any loss kernel runs. RuntimeError for a forced unavailable backend.
     """
-    if (FAST_PATH and not check_values and (backend == "triton" or automatic("loss", backend))
-            and not torch.compiler.is_compiling()):
+    if FAST_PATH and (backend == "triton" or automatic("loss", backend)) and not torch.compiler.is_compiling():
         fast = _fast_path()  # serves plain CUDA calls (csrc/fused_loss.cpp); None: this function's path below
         out = None if fast is None else fast(logits, labels, weight, contour_logits, contour_target, alpha,
-                                             class_weight, ignore_index, reduction, return_parts)
+                                             class_weight, ignore_index, reduction, return_parts, check_values)
         if out is not None:
             return out
     check_inputs(logits, labels, weight, contour_logits, contour_target, alpha, class_weight, ignore_index,
