@@ -274,13 +274,14 @@ bool map_ok(const at::Tensor* t, const at::Device& device, int64_t n, at::IntArr
   return s.slice(skip).equals(full);
 }
 
-std::map<std::pair<int, CUstream>, at::Tensor> counters;  // per device and stream; used with the GIL held
-
+// The loss kernel's int32 ticket, reset to 0 by its last program: one per device and stream (launches on a stream run
+// in order), made once and used with the GIL held. Never freed: no CUDA memory is released after the driver shuts down.
 at::Tensor ticket_counter(const at::Tensor& like, CUstream stream) {
-  auto key = std::make_pair(static_cast<int>(like.get_device()), stream);
-  auto it = counters.find(key);
-  if (it != counters.end()) return it->second;
-  return counters[key] = at::zeros({1}, like.options().dtype(at::kInt));
+  static auto* counters = new std::map<std::pair<int, CUstream>, at::Tensor>();
+  const auto key = std::make_pair(static_cast<int>(like.get_device()), stream);
+  auto it = counters->find(key);
+  if (it != counters->end()) return it->second;
+  return (*counters)[key] = at::zeros({1}, like.options().dtype(at::kInt));
 }
 
 // ------------------------------------------------------------------------------------------ backward
