@@ -262,7 +262,7 @@ def difficulty_guided_loss(
         TypeError / ValueError naming the argument for bad dtypes, shapes, devices, options, label
         values or NaN logits, before any loss kernel runs. RuntimeError for a forced unavailable backend.
     """
-    if FAST_PATH and (backend == "triton" or automatic("loss", backend)) and not torch.compiler.is_compiling():
+    if FAST_PATH and not torch.compiler.is_compiling() and (backend == "triton" or automatic("loss", backend)):
         fast = _fast_path()  # serves plain CUDA calls (csrc/fused_loss.cpp); None: this function's path below
         out = None if fast is None else fast(logits, labels, weight, contour_logits, contour_target, alpha,
                                              class_weight, ignore_index, reduction, return_parts, check_values)
