@@ -45,6 +45,8 @@
 #include <variant>
 #include <vector>
 
+#include "launch_key.h"
+
 namespace py = pybind11;
 
 namespace hmedn {
@@ -98,18 +100,16 @@ using Arg = std::variant<at::Tensor, int64_t, double>;
 struct Launch {
   int kind = 0;  // 0 the loss kernel, 1 the rescale kernel (index into the callback's kernel list)
   std::vector<Arg> args;
-  std::vector<std::pair<const char*, int64_t>> constexprs;  // bools as 0 / 1
-  std::vector<bool> constexpr_is_bool;
+  struct Constexpr {
+    const char* name;
+    int64_t value;  // bools as 0 / 1
+    bool is_bool;
+  };
+  std::vector<Constexpr> constexprs;
   int64_t grid = 1;
 
-  void constexpr_int(const char* name, int64_t v) {
-    constexprs.emplace_back(name, v);
-    constexpr_is_bool.push_back(false);
-  }
-  void constexpr_bool(const char* name, bool v) {
-    constexprs.emplace_back(name, v ? 1 : 0);
-    constexpr_is_bool.push_back(true);
-  }
+  void constexpr_int(const char* name, int64_t v) { constexprs.push_back({name, v, false}); }
+  void constexpr_bool(const char* name, bool v) { constexprs.push_back({name, v ? 1 : 0, true}); }
 
   // Per runtime argument: Triton's parameter type ('p' pointer, 'i' int32, 'l' int64, 'f' fp32; an int equal to 1
   // is a constexpr, no parameter) and the key bytes of its specialisation.
@@ -117,19 +117,16 @@ struct Launch {
     key.clear();
     key += static_cast<char>(kind);
     key += static_cast<char>(device);
-    for (const auto& [name, v] : constexprs) key.append(reinterpret_cast<const char*>(&v), sizeof v);
+    for (const Constexpr& c : constexprs) key.append(reinterpret_cast<const char*>(&c.value), sizeof c.value);
     for (const Arg& a : args) {
       if (const auto* t = std::get_if<at::Tensor>(&a)) {
-        const auto ptr = reinterpret_cast<std::uintptr_t>(t->data_ptr());
         key += 't';
-        key += static_cast<char>(static_cast<int>(t->scalar_type()) * 2 + ((ptr & 15) == 0));
+        key += tensor_key(*t);
         codes += 'p';
       } else if (const auto* i = std::get_if<int64_t>(&a)) {
-        const int64_t v = *i;
-        const bool is32 = v >= INT_MIN && v <= INT_MAX;
         key += 'i';
-        key += static_cast<char>((v == 1) | (((v & 15) == 0) << 1) | (is32 << 2));
-        if (v != 1) codes += is32 ? 'i' : 'l';
+        key += int_key(*i);
+        if (*i != 1) codes += fits_int32(*i) ? 'i' : 'l';
       } else {
         key += 'f';
         codes += 'f';
@@ -181,9 +178,8 @@ void launch_via_callback(const Launch& l, const std::string& key, const std::str
   py::tuple args(l.args.size());
   for (size_t i = 0; i < l.args.size(); ++i) args[i] = to_python(l.args[i]);
   py::dict constexprs;
-  for (size_t i = 0; i < l.constexprs.size(); ++i) {
-    const auto& [name, v] = l.constexprs[i];
-    constexprs[name] = l.constexpr_is_bool[i] ? py::object(py::bool_(v != 0)) : py::object(py::int_(v));
+  for (const Launch::Constexpr& c : l.constexprs) {
+    constexprs[c.name] = c.is_bool ? py::object(py::bool_(c.value != 0)) : py::object(py::int_(c.value));
   }
   py::handle compile(config.compile);
   py::tuple info = compile(l.kind, args, constexprs, l.grid);

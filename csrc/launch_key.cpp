@@ -8,9 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <climits>
-#include <cstdint>
 #include <string>
+
+#include "launch_key.h"
 
 namespace py = pybind11;
 
@@ -35,16 +35,15 @@ py::tuple launch_key(const py::tuple& args) {
         throw py::value_error("FastLauncher: kernel argument " + std::to_string(i) + " does not fit in 64 bits");
       }
       key += 'i';
-      key += static_cast<char>((v == 1) | (((v & 15) == 0) << 1) | ((v >= INT_MIN && v <= INT_MAX) << 2));
+      key += int_key(v);
     } else if (PyFloat_CheckExact(a)) {
       key += 'f';
     } else if (THPVariable_Check(a)) {
       const at::Tensor& t = THPVariable_Unpack(a);
-      const auto ptr = reinterpret_cast<std::uintptr_t>(t.data_ptr());
       key += 't';
-      key += static_cast<char>(static_cast<int>(t.scalar_type()) * 2 + ((ptr & 15) == 0));
+      key += tensor_key(t);
       if (t.is_cuda()) {
-        out = PyLong_FromUnsignedLongLong(ptr);
+        out = PyLong_FromUnsignedLongLong(reinterpret_cast<std::uintptr_t>(t.data_ptr()));
         if (out == nullptr) throw py::error_already_set();
       }
     } else {

@@ -212,6 +212,17 @@ def test_fast_path_serves_only_what_it_can():
     assert out.grad_fn is None and out.dtype == torch.float32
 
 
+def _steps_on_a_side_stream(logits, labels, steps: int) -> None:
+    """``steps`` unchecked forwards + backwards of the loss on a new CUDA stream (gradients reset before each)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(steps):
+            logits.grad = None
+            loss_mod.difficulty_guided_loss(logits, labels, check_values=False).backward()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 @pytest.mark.cuda
 @pytest.mark.not_interpreted
 def test_fast_path_second_backward_is_refused_and_streams_work():
@@ -223,13 +234,7 @@ def test_fast_path_second_backward_is_refused_and_streams_work():
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
     want = logits.grad.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # the ticket counter of a new stream, reused
-            logits.grad = None
-            loss_mod.difficulty_guided_loss(logits, labels, check_values=False).backward()
-    torch.cuda.current_stream().wait_stream(side)
+    _steps_on_a_side_stream(logits, labels, 3)  # the ticket counter of a new stream, reused
     assert torch.equal(logits.grad, want)
 
 
@@ -243,13 +248,7 @@ def test_fast_path_steps_aside_under_graph_capture():
     eager.backward()
     want = logits.grad.clone()
     eager = eager.detach()  # frees the graph: a kept AccumulateGrad node would pin the default stream into capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            logits.grad = None
-            loss_mod.difficulty_guided_loss(logits, labels, check_values=False).backward()
-    torch.cuda.current_stream().wait_stream(side)
+    _steps_on_a_side_stream(logits, labels, 2)  # warm-up before the capture
     graph = torch.cuda.CUDAGraph()
     logits.grad = None
     with torch.cuda.graph(graph):
