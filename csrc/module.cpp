@@ -6,6 +6,7 @@ namespace hmedn {
 void bind_launch_key(pybind11::module_& m);  // csrc/launch_key.cpp
 #ifdef HMEDN_WITH_CUDA
 void bind_fused_loss(pybind11::module_& m);  // csrc/fused_loss.cpp
+void bind_conv3x3(pybind11::module_& m);     // csrc/conv3x3.cpp
 #endif
 }
 
@@ -24,5 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   hmedn::bind_launch_key(m);
 #ifdef HMEDN_WITH_CUDA
   hmedn::bind_fused_loss(m);
+  hmedn::bind_conv3x3(m);
 #endif
 }

@@ -1,16 +1,18 @@
 """Convolutions of the lean blocks: forward (:func:`conv_forward`) and gradients (:func:`conv_backward`, input and
 weight gradient without re-running the forward).
 
-Backends of the forward: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1,
-16 or 32 output channels, bf16/fp16 channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"``
-(``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
+Backends of the forward: ``"cuda"`` (:mod:`hmedn_fast.ops.conv_mma`: the extension's tensor-core kernel for 3x3x3
+"same" convolutions of 32 -> 32 channels, bf16/fp16 channels-last, CUDA builds), ``"triton"``
+(:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1, 16 or 32 output channels, bf16/fp16
+channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"`` (``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
 same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient
-(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"triton"`` (the forward kernel on the
-channel-swapped weights with its tap offsets negated, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
+(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"cuda"`` and ``"triton"`` (each its forward kernel on
+the channel-swapped weights with the taps reversed, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
 
-Automatic choice where both can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the faster one measured on
-the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps,
-:func:`prefers_triton_forward` (H200), :func:`prefers_triton` and :func:`prefers_triton_input_grad` (H100).
+Automatic choice where several can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the fastest one measured
+on the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps: the
+CUDA kernel wherever it runs (:mod:`hmedn_fast.ops.conv_mma`), else :func:`prefers_triton_forward` (H200),
+:func:`prefers_triton` and :func:`prefers_triton_input_grad` (H100).
 ``backend=`` or ``HMEDN_BACKEND_CONV_FWD`` / ``HMEDN_BACKEND_CONV_WGRAD`` / ``HMEDN_BACKEND_CONV_DGRAD``
 (``HMEDN_BACKEND``) force one.
 """
@@ -22,9 +24,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from hmedn_fast.ops import measured
+from hmedn_fast.ops import conv_mma, measured
 from hmedn_fast.ops.copy import copy_channels_
 from hmedn_fast.ops.dispatch import automatic, choose_backend, triton_unavailable
+from hmedn_fast.ops.geometry import same_3x3_geometry_unsupported
 from hmedn_fast.ops.strides import voxel_stride
 
 
@@ -37,18 +40,19 @@ def _triton_unavailable(grad: Tensor, inp: Tensor, weight: Tensor, stride, paddi
     return unsupported(grad, inp, weight, stride, padding, dilation, groups)
 
 
-def _choose(op: str, backend: str | None, reason: str | None, prefer_triton: bool,
+def _choose(op: str, backend: str | None, reasons: Mapping[str, str | None], prefer: str,
             signature: Callable[[], Hashable], runners: Mapping[str, Callable[[], object]], tensor: Tensor) -> str:
-    """``"triton"`` or ``"reference"`` for one call of ``op``: forced (``backend=`` / ``HMEDN_BACKEND_<OP>``), else
-    where the kernel can run (``reason`` None) the faster one measured per ``signature()`` (:mod:`measured`),
-    else the static rule ``prefer_triton``. Forcing ``"triton"`` where it cannot run raises (choose_backend)."""
-    first = "triton" if prefer_triton else "reference"
-    if reason is None and automatic(op, backend):
-        first = measured.choice(signature(), runners, first, (tensor,))
-    candidates = [("triton", lambda: reason), ("reference", lambda: None)]
-    if first != "triton":
-        candidates.reverse()
-    return choose_backend(op, backend, candidates)
+    """The backend for one call of ``op``: forced (``backend=`` / ``HMEDN_BACKEND_<OP>``), else among the compiled
+    kernels that can run (``reasons[name]`` None; the others map to why not) and ``"reference"`` the fastest measured
+    per ``signature()`` (:mod:`measured`), else the static rule ``prefer`` where it can run, else ``"reference"``.
+    Forcing a kernel that cannot run raises (choose_backend)."""
+    available = [name for name, reason in reasons.items() if reason is None]
+    first = prefer if prefer in available else "reference"
+    if available and automatic(op, backend):
+        first = measured.choice(signature(), {name: runners[name] for name in [*available, "reference"]}, first,
+                                (tensor,))
+    names = [first] + [name for name in (*reasons, "reference") if name != first]
+    return choose_backend(op, backend, [(name, lambda name=name: reasons.get(name)) for name in names])
 
 
 def prefers_triton(c_in: int, c_out: int) -> bool:
@@ -87,23 +91,32 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
     cast: list[Tensor] = []  # (x, weight) in the compute dtype, made once
 
-    def triton_unavailable_here() -> str | None:
-        reason = triton_unavailable(x)
-        if reason is not None:
-            return reason
+    def kernel_reasons() -> dict[str, str | None]:
+        """Why each compiled kernel cannot run this call (None: it can); the casts are made once, only for a
+        convolution some kernel can take."""
+        reasons = {"cuda": None if x.is_cuda else "x is not a CUDA tensor", "triton": triton_unavailable(x)}
         if torch.compiler.is_compiling():
-            return "inside torch.compile"
-        from hmedn_fast.ops.triton.conv_fwd import same_3x3_unsupported, unsupported
-
-        shape_reason = same_3x3_unsupported(x, weight, stride, padding, dilation, groups)
-        if shape_reason is None and out is not None and (voxel_stride(out) is None or out.dtype != dt):
-            shape_reason = "an out tensor in the compute dtype with channels innermost"
-        if shape_reason is not None:  # before casting: no copy for a convolution the kernel cannot take
-            return shape_reason
+            shared = "inside torch.compile"
+        else:
+            shared = same_3x3_geometry_unsupported(x, weight, stride, padding, dilation, groups)
+            if shared is None and weight.shape[0] not in (16, 32):
+                shared = "16 or 32 output channels"
+            if shared is None and out is not None and (voxel_stride(out) is None or out.dtype != dt):
+                shared = "an out tensor in the compute dtype with channels innermost"
+        if shared is not None or all(reasons.values()):
+            return {name: reason or shared for name, reason in reasons.items()}
         cast[:] = [x.to(dt), weight.to(dt)]
-        return unsupported(*cast, stride, padding, dilation, groups)
+        if reasons["cuda"] is None:
+            reasons["cuda"] = conv_mma.unsupported(*cast, dilation[0], out)
+        if reasons["triton"] is None:
+            from hmedn_fast.ops.triton.conv_fwd import unsupported
+
+            reasons["triton"] = unsupported(*cast, stride, padding, dilation, groups)
+        return reasons
 
     def run(name: str, into: Tensor | None = None) -> Tensor:
+        if name == "cuda":
+            return conv_mma.conv3x3_forward(*cast, dilation[0], out=into)
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
@@ -112,12 +125,14 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         y = fn(*autocast_cast, None, stride, padding, dilation, groups)
         return y if into is None else copy_channels_(into, y)
 
-    chosen = _choose(  # measuring (the first call of a shape) runs both backends: only the chosen one writes into out
-        "conv_fwd", backend, triton_unavailable_here(),
-        weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]),
+    reasons = kernel_reasons()
+    prefer = "cuda" if reasons["cuda"] is None else (
+        "triton" if weight.ndim == 5 and prefers_triton_forward(weight.shape[1], weight.shape[0]) else "reference")
+    chosen = _choose(  # measuring (the first call of a shape) runs every backend: only the chosen one writes into out
+        "conv_fwd", backend, reasons, prefer,
         lambda: ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
                  tuple(padding), tuple(dilation), groups),
-        {"triton": lambda: run("triton"), "reference": lambda: run("reference")}, x)
+        {name: (lambda name=name: run(name)) for name in ("cuda", "triton", "reference")}, x)
     return run(chosen, out)
 
 
@@ -142,12 +157,13 @@ def conv_backward(
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
-    triton_input = need_input and _input_grad_backend(grad, w, x.shape, stride, padding, dilation, groups,
-                                                      None) == "triton"
+    input_backend = _input_grad_backend(grad, w, x.shape, stride, padding, dilation, groups, None) if need_input \
+        else "reference"
+    kernel_input = input_backend != "reference"
 
     def run(use_triton: bool) -> tuple[Tensor | None, Tensor | None]:
         gi = gw = None
-        aten_input, aten_weight = need_input and not triton_input, need_weight and not use_triton
+        aten_input, aten_weight = need_input and not kernel_input, need_weight and not use_triton
         if aten_input or aten_weight:
             gi, gw, _ = torch.ops.aten.convolution_backward(
                 grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
@@ -156,20 +172,18 @@ def conv_backward(
             from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
 
             gw = conv3x3_wgrad(grad, x, dilation[0])
-        if triton_input:
-            from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
-
-            gi = conv3x3_input_grad(grad, w, dilation[0])
+        if kernel_input:
+            gi = _input_grad(input_backend, grad, w, dilation[0])
         return gi, gw
 
     if not need_weight:
         gi, gw = run(False)
     else:
         chosen = _choose(
-            "conv_wgrad", backend, _triton_unavailable(grad, x, w, stride, padding, dilation, groups),
-            prefers_triton(w.shape[1], w.shape[0]),
+            "conv_wgrad", backend, {"triton": _triton_unavailable(grad, x, w, stride, padding, dilation, groups)},
+            "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference",
             lambda: ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
-                     tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, triton_input),
+                     tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, input_backend),
             {"triton": lambda: run(True), "reference": lambda: run(False)}, grad)
         gi, gw = run(chosen == "triton")
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
@@ -185,20 +199,35 @@ def prefers_triton_input_grad(c_in: int, c_out: int) -> bool:
 
 def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None) -> str:
-    """``"triton"`` or ``"reference"`` for this input gradient: forced, measured (``cudnn.benchmark``), or the
-    static rule :func:`prefers_triton_input_grad`."""
-    reason = triton_unavailable(grad)
-    if reason is None:
-        from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad, input_grad_unsupported
+    """``"cuda"``, ``"triton"`` or ``"reference"`` for this input gradient: forced, measured (``cudnn.benchmark``), or
+    the static rule (the CUDA kernel where it runs, else :func:`prefers_triton_input_grad`)."""
+    shared = same_3x3_geometry_unsupported(grad, weight, stride, padding, dilation, groups)
+    if shared is None and tuple(input_shape[2:]) != tuple(grad.shape[2:]):
+        shared = "padding equal to one dilation for every axis ('same' output)"
+    reasons = {"cuda": shared or conv_mma.unsupported(grad, weight, dilation[0]), "triton": triton_unavailable(grad)}
+    if reasons["triton"] is None:
+        from hmedn_fast.ops.triton.conv_fwd import input_grad_unsupported
 
-        reason = input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
+        reasons["triton"] = input_grad_unsupported(grad, weight, input_shape, stride, padding, dilation, groups)
+    prefer = "cuda" if reasons["cuda"] is None else (
+        "triton" if prefers_triton_input_grad(weight.shape[1], weight.shape[0]) else "reference")
     no_padding = [0] * (grad.ndim - 2)  # timed only for the kernel's "same" geometry: no output padding
     return _choose(
-        "conv_dgrad", backend, reason, prefers_triton_input_grad(weight.shape[1], weight.shape[0]),
+        "conv_dgrad", backend, reasons, prefer,
         lambda: ("conv_dgrad", grad.device, grad.dtype, tuple(grad.shape), grad.stride(), tuple(weight.shape),
                  tuple(dilation)),
-        {"triton": lambda: conv3x3_input_grad(grad, weight, dilation[0]),
+        {"cuda": lambda: _input_grad("cuda", grad, weight, dilation[0]),
+         "triton": lambda: _input_grad("triton", grad, weight, dilation[0]),
          "reference": lambda: _transposed(grad, weight, no_padding, stride, padding, dilation, groups)}, grad)
+
+
+def _input_grad(name: str, grad: Tensor, weight: Tensor, dilation: int) -> Tensor:
+    """The input gradient by the compiled kernel ``name`` ("cuda" or "triton")."""
+    if name == "cuda":
+        return conv_mma.conv3x3_input_grad(grad, weight, dilation)
+    from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
+
+    return conv3x3_input_grad(grad, weight, dilation)
 
 
 def _output_padding(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
@@ -233,16 +262,17 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
         input_shape: (N, C_in, *spatial) of the forward's input.
         stride, padding, dilation, groups: the convolution's.
         backend: None (automatic), ``"reference"`` (the transposed convolution, cuDNN's backward-data kernels, in
-            grad's layout) or ``"triton"`` (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_input_grad`: 3x3x3
-            "same" convolutions, stride 1, bf16/fp16 channels-last gradients; channels-last output). Automatic:
-            the faster measured per signature while ``cudnn.benchmark`` is on, else
-            :func:`prefers_triton_input_grad` where the kernel can run.
+            grad's layout), ``"triton"`` (:func:`hmedn_fast.ops.triton.conv_fwd.conv3x3_input_grad`: 3x3x3
+            "same" convolutions, stride 1, bf16/fp16 channels-last gradients; channels-last output) or ``"cuda"``
+            (:func:`hmedn_fast.ops.conv_mma.conv3x3_input_grad`: the same for 32 -> 32 channels). Automatic:
+            the fastest measured per signature while ``cudnn.benchmark`` is on, else the CUDA kernel where it runs,
+            else :func:`prefers_triton_input_grad` where the Triton kernel can run.
     """
     extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
-    if _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend) == "triton":
-        from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
-
-        return conv3x3_input_grad(grad, weight, dilation[0])
+    weight = weight.to(grad.dtype)
+    name = _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend)
+    if name != "reference":
+        return _input_grad(name, grad, weight, dilation[0])
     return _transposed(grad, weight, extra, stride, padding, dilation, groups)
 
 

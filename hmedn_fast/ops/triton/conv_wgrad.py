@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.geometry import same_3x3_geometry_unsupported
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors
 
@@ -153,20 +154,6 @@ def _wgrad_kernel(x_ptr, gy_ptr, part_ptr, NV, D, H, W, C_IN, DIL, GS, tiles_per
 
 
 _KERNEL = FastLauncher(_wgrad_kernel)
-
-
-def same_3x3_geometry_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation,
-                                  groups: int) -> str | None:
-    """Why a convolution is not a 3D 3x3x3 "same" one (stride 1, one dilation with padding = dilation, groups 1),
-    or None."""
-    if inp.ndim != 5 or weight.ndim != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
-        return "a 3D convolution with a 3x3x3 kernel"
-    if groups != 1 or tuple(stride) != (1, 1, 1):
-        return "groups 1 and stride 1"
-    d = tuple(dilation)
-    if len(set(d)) != 1 or tuple(padding) != d:
-        return "padding equal to one dilation for every axis ('same' output)"
-    return None
 
 
 def same_3x3_unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int) -> str | None:

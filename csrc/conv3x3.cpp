@@ -1,0 +1,93 @@
+// Binding of the tensor-core 3x3x3 convolution (kernels/conv3x3.cu) as hmedn_fast._C.conv3x3_mma_: checks the
+// tensors against the kernel's contract, then launches it on the current stream. The Python wrapper
+// (hmedn_fast/ops/conv_mma.py) packs the weight and allocates the output.
+#ifdef HMEDN_WITH_CUDA
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
+
+#include <string>
+
+#include "conv3x3.cuh"
+
+namespace hmedn {
+namespace {
+
+// Numbers in messages go through std::to_string, never streamed (see csrc/targets.cpp: a wrong locale facet).
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + ")";
+}
+
+// Stride between consecutive voxels of an (N, 32, D, H, W) tensor with channels innermost and the voxels of
+// each sample at one stride, else -1.
+int64_t voxel_stride_of(const at::Tensor& t) {
+  if (t.stride(1) != 1) return -1;
+  const int64_t v = t.stride(4);
+  if (t.stride(3) != v * t.size(4) || t.stride(2) != t.stride(3) * t.size(3)) return -1;
+  return v;
+}
+
+void check_volume(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(1) == 32, "conv3x3_mma_: ", name,
+                    " must be (N, 32, D, H, W), got ", shape_str(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "conv3x3_mma_: ", name, " must have x's dtype");
+  TORCH_CHECK_VALUE(t.device() == like.device(), "conv3x3_mma_: ", name, " must be on x's device");
+  const int64_t v = voxel_stride_of(t);
+  TORCH_CHECK_VALUE(v >= 32, "conv3x3_mma_: ", name,
+                    " must have channels innermost (channels-last, or a channel slice of a channels-last tensor)");
+}
+
+void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
+                  bool flip_taps) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "conv3x3_mma_: x must be a CUDA tensor");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "conv3x3_mma_: x must be bfloat16 or float16, got ", c10::toString(x.scalar_type()));
+  check_volume(x, "x", x);
+  check_volume(out, "out", x);
+  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "conv3x3_mma_: out must have x's shape ", shape_str(x.sizes()), ", got ",
+                    shape_str(out.sizes()));
+  TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(),
+                    "conv3x3_mma_: weight must be the packed contiguous (27, 32, 32) weight");
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "conv3x3_mma_: weight must have x's dtype");
+  TORCH_CHECK_VALUE(weight.device() == x.device(), "conv3x3_mma_: weight must be on x's device");
+  const int max_d = hmedn_conv3x3_max_dilation();
+  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= max_d, "conv3x3_mma_: dilation must be in [1, ", std::to_string(max_d), "], got ",
+                    std::to_string(dilation));
+  const c10::cuda::CUDAGuard guard(x.device());
+  hmedn_conv3x3_args a{};
+  a.x = x.data_ptr();
+  a.weight = weight.data_ptr();
+  a.y = out.data_ptr();
+  a.batch = x.size(0);
+  a.depth = x.size(2);
+  a.height = x.size(3);
+  a.width = x.size(4);
+  a.x_sample_stride = x.stride(0);
+  a.x_voxel_stride = voxel_stride_of(x);
+  a.y_sample_stride = out.stride(0);
+  a.y_voxel_stride = voxel_stride_of(out);
+  a.dilation = static_cast<int>(dilation);
+  a.dtype = x.scalar_type() == at::kBFloat16 ? HMEDN_CONV_BF16 : HMEDN_CONV_FP16;
+  a.flip_taps = flip_taps ? 1 : 0;
+  const cudaError_t err = hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue,
+                    "conv3x3_mma_: tensors outside the kernel's contract (16-byte aligned x and weight, voxel strides "
+                    "multiples of 8 for x and 2 for out, batch and depth <= 65535)");
+  TORCH_CHECK(err == cudaSuccess, "conv3x3_mma_: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+void bind_conv3x3(pybind11::module_& m) {
+  m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
+        pybind11::arg("dilation"), pybind11::arg("flip_taps"),
+        "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
+        "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient).");
+  m.def("conv3x3_mma_max_dilation", &hmedn_conv3x3_max_dilation, "Largest dilation conv3x3_mma_ takes.");
+}
+
+}  // namespace hmedn
+#endif  // HMEDN_WITH_CUDA

@@ -1,0 +1,234 @@
+// Tensor-core 3x3x3 "same" convolution, 32 -> 32 channels, bf16/fp16, channels-last (kernels/conv3x3.cuh).
+//
+// One block = one output tile of 16 x 16 voxels in one plane z of one sample, all 32 output channels;
+// 4 warps, each 4 rows of 16 voxels (4 m16 tiles) x 32 channels (4 n8 tiles) of mma.m16n8k16 with
+// float32 accumulators. For each kernel depth kd the block copies the input plane z + (kd - 1) d with its
+// halo, (16 + 2d) x (16 + 2d) voxels x 32 channels, and the 9 taps of that depth into shared memory
+// (cp.async, zero fill outside the volume: the "same" padding), then every one of the 9 (kh, kw) taps
+// reads its shifted 16-voxel rows straight out of that tile with ldmatrix, whose per-lane row addresses
+// make the shift free: each input element is copied once per kd instead of once per tap. Planes outside
+// the volume (the first and last d planes' missing neighbours) are skipped. Shared rows (one voxel's or
+// one weight row's 64 bytes) store their four 16-byte chunks permuted, chunk ^ ((row >> 1) & 3), so the 8
+// rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit distinct banks. The halo tile's
+// rows are padded to a multiple of 8 voxels and the dilation is a template parameter, so the permutation
+// of a tap's rows depends on the lane and kw only: six per-lane offsets, and every ldmatrix address is one
+// of them plus a per-kh base plus an immediate.
+#include "conv3x3.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+
+namespace {
+
+constexpr int kChannels = 32;
+constexpr int kRowBytes = kChannels * 2;  // one voxel's channels
+constexpr int kTile = 16;                 // output tile side (h and w)
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMTiles = kTile / kWarps;   // rows (m16 tiles) per warp
+constexpr int kTapsPerDepth = 9;
+constexpr int kWeightBytes = kTapsPerDepth * kChannels * kRowBytes;
+constexpr int kMaxDilation = 6;           // template instances
+
+__host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
+__host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
+__host__ __device__ constexpr int smem_bytes(int d) {
+  return halo_side(d) * halo_pitch(d) * kRowBytes + kWeightBytes;
+}
+
+// Byte offset of 16-byte chunk `chunk` of shared row `row`.
+__host__ __device__ constexpr uint32_t swizzled(int row, int chunk) {
+  return row * kRowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (BF16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <bool BF16, int DIL>
+__global__ void __launch_bounds__(kThreads, 4)
+conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
+               int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip) {
+  constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t wsm = slab + side * pitch * kRowBytes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int h0 = (blockIdx.x / tiles_w) * kTile, w0 = (blockIdx.x % tiles_w) * kTile;
+  const int z = blockIdx.y;
+  const int64_t n = blockIdx.z;
+  const uint16_t* xn = x + n * xs;
+  // ldmatrix rows. A (the warp's first m16 tile, tap (0, 0)): lanes 0-15 rows 0-15 at chunk 2 ks, lanes 16-31
+  // the same rows at chunk 2 ks + 1; a tap (kh, kw) and m16 tile mt add (mt + kh DIL) pitch + kw DIL rows, a
+  // multiple of 8 plus kw DIL, so the chunk permutation is that of row (lane & 15) + kw DIL. B: lanes 0-7 /
+  // 16-23 weight rows n 0-7 / 8-15 at chunk 2 ks, lanes 8-15 / 24-31 the same rows at chunk 2 ks + 1; their
+  // permutation is that of row lane & 7 whatever the tap and n block (multiples of 16 rows).
+  const int a_row0 = warp * kMTiles * pitch + (lane & 15), b_row0 = (lane & 7) + ((lane >> 4) << 3);
+  uint32_t a_off[3][2], b_off[2];
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+    for (int kw = 0; kw < 3; ++kw) a_off[kw][ks] = slab + swizzled(a_row0 + kw * DIL, 2 * ks + (lane >> 4));
+    b_off[ks] = wsm + swizzled(b_row0, 2 * ks + ((lane >> 3) & 1));
+  }
+
+  float acc[kMTiles][4][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+  for (int kd = 0; kd < 3; ++kd) {
+    const int zi = z + (kd - 1) * DIL;
+    if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
+    __syncthreads();                  // the previous depth's reads of shared memory are done
+    const uint16_t* plane = xn + static_cast<int64_t>(zi) * H * W * xv;
+    for (int i = tid; i < side * side * 4; i += kThreads) {
+      const int v = i >> 2, ch = i & 3;
+      const int yy = v / side, xx = v - yy * side;
+      const int gy = h0 - DIL + yy, gx = w0 - DIL + xx;
+      const bool in = gy >= 0 && gy < H && gx >= 0 && gx < W;
+      const uint16_t* src = in ? plane + (static_cast<int64_t>(gy) * W + gx) * xv + ch * 8 : x;
+      cp_async16(slab + swizzled(yy * pitch + xx, ch), src, in);
+    }
+    const uint16_t* wk = weight + (flip ? 2 - kd : kd) * kTapsPerDepth * kChannels * kChannels;
+    for (int i = tid; i < kTapsPerDepth * kChannels * 4; i += kThreads) {
+      const int row = i >> 2, ch = i & 3;  // row = tap * 32 + n
+      const int src = flip ? (kTapsPerDepth - 1 - row / kChannels) * kChannels + row % kChannels : row;
+      cp_async16(wsm + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();
+
+#pragma unroll 1  // a loop over kh keeps the fragments of one kernel row live, not all nine taps' (spills)
+    for (int kh = 0; kh < 3; ++kh) {
+      const uint32_t a_kh = kh * (DIL * pitch * kRowBytes), b_kh = kh * (3 * kChannels * kRowBytes);
+#pragma unroll
+      for (int kw = 0; kw < 3; ++kw) {
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          uint32_t b[2][4];
+          const uint32_t b_addr = b_off[ks] + b_kh, a_addr = a_off[kw][ks] + a_kh;
+#pragma unroll
+          for (int np = 0; np < 2; ++np) ldmatrix_x4(b_addr + (kw * kChannels + np * 16) * kRowBytes, b[np]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            uint32_t a[4];
+            ldmatrix_x4(a_addr + mt * pitch * kRowBytes, a);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+              mma16816<BF16>(acc[mt][nt], a, b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  uint16_t* yn = y + n * ys;
+  const int gid = lane >> 2, quad = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int gy = h0 + warp * kMTiles + mt;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int gx = w0 + gid + 8 * half;
+      if (gy >= H || gx >= W) continue;
+      uint16_t* out = yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        *reinterpret_cast<uint32_t*>(out + nt * 8) = pack2<BF16>(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+    }
+  }
+}
+
+int max_dilation() { return kMaxDilation; }
+
+bool valid(const hmedn_conv3x3_args* a) {
+  const auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  return a != nullptr && a->x != nullptr && a->weight != nullptr && a->y != nullptr && a->batch >= 1 &&
+         a->batch <= 65535 && a->depth >= 1 && a->depth <= 65535 && a->height >= 1 && a->width >= 1 &&
+         a->height * a->width <= INT32_MAX / kTile && a->depth * a->height * a->width <= INT32_MAX &&
+         a->dilation >= 1 && a->dilation <= max_dilation() && (a->dtype == HMEDN_CONV_BF16 || a->dtype == HMEDN_CONV_FP16) &&
+         aligned(a->x, 16) && aligned(a->weight, 16) && aligned(a->y, 4) && a->x_voxel_stride % 8 == 0 &&
+         a->x_sample_stride % 8 == 0 && a->x_voxel_stride >= kChannels && a->y_voxel_stride % 2 == 0 &&
+         a->y_sample_stride % 2 == 0 && a->y_voxel_stride >= kChannels;
+}
+
+template <bool BF16, int DIL>
+cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
+  constexpr int bytes = smem_bytes(DIL);
+  auto kernel = conv3x3_kernel<BF16, DIL>;
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  const int tiles_h = static_cast<int>((a.height + kTile - 1) / kTile);
+  const int tiles_w = static_cast<int>((a.width + kTile - 1) / kTile);
+  const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(a.depth),
+                  static_cast<unsigned>(a.batch));
+  kernel<<<grid, kThreads, bytes, stream>>>(
+      static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
+      static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
+      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0);
+  return cudaGetLastError();
+}
+
+template <bool BF16>
+cudaError_t launch_dilation(const hmedn_conv3x3_args& a, cudaStream_t stream) {
+  switch (a.dilation) {
+    case 1: return launch<BF16, 1>(a, stream);
+    case 2: return launch<BF16, 2>(a, stream);
+    case 3: return launch<BF16, 3>(a, stream);
+    case 4: return launch<BF16, 4>(a, stream);
+    case 5: return launch<BF16, 5>(a, stream);
+    case 6: return launch<BF16, 6>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" int hmedn_conv3x3_max_dilation(void) { return max_dilation(); }
+
+extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStream_t stream) {
+  if (!valid(a)) return cudaErrorInvalidValue;
+  return a->dtype == HMEDN_CONV_BF16 ? launch_dilation<true>(*a, stream) : launch_dilation<false>(*a, stream);
+}

@@ -1,0 +1,39 @@
+// Torch-free C launcher of the tensor-core 3x3x3 "same" convolution (kernels/conv3x3.cu): stride 1,
+// padding = dilation, no bias, 32 input and 32 output channels, bf16 or fp16 data, float32 accumulation.
+//
+// Layout: x and y are channels-last volumes, element (n, z, h, w, c) at
+//   n * sample_stride + ((z * H + h) * W + w) * voxel_stride + c,
+// so a channel slice of a wider channels-last buffer is accepted (voxel_stride = the buffer's channels).
+// weight is packed [27 taps (kd, kh, kw)][32 output channels][32 input channels], contiguous.
+// The input gradient of the same convolution is this convolution of the output gradient with the weight
+// flipped along the three kernel axes and its channel axes swapped: pass the weight packed as
+// [27 taps][32 input channels][32 output channels] and flip_taps = 1 (the kernel reads tap 26 - t for t).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+extern "C" {
+
+enum hmedn_conv3x3_dtype { HMEDN_CONV_BF16 = 0, HMEDN_CONV_FP16 = 1 };
+
+struct hmedn_conv3x3_args {
+  const void* x;            // input, 16-byte aligned, voxel_stride a multiple of 8
+  const void* weight;       // packed weight, 16-byte aligned
+  void* y;                  // output, 4-byte aligned, voxel_stride even
+  int64_t batch, depth, height, width;
+  int64_t x_sample_stride, x_voxel_stride;  // in elements
+  int64_t y_sample_stride, y_voxel_stride;
+  int dilation;             // 1 .. hmedn_conv3x3_max_dilation()
+  int dtype;                // hmedn_conv3x3_dtype
+  int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
+};
+
+// Largest dilation the kernel takes (its halo tile must fit in shared memory).
+int hmedn_conv3x3_max_dilation(void);
+
+// cudaErrorInvalidValue for arguments outside the contract above, else the launch's error.
+cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* args, cudaStream_t stream);
+
+}  // extern "C"

@@ -1,0 +1,130 @@
+"""Tensor-core 3x3x3 convolution (hmedn_fast.ops.conv_mma, kernels/conv3x3.cu): forward and input gradient against
+F.conv3d / its autograd in float64 on the same bf16/fp16 values (float32 accumulation, one rounding), on random
+shapes (batches, sizes smaller than the 16 x 16 tile and than the dilation, dilations 1-6), outputs poisoned before
+the kernel runs, writes into a channel slice of a wider buffer (the other channels untouched); what it declines, and
+the binding's errors. The kernel runs on CUDA only (marked ``cuda``); the CPU tests cover ``unsupported``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _rounding import assert_rounded_once
+from hmedn_fast.ops import _ext, conv_mma
+
+CL = torch.channels_last_3d
+
+
+def _case(n, size, dtype, seed, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, *size, generator=g).to(dtype).to(device).contiguous(memory_format=CL)
+    w = (torch.randn(32, 32, 3, 3, 3, generator=g) / (27 * 32) ** 0.5).to(dtype).to(device)
+    return x, w
+
+
+def test_unsupported_names_the_reason_on_cpu():
+    x, w = _case(1, (4, 5, 6), torch.bfloat16, 0, device="cpu")
+    reason = conv_mma.unsupported(x, w, 2)
+    assert reason is not None and ("CUDA" in reason)
+
+
+def _random_shapes(count: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        n = int(torch.randint(1, 3, (), generator=g))
+        size = tuple(int(v) for v in torch.randint(1, 40, (3,), generator=g))
+        d = int(torch.randint(1, 7, (), generator=g))
+        yield n, size, d
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_and_input_grad_match_float64(seed, dtype):
+    for n, size, d in _random_shapes(4, seed):
+        x, w = _case(n, size, dtype, seed)
+        assert conv_mma.unsupported(x, w, d) is None
+        out = torch.full_like(x, float("nan"))
+        y = conv_mma.conv3x3_forward(x, w, d, out=out)
+        assert y is out
+        assert_rounded_once(y, F.conv3d(x.double(), w.double(), padding=d, dilation=d), dtype)
+        # input gradient: x plays the output gradient
+        xd = x.double().requires_grad_()
+        F.conv3d(xd, w.double(), padding=d, dilation=d).backward(x.double())
+        assert_rounded_once(conv_mma.conv3x3_input_grad(x, w, d), xd.grad, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [0, 8, 32])
+def test_writes_into_a_channel_slice_only(offset):
+    x, w = _case(2, (5, 19, 33), torch.bfloat16, 7)
+    buf = torch.full((2, 72, 5, 19, 33), float("nan"), dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=CL)
+    src = torch.randn(2, 72, 5, 19, 33, device="cuda").bfloat16().contiguous(memory_format=CL)
+    src[:, offset:offset + 32] = x  # the input as a slice of a wider buffer too
+    before = buf.clone()
+    conv_mma.conv3x3_forward(src[:, offset:offset + 32], w, 3, out=buf[:, offset:offset + 32])
+    assert_rounded_once(buf[:, offset:offset + 32].contiguous(memory_format=CL),
+                        F.conv3d(x.double(), w.double(), padding=3, dilation=3), torch.bfloat16)
+    rest = torch.ones(72, dtype=torch.bool)
+    rest[offset:offset + 32] = False
+    assert torch.equal(buf[:, rest].isnan(), before[:, rest].isnan())
+
+
+@pytest.mark.cuda
+def test_declines_and_errors():
+    x, w = _case(1, (8, 8, 8), torch.bfloat16, 1)
+    assert "32 -> 32" in conv_mma.unsupported(x[:, :16].contiguous(memory_format=CL), w[:16, :16], 1)
+    assert "bfloat16 or float16" in conv_mma.unsupported(x.float(), w.float(), 1)
+    assert "channels-last" in conv_mma.unsupported(x.contiguous(), w, 1)
+    big = _ext.extension().conv3x3_mma_max_dilation() + 1
+    assert "dilation" in conv_mma.unsupported(x, w, big)
+    with pytest.raises(ValueError, match="dilation"):
+        conv_mma.conv3x3_forward(x, w, big)
+    with pytest.raises(ValueError, match="channels innermost"):
+        conv_mma.conv3x3_forward(x.contiguous(), w, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        conv_mma.conv3x3_forward(x, w, 1, out=torch.empty_like(x, dtype=torch.float16))
+
+
+def test_forcing_cuda_on_the_cpu_names_the_reason():
+    from hmedn_fast.ops.conv import conv_forward
+
+    x, w = _case(1, (4, 5, 6), torch.bfloat16, 0, device="cpu")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        conv_forward(x, w, (1, 1, 1), (2,) * 3, (2,) * 3, 1, backend="cuda")
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(conv_mma, name)
+    monkeypatch.setattr(conv_mma, name, lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.cuda
+def test_dispatch_takes_the_kernel_for_32_to_32(monkeypatch):
+    """The automatic choice runs this kernel for a 32 -> 32 "same" 3x3x3 convolution (static rule without
+    cudnn.benchmark; with it, all three backends are timed once and the fastest remembered), forward and input
+    gradient, with the float64 result rounded once; 32 -> 16 never reaches it."""
+    from hmedn_fast.ops import measured
+    from hmedn_fast.ops.conv import conv_forward, conv_input_grad
+
+    fwd, dgrad = _spy(monkeypatch, "conv3x3_forward"), _spy(monkeypatch, "conv3x3_input_grad")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    x, w = _case(2, (9, 21, 17), torch.bfloat16, 3)
+    args = ((1, 1, 1), (2,) * 3, (2,) * 3, 1)
+    assert_rounded_once(conv_forward(x, w, *args), F.conv3d(x.double(), w.double(), padding=2, dilation=2),
+                        torch.bfloat16)
+    xd = x.double().requires_grad_()
+    F.conv3d(xd, w.double(), padding=2, dilation=2).backward(x.double())
+    assert_rounded_once(conv_input_grad(x, w, x.shape, *args), xd.grad, torch.bfloat16)
+    assert len(fwd) == len(dgrad) == 1
+    conv_forward(x, w[:16], *args)
+    assert len(fwd) == 1
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    measured.forget()
+    conv_forward(x, w, *args)
+    (times,) = measured.timings().values()
+    assert sorted(times) == ["cuda", "reference", "triton"]
+    measured.forget()
