@@ -1,5 +1,6 @@
-// Binding of the tensor-core 3x3x3 convolution (kernels/conv3x3.cu) as hmedn_fast._C.conv3x3_mma_: checks the
-// tensors against the kernel's contract, then launches it on the current stream. The Python wrapper
+// Binding of the tensor-core 3x3x3 convolution (kernels/conv3x3.cu) as hmedn_fast._C.conv3x3_mma_ (forward, input
+// gradient) and conv3x3_mma_wgrad_ (weight gradient): checks the tensors against the kernels' contract, then launches
+// them on the current stream. The Python wrapper
 // (hmedn_fast/ops/conv_mma.py) packs the weight and allocates the output.
 #ifdef HMEDN_WITH_CUDA
 #include <ATen/ATen.h>
@@ -79,6 +80,45 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(err == cudaSuccess, "conv3x3_mma_: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& part, int64_t dilation) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "conv3x3_mma_wgrad_: x must be a CUDA tensor");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "conv3x3_mma_wgrad_: x must be bfloat16 or float16, got ", c10::toString(x.scalar_type()));
+  check_volume(x, "x", x);
+  check_volume(grad, "grad", x);
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "conv3x3_mma_wgrad_: grad must have x's shape ", shape_str(x.sizes()),
+                    ", got ", shape_str(grad.sizes()));
+  TORCH_CHECK_VALUE(part.dim() == 4 && part.size(0) >= 1 && part.size(0) <= 65535 && part.size(1) == 27 &&
+                        part.size(2) == 32 && part.size(3) == 32 && part.is_contiguous() &&
+                        part.scalar_type() == at::kFloat && part.device() == x.device(),
+                    "conv3x3_mma_wgrad_: part must be a contiguous float32 (splits, 27, 32, 32) tensor on x's device, "
+                    "1 <= splits <= 65535");
+  const int max_d = hmedn_conv3x3_max_dilation();
+  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= max_d, "conv3x3_mma_wgrad_: dilation must be in [1, ",
+                    std::to_string(max_d), "], got ", std::to_string(dilation));
+  const c10::cuda::CUDAGuard guard(x.device());
+  hmedn_conv3x3_wgrad_args a{};
+  a.x = x.data_ptr();
+  a.grad = grad.data_ptr();
+  a.part = part.data_ptr<float>();
+  a.batch = x.size(0);
+  a.depth = x.size(2);
+  a.height = x.size(3);
+  a.width = x.size(4);
+  a.x_sample_stride = x.stride(0);
+  a.x_voxel_stride = voxel_stride_of(x);
+  a.grad_sample_stride = grad.stride(0);
+  a.grad_voxel_stride = voxel_stride_of(grad);
+  a.dilation = static_cast<int>(dilation);
+  a.dtype = x.scalar_type() == at::kBFloat16 ? HMEDN_CONV_BF16 : HMEDN_CONV_FP16;
+  a.splits = static_cast<int>(part.size(0));
+  const cudaError_t err = hmedn_conv3x3_wgrad_cuda(&a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue,
+                    "conv3x3_mma_wgrad_: tensors outside the kernel's contract (16-byte aligned x and grad, voxel "
+                    "strides multiples of 8)");
+  TORCH_CHECK(err == cudaSuccess, "conv3x3_mma_wgrad_: CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 void bind_conv3x3(pybind11::module_& m) {
@@ -86,6 +126,9 @@ void bind_conv3x3(pybind11::module_& m) {
         pybind11::arg("dilation"), pybind11::arg("flip_taps"),
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient).");
+  m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
+        pybind11::arg("dilation"),
+        "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");
   m.def("conv3x3_mma_max_dilation", &hmedn_conv3x3_max_dilation, "Largest dilation conv3x3_mma_ takes.");
 }
 

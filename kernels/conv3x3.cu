@@ -54,6 +54,12 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
                : "r"(addr));
 }
 
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (BF16) {
@@ -79,6 +85,23 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   } else {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// Copies (cp.async) the halo tile of an output tile at (h0, w0) from one input plane: (16 + 2 DIL) rows of
+// (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
+template <int DIL, int THREADS>
+__device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restrict__ plane,
+                                          const uint16_t* __restrict__ any, int h0, int w0, int H, int W,
+                                          int64_t xv) {
+  constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
+  for (int i = threadIdx.x; i < side * side * 4; i += THREADS) {
+    const int v = i >> 2, ch = i & 3;
+    const int yy = v / side, xx = v - yy * side;
+    const int gy = h0 - DIL + yy, gx = w0 - DIL + xx;
+    const bool in = gy >= 0 && gy < H && gx >= 0 && gx < W;
+    const uint16_t* src = in ? plane + (static_cast<int64_t>(gy) * W + gx) * xv + ch * 8 : any;
+    cp_async16(slab + swizzled(yy * pitch + xx, ch), src, in);
   }
 }
 
@@ -121,15 +144,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     const int zi = z + (kd - 1) * DIL;
     if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
     __syncthreads();                  // the previous depth's reads of shared memory are done
-    const uint16_t* plane = xn + static_cast<int64_t>(zi) * H * W * xv;
-    for (int i = tid; i < side * side * 4; i += kThreads) {
-      const int v = i >> 2, ch = i & 3;
-      const int yy = v / side, xx = v - yy * side;
-      const int gy = h0 - DIL + yy, gx = w0 - DIL + xx;
-      const bool in = gy >= 0 && gy < H && gx >= 0 && gx < W;
-      const uint16_t* src = in ? plane + (static_cast<int64_t>(gy) * W + gx) * xv + ch * 8 : x;
-      cp_async16(slab + swizzled(yy * pitch + xx, ch), src, in);
-    }
+    load_halo<DIL, kThreads>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* wk = weight + (flip ? 2 - kd : kd) * kTapsPerDepth * kChannels * kChannels;
     for (int i = tid; i < kTapsPerDepth * kChannels * 4; i += kThreads) {
       const int row = i >> 2, ch = i & 3;  // row = tap * 32 + n
@@ -180,6 +195,115 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   }
 }
 
+// ---- weight gradient ------------------------------------------------------------------------------
+// dW[tap][co][ci] = sum_v dY[v][co] X[v + shift(tap)][ci]. Block (split, kd): 6 warps, warp = (kh, half of the
+// tile's 16 rows); it walks the output tiles split, split + splits, ... (those whose input plane z + (kd - 1) d
+// exists), copying the output gradient's 16 x 16 tile and the input plane's halo tile into shared memory, and
+// each warp accumulates its three taps (kh, kw = 0..2) as mma.m16n8k16 with M = 32 output channels (dY^T, an
+// ldmatrix.trans of the gradient rows), N = 32 input channels (the shifted input rows, ldmatrix.trans) and K =
+// the 16 voxels of one tile row. At the end the two halves are summed in shared memory and the block writes its
+// 9 taps to part[split][kd * 9 + tap] (float32); the caller sums over the splits.
+constexpr int kWgradWarps = 6;
+constexpr int kWgradThreads = 32 * kWgradWarps;
+constexpr int kTileBytes = kTile * kTile * kRowBytes;
+__host__ __device__ constexpr int wgrad_smem_bytes(int d) {
+  return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes;  // >= 9 x 32 x 32 floats for the final sum
+}
+
+template <bool BF16, int DIL>
+__global__ void __launch_bounds__(kWgradThreads, 2)
+conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, float* __restrict__ part,
+                     int D, int H, int W, int tiles_h, int tiles_w, int tiles, int64_t xs, int64_t xv, int64_t gs,
+                     int64_t gv) {
+  constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
+  static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * kChannels * 4, "room for the final sum");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t gsm = slab + side * pitch * kRowBytes;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kh = warp % 3, half = warp / 3, kd = blockIdx.y;
+  // ldmatrix.trans rows (matrix j = lane >> 3). A = dY^T (M = channels, K = voxels): voxels 0-7 / 8-15 of the
+  // k-step's row for j >> 1, channel chunk 2 mt + (j & 1). B = shifted input (K = voxels, N = channels): voxels
+  // 0-7 / 8-15 for j & 1, chunk 2 p + (j >> 1) (n8 tiles 2p, 2p + 1). Row offsets of tile rows and kh are
+  // multiples of 8 voxels: the chunk permutation depends on the lane and kw only.
+  const int j = lane >> 3;
+  uint32_t a_off[2], b_off[3][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) a_off[mt] = gsm + swizzled((lane & 7) + ((j >> 1) << 3), 2 * mt + (j & 1));
+#pragma unroll
+  for (int kw = 0; kw < 3; ++kw)
+#pragma unroll
+    for (int p = 0; p < 2; ++p)
+      b_off[kw][p] = slab + swizzled((lane & 7) + ((j & 1) << 3) + kw * DIL, 2 * p + (j >> 1));
+  const uint32_t a_warp = half * 8 * kTile * kRowBytes, b_warp = (half * 8 + kh * DIL) * pitch * kRowBytes;
+
+  float acc[3][2][4][4];
+#pragma unroll
+  for (int kw = 0; kw < 3; ++kw)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[kw][mt][nt][e] = 0.f;
+
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int tw = t % tiles_w, rest = t / tiles_w, th = rest % tiles_h, zn = rest / tiles_h;
+    const int z = zn % D, zi = z + (kd - 1) * DIL;
+    if (zi < 0 || zi >= D) continue;  // block-uniform
+    const int64_t n = zn / D;
+    const int h0 = th * kTile, w0 = tw * kTile;
+    __syncthreads();  // the previous tile's reads of shared memory are done
+    load_halo<DIL, kWgradThreads>(slab, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    const uint16_t* gp = g + n * gs + static_cast<int64_t>(z) * H * W * gv;
+    for (int i = tid; i < kTile * kTile * 4; i += kWgradThreads) {
+      const int v = i >> 2, ch = i & 3, gy = h0 + v / kTile, gx = w0 + v % kTile;
+      const bool in = gy < H && gx < W;
+      cp_async16(gsm + swizzled(v, ch), in ? gp + (static_cast<int64_t>(gy) * W + gx) * gv + ch * 8 : g, in);
+    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();
+#pragma unroll 2
+    for (int r = 0; r < 8; ++r) {  // k-step: row half * 8 + r of the tile
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a_off[mt] + a_warp + r * kTile * kRowBytes, a[mt]);
+#pragma unroll
+      for (int kw = 0; kw < 3; ++kw) {
+        uint32_t b[2][4];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) ldmatrix_x4_trans(b_off[kw][p] + b_warp + r * pitch * kRowBytes, b[p]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+            mma16816<BF16>(acc[kw][mt][nt], a[mt], b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
+      }
+    }
+  }
+
+  __syncthreads();  // shared memory becomes the halves' sum
+  float* red = reinterpret_cast<float*>(smem);
+  float* out = part + (static_cast<int64_t>(blockIdx.x) * 27 + kd * kTapsPerDepth) * kChannels * kChannels;
+  const int gid = lane >> 2, q = lane & 3;
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+    for (int kw = 0; kw < 3; ++kw)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int co = mt * 16 + gid + 8 * (e >> 1), ci = nt * 8 + 2 * q + (e & 1);
+            const int k = ((kh * 3 + kw) * kChannels + co) * kChannels + ci;
+            if (pass == 0 && half == 1) red[k] = acc[kw][mt][nt][e];
+            if (pass == 1 && half == 0) out[k] = acc[kw][mt][nt][e] + red[k];
+          }
+    __syncthreads();
+  }
+}
+
 int max_dilation() { return kMaxDilation; }
 
 bool valid(const hmedn_conv3x3_args* a) {
@@ -224,7 +348,51 @@ cudaError_t launch_dilation(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   }
 }
 
+template <bool BF16, int DIL>
+cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
+  constexpr int bytes = wgrad_smem_bytes(DIL);
+  auto kernel = conv3x3_wgrad_kernel<BF16, DIL>;
+  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) return err;
+  const int tiles_h = static_cast<int>((a.height + kTile - 1) / kTile);
+  const int tiles_w = static_cast<int>((a.width + kTile - 1) / kTile);
+  const int64_t tiles = a.batch * a.depth * tiles_h * tiles_w;
+  if (tiles > INT32_MAX) return cudaErrorInvalidValue;
+  kernel<<<dim3(static_cast<unsigned>(a.splits), 3), kWgradThreads, bytes, stream>>>(
+      static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.grad), a.part, static_cast<int>(a.depth),
+      static_cast<int>(a.height), static_cast<int>(a.width), tiles_h, tiles_w, static_cast<int>(tiles),
+      a.x_sample_stride, a.x_voxel_stride, a.grad_sample_stride, a.grad_voxel_stride);
+  return cudaGetLastError();
+}
+
+template <bool BF16>
+cudaError_t launch_wgrad_dilation(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
+  switch (a.dilation) {
+    case 1: return launch_wgrad<BF16, 1>(a, stream);
+    case 2: return launch_wgrad<BF16, 2>(a, stream);
+    case 3: return launch_wgrad<BF16, 3>(a, stream);
+    case 4: return launch_wgrad<BF16, 4>(a, stream);
+    case 5: return launch_wgrad<BF16, 5>(a, stream);
+    case 6: return launch_wgrad<BF16, 6>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
+
+extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* a, cudaStream_t stream) {
+  const auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  if (a == nullptr || a->x == nullptr || a->grad == nullptr || a->part == nullptr || a->batch < 1 ||
+      a->depth < 1 || a->height < 1 || a->width < 1 || a->depth * a->height * a->width > INT32_MAX ||
+      a->height * a->width > INT32_MAX / kTile || a->dilation < 1 || a->dilation > kMaxDilation || a->splits < 1 ||
+      a->splits > 65535 || !(a->dtype == HMEDN_CONV_BF16 || a->dtype == HMEDN_CONV_FP16) || !aligned(a->x, 16) ||
+      !aligned(a->grad, 16) || a->x_voxel_stride % 8 || a->x_sample_stride % 8 || a->grad_voxel_stride % 8 ||
+      a->grad_sample_stride % 8 || a->x_voxel_stride < kChannels || a->grad_voxel_stride < kChannels)
+    return cudaErrorInvalidValue;
+  return a->dtype == HMEDN_CONV_BF16 ? launch_wgrad_dilation<true>(*a, stream)
+                                     : launch_wgrad_dilation<false>(*a, stream);
+}
 
 extern "C" int hmedn_conv3x3_max_dilation(void) { return max_dilation(); }
 

@@ -30,6 +30,23 @@ struct hmedn_conv3x3_args {
   int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
 };
 
+// Weight gradient of the same convolution: part[split][tap][co][ci] (float32, (splits, 27, 32, 32) contiguous)
+// holds each split's partial sums over the voxels; the gradient (27, 32 out, 32 in) is their sum over split.
+// x is the convolution's input, grad its output gradient (same layout contract as x above).
+struct hmedn_conv3x3_wgrad_args {
+  const void* x;
+  const void* grad;
+  float* part;
+  int64_t batch, depth, height, width;
+  int64_t x_sample_stride, x_voxel_stride;
+  int64_t grad_sample_stride, grad_voxel_stride;
+  int dilation;
+  int dtype;
+  int splits;               // 1 .. 65535: blocks per kernel depth
+};
+
+cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* args, cudaStream_t stream);
+
 // Largest dilation the kernel takes (its halo tile must fit in shared memory).
 int hmedn_conv3x3_max_dilation(void);
 

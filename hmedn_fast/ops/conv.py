@@ -4,10 +4,12 @@ weight gradient without re-running the forward).
 Backends of the forward: ``"cuda"`` (:mod:`hmedn_fast.ops.conv_mma`: the extension's tensor-core kernel for 3x3x3
 "same" convolutions of 32 -> 32 channels, bf16/fp16 channels-last, CUDA builds), ``"triton"``
 (:mod:`hmedn_fast.ops.triton.conv_fwd`: 3x3x3 "same" convolutions, stride 1, 16 or 32 output channels, bf16/fp16
-channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"`` (``F.conv2d`` / ``F.conv3d``). Backends of the weight gradient: ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv_wgrad`,
-same shapes) and ``"reference"`` (``aten.convolution_backward``, any convolution). The input gradient
-(:func:`conv_input_grad`, also used by :func:`conv_backward`): ``"cuda"`` and ``"triton"`` (each its forward kernel on
-the channel-swapped weights with the taps reversed, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
+channels-last input, CUDA or ``TRITON_INTERPRET=1``) and ``"reference"`` (``F.conv2d`` / ``F.conv3d``).
+Backends of the weight gradient: ``"cuda"`` (:func:`hmedn_fast.ops.conv_mma.conv3x3_wgrad`, 32 -> 32), ``"triton"``
+(:mod:`hmedn_fast.ops.triton.conv_wgrad`, same shapes as its forward) and ``"reference"``
+(``aten.convolution_backward``, any convolution). The input gradient (:func:`conv_input_grad`, also used by
+:func:`conv_backward`): ``"cuda"`` and ``"triton"`` (each its forward kernel on the channel-swapped weights with the
+taps reversed, same shapes) and ``"reference"`` (cuDNN's backward-data kernels).
 
 Automatic choice where several can run: with ``torch.backends.cudnn.benchmark`` on (CUDA), the fastest one measured
 on the first call of each shape (:mod:`hmedn_fast.ops.measured`); otherwise the static rules from the sweeps: the
@@ -149,11 +151,12 @@ def conv_backward(
         weight: (C_out, C_in / groups, *kernel) (cast to grad's dtype).
         stride, padding, dilation, groups: the convolution's.
         need_input, need_weight: which gradients to compute (None for the other).
-        backend: weight-gradient backend, None (automatic), ``"triton"`` or ``"reference"``. The input gradient's
-            backend is chosen as in :func:`conv_input_grad` (``HMEDN_BACKEND_CONV_DGRAD`` forces one).
+        backend: weight-gradient backend, None (automatic), ``"cuda"`` (:func:`hmedn_fast.ops.conv_mma.conv3x3_wgrad`,
+            32 -> 32 "same" 3x3x3), ``"triton"`` or ``"reference"``. The input gradient's backend is chosen as in
+            :func:`conv_input_grad` (``HMEDN_BACKEND_CONV_DGRAD`` forces one).
     Returns:
-        ``(grad_input, grad_weight)``: grad_input in inp's dtype, grad_weight in weight's dtype (the Triton
-        kernel accumulates in float32 and rounds once to it; ATen's in grad's dtype first).
+        ``(grad_input, grad_weight)``: grad_input in inp's dtype, grad_weight in weight's dtype (the CUDA and Triton
+        kernels accumulate in float32 and round once to it; ATen's in grad's dtype first).
     """
     dt = grad.dtype
     x, w = inp.to(dt), weight.to(dt)
@@ -161,14 +164,16 @@ def conv_backward(
         else "reference"
     kernel_input = input_backend != "reference"
 
-    def run(use_triton: bool) -> tuple[Tensor | None, Tensor | None]:
+    def run(weight_backend: str) -> tuple[Tensor | None, Tensor | None]:
         gi = gw = None
-        aten_input, aten_weight = need_input and not kernel_input, need_weight and not use_triton
+        aten_input, aten_weight = need_input and not kernel_input, need_weight and weight_backend == "reference"
         if aten_input or aten_weight:
             gi, gw, _ = torch.ops.aten.convolution_backward(
                 grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
                 [aten_input, aten_weight, False])
-        if use_triton:
+        if weight_backend == "cuda":
+            gw = conv_mma.conv3x3_wgrad(grad, x, dilation[0])
+        elif weight_backend == "triton":
             from hmedn_fast.ops.triton.conv_wgrad import conv3x3_wgrad
 
             gw = conv3x3_wgrad(grad, x, dilation[0])
@@ -177,15 +182,19 @@ def conv_backward(
         return gi, gw
 
     if not need_weight:
-        gi, gw = run(False)
+        gi, gw = run("none")
     else:
+        geometry = same_3x3_geometry_unsupported(x, w, stride, padding, dilation, groups)
+        reasons = {"cuda": geometry or conv_mma.wgrad_unsupported(grad, x, dilation[0]),
+                   "triton": _triton_unavailable(grad, x, w, stride, padding, dilation, groups)}
+        prefer = "cuda" if reasons["cuda"] is None else (
+            "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference")
         chosen = _choose(
-            "conv_wgrad", backend, {"triton": _triton_unavailable(grad, x, w, stride, padding, dilation, groups)},
-            "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference",
+            "conv_wgrad", backend, reasons, prefer,
             lambda: ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
                      tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, input_backend),
-            {"triton": lambda: run(True), "reference": lambda: run(False)}, grad)
-        gi, gw = run(chosen == "triton")
+            {name: (lambda name=name: run(name)) for name in ("cuda", "triton", "reference")}, grad)
+        gi, gw = run(chosen)
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
 
 

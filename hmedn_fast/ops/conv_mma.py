@@ -4,7 +4,9 @@ copies an input plane with its halo into shared memory once per kernel depth and
 it (the Triton kernels load every shifted tile separately).
 
 :func:`conv3x3_forward` is ``F.conv3d(x, weight, padding=d, dilation=d)``; :func:`conv3x3_input_grad` its input
-gradient (the same kernel on the flipped, channel-swapped weight). :func:`unsupported` says why a call cannot run.
+gradient (the same kernel on the flipped, channel-swapped weight); :func:`conv3x3_wgrad` its weight gradient (a second
+kernel on the same halo tiles, float32 partial sums per block reduced by ``sum``). :func:`unsupported` says why a
+call cannot run.
 """
 from __future__ import annotations
 
@@ -17,34 +19,51 @@ from hmedn_fast.ops.strides import voxel_stride
 CHANNELS = 32
 
 
+def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
+    """Why the kernels cannot read the volume ``t`` (N, 32, D, H, W) at this dilation, or None."""
+    ext = _ext.extension()
+    if ext is None or not hasattr(ext, "conv3x3_mma_"):
+        return "the extension was built without its CUDA kernels"
+    if not t.is_cuda:
+        return f"{name} is not a CUDA tensor"
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return f"{name} must be bfloat16 or float16"
+    if t.ndim != 5 or t.shape[1] != CHANNELS:
+        return "only 3x3x3 convolutions of 32 -> 32 channels"
+    if torch.cuda.get_device_capability(t.device) < (8, 0):
+        return "needs compute capability 8.0 or newer"
+    vs = voxel_stride(t)
+    if vs is None or vs % 8 or t.data_ptr() % 16 or t.numel() == 0:
+        return f"{name} must be channels-last (or a channel slice of one at a multiple of 8 channels), 16-byte aligned"
+    if not 1 <= int(dilation) <= ext.conv3x3_mma_max_dilation():
+        return f"dilation {dilation} outside [1, {ext.conv3x3_mma_max_dilation()}]"
+    if t.shape[0] > 65535 or t.shape[2] > 65535 or t.numel() >= 2**31:
+        return "batch and depth must be at most 65535, and fewer than 2**31 elements"
+    return None
+
+
 def unsupported(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = None) -> str | None:
     """None when :func:`conv3x3_forward` can run ``x`` (N, 32, D, H, W) with ``weight`` (32, 32, 3, 3, 3) and
     ``dilation`` (into ``out`` when given); else the reason. The same holds for :func:`conv3x3_input_grad` with the
     output gradient as ``x``."""
-    ext = _ext.extension()
-    if ext is None or not hasattr(ext, "conv3x3_mma_"):
-        return "the extension was built without its CUDA kernels"
-    if not x.is_cuda:
-        return "x is not a CUDA tensor"
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
-        return "x and weight must both be bfloat16 or float16"
-    if x.ndim != 5 or x.shape[1] != CHANNELS or tuple(weight.shape) != (CHANNELS, CHANNELS, 3, 3, 3):
-        return "only 3x3x3 convolutions of 32 -> 32 channels"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "needs compute capability 8.0 or newer"
-    vs = voxel_stride(x)
-    if vs is None or vs % 8 or x.data_ptr() % 16 or x.numel() == 0:
-        return "x must be channels-last (or a channel slice of one at a multiple of 8 channels), 16-byte aligned"
-    if not 1 <= int(dilation) <= ext.conv3x3_mma_max_dilation():
-        return f"dilation {dilation} outside [1, {ext.conv3x3_mma_max_dilation()}]"
-    if x.shape[0] > 65535 or x.shape[2] > 65535 or x.numel() >= 2**31:
-        return "batch and depth must be at most 65535, and fewer than 2**31 elements"
-    if out is not None:
+    reason = _volume_unsupported(x, "x", dilation)
+    if reason is None and (weight.dtype != x.dtype or tuple(weight.shape) != (CHANNELS, CHANNELS, 3, 3, 3)):
+        reason = "weight must be (32, 32, 3, 3, 3) in x's dtype"
+    if reason is None and out is not None:
         ovs = voxel_stride(out)
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or ovs is None or ovs % 2 \
                 or out.data_ptr() % 4:
-            return "out must be like x: channels innermost, an even voxel stride, 4-byte aligned"
-    return None
+            reason = "out must be like x: channels innermost, an even voxel stride, 4-byte aligned"
+    return reason
+
+
+def wgrad_unsupported(grad: Tensor, x: Tensor, dilation: int) -> str | None:
+    """None when :func:`conv3x3_wgrad` can take ``grad`` and ``x`` (each under the contract of x in
+    :func:`unsupported`, one shape and dtype); else the reason."""
+    reason = _volume_unsupported(x, "x", dilation) or _volume_unsupported(grad, "grad", dilation)
+    if reason is None and (grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device):
+        reason = "grad and x must have one shape, dtype and device"
+    return reason
 
 
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool) -> Tensor:
@@ -78,4 +97,26 @@ def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int) -> Tensor:
     return _run(grad, packed, dilation, None, True)
 
 
-__all__ = ["conv3x3_forward", "conv3x3_input_grad", "unsupported"]
+# Blocks per kernel depth of the weight gradient: two 6-warp blocks fit an SM (168 registers), three depths share it.
+_WGRAD_BLOCKS_PER_SM = 2
+
+
+def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
+    """Weight gradient of :func:`conv3x3_forward` (``F.conv3d(x, w, padding=dilation, dilation=dilation)``).
+
+    Args:
+        grad: (N, 32, D, H, W) output gradient, bf16/fp16, channels innermost (see :func:`unsupported`).
+        x: (N, 32, D, H, W) the convolution's input, grad's dtype, same contract.
+        dilation: the convolution's dilation.
+    Returns:
+        (32, 32, 3, 3, 3) float32 (float32 accumulation; the per-block partial sums added in float32).
+    """
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    tiles = x.shape[0] * x.shape[2] * -(-x.shape[3] // 16) * -(-x.shape[4] // 16)
+    splits = max(1, min(tiles, -(-_WGRAD_BLOCKS_PER_SM * sms // 3)))
+    part = torch.empty((splits, 27, CHANNELS, CHANNELS), dtype=torch.float32, device=x.device)
+    _ext.extension().conv3x3_mma_wgrad_(x, grad, part, int(dilation))
+    return part.sum(0).permute(1, 2, 0).reshape(CHANNELS, CHANNELS, 3, 3, 3)
+
+
+__all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]
