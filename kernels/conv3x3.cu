@@ -20,6 +20,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -335,18 +336,20 @@ cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <bool BF16>
-cudaError_t launch_dilation(const hmedn_conv3x3_args& a, cudaStream_t stream) {
-  switch (a.dilation) {
-    case 1: return launch<BF16, 1>(a, stream);
-    case 2: return launch<BF16, 2>(a, stream);
-    case 3: return launch<BF16, 3>(a, stream);
-    case 4: return launch<BF16, 4>(a, stream);
-    case 5: return launch<BF16, 5>(a, stream);
-    case 6: return launch<BF16, 6>(a, stream);
+// f(std::integral_constant<int, d>{}) for the dilations with a template instance, cudaErrorInvalidValue otherwise.
+template <typename F>
+cudaError_t with_dilation(int d, const F& f) {
+  switch (d) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
     default: return cudaErrorInvalidValue;
   }
 }
+static_assert(kMaxDilation == 6, "with_dilation lists every instance");
 
 template <bool BF16, int DIL>
 cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
@@ -366,19 +369,6 @@ cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream)
   return cudaGetLastError();
 }
 
-template <bool BF16>
-cudaError_t launch_wgrad_dilation(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
-  switch (a.dilation) {
-    case 1: return launch_wgrad<BF16, 1>(a, stream);
-    case 2: return launch_wgrad<BF16, 2>(a, stream);
-    case 3: return launch_wgrad<BF16, 3>(a, stream);
-    case 4: return launch_wgrad<BF16, 4>(a, stream);
-    case 5: return launch_wgrad<BF16, 5>(a, stream);
-    case 6: return launch_wgrad<BF16, 6>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* a, cudaStream_t stream) {
@@ -390,13 +380,18 @@ extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* 
       !aligned(a->grad, 16) || a->x_voxel_stride % 8 || a->x_sample_stride % 8 || a->grad_voxel_stride % 8 ||
       a->grad_sample_stride % 8 || a->x_voxel_stride < kChannels || a->grad_voxel_stride < kChannels)
     return cudaErrorInvalidValue;
-  return a->dtype == HMEDN_CONV_BF16 ? launch_wgrad_dilation<true>(*a, stream)
-                                     : launch_wgrad_dilation<false>(*a, stream);
+  return with_dilation(a->dilation, [&](auto dil) {
+    return a->dtype == HMEDN_CONV_BF16 ? launch_wgrad<true, decltype(dil)::value>(*a, stream)
+                                       : launch_wgrad<false, decltype(dil)::value>(*a, stream);
+  });
 }
 
 extern "C" int hmedn_conv3x3_max_dilation(void) { return max_dilation(); }
 
 extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStream_t stream) {
   if (!valid(a)) return cudaErrorInvalidValue;
-  return a->dtype == HMEDN_CONV_BF16 ? launch_dilation<true>(*a, stream) : launch_dilation<false>(*a, stream);
+  return with_dilation(a->dilation, [&](auto dil) {
+    return a->dtype == HMEDN_CONV_BF16 ? launch<true, decltype(dil)::value>(*a, stream)
+                                       : launch<false, decltype(dil)::value>(*a, stream);
+  });
 }
