@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hmedn_fast.models.output import SegmentationOutput
-from hmedn_fast.ops.loss import difficulty_guided_loss
+from hmedn_fast.ops.loss import check_input_values, difficulty_guided_loss
 from hmedn_fast.targets import Targets, make_targets
 
 DEFAULT_AUX_WEIGHT = 0.5
@@ -49,7 +49,8 @@ class HMEDNLoss(nn.Module):
         use_contour: False drops ``L_r`` even when the model has a contour head.
         sigma_contour, sigma_weight, mu0, mu: target parameters (paper 2, 8, 1, 25), see make_targets.
         backend: loss backend (None = automatic), target_backend: make_targets backend.
-        check_values: check label values and NaN logits in each loss call (host synchronisations). ``False``
+        check_values: check label values and NaN logits in each loss call: every head's, and the labels once, in one
+            host synchronisation before the targets and the loss terms are computed. ``False``
             (the trainer's setting, for labels checked when loaded) makes a CUDA loss call free of them: it never
             waits for the GPU and can be captured in a CUDA graph.
     """
@@ -103,10 +104,13 @@ class HMEDNLoss(nn.Module):
 
     def make_targets(self, labels: Tensor) -> Targets:
         """Contour target and weight map of ``labels`` (ignored voxels as background), without gradient."""
+        return self._targets(labels, self.check_values)
+
+    def _targets(self, labels: Tensor, check_labels: bool) -> Targets:
         if self.ignore_index is not None:
             labels = torch.where(labels == self.ignore_index, torch.zeros_like(labels), labels)
         with torch.no_grad():
-            return make_targets(labels, self.num_classes, **self.target_kwargs, check_labels=self.check_values)
+            return make_targets(labels, self.num_classes, **self.target_kwargs, check_labels=check_labels)
 
     def forward(self, output: SegmentationOutput, labels: Tensor, targets: Targets | None = None) -> LossOutput:
         """Loss of a model output.
@@ -124,11 +128,22 @@ class HMEDNLoss(nn.Module):
         if output.seg.ndim >= 2 and output.seg.shape[1] != self.num_classes:
             raise ValueError(f"output.seg has {output.seg.shape[1]} channels but num_classes={self.num_classes}")
         with_contour = self.use_contour and output.contour is not None
+        aux_terms = []  # (head index, aux logits, scale, the aux cells the term scores)
+        for i, aux in enumerate(output.aux):
+            scale = output.aux_scales[i] if i < len(output.aux_scales) else None
+            aligned = _tile_aligned(aux, labels, None, scale)
+            if aligned is not None:  # else the input is smaller than one aux cell: no term
+                aux_terms.append((i, aux, scale, aligned[0]))
+        integer_labels = isinstance(labels, Tensor) and not (labels.is_floating_point() or labels.is_complex())
+        if self.check_values and integer_labels and not torch.compiler.is_compiling():
+            # every head and the labels once, one read-back (other label types: the loss's TypeError below)
+            check_input_values(output.seg, labels, output.contour if with_contour else None, self.ignore_index,
+                               [cells for _, _, _, cells in aux_terms])
         if targets is None and (self.use_weight_map or with_contour):
-            targets = self.make_targets(labels)
+            targets = self._targets(labels, check_labels=False)  # checked above when asked to
         weight = targets.weight if self.use_weight_map else None
         common = dict(class_weight=self.class_weight, ignore_index=self.ignore_index, backend=self.backend,
-                      check_values=self.check_values)
+                      check_values=False)
         total, seg, contour = difficulty_guided_loss(
             output.seg, labels, weight,
             output.contour if with_contour else None, targets.contour if with_contour else None,
@@ -137,12 +152,8 @@ class HMEDNLoss(nn.Module):
         parts = {"seg": seg.detach()}
         if with_contour:
             parts["contour"] = contour.detach()
-        for i, aux in enumerate(output.aux):
-            scale = output.aux_scales[i] if i < len(output.aux_scales) else None
-            aligned = _tile_aligned(aux, labels, weight, scale)
-            if aligned is None:  # the input is smaller than one aux cell: no term
-                continue
-            term = difficulty_guided_loss(*aligned, **common)
+        for i, aux, scale, _ in aux_terms:
+            term = difficulty_guided_loss(*_tile_aligned(aux, labels, weight, scale), **common)
             total = total + self._aux_weight(i, len(output.aux)) * term
             parts[f"aux{i}"] = term.detach()
         return LossOutput(total, parts)

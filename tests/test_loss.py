@@ -347,17 +347,46 @@ def test_hmedn_loss_bad_arguments():
         HMEDNLoss(3, backend="reference")(torch.zeros(2, 3, 12, 16), labels)
 
 
-def test_hmedn_loss_check_values_reaches_the_targets(monkeypatch):
-    """check_values=False also skips the targets' label read-back (a host synchronisation on CUDA)."""
+def test_hmedn_loss_checks_every_head_in_one_read_back(monkeypatch):
+    """check_values=True checks the labels once and every head's logits in one value check (one host
+    synchronisation on CUDA), before the targets (whose own label read-back is skipped) and the loss terms (asked for
+    none); check_values=False checks nothing. The loss equals the unchecked one."""
     import hmedn_fast.losses as losses
 
-    seen = []
-    real = losses.make_targets
-    monkeypatch.setattr(losses, "make_targets", lambda *a, **kw: seen.append(kw["check_labels"]) or real(*a, **kw))
+    seen, checks, loss_checks = [], [], []
+    real_targets, real_check, real_loss = losses.make_targets, losses.check_input_values, losses.difficulty_guided_loss
+    monkeypatch.setattr(losses, "make_targets", lambda *a, **kw: seen.append(kw["check_labels"]) or real_targets(*a, **kw))
+    monkeypatch.setattr(losses, "check_input_values", lambda *a: checks.append(len(a[4])) or real_check(*a))
+    monkeypatch.setattr(losses, "difficulty_guided_loss",
+                        lambda *a, **kw: loss_checks.append(kw["check_values"]) or real_loss(*a, **kw))
     labels = _blob_labels(2, (12, 16), 3)
-    for check in (True, False):
-        HMEDNLoss(3, backend="reference", check_values=check)(_output(), labels)
-    assert seen == [True, False]
+    out = _output()
+    totals = [HMEDNLoss(3, backend="reference", check_values=check)(out, labels).total for check in (True, False)]
+    assert seen == [False, False] and checks == [2] and loss_checks == [False] * 6
+    assert torch.equal(totals[0], totals[1])
+
+
+def test_hmedn_loss_value_errors_name_the_problem():
+    """Bad labels and NaN in any head raise ValueError; a NaN in an aux map's partial last cell (left out of its
+    term) does not."""
+    labels = _blob_labels(2, (12, 16), 3)
+    crit = HMEDNLoss(3, backend="reference")
+    bad = labels.clone()
+    bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="labels"):
+        crit(_output(), bad)
+    for head in ("seg", "contour", "aux"):
+        out = _output()
+        t = out.aux[1] if head == "aux" else getattr(out, head)
+        with torch.no_grad():
+            t[1, 0, 1, 2] = float("nan")
+        with pytest.raises(ValueError, match="contain NaN"):
+            crit(out, labels)
+    seg = torch.randn(2, 3, 10, 16)
+    aux = torch.randn(2, 3, 3, 4)  # factor 4: rows 0-1 are whole cells of the 10 label rows, row 2 is partial
+    aux[:, :, 2] = float("nan")
+    total = crit(SegmentationOutput(seg, None, [aux], aux_scales=[(4, 4)]), _blob_labels(2, (10, 16), 3)).total
+    assert torch.isfinite(total)
 
 
 def test_make_targets_without_label_check_still_checks_on_cpu():
@@ -392,3 +421,31 @@ def test_hmedn_loss_without_checks_never_synchronises():
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(total, ref)
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (seg, ctr, *aux))
+
+
+@pytest.mark.cuda
+def test_hmedn_loss_checked_step_synchronises_once():
+    """With check_values=True (the default) a CUDA step with two deep-supervision heads waits for the GPU once: the
+    single value check's read-back (torch's sync debug mode warns at every synchronisation)."""
+    import warnings
+
+    from hmedn_fast.ops import _ext
+
+    if not _ext.has_cuda():
+        pytest.skip("the C++/CUDA extension is not built with CUDA (pip install --no-build-isolation -e .)")
+    labels = _blob_labels(2, (16, 16, 16), 3).cuda()
+    out = _output(size=(16, 16, 16), aux_factors=(2, 4))
+    heads = SegmentationOutput(*(t.detach().cuda().requires_grad_(True) for t in (out.seg, out.contour)),
+                               [t.detach().cuda().requires_grad_(True) for t in out.aux])
+    crit = HMEDNLoss(3)
+    crit(heads, labels)  # warm-up: compiles and caches outside the count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            crit(heads, labels).total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 import torch
@@ -133,14 +134,19 @@ def raise_for_flags(
             raise ValueError(f"{name} contain NaN")
 
 
-def check_input_values(logits: Tensor, labels: Tensor, contour_logits: Tensor | None, ignore_index: int | None) -> None:
-    """Label range and NaN checks with PyTorch ops; one host synchronisation when all is well."""
+def check_input_values(logits: Tensor, labels: Tensor, contour_logits: Tensor | None, ignore_index: int | None,
+                       more_logits: Sequence[Tensor] = ()) -> None:
+    """Label range and NaN checks with PyTorch ops; one host synchronisation when all is well. ``more_logits``:
+    further logits scored against the same labels (deep-supervision heads), NaN-checked in the same read-back."""
     low, high = torch.aminmax(labels)
     device = logits.device
     flags = torch.stack(
-        [(low < 0) | (high >= logits.shape[1]), nan_flag(logits, device), nan_flag(contour_logits, device)]
+        [(low < 0) | (high >= logits.shape[1]), nan_flag(logits, device), nan_flag(contour_logits, device),
+         *(nan_flag(t, device) for t in more_logits)]
     ).tolist()
-    raise_for_flags(flags, logits, labels, contour_logits, ignore_index)
+    raise_for_flags(flags[:3], logits, labels, contour_logits, ignore_index)
+    for flag, t in zip(flags[3:], more_logits):
+        raise_for_flags([False, flag, False], t, labels, None, ignore_index)
 
 
 def _representable(value: int, dtype: torch.dtype) -> bool:
