@@ -130,6 +130,13 @@ void bind_conv3x3(pybind11::module_& m) {
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");
   m.def("conv3x3_mma_max_dilation", &hmedn_conv3x3_max_dilation, "Largest dilation conv3x3_mma_ takes.");
+  m.def(
+      "conv3x3_mma_runs_on",
+      [](int64_t device) {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        return hmedn_conv3x3_runs_on_current_device() != 0;
+      },
+      pybind11::arg("device"), "Whether the build has kernel images this CUDA device can run.");
 }
 
 }  // namespace hmedn

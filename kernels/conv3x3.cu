@@ -388,6 +388,15 @@ extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* 
 
 extern "C" int hmedn_conv3x3_max_dilation(void) { return max_dilation(); }
 
+extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
+  cudaFuncAttributes attr{};
+  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1>)) == cudaSuccess &&
+                  cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_wgrad_kernel<true, 1>)) ==
+                      cudaSuccess;
+  if (!ok) cudaGetLastError();  // reset the last-error state (a missing image is not a sticky error)
+  return ok ? 1 : 0;
+}
+
 extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStream_t stream) {
   if (!valid(a)) return cudaErrorInvalidValue;
   return with_dilation(a->dilation, [&](auto dil) {

@@ -47,8 +47,12 @@ struct hmedn_conv3x3_wgrad_args {
 
 cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* args, cudaStream_t stream);
 
-// Largest dilation the kernel takes (its halo tile must fit in shared memory).
+// Largest dilation the kernels take (template instances).
 int hmedn_conv3x3_max_dilation(void);
+
+// 1 when this build holds kernel images the current device can run (e.g. 0 on a GPU newer than the build's
+// architectures), else 0.
+int hmedn_conv3x3_runs_on_current_device(void);
 
 // cudaErrorInvalidValue for arguments outside the contract above, else the launch's error.
 cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* args, cudaStream_t stream);

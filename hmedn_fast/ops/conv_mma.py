@@ -10,6 +10,8 @@ call cannot run.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,11 @@ from hmedn_fast.ops import _ext
 from hmedn_fast.ops.strides import voxel_stride
 
 CHANNELS = 32
+
+
+@functools.cache
+def _runs_on(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0) and _ext.extension().conv3x3_mma_runs_on(device)
 
 
 def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
@@ -30,8 +37,8 @@ def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
         return f"{name} must be bfloat16 or float16"
     if t.ndim != 5 or t.shape[1] != CHANNELS:
         return "only 3x3x3 convolutions of 32 -> 32 channels"
-    if torch.cuda.get_device_capability(t.device) < (8, 0):
-        return "needs compute capability 8.0 or newer"
+    if not _runs_on(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        return "the extension has no kernel image for this GPU (compute capability 8.0 or newer, built for it)"
     vs = voxel_stride(t)
     if vs is None or vs % 8 or t.data_ptr() % 16 or t.numel() == 0:
         return f"{name} must be channels-last (or a channel slice of one at a multiple of 8 channels), 16-byte aligned"
