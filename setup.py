@@ -38,8 +38,8 @@ def _extensions():
     )
     if want_cuda and cu_sources:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if not arch:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        if not arch:  # Ampere and Hopper binaries, plus Hopper PTX that newer GPUs compile when loading
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         ext = cpp_extension.CUDAExtension(
             "hmedn_fast._C",
             sources=cpp_sources + cu_sources,
