@@ -1,7 +1,7 @@
 // Binding of the tensor-core 3x3x3 convolution (kernels/conv3x3.cu) as hmedn_fast._C.conv3x3_mma_ (forward, input
 // gradient) and conv3x3_mma_wgrad_ (weight gradient): checks the tensors against the kernels' contract, then launches
-// them on the current stream. The Python wrapper
-// (hmedn_fast/ops/conv_mma.py) packs the weight and allocates the output.
+// them on the current stream. The Python wrapper (hmedn_fast/ops/conv_mma.py) packs the weight and allocates the
+// outputs.
 #ifdef HMEDN_WITH_CUDA
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,92 +31,89 @@ int64_t voxel_stride_of(const at::Tensor& t) {
   return v;
 }
 
-void check_volume(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(1) == 32, "conv3x3_mma_: ", name,
-                    " must be (N, 32, D, H, W), got ", shape_str(t.sizes()));
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "conv3x3_mma_: ", name, " must have x's dtype");
-  TORCH_CHECK_VALUE(t.device() == like.device(), "conv3x3_mma_: ", name, " must be on x's device");
-  const int64_t v = voxel_stride_of(t);
-  TORCH_CHECK_VALUE(v >= 32, "conv3x3_mma_: ", name,
+void check_volume(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(1) == 32, op, ": ", name, " must be (N, 32, D, H, W), got ",
+                    shape_str(t.sizes()));
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have x's dtype");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on x's device");
+  TORCH_CHECK_VALUE(voxel_stride_of(t) >= 32, op, ": ", name,
                     " must have channels innermost (channels-last, or a channel slice of a channels-last tensor)");
+}
+
+// The checks both ops make: x (the volume read at shifted positions), a second volume of its shape (out / grad) and
+// the dilation.
+void check_volumes(const char* op, const at::Tensor& x, const at::Tensor& other, const char* other_name,
+                   int64_t dilation) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+                   ": x must be bfloat16 or float16, got ", c10::toString(x.scalar_type()));
+  check_volume(op, x, "x", x);
+  check_volume(op, other, other_name, x);
+  TORCH_CHECK_VALUE(other.sizes() == x.sizes(), op, ": ", other_name, " must have x's shape ", shape_str(x.sizes()),
+                    ", got ", shape_str(other.sizes()));
+  const int max_d = hmedn_conv3x3_max_dilation();
+  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= max_d, op, ": dilation must be in [1, ", std::to_string(max_d),
+                    "], got ", std::to_string(dilation));
+}
+
+// The launch arguments both ops share, from x and the dilation.
+template <typename Args>
+void fill_volume(Args& a, const at::Tensor& x, int64_t dilation) {
+  a.x = x.data_ptr();
+  a.batch = x.size(0);
+  a.depth = x.size(2);
+  a.height = x.size(3);
+  a.width = x.size(4);
+  a.x_sample_stride = x.stride(0);
+  a.x_voxel_stride = voxel_stride_of(x);
+  a.dilation = static_cast<int>(dilation);
+  a.dtype = x.scalar_type() == at::kBFloat16 ? HMEDN_CONV_BF16 : HMEDN_CONV_FP16;
+}
+
+void check_launch(const char* op, cudaError_t err, const char* contract) {
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, op, ": tensors outside the kernel's contract (", contract, ")");
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
                   bool flip_taps) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "conv3x3_mma_: x must be a CUDA tensor");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "conv3x3_mma_: x must be bfloat16 or float16, got ", c10::toString(x.scalar_type()));
-  check_volume(x, "x", x);
-  check_volume(out, "out", x);
-  TORCH_CHECK_VALUE(out.sizes() == x.sizes(), "conv3x3_mma_: out must have x's shape ", shape_str(x.sizes()), ", got ",
-                    shape_str(out.sizes()));
-  TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(),
-                    "conv3x3_mma_: weight must be the packed contiguous (27, 32, 32) weight");
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "conv3x3_mma_: weight must have x's dtype");
-  TORCH_CHECK_VALUE(weight.device() == x.device(), "conv3x3_mma_: weight must be on x's device");
-  const int max_d = hmedn_conv3x3_max_dilation();
-  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= max_d, "conv3x3_mma_: dilation must be in [1, ", std::to_string(max_d), "], got ",
-                    std::to_string(dilation));
+  constexpr const char* op = "conv3x3_mma_";
+  check_volumes(op, x, out, "out", dilation);
+  TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
+                    ": weight must be the packed contiguous (27, 32, 32) weight");
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype");
+  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
   hmedn_conv3x3_args a{};
-  a.x = x.data_ptr();
+  fill_volume(a, x, dilation);
   a.weight = weight.data_ptr();
   a.y = out.data_ptr();
-  a.batch = x.size(0);
-  a.depth = x.size(2);
-  a.height = x.size(3);
-  a.width = x.size(4);
-  a.x_sample_stride = x.stride(0);
-  a.x_voxel_stride = voxel_stride_of(x);
   a.y_sample_stride = out.stride(0);
   a.y_voxel_stride = voxel_stride_of(out);
-  a.dilation = static_cast<int>(dilation);
-  a.dtype = x.scalar_type() == at::kBFloat16 ? HMEDN_CONV_BF16 : HMEDN_CONV_FP16;
   a.flip_taps = flip_taps ? 1 : 0;
-  const cudaError_t err = hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue,
-                    "conv3x3_mma_: tensors outside the kernel's contract (16-byte aligned x and weight, voxel strides "
-                    "multiples of 8 for x and 2 for out, batch and depth <= 65535)");
-  TORCH_CHECK(err == cudaSuccess, "conv3x3_mma_: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(op, hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream()),
+               "16-byte aligned x and weight, voxel strides multiples of 8 for x and 2 for out, batch and depth <= "
+               "65535");
 }
 
 void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& part, int64_t dilation) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "conv3x3_mma_wgrad_: x must be a CUDA tensor");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "conv3x3_mma_wgrad_: x must be bfloat16 or float16, got ", c10::toString(x.scalar_type()));
-  check_volume(x, "x", x);
-  check_volume(grad, "grad", x);
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "conv3x3_mma_wgrad_: grad must have x's shape ", shape_str(x.sizes()),
-                    ", got ", shape_str(grad.sizes()));
+  constexpr const char* op = "conv3x3_mma_wgrad_";
+  check_volumes(op, x, grad, "grad", dilation);
   TORCH_CHECK_VALUE(part.dim() == 4 && part.size(0) >= 1 && part.size(0) <= 65535 && part.size(1) == 27 &&
                         part.size(2) == 32 && part.size(3) == 32 && part.is_contiguous() &&
                         part.scalar_type() == at::kFloat && part.device() == x.device(),
-                    "conv3x3_mma_wgrad_: part must be a contiguous float32 (splits, 27, 32, 32) tensor on x's device, "
+                    op, ": part must be a contiguous float32 (splits, 27, 32, 32) tensor on x's device, "
                     "1 <= splits <= 65535");
-  const int max_d = hmedn_conv3x3_max_dilation();
-  TORCH_CHECK_VALUE(dilation >= 1 && dilation <= max_d, "conv3x3_mma_wgrad_: dilation must be in [1, ",
-                    std::to_string(max_d), "], got ", std::to_string(dilation));
   const c10::cuda::CUDAGuard guard(x.device());
   hmedn_conv3x3_wgrad_args a{};
-  a.x = x.data_ptr();
+  fill_volume(a, x, dilation);
   a.grad = grad.data_ptr();
   a.part = part.data_ptr<float>();
-  a.batch = x.size(0);
-  a.depth = x.size(2);
-  a.height = x.size(3);
-  a.width = x.size(4);
-  a.x_sample_stride = x.stride(0);
-  a.x_voxel_stride = voxel_stride_of(x);
   a.grad_sample_stride = grad.stride(0);
   a.grad_voxel_stride = voxel_stride_of(grad);
-  a.dilation = static_cast<int>(dilation);
-  a.dtype = x.scalar_type() == at::kBFloat16 ? HMEDN_CONV_BF16 : HMEDN_CONV_FP16;
   a.splits = static_cast<int>(part.size(0));
-  const cudaError_t err = hmedn_conv3x3_wgrad_cuda(&a, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue,
-                    "conv3x3_mma_wgrad_: tensors outside the kernel's contract (16-byte aligned x and grad, voxel "
-                    "strides multiples of 8)");
-  TORCH_CHECK(err == cudaSuccess, "conv3x3_mma_wgrad_: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(op, hmedn_conv3x3_wgrad_cuda(&a, c10::cuda::getCurrentCUDAStream()),
+               "16-byte aligned x and grad, voxel strides multiples of 8");
 }
 
 }  // namespace

@@ -305,28 +305,44 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
   }
 }
 
-int max_dilation() { return kMaxDilation; }
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// What both launchers ask of the volume read at shifted positions (x) and of the call: sizes the grids and 32-bit
+// in-sample offsets take, a dilation with a template instance, a dtype, 16-byte chunks of whole voxels.
+template <typename Args>
+bool valid_volume(const Args& a) {
+  return a.x != nullptr && a.batch >= 1 && a.batch <= 65535 && a.depth >= 1 && a.depth <= 65535 && a.height >= 1 &&
+         a.width >= 1 && a.height * a.width <= INT32_MAX / kTile && a.depth * a.height * a.width <= INT32_MAX &&
+         a.dilation >= 1 && a.dilation <= kMaxDilation && (a.dtype == HMEDN_CONV_BF16 || a.dtype == HMEDN_CONV_FP16) &&
+         aligned(a.x, 16) && a.x_voxel_stride % 8 == 0 && a.x_sample_stride % 8 == 0 && a.x_voxel_stride >= kChannels;
+}
 
 bool valid(const hmedn_conv3x3_args* a) {
-  const auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  return a != nullptr && a->x != nullptr && a->weight != nullptr && a->y != nullptr && a->batch >= 1 &&
-         a->batch <= 65535 && a->depth >= 1 && a->depth <= 65535 && a->height >= 1 && a->width >= 1 &&
-         a->height * a->width <= INT32_MAX / kTile && a->depth * a->height * a->width <= INT32_MAX &&
-         a->dilation >= 1 && a->dilation <= max_dilation() && (a->dtype == HMEDN_CONV_BF16 || a->dtype == HMEDN_CONV_FP16) &&
-         aligned(a->x, 16) && aligned(a->weight, 16) && aligned(a->y, 4) && a->x_voxel_stride % 8 == 0 &&
-         a->x_sample_stride % 8 == 0 && a->x_voxel_stride >= kChannels && a->y_voxel_stride % 2 == 0 &&
-         a->y_sample_stride % 2 == 0 && a->y_voxel_stride >= kChannels;
+  return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
+         aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
+         a->y_voxel_stride >= kChannels;
 }
+
+bool valid(const hmedn_conv3x3_wgrad_args* a) {
+  return a != nullptr && valid_volume(*a) && a->grad != nullptr && a->part != nullptr && a->splits >= 1 &&
+         a->splits <= 65535 && aligned(a->grad, 16) && a->grad_voxel_stride % 8 == 0 &&
+         a->grad_sample_stride % 8 == 0 && a->grad_voxel_stride >= kChannels;
+}
+
+// Opts the kernel into `bytes` of dynamic shared memory.
+cudaError_t allow_smem(const void* kernel, int bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+int tiles_along(int64_t len) { return static_cast<int>((len + kTile - 1) / kTile); }
 
 template <bool BF16, int DIL>
 cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   constexpr int bytes = smem_bytes(DIL);
   auto kernel = conv3x3_kernel<BF16, DIL>;
-  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
-  const int tiles_h = static_cast<int>((a.height + kTile - 1) / kTile);
-  const int tiles_w = static_cast<int>((a.width + kTile - 1) / kTile);
+  const int tiles_h = tiles_along(a.height), tiles_w = tiles_along(a.width);
   const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(a.depth),
                   static_cast<unsigned>(a.batch));
   kernel<<<grid, kThreads, bytes, stream>>>(
@@ -355,11 +371,9 @@ template <bool BF16, int DIL>
 cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
   constexpr int bytes = wgrad_smem_bytes(DIL);
   auto kernel = conv3x3_wgrad_kernel<BF16, DIL>;
-  cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
-  const int tiles_h = static_cast<int>((a.height + kTile - 1) / kTile);
-  const int tiles_w = static_cast<int>((a.width + kTile - 1) / kTile);
+  const int tiles_h = tiles_along(a.height), tiles_w = tiles_along(a.width);
   const int64_t tiles = a.batch * a.depth * tiles_h * tiles_w;
   if (tiles > INT32_MAX) return cudaErrorInvalidValue;
   kernel<<<dim3(static_cast<unsigned>(a.splits), 3), kWgradThreads, bytes, stream>>>(
@@ -372,21 +386,14 @@ cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream)
 }  // namespace
 
 extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* a, cudaStream_t stream) {
-  const auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  if (a == nullptr || a->x == nullptr || a->grad == nullptr || a->part == nullptr || a->batch < 1 ||
-      a->depth < 1 || a->height < 1 || a->width < 1 || a->depth * a->height * a->width > INT32_MAX ||
-      a->height * a->width > INT32_MAX / kTile || a->dilation < 1 || a->dilation > kMaxDilation || a->splits < 1 ||
-      a->splits > 65535 || !(a->dtype == HMEDN_CONV_BF16 || a->dtype == HMEDN_CONV_FP16) || !aligned(a->x, 16) ||
-      !aligned(a->grad, 16) || a->x_voxel_stride % 8 || a->x_sample_stride % 8 || a->grad_voxel_stride % 8 ||
-      a->grad_sample_stride % 8 || a->x_voxel_stride < kChannels || a->grad_voxel_stride < kChannels)
-    return cudaErrorInvalidValue;
+  if (!valid(a)) return cudaErrorInvalidValue;
   return with_dilation(a->dilation, [&](auto dil) {
     return a->dtype == HMEDN_CONV_BF16 ? launch_wgrad<true, decltype(dil)::value>(*a, stream)
                                        : launch_wgrad<false, decltype(dil)::value>(*a, stream);
   });
 }
 
-extern "C" int hmedn_conv3x3_max_dilation(void) { return max_dilation(); }
+extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};

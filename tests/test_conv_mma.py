@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _fake_measure import count_calls
 from _rounding import assert_rounded_once
 from hmedn_fast.ops import _ext, conv_mma
 
@@ -95,13 +96,6 @@ def test_forcing_cuda_on_the_cpu_names_the_reason():
         conv_forward(x, w, (1, 1, 1), (2,) * 3, (2,) * 3, 1, backend="cuda")
 
 
-def _spy(monkeypatch, name):
-    calls = []
-    real = getattr(conv_mma, name)
-    monkeypatch.setattr(conv_mma, name, lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    return calls
-
-
 @pytest.mark.cuda
 def test_dispatch_takes_the_kernel_for_32_to_32(monkeypatch):
     """The automatic choice runs this kernel for a 32 -> 32 "same" 3x3x3 convolution (static rule without
@@ -110,7 +104,8 @@ def test_dispatch_takes_the_kernel_for_32_to_32(monkeypatch):
     from hmedn_fast.ops import measured
     from hmedn_fast.ops.conv import conv_forward, conv_input_grad
 
-    fwd, dgrad = _spy(monkeypatch, "conv3x3_forward"), _spy(monkeypatch, "conv3x3_input_grad")
+    fwd = count_calls(monkeypatch, conv_mma, "conv3x3_forward")
+    dgrad = count_calls(monkeypatch, conv_mma, "conv3x3_input_grad")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     x, w = _case(2, (9, 21, 17), torch.bfloat16, 3)
     args = ((1, 1, 1), (2,) * 3, (2,) * 3, 1)
@@ -153,7 +148,7 @@ def test_weight_grad_of_channel_slices_and_dispatch(monkeypatch):
     for 32 -> 32 and returns the weight's dtype."""
     from hmedn_fast.ops.conv import conv_backward
 
-    calls = _spy(monkeypatch, "conv3x3_wgrad")
+    calls = count_calls(monkeypatch, conv_mma, "conv3x3_wgrad")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     x, w = _case(2, (6, 21, 35), torch.bfloat16, 5)
     g, _ = _case(2, (6, 21, 35), torch.bfloat16, 6)

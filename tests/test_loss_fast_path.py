@@ -223,12 +223,17 @@ def _steps_on_a_side_stream(logits, labels, steps: int) -> None:
     torch.cuda.current_stream().wait_stream(side)
 
 
+def _small_cuda_case():
+    """(logits (2, 3, 8, 8, 8) fp32 needing grad, labels) on CUDA, with the fast path required."""
+    _fast()
+    logits = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
+    return logits, torch.randint(0, 3, (2, 8, 8, 8), device="cuda")
+
+
 @pytest.mark.cuda
 @pytest.mark.not_interpreted
 def test_fast_path_second_backward_is_refused_and_streams_work():
-    _fast()
-    logits = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
-    labels = torch.randint(0, 3, (2, 8, 8, 8), device="cuda")
+    logits, labels = _small_cuda_case()
     loss = loss_mod.difficulty_guided_loss(logits, labels, check_values=False)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
@@ -241,9 +246,7 @@ def test_fast_path_second_backward_is_refused_and_streams_work():
 @pytest.mark.cuda
 @pytest.mark.not_interpreted
 def test_fast_path_steps_aside_under_graph_capture():
-    _fast()
-    logits = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
-    labels = torch.randint(0, 3, (2, 8, 8, 8), device="cuda")
+    logits, labels = _small_cuda_case()
     eager = loss_mod.difficulty_guided_loss(logits, labels, check_values=False)
     eager.backward()
     want = logits.grad.clone()

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from hmedn_fast.ops import _ext
 from hmedn_fast.ops.strides import voxel_stride
+from hmedn_fast.ops.triton.launch import multiprocessors  # torch only: no Triton import
 
 CHANNELS = 32
 
@@ -118,7 +119,7 @@ def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
     Returns:
         (32, 32, 3, 3, 3) float32 (float32 accumulation; the per-block partial sums added in float32).
     """
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
     tiles = x.shape[0] * x.shape[2] * -(-x.shape[3] // 16) * -(-x.shape[4] // 16)
     splits = max(1, min(tiles, -(-_WGRAD_BLOCKS_PER_SM * sms // 3)))
     part = torch.empty((splits, 27, CHANNELS, CHANNELS), dtype=torch.float32, device=x.device)
