@@ -37,15 +37,17 @@ def _extensions():
         torch.version.cuda is not None and (cpp_extension.CUDA_HOME is not None or shutil.which("nvcc"))
     )
     if want_cuda and cu_sources:
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if not arch:  # Ampere and Hopper binaries, plus Hopper PTX that newer GPUs compile when loading
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        # Without TORCH_CUDA_ARCH_LIST: Ampere and Hopper binaries (sm_90a: kernels/conv3x3.cu's wgmma forward), plus
+        # Hopper PTX that newer GPUs compile when loading. Given flags make torch add no arch flags of its own.
+        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+            "-gencode=arch=compute_90,code=compute_90"]
         ext = cpp_extension.CUDAExtension(
             "hmedn_fast._C",
             sources=cpp_sources + cu_sources,
             include_dirs=[os.path.join(root, "kernels"), os.path.join(root, "csrc")],
             define_macros=[("HMEDN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *arch]},
             extra_link_args=openmp,
         )
     else:

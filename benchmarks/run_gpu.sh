@@ -17,7 +17,7 @@ OUTDIR=${1:?usage: run_gpu.sh OUTDIR [name ...]}
 shift || true
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_run.log"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 say() { echo "$@" | tee -a "$LOG"; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -12,7 +12,10 @@
 // rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit distinct banks. The halo tile's
 // rows are padded to a multiple of 8 voxels and the dilation is a template parameter, so the permutation
 // of a tap's rows depends on the lane and kw only: six per-lane offsets, and every ldmatrix address is one
-// of them plus a per-kh base plus an immediate.
+// of them plus a per-kh base plus an immediate. Compiled for sm_90a, the math is wgmma instead (the 4 warps are one
+// warpgroup: per tap and k16 step one m64n32k16 per m16 tile index, A = the same ldmatrix fragments from registers,
+// B = the weight rows by shared-memory descriptor: they already are wgmma's 64-byte-swizzle K-major layout); same
+// accumulator layout, same epilogue. 4-6 % faster than mma.sync on an H200 in one call (conv_mma_*_s31_*.json).
 #include "conv3x3.cuh"
 
 #include <cuda_bf16.h>
@@ -78,6 +81,37 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// sm_90a: the forward's math as wgmma (the block's 4 warps are one warpgroup). Shared-memory descriptor of a
+// K-major B operand stored with the 64-byte swizzle, which is the layout of the weight rows above (64-byte rows =
+// 32 k values, 16-byte chunk ^ address bits 7-8 = ((row >> 1) & 3), 8-row atoms of 512 bytes at 512-byte-aligned
+// bases): start address >> 4, leading byte offset unused (1), stride byte offset 512 (the next 8 n rows), mode 64B.
+__device__ __forceinline__ uint64_t b_descriptor(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{512 >> 4} << 32) |
+         (uint64_t{2} << 62);
+}
+
+// d (the warpgroup's 64 x 32 tile; per warp the m16n8 accumulators of n8 tiles 0-3) += a (registers: this warp's
+// 16 rows x 16 k, the mma.m16n8k16 A fragment) x B (16 k x 32 n, by descriptor).
+template <bool BF16>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+#define HMEDN_WGMMA(TYPES)                                                                                       \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES                                             \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                      \
+               " {%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"                                                     \
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),     \
+                 "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),     \
+                 "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+  if constexpr (BF16) {
+    HMEDN_WGMMA("bf16.bf16");
+  } else {
+    HMEDN_WGMMA("f16.f16");
+  }
+#undef HMEDN_WGMMA
+}
+#endif
+
 template <bool BF16>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (BF16) {
@@ -111,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t wsm = slab + side * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -153,8 +187,36 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       cp_async16(wsm + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
+#endif
     __syncthreads();
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    {  // 18 steps (tap, k16 half ks): one wgmma per m16 tile index mt (rows 16 w.. of the m64 tile = warp w's tile
+       // mt); the next step's A fragments load while the current step's wgmmas run (at most 2 groups in flight).
+      const uint64_t desc0 = b_descriptor(wsm);
+      uint32_t a[2][kMTiles][4];
+      const auto load_a = [&](int s, uint32_t (&dst)[kMTiles][4]) {
+        const int tap = s >> 1, kh = tap / 3, kw = tap % 3;
+        const uint32_t addr = a_off[kw][s & 1] + kh * (DIL * pitch * kRowBytes);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(addr + mt * pitch * kRowBytes, dst[mt]);
+      };
+      load_a(0, a[0]);
+#pragma unroll
+      for (int s = 0; s < 2 * kTapsPerDepth; ++s) {
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const uint64_t desc = desc0 + (((s >> 1) * kChannels * kRowBytes + (s & 1) * 32) >> 4);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) wgmma_m64n32k16<BF16>(acc[mt], a[s & 1][mt], desc);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s - 1 done: its A is free
+        if (s + 1 < 2 * kTapsPerDepth) load_a(s + 1, a[(s + 1) & 1]);
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+#else
 #pragma unroll 1  // a loop over kh keeps the fragments of one kernel row live, not all nine taps' (spills)
     for (int kh = 0; kh < 3; ++kh) {
       const uint32_t a_kh = kh * (DIL * pitch * kRowBytes), b_kh = kh * (3 * kChannels * kRowBytes);
@@ -177,6 +239,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
         }
       }
     }
+#endif
   }
 
   uint16_t* yn = y + n * ys;
@@ -218,7 +281,7 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
                      int64_t gv) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
   static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * kChannels * 4, "room for the final sum");
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t gsm = slab + side * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -143,6 +143,18 @@ def test_weight_grad_matches_float64(seed, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("d", [1, 4, 5, 6])
+def test_weight_grad_with_many_tiles_per_block(d):
+    """594 output tiles per kernel depth against 2 x SMs / 3 blocks: every block walks and accumulates several."""
+    x, _ = _case(2, (33, 47, 40), torch.bfloat16, d)
+    g, _ = _case(2, (33, 47, 40), torch.bfloat16, d + 50)
+    wd = torch.zeros(32, 32, 3, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    F.conv3d(x.double(), wd, padding=d, dilation=d).backward(g.double())
+    got = conv_mma.conv3x3_wgrad(g, x, d)
+    torch.testing.assert_close(got.double(), wd.grad, rtol=0, atol=1e-5 * wd.grad.abs().max().item())
+
+
+@pytest.mark.cuda
 def test_weight_grad_of_channel_slices_and_dispatch(monkeypatch):
     """Input and gradient as channel slices of wider channels-last buffers; conv_backward's automatic choice runs it
     for 32 -> 32 and returns the weight's dtype."""
