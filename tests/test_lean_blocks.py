@@ -206,11 +206,25 @@ def test_dense_fusion_sum_checks_the_channels_added():
         fusion.result()
 
 
-def test_dense_fusion_sum_equals_concatenation():
-    conv = nn.Conv3d(12, 5, 1, bias=True)
-    feats = [torch.randn(2, 4, 3, 4, 5, dtype=torch.float64) for _ in range(3)]
-    conv = conv.double()
-    torch.testing.assert_close(dense_fusion_sum(feats, conv), conv(torch.cat(feats, 1)), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("layouts", [("nc", "nc", "nc"), ("cl", "cl", "cl"), ("cl", "nc", "cl"), ("nc", "cl", "cl")])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dense_fusion_sum_equals_concatenation(layouts, dims):
+    """Channels-last features take the matrix-product path, others the 1x1 convolution, mixed in any order: the
+    value and every gradient (features, weight, bias) equal the concatenated 1x1 convolution's in float64."""
+    torch.manual_seed(len(layouts[0]) + dims)
+    conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(12, 5, 1, bias=True).double()
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    size = (3, 4, 5)[:dims]
+    feats = [torch.randn(2, 4, *size, dtype=torch.float64).contiguous(memory_format=fmt if k == "cl" else
+                                                                    torch.contiguous_format).requires_grad_()
+             for k in layouts]
+    got = dense_fusion_sum(feats, conv)
+    gy = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [*feats, conv.weight, conv.bias], gy)
+    want = conv(torch.cat(feats, 1))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, torch.autograd.grad(want, [*feats, conv.weight, conv.bias], gy)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,kw,size", [("dilnet3", dict(channels=8, num_blocks=2), (20, 18)),

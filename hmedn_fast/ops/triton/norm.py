@@ -44,7 +44,8 @@ BLOCK_S = 128
 MAX_BLOCK_C = 64
 TARGET_PROGRAMS = 1024  # programs of the reduce pass: S is split into chunks until about this many
 STATS_TILE = 4096  # elements of the (rows x channels) tile the stats kernels combine per step
-MAX_STATS_CHANNELS = 16  # channels per program of the stats kernels (batch / instance / running statistics)
+MAX_STATS_CHANNELS = 2  # channels per program of the stats kernels (batch / instance / running statistics):
+# few, so the programs are many and each combines its chunks in one or two steps (the kernels are latency-bound)
 
 
 # ------------------------------------------------------------------------------------------------- kernels
