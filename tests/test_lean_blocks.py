@@ -209,8 +209,8 @@ def test_dense_fusion_sum_checks_the_channels_added():
 @pytest.mark.parametrize("layouts", [("nc", "nc", "nc"), ("cl", "cl", "cl"), ("cl", "nc", "cl"), ("nc", "cl", "cl")])
 @pytest.mark.parametrize("dims", [2, 3])
 def test_dense_fusion_sum_equals_concatenation(layouts, dims):
-    """Channels-last features take the matrix-product path, others the 1x1 convolution, mixed in any order: the
-    value and every gradient (features, weight, bias) equal the concatenated 1x1 convolution's in float64."""
+    """NC*, channels-last and mixed layouts: the value and every gradient (features, weight, bias) equal the
+    concatenated 1x1 convolution's in float64."""
     torch.manual_seed(len(layouts[0]) + dims)
     conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(12, 5, 1, bias=True).double()
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last

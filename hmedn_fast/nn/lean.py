@@ -298,32 +298,21 @@ class DenseFusionSum:
     before the block that consumes that feature runs backward, instead of the fusion's backward making every
     feature's gradient at once and holding them all while the blocks run backward.
 
-    A channels-last feature is a (voxels, channels) matrix, so its term is a matrix product (``F.linear``, then
-    ``torch.addmm`` onto the running sum: no separate add); its weight gradient is then one GEMM over the voxels,
-    which on the pathway's shapes is faster than the 1x1 convolution's weight-gradient kernels (see
-    docs/decisions/blocks.md, stop 31). Other layouts run the 1x1 convolution and an add.
-
     Args:
         conv: a 1x1 ``nn.Conv2d`` / ``nn.Conv3d`` (groups=1).
     """
 
     def __init__(self, conv: nn.Module) -> None:
-        self.conv, self.start, self.out, self._rows = conv, 0, None, None
+        self.conv, self.start, self.out = conv, 0, None
 
     def add(self, feature: Tensor) -> None:
         """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``."""
         conv = self.conv
+        fn = F.conv2d if conv.weight.ndim == 4 else F.conv3d
         w = conv.weight[:, self.start:self.start + feature.shape[1]]
-        bias = conv.bias if self.start == 0 else None
+        term = fn(feature, w, conv.bias if self.start == 0 else None)
         self.start += feature.shape[1]
-        last = feature.movedim(1, -1)
-        if not last.is_contiguous() or (self.out is not None and self._rows is None):
-            term = (F.conv2d if w.ndim == 4 else F.conv3d)(feature, w, bias)
-            self.out, self._rows = (term if self.out is None else self.out + term), None
-            return
-        rows, w2 = last.reshape(-1, feature.shape[1]), w.flatten(1)
-        self._rows = F.linear(rows, w2, bias) if self._rows is None else torch.addmm(self._rows, rows, w2.t())
-        self.out = self._rows.view(*last.shape[:-1], w.shape[0]).movedim(-1, 1)
+        self.out = term if self.out is None else self.out + term
 
     def result(self) -> Tensor:
         """(N, conv.out_channels, *spatial), equal to ``conv(torch.cat(features, 1))``."""
