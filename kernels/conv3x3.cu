@@ -66,19 +66,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4
 
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#define HMEDN_MMA(TYPES)                                                                                         \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPES ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}," \
+               " {%0, %1, %2, %3};\n"                                                                          \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
   if constexpr (BF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    HMEDN_MMA("bf16.bf16");
   } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    HMEDN_MMA("f16.f16");
   }
+#undef HMEDN_MMA
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -167,13 +165,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     b_off[ks] = wsm + swizzled(b_row0, 2 * ks + ((lane >> 3) & 1));
   }
 
-  float acc[kMTiles][4][4];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  float acc[kMTiles][4][4] = {};
 
   for (int kd = 0; kd < 3; ++kd) {
     const int zi = z + (kd - 1) * DIL;
@@ -301,15 +293,7 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
       b_off[kw][p] = slab + swizzled((lane & 7) + ((j & 1) << 3) + kw * DIL, 2 * p + (j >> 1));
   const uint32_t a_warp = half * 8 * kTile * kRowBytes, b_warp = (half * 8 + kh * DIL) * pitch * kRowBytes;
 
-  float acc[3][2][4][4];
-#pragma unroll
-  for (int kw = 0; kw < 3; ++kw)
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[kw][mt][nt][e] = 0.f;
+  float acc[3][2][4][4] = {};
 
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int tw = t % tiles_w, rest = t / tiles_w, th = rest % tiles_h, zn = rest / tiles_h;

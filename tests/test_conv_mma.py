@@ -125,6 +125,16 @@ def test_dispatch_takes_the_kernel_for_32_to_32(monkeypatch):
     measured.forget()
 
 
+def _assert_wgrad_matches_float64(g, x, d):
+    """The kernel's weight gradient within 1e-5 of the largest entry of F.conv3d's float64 one (same bf16/fp16
+    values; float32 accumulation of exact products)."""
+    wd = torch.zeros(32, 32, 3, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    F.conv3d(x.double(), wd, padding=d, dilation=d).backward(g.double())
+    got = conv_mma.conv3x3_wgrad(g, x, d)
+    assert got.dtype == torch.float32 and got.shape == wd.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), wd.grad, rtol=0, atol=1e-5 * wd.grad.abs().max().item())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,12 +144,7 @@ def test_weight_grad_matches_float64(seed, dtype):
     for n, size, d in _random_shapes(3, 100 + seed):
         x, _ = _case(n, size, dtype, seed)
         g, _ = _case(n, size, dtype, seed + 50)
-        xd = x.double()
-        wd = torch.zeros(32, 32, 3, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
-        F.conv3d(xd, wd, padding=d, dilation=d).backward(g.double())
-        got = conv_mma.conv3x3_wgrad(g, x, d)
-        assert got.dtype == torch.float32 and got.shape == wd.shape and torch.isfinite(got).all()
-        torch.testing.assert_close(got.double(), wd.grad, rtol=0, atol=1e-5 * wd.grad.abs().max().item())
+        _assert_wgrad_matches_float64(g, x, d)
 
 
 @pytest.mark.cuda
@@ -148,10 +153,7 @@ def test_weight_grad_with_many_tiles_per_block(d):
     """594 output tiles per kernel depth against 2 x SMs / 3 blocks: every block walks and accumulates several."""
     x, _ = _case(2, (33, 47, 40), torch.bfloat16, d)
     g, _ = _case(2, (33, 47, 40), torch.bfloat16, d + 50)
-    wd = torch.zeros(32, 32, 3, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
-    F.conv3d(x.double(), wd, padding=d, dilation=d).backward(g.double())
-    got = conv_mma.conv3x3_wgrad(g, x, d)
-    torch.testing.assert_close(got.double(), wd.grad, rtol=0, atol=1e-5 * wd.grad.abs().max().item())
+    _assert_wgrad_matches_float64(g, x, d)
 
 
 @pytest.mark.cuda
