@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..ops.conv import conv_backward, conv_forward
+from ..ops.conv1x1 import conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
 MODES = ("none", "lean", "blocks")
@@ -306,13 +306,12 @@ class DenseFusionSum:
         self.conv, self.start, self.out = conv, 0, None
 
     def add(self, feature: Tensor) -> None:
-        """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``."""
+        """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``
+        (:func:`hmedn_fast.ops.conv1x1.conv1x1_add`: on CUDA one fused Triton kernel per term and pass)."""
         conv = self.conv
-        fn = F.conv2d if conv.weight.ndim == 4 else F.conv3d
         w = conv.weight[:, self.start:self.start + feature.shape[1]]
-        term = fn(feature, w, conv.bias if self.start == 0 else None)
+        self.out = conv1x1_add(self.out, feature, w, conv.bias if self.start == 0 else None)
         self.start += feature.shape[1]
-        self.out = term if self.out is None else self.out + term
 
     def result(self) -> Tensor:
         """(N, conv.out_channels, *spatial), equal to ``conv(torch.cat(features, 1))``."""

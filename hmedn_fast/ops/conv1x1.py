@@ -1,0 +1,147 @@
+"""``conv1x1_add(acc, x, weight, bias)``: a running sum of 1x1 convolutions, ``acc + conv1x1(x, weight, bias)``.
+
+The HR pathway's dense fusion (a 1x1 convolution over the concatenation of the projected input and every block's
+output) is computed without the concatenation as such a running sum, one term per feature
+(:class:`hmedn_fast.nn.lean.DenseFusionSum`). Backends:
+
+- ``"triton"`` (:mod:`hmedn_fast.ops.triton.conv1x1`): one kernel forward (the product, the bias and the running
+  sum in one pass, one rounding) and one backward (input, weight and bias gradients from one read of the output
+  gradient and the input); the running sum's gradient is the output gradient itself (no copy). bf16 / fp16
+  compute dtype (the inputs' dtype, or autocast's), channels innermost (channels-last tensors and channel slices
+  of them), at most 64 input and output channels. The weight is rounded to the compute dtype inside the kernel
+  (as autocast's cast would); its gradient is float32 sums of the exact products, in the weight's dtype.
+- ``"reference"``: :func:`conv1x1_add_reference` (``F.conv*d`` + add), any device, dtype and layout.
+
+The automatic choice is Triton for CUDA tensors it can take, outside ``torch.compile``; ``backend=`` or
+``HMEDN_BACKEND_CONV1X1_ADD`` / ``HMEDN_BACKEND`` force one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
+from hmedn_fast.ops.strides import voxel_stride
+
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+MAX_TRITON_CHANNELS = 64
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def conv1x1_add_reference(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Plain-PyTorch truth of :func:`conv1x1_add` (same arguments, no ``backend``)."""
+    term = _CONV[x.ndim](x, weight, bias)
+    return term if acc is None else acc + term
+
+
+def _check(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x.ndim not in _CONV:
+        raise ValueError(f"x must be (N, C_in, *spatial) with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
+    if weight.ndim != x.ndim or weight.shape[1] != x.shape[1] or any(k != 1 for k in weight.shape[2:]):
+        raise ValueError(f"weight must be (C_out, {x.shape[1]}{', 1' * (x.ndim - 2)}) for x of shape "
+                         f"{tuple(x.shape)} (a 1x1 convolution, groups=1), got {tuple(weight.shape)}")
+    out_shape = (x.shape[0], weight.shape[0], *x.shape[2:])
+    for name, t, shape in (("bias", bias, (weight.shape[0],)), ("acc", acc, out_shape)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor or None, got {type(t).__name__}"
+                            + (f" of dtype {t.dtype}" if isinstance(t, Tensor) else ""))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("acc", acc)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: autocast's for x's device when autocast is on (as ``F.conv*d``), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                backend: str | None = None) -> Tensor:
+    """``acc + conv(x, weight, bias)`` for a 1x1 convolution (``acc`` None: the convolution alone), differentiable in
+    every tensor argument; autocast applies to the convolution as it does to ``F.conv*d``.
+
+    Args:
+        acc: (N, C_out, *spatial) running sum or None.
+        x: (N, C_in, *spatial), 1 to 3 spatial dims.
+        weight: (C_out, C_in, 1, ...) (a slice of a wider convolution's weight is fine); bias: (C_out,) or None.
+        backend: None (automatic), "triton" or "reference".
+
+    Returns:
+        (N, C_out, *spatial): on the Triton backend channels-last in the compute dtype (bf16 / fp16); on the
+        reference as ``acc + F.conv*d(x, weight, bias)``.
+
+    Raises:
+        TypeError / ValueError naming the bad argument; RuntimeError when a forced backend cannot run the call.
+    """
+    _check(acc, x, weight, bias)
+    dtype = compute_dtype(x)
+    xc = x if x.dtype == dtype else x.to(dtype)
+    if choose(acc, xc, weight, dtype, backend) == "reference":
+        return conv1x1_add_reference(acc, x, weight, bias)
+    return _Conv1x1AddTriton.apply(acc, xc, weight, bias)
+
+
+def choose(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: torch.dtype, backend: str | None = None) -> str:
+    """The backend :func:`conv1x1_add` runs (x already in the compute ``dtype``): ``backend`` or the environment's
+    if forced (checked to be able to run the call), else Triton for CUDA tensors it takes outside
+    ``torch.compile``, else the reference."""
+    candidates = [("reference", lambda: None), ("triton", lambda: _triton_unavailable(acc, x, weight, dtype))]
+    if x.is_cuda and not torch.compiler.is_compiling():
+        candidates.reverse()
+    return choose_backend("conv1x1_add", backend, candidates)
+
+
+def _triton_unavailable(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: torch.dtype) -> str | None:
+    reason = triton_unavailable(x, acc, weight)
+    if reason is not None:
+        return reason
+    if dtype not in TRITON_DTYPES:
+        return f"compute dtype {dtype} is not one of {TRITON_DTYPES}"
+    if acc is not None and acc.dtype != dtype:
+        return f"acc's dtype {acc.dtype} differs from the compute dtype {dtype}"
+    if voxel_stride(x) is None or acc is not None and voxel_stride(acc) is None:
+        return "x and acc need channels innermost with the voxels at one stride (channels-last, or channel slices)"
+    if max(weight.shape[:2]) > MAX_TRITON_CHANNELS:
+        return f"more than {MAX_TRITON_CHANNELS} input or output channels"
+    if x.numel() >= 2 ** 31 or x.shape[0] * weight.shape[0] * x[0, 0].numel() >= 2 ** 31:
+        return "tensors of 2^31 or more elements (the kernels index with int32)"
+    return None
+
+
+class _Conv1x1AddTriton(torch.autograd.Function):
+    """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight."""
+
+    @staticmethod
+    def forward(ctx, acc, x, weight, bias):
+        from hmedn_fast.ops.triton import conv1x1 as kernels
+        out = kernels.forward(acc, x, voxel_stride(x), 0 if acc is None else voxel_stride(acc), weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        from hmedn_fast.ops.triton import conv1x1 as kernels
+        x, weight = ctx.saved_tensors
+        need_acc, need_x, need_w, need_b = ctx.needs_input_grad
+        gs = voxel_stride(g)
+        if g.dtype != x.dtype or gs is None:
+            g = g.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
+            gs = voxel_stride(g)
+        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), weight, need_x, need_w, need_b and ctx.bias_dtype
+                                      is not None)
+        dw = None if dw is None else dw.reshape(weight.shape).to(weight.dtype)
+        db = None if db is None else db.to(ctx.bias_dtype)
+        return g if need_acc else None, dx, dw, db
