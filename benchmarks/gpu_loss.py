@@ -11,7 +11,10 @@ checks, served by the compiled fast path ``csrc/fused_loss.cpp``; ``python``: th
 ``nocheck_python``: the same through the Python path (autograd.Function and
 :class:`~hmedn_fast.ops.triton.launch.FastLauncher`); ``nocheck_plain``: the Python path launching through
 ``kernel[grid](...)``; ``2pass``: two-pass without them). Per implementation:
-wall time (host clock around synchronised batches, median), GPU kernel time (sum of the kernels'
+wall time (host clock around synchronised batches of 20 steps; the implementations' batches interleaved in
+15 rounds, each round starting one implementation later, so that the host's drift falls on all of them alike;
+median, p25 and p75 over the rounds, and the fused op's speed-ups also as the median of the ratios measured
+within a round, ``*_paired``; ``--quick``: 5 rounds of 5 steps), GPU kernel time (sum of the kernels'
 durations from torch.profiler), CUDA-graph replay time of the step (no launch overhead; not for the
 checked variant, which synchronises) and peak extra memory (over the inputs, gradients included). The floor is
 every input read once plus every gradient written once at the copy bandwidth measured in the same run. The host's
@@ -118,30 +121,50 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() / (statistics.median(times) / 1e3)
 
 
-def per_step_seconds(step: Callable[[], None], batches: int, per_batch: int) -> float:
-    """Median over batches of (host time of ``per_batch`` calls of ``step``, synchronised around the batch) /
-    per_batch, after 3 warm-up calls."""
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(per_batch):
-            step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / per_batch)
-    return statistics.median(times)
+def select_path(name: str) -> None:
+    """The switches of implementation ``name``: ``_plain`` launches every kernel via ``kernel[grid]``,
+    ``_plain`` and ``_python`` go through the Python path instead of the compiled fast path."""
+    FastLauncher.enabled = not name.endswith("_plain")
+    loss_dispatch.FAST_PATH = not name.endswith(("_plain", "_python"))
 
 
-def wall_time(fn: Callable, case: dict, batches: int, per_batch: int) -> float:
-    """Seconds per forward + backward of ``fn`` on ``case`` (:func:`per_step_seconds`)."""
-    return per_step_seconds(lambda: fwd_bwd_step(fn, case), batches, per_batch)
+def default_path(_name: str = "") -> None:
+    """Both switches back on (the default for every implementation)."""
+    FastLauncher.enabled = loss_dispatch.FAST_PATH = True
 
 
-def round_trips(batches: int, per_batch: int) -> dict[str, float]:
-    """Wall time (as :func:`wall_time`) of the cheapest forwards + backwards through autograd on 10 elements:
-    ``(2 x).sum()`` and ``F.mse_loss``: what any ``loss.backward()`` costs this host at least, in us."""
+def interleaved_wall_times(steps: dict[str, Callable[[], None]], rounds: int, per_batch: int,
+                           before: Callable[[str], None] = lambda _: None,
+                           after: Callable[[str], None] = lambda _: None) -> dict[str, list[float]]:
+    """Seconds per step of each of ``steps``, one value per round. After 3 warm-up calls of every step, each
+    round times one batch of ``per_batch`` calls of every step (host clock, synchronised around the batch),
+    round ``r`` starting at step ``r mod M``, so that drift of the host falls on all steps alike and the values
+    of one round can be paired. ``before(name)`` / ``after(name)`` run around each warm-up and batch."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        before(name)
+        for _ in range(3):
+            steps[name]()
+        after(name)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            before(name)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(per_batch):
+                steps[name]()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / per_batch)
+            after(name)
+    return times
+
+
+def round_trips(rounds: int, per_batch: int) -> dict[str, float]:
+    """Wall time (median of :func:`interleaved_wall_times`) of the cheapest forwards + backwards through
+    autograd on 10 elements: ``(2 x).sum()`` and ``F.mse_loss``: what any ``loss.backward()`` costs this host
+    at least, in us."""
     x = torch.randn(10, device="cuda", requires_grad=True)
     b = torch.randn(10, device="cuda")
 
@@ -150,7 +173,9 @@ def round_trips(batches: int, per_batch: int) -> dict[str, float]:
         fn().backward()
 
     losses = {"bare_mul_sum": lambda: (2 * x).sum(), "mse_loss": lambda: F.mse_loss(x, b)}
-    return {name: per_step_seconds(lambda: step(fn), batches, per_batch) * 1e6 for name, fn in losses.items()}
+    steps = {name: (lambda fn=fn: step(fn)) for name, fn in losses.items()}
+    times = interleaved_wall_times(steps, rounds, per_batch)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def kernel_time(fn: Callable, case: dict, steps: int = 5) -> tuple[float, dict[str, float]]:
@@ -229,8 +254,8 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
     }
     print(f"{report['card']}  torch {report['torch']}  triton {report['triton']}  CUDA {report['cuda']}  "
           f"copy {bw / 1e9:.0f} GB/s")
-    batches, per_batch = (3, 5) if quick else (5, 10)
-    report["autograd_round_trip_us"] = trips = round_trips(batches, per_batch)
+    rounds, per_batch = (5, 5) if quick else (15, 20)
+    report["autograd_round_trip_us"] = trips = round_trips(rounds, per_batch)
     print(f"autograd round trip on 10 elements: (2x).sum() {trips['bare_mul_sum']:.1f} us, "
           f"mse_loss {trips['mse_loss']:.1f} us")
     for shape_name, shape in SHAPES.items():
@@ -241,16 +266,21 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                 floor = (nbytes_in + nbytes_grad) / bw
                 entry = {"shape": shape_name, "logits": dname, "labels": lname, "floor_us": floor * 1e6,
                          "bytes_in": nbytes_in, "bytes_grad": nbytes_grad, "check": check(case, dtype), "impls": {}}
-                for name, fn in implementations(with_compile).items():
-                    FastLauncher.enabled = not name.endswith("_plain")  # plain: every launch via kernel[grid]
-                    loss_dispatch.FAST_PATH = not name.endswith(("_plain", "_python"))
-                    wall = wall_time(fn, case, batches, per_batch)
+                impl_fns = implementations(with_compile)
+                walls = interleaved_wall_times(
+                    {name: (lambda fn=fn: fwd_bwd_step(fn, case)) for name, fn in impl_fns.items()},
+                    rounds, per_batch, before=select_path, after=default_path)
+                for name, fn in impl_fns.items():
+                    select_path(name)
                     gpu, per_kernel = kernel_time(fn, case)
                     mem = peak_extra_memory(fn, case)
                     # graph replay needs no host sync inside the step: not for the checked variant
                     graph = graph_time(fn, case) * 1e6 if name in GRAPHABLE else None
-                    FastLauncher.enabled = loss_dispatch.FAST_PATH = True
-                    entry["impls"][name] = {"wall_us": wall * 1e6, "gpu_us": gpu * 1e6, "graph_us": graph,
+                    default_path()
+                    p25, _, p75 = statistics.quantiles(walls[name], n=4, method="inclusive")
+                    entry["impls"][name] = {"wall_us": statistics.median(walls[name]) * 1e6,
+                                            "wall_us_p25": p25 * 1e6, "wall_us_p75": p75 * 1e6,
+                                            "wall_rounds": rounds, "gpu_us": gpu * 1e6, "graph_us": graph,
                                             "peak_extra_bytes": mem,
                                             "memory_ratio": mem / nbytes_grad,
                                             "kernels_us": {k: v * 1e6 for k, v in per_kernel.items()}}
@@ -261,6 +291,9 @@ def run(out_dir: Path, quick: bool, with_compile: bool) -> dict:
                         entry[f"wall_speedup_vs_{base}"] = impls[base]["wall_us"] / impls["fused"]["wall_us"]
                         entry[f"wall_speedup_nocheck_vs_{base}"] = (impls[base]["wall_us"]
                                                                      / impls["fused_nocheck"]["wall_us"])
+                        # the same ratio from the two batches of each round (same moment of the host)
+                        entry[f"wall_speedup_nocheck_vs_{base}_paired"] = statistics.median(
+                            b / f for b, f in zip(walls[base], walls["fused_nocheck"]))
                         entry[f"gpu_speedup_vs_{base}"] = impls[base]["gpu_us"] / impls["fused_nocheck"]["gpu_us"]
                 entry["graph_speedup_vs_eager"] = impls["eager"]["graph_us"] / impls["fused_nocheck"]["graph_us"]
                 # the wall-time target (5x eager and torch.compile) as a time, next to autograd's own minimum
@@ -286,12 +319,13 @@ def _print_case(e: dict) -> None:
     print(f"\n{e['shape']} logits {e['logits']} labels {e['labels']}: floor {e['floor_us']:.1f} us, check {ok} "
           f"(fused loss rel {e['check']['fused']['loss_rel']:.1e}, grad rel "
           f"{e['check']['fused']['grad_logits_rel']:.1e})")
-    print(f"  {'impl':14s} {'wall us':>9s} {'gpu us':>9s} {'graph us':>9s} {'x floor':>8s} {'extra MB':>9s} "
-          f"{'x grads':>8s}")
+    print(f"  {'impl':20s} {'wall us':>9s} {'p25-p75 us':>15s} {'gpu us':>9s} {'graph us':>9s} {'x floor':>8s} "
+          f"{'extra MB':>9s} {'x grads':>8s}")
     for name, r in e["impls"].items():
         graph = "-" if r["graph_us"] is None else f"{r['graph_us']:.1f}"
-        print(f"  {name:14s} {r['wall_us']:9.1f} {r['gpu_us']:9.1f} {graph:>9s} {r['gpu_us'] / e['floor_us']:8.2f} "
-              f"{r['peak_extra_bytes'] / 2**20:9.1f} {r['memory_ratio']:8.3f}")
+        spread = f"{r['wall_us_p25']:.1f}-{r['wall_us_p75']:.1f}"
+        print(f"  {name:20s} {r['wall_us']:9.1f} {spread:>15s} {r['gpu_us']:9.1f} {graph:>9s} "
+              f"{r['gpu_us'] / e['floor_us']:8.2f} {r['peak_extra_bytes'] / 2**20:9.1f} {r['memory_ratio']:8.3f}")
     speed = ", ".join(f"{k} {v:.1f}x" for k, v in e.items() if "speedup" in k)
     below = " (below a bare autograd round trip)" if e["wall_target_below_round_trip"] else ""
     print(f"  {speed}; fused (no check) GPU time / floor {e['fused_floor_ratio']:.2f}; 5x wall target "
