@@ -22,6 +22,8 @@ def test_bad_arguments():
         GraphedStep(lambda x: x)(torch.ones(2))
     with pytest.raises(ValueError, match="one or more CUDA tensors"):
         GraphedStep(lambda x: x)()
+    with pytest.raises(TypeError, match="static_inputs must be a bool"):
+        GraphedStep(lambda x: x, static_inputs=1)
 
 
 class _FakeCapture:
@@ -156,6 +158,40 @@ def test_cuda_replayed_steps_equal_eager_steps():
         for _ in range(4):
             assert torch.isfinite(fn(x, y))
     assert fn.captures == 2
+
+
+@pytest.mark.cuda
+def test_cuda_static_inputs_replay_on_the_callers_tensors():
+    """static_inputs=True: the same losses and weights as eager steps when each batch is copied into the captured
+    tensors in place, no input buffers allocated at capture (one batch less memory), and other tensors refused."""
+    _deterministic()
+    g = torch.Generator("cuda").manual_seed(1)
+    batches = [(torch.randn(2, 2, 12, 12, 12, device="cuda", generator=g),
+                torch.randint(0, 3, (2, 12, 12, 12), device="cuda", generator=g)) for _ in range(5)]
+    runs = []
+    for graphed in (False, True):
+        net = _small_net(0)
+        opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device="cuda"), fused=True, capturable=True)
+        step = _plain_step(net, opt)
+        fn = GraphedStep(step, static_inputs=True) if graphed else step
+        xb, yb = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            xb.copy_(x)
+            yb.copy_(y)
+            if graphed and i == fn.warmup:  # the capturing call: no copies of the inputs
+                captured = fn._inputs
+                losses.append(float(fn(xb, yb)))
+                assert fn._inputs[0] is xb and fn._inputs[1] is yb and captured == ()
+            else:
+                losses.append(float(fn(xb, yb)))
+        runs.append((losses, [t.detach().clone() for t in (*net.parameters(), *net.buffers())], fn))
+    (la, wa, _), (lb, wb, fn) = runs
+    assert fn.captures == 1 and lb == la
+    for a, b in zip(wa, wb):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="same tensors"):
+        fn(batches[0][0].clone(), batches[0][1])
 
 
 def _trainer(tmp_path, graph: bool) -> Trainer:

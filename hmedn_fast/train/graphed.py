@@ -47,19 +47,27 @@ class GraphedStep:
     next call warms up again); one that ran out of memory raises ``torch.OutOfMemoryError`` even where ending the
     interrupted capture raised an error of its own.
 
+    With ``static_inputs=True`` the graph is captured on the input tensors of the capturing call themselves (no
+    input buffers: one batch of inputs less memory, no copies per call): every later call must pass those same
+    tensors, with the next batch written into them in place (``x_buffer.copy_(batch)``), else ``ValueError``.
+
     Args:
         step: the training step, called as ``step(*inputs)``.
         warmup: eager steps before capturing (>= 1: the optimizer's state must exist before capture).
+        static_inputs: capture and replay on the caller's input tensors (see above) instead of copies.
     """
 
-    def __init__(self, step: Callable[..., Any], warmup: int = WARMUP) -> None:
+    def __init__(self, step: Callable[..., Any], warmup: int = WARMUP, static_inputs: bool = False) -> None:
         if not callable(step):
             raise TypeError(f"step must be callable, got {type(step).__name__}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (the optimizer's state must exist before capture), "
                              f"got {warmup!r}")
+        if not isinstance(static_inputs, bool):
+            raise TypeError(f"static_inputs must be a bool, got {type(static_inputs).__name__}")
         self.step = step
         self.warmup = warmup
+        self.static_inputs = static_inputs
         self.captures = 0  # graphs captured so far (tests, logs)
         self._signature: tuple | None = None
         self.reset()
@@ -87,8 +95,13 @@ class GraphedStep:
                 self._warm += 1
                 return self._eager(inputs)
             self._capture(inputs)
-        for buffer, t in zip(self._inputs, inputs):
-            buffer.copy_(t)
+        if self.static_inputs:
+            if any(t.data_ptr() != buffer.data_ptr() for buffer, t in zip(self._inputs, inputs)):
+                raise ValueError("GraphedStep(static_inputs=True) replays on the input tensors it captured: pass "
+                                 "those same tensors, with the new batch copied into them in place")
+        else:
+            for buffer, t in zip(self._inputs, inputs):
+                buffer.copy_(t)
         self._graph.replay()
         return self._output
 
@@ -104,7 +117,7 @@ class GraphedStep:
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> None:
         device = inputs[0].device
-        self._inputs = tuple(torch.empty_like(t) for t in inputs)  # same strides (dense inputs)
+        self._inputs = inputs if self.static_inputs else tuple(torch.empty_like(t) for t in inputs)  # dense inputs
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph allocates from its own pool
         graph = torch.cuda.CUDAGraph()
