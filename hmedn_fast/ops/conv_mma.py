@@ -5,8 +5,8 @@ it (the Triton kernels load every shifted tile separately).
 
 :func:`conv3x3_forward` is ``F.conv3d(x, weight, padding=d, dilation=d)``; :func:`conv3x3_input_grad` its input
 gradient (the same kernel on the flipped, channel-swapped weight); :func:`conv3x3_wgrad` its weight gradient (a second
-kernel on the same halo tiles, float32 partial sums per block reduced by ``sum``). :func:`unsupported` says why a
-call cannot run.
+kernel on the same halo tiles, float32 partial sums per block reduced by :func:`hmedn_fast.ops.partials.sum_partials`).
+:func:`unsupported` says why a call cannot run.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hmedn_fast.ops import _ext
+from hmedn_fast.ops.partials import sum_partials
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import multiprocessors  # torch only: no Triton import
 
@@ -124,7 +125,7 @@ def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
     splits = max(1, min(tiles, -(-_WGRAD_BLOCKS_PER_SM * sms // 3)))
     part = torch.empty((splits, 27, CHANNELS, CHANNELS), dtype=torch.float32, device=x.device)
     _ext.extension().conv3x3_mma_wgrad_(x, grad, part, int(dilation))
-    return part.sum(0).permute(1, 2, 0).reshape(CHANNELS, CHANNELS, 3, 3, 3)
+    return sum_partials(part).permute(1, 2, 0).reshape(CHANNELS, CHANNELS, 3, 3, 3)
 
 
 __all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]

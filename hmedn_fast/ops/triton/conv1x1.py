@@ -6,9 +6,11 @@ it moves bytes, it barely computes. The forward reads a tile of X and of the run
 sum with the product in one pass (cuDNN's 1x1 convolution writes the product, then an add kernel reads it back
 with ``acc``). The backward reads the output gradient G and X once per tile and does both gradients there:
 ``dX = G @ W`` (written per tile) and ``dW = G^T @ X`` (and ``db = sum G``) accumulated in registers over the
-program's tiles, one float32 partial per program, summed in a fixed order by the caller (deterministic, no
-atomics, no workspace that outlives the call). cuDNN's 1x1 weight gradient was 36.7 us per 32 -> 32 channel call
-at 64^3 on the H200 (stop 31 profile in ``docs/decisions/blocks.md``) where reading G and X takes ~8 us.
+program's tiles, one float32 partial per program, summed in a fixed order (:func:`hmedn_fast.ops.partials.
+sum_partials`: deterministic, no atomics, no workspace that outlives the call). cuDNN's 1x1 weight gradient was 36.7 us
+per 32 -> 32 channel call at 64^3 on the H200 (stop 31 profile in ``docs/decisions/blocks.md``) where reading G and X
+takes ~8 us; one term's forward + backward 75.8 us (cuDNN + add) vs 42.0 us (these kernels, with torch's sum of the
+partials) in one process (stop 32, ``benchmarks/results/ab_fusion_norm_nvidia_h200_s32.json``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.partials import sum_partials
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors, next_power_of_2
 
 BLOCK_V = 128  # voxels per tile
@@ -143,5 +146,5 @@ def backward(g: Tensor, gs: int, x: Tensor, xs: int, weight: Tensor, need_x: boo
          F32_DOT=INTERPRET, num_warps=NUM_WARPS)
     if not (need_w or need_b):
         return dx, None, None
-    total = part.sum(0)
+    total = sum_partials(part)
     return dx, total[:c_out, :c_in] if need_w else None, total[:c_out, bci] if need_b else None

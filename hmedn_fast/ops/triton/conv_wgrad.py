@@ -14,7 +14,7 @@ shifted output-gradient tile (BV x C_out, the kw neighbours hit the L1 cache), a
 gy_tile`` on the tensor cores in float32, in 9 register accumulators. Shifting the narrow operand (C_out = 16 or 32
 channels) instead of the wide one moves up to 4x fewer bytes per tap: 1.3-1.9x faster than shifting the input
 tiles on the H100 (``conv_wgrad_nvidia_h100_80gb_hbm3.json``). Partial sums per voxel range go to a float32
-buffer that one ``sum`` reduces (deterministic, no atomics).
+buffer that :func:`hmedn_fast.ops.partials.sum_partials` reduces (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hmedn_fast.ops.geometry import same_3x3_geometry_unsupported
+from hmedn_fast.ops.partials import sum_partials
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import INTERPRET, FastLauncher, cdiv, multiprocessors
 
@@ -223,7 +224,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), gs, per_prog,
             C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, BX=bx, BY=by, num_warps=num_warps,
             num_stages=num_stages)
-    return part.sum(0).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
+    return sum_partials(part).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
 
 
 __all__ = ["conv3x3_wgrad", "launch_config", "same_3x3_geometry_unsupported", "same_3x3_unsupported", "unsupported"]

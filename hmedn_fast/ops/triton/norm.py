@@ -40,9 +40,13 @@ from torch import Tensor
 from hmedn_fast.ops.strides import flat_spatial_stride
 from hmedn_fast.ops.triton.launch import FastLauncher, cdiv, next_power_of_2
 
-BLOCK_S = 128
+BLOCK_S = 128  # voxels per tile of the apply kernels
 MAX_BLOCK_C = 64
-TARGET_PROGRAMS = 1024  # programs of the reduce pass: S is split into chunks until about this many
+TARGET_PROGRAMS = 528  # programs of the reduce pass: S is split into chunks until about this many (H200, stop 32:
+# norm fwd + bwd of 32 x 64^3 bf16 47.0 / 67.6 us without / with a residual at 528, 49.9 / 70.6 at 1024, 60.7 / 72.9
+# at 264: benchmarks/results/ab_fusion_norm_nvidia_h200_s32.json)
+REDUCE_BLOCK_S = 128  # voxels per tile of the reduce pass (chunks are multiples of it)
+REDUCE_WARPS = 4
 STATS_TILE = 4096  # elements of the (rows x channels) tile the stats kernels combine per step
 MAX_STATS_CHANNELS = 2  # channels per program of the stats kernels (batch / instance / running statistics):
 # few, so the programs are many and each combines its chunks in one or two steps (the kernels are latency-bound)
@@ -314,7 +318,7 @@ class Geometry(NamedTuple):
     stats_grid: tuple[int]  # programs of the stats kernels
     grid: tuple[int, int, int]  # apply kernels' grid: (S blocks, channel blocks, N)
     split: int  # chunks of S in the reduce pass
-    chunk: int  # samples per chunk (a multiple of BLOCK_S)
+    chunk: int  # samples per chunk (a multiple of REDUCE_BLOCK_S)
     nsets: int  # statistics sets along N: N (instance / group with batch statistics) or 1
     nper: int  # samples per set: N or 1
     group: bool  # a set spans cw channels (group norm)
@@ -337,8 +341,8 @@ def geometry(shape: tuple[int, ...], xs: tuple[int, int, int], rs: tuple[int, in
         s *= size
     block_c = min(MAX_BLOCK_C, next_power_of_2(c))
     cblocks = cdiv(c, block_c)
-    split = max(1, min(cdiv(s, BLOCK_S), TARGET_PROGRAMS // (n * cblocks)))
-    chunk = cdiv(cdiv(s, split), BLOCK_S) * BLOCK_S
+    split = max(1, min(cdiv(s, REDUCE_BLOCK_S), TARGET_PROGRAMS // (n * cblocks)))
+    chunk = cdiv(cdiv(s, split), REDUCE_BLOCK_S) * REDUCE_BLOCK_S
     split = cdiv(s, chunk)
     per_sample = batch_stats and kind != "batch"
     group = batch_stats and kind == "group"
@@ -372,7 +376,8 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
         part = torch.empty(geo.n, geo.split, 2, geo.c, device=x.device, dtype=torch.float32)
         _REDUCE(
             geo.reduce_grid, x, x, x, coef, part, geo.c, geo.s, geo.chunk, geo.split, 0, *geo.xs, 0, 0, 0, 0, 0, 0,
-            BACKWARD=False, HAS_RES=False, RELU=False, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
+            BACKWARD=False, HAS_RES=False, RELU=False, BLOCK_C=geo.block_c, BLOCK_S=REDUCE_BLOCK_S,
+            num_warps=REDUCE_WARPS)
     _STATS(
         geo.stats_grid, part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef),
         coef, geo.c, geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
@@ -431,7 +436,8 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
     dy, ds = flat(dy)
     _REDUCE(
         geo.reduce_grid, x, r, dy, coef, part, geo.c, geo.s, geo.chunk, geo.split, geo.cn, *geo.xs, *geo.rs, *ds,
-        BACKWARD=True, HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=BLOCK_S)
+        BACKWARD=True, HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=REDUCE_BLOCK_S,
+        num_warps=REDUCE_WARPS)
     gcoef = torch.empty(geo.nsets, 2, geo.c, device=dev, dtype=torch.float32)
     dw = torch.empty(geo.c, device=dev, dtype=weight.dtype) if need_w else None
     db = torch.empty(geo.c, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
