@@ -46,7 +46,8 @@ TARGET_PROGRAMS = 528  # programs of the reduce pass: S is split into chunks unt
 # norm fwd + bwd of 32 x 64^3 bf16 47.0 / 67.6 us without / with a residual at 528, 49.9 / 70.6 at 1024, 60.7 / 72.9
 # at 264: benchmarks/results/ab_fusion_norm_nvidia_h200_s32.json)
 REDUCE_BLOCK_S = 128  # voxels per tile of the reduce pass (chunks are multiples of it)
-REDUCE_WARPS = 4
+REDUCE_WARPS = 8  # H200, stop 32 (ab2_fusion_norm_nvidia_h200_s32.json): 44.6 / 64.9 us vs 48.2 / 69.8 with 4 warps;
+# 64- and 256-voxel tiles no better; the 3D pathway's lean step graphed 5.48 vs 5.57 ms
 STATS_TILE = 4096  # elements of the (rows x channels) tile the stats kernels combine per step
 MAX_STATS_CHANNELS = 2  # channels per program of the stats kernels (batch / instance / running statistics):
 # few, so the programs are many and each combines its chunks in one or two steps (the kernels are latency-bound)
