@@ -114,9 +114,17 @@ def _triton_unavailable(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: to
         return "x and acc need channels innermost with the voxels at one stride (channels-last, or channel slices)"
     if max(weight.shape[:2]) > MAX_TRITON_CHANNELS:
         return f"more than {MAX_TRITON_CHANNELS} input or output channels"
-    if x.numel() >= 2 ** 31 or x.shape[0] * weight.shape[0] * x[0, 0].numel() >= 2 ** 31:
-        return "tensors of 2^31 or more elements (the kernels index with int32)"
+    if not all(offsets_fit_int32(t) for t in (x, acc) if t is not None) \
+            or x.shape[0] * weight.shape[0] * x[0, 0].numel() >= 2 ** 31:
+        return "element offsets of 2^31 or more (the kernels index with int32)"
     return None
+
+
+def offsets_fit_int32(t: Tensor) -> bool:
+    """Whether every element offset of an (N, C, *spatial) tensor with channels innermost and voxels at one stride
+    (``voxel_stride``) is below 2^31: the last voxel's row start plus its channels."""
+    voxels = t.numel() // max(t.shape[1], 1)
+    return (voxels - 1) * voxel_stride(t) + t.shape[1] < 2 ** 31
 
 
 class _Conv1x1AddTriton(torch.autograd.Function):
