@@ -220,9 +220,13 @@ class LeanBatchNormBlock(torch.autograd.Function):
         gz2 = torch.ops.aten.threshold_backward(gy, y, 0)  # gradient at norm2(c2) + x
         gc2, gg2, gb2 = _batch_norm_backward(gz2.to(c2.dtype), c2, g2, mean2, inv2, train2, eps2,
                                              [True, need[7], need[8]])
+        del c2  # each tensor dropped once dead, so the next gradients (one activation each) do not add to it
         ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
+        del gc2
         gn1 = torch.ops.aten.threshold_backward(ga1.to(a1.dtype), a1, 0)
+        del ga1, a1
         gc1, gg1, gb1 = _batch_norm_backward(gn1, c1, g1, mean1, inv1, train1, eps1, [True, need[4], need[5]])
+        del gn1, c1
         gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
         if gx is not None:
             gx = gx.add_(gz2.to(gx.dtype))
@@ -269,9 +273,12 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     geo2 = k.geometry(tuple(c2.shape), cs2, k.ncs_strides(x), "batch", 1, train2)
     gc2, gg2, gb2, gx_res = k.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
                                        b2.dtype if need[8] and b2 is not None else None, need[0])
+    del c2  # each tensor dropped once dead, so the next gradients (one activation each) do not add to it
     ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
+    del a1, gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
                                   b1.dtype if need[5] and b1 is not None else None, False)
+    del ga1, c1
     gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
     if gx is not None:
         gx = gx.add_(gx_res.to(gx.dtype))
