@@ -197,15 +197,17 @@ def test_blocks_backward_holds_few_fusion_gradients():
     torch.testing.assert_close(grads["blocks"], grads["none"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode, bound", [("lean", 5.5), ("blocks", 6.5)])
-def test_block_backward_drops_each_tensor_once_dead(mode, bound):
-    """A lean block's backward (ATen engine) holds at most ``bound`` activations' worth of new tensors at once: each
-    replayed or gradient tensor is dropped as soon as it is dead (5.13 / 6.13 now; 8.25 / 10.25 while they lived to
-    the end of the backward), and the gradients are eager autograd's."""
+@pytest.mark.parametrize("norm, mode, bound", [("batch", "lean", 5.5), ("batch", "blocks", 6.5),
+                                               ("instance", "lean", 9.5), ("instance", "blocks", 8.5)])
+def test_block_backward_drops_each_tensor_once_dead(norm, mode, bound):
+    """A lean block's backward holds at most ``bound`` activations' worth of new tensors at once: each replayed or
+    gradient tensor is dropped as soon as it is dead (BatchNorm, ATen engine: 5.13 / 6.13 now, 8.25 / 10.25 while they
+    lived to the end of the backward; InstanceNorm, nested autograd: 9.25 / 8.13, was 10.25 / 10.25), and the
+    gradients are eager autograd's."""
     from _live_bytes import LiveBytes
 
     torch.manual_seed(0)
-    block = ResidualDilatedBlock(8, (2, 4), 3, "batch").double()
+    block = ResidualDilatedBlock(8, (2, 4), 3, norm).double()
     x = torch.randn(1, 8, 12, 12, 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn_like(x)
     block.checkpoint = "none"

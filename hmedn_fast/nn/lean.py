@@ -132,9 +132,11 @@ class LeanResidualBlock(torch.autograd.Function):
             xr = x.detach().requires_grad_(need[0])
             y = norm_act(c2, g2, b2, residual=xr, **n2)
             gc2, gx_res, gg2, gb2 = _grads(y, [c2, xr, g2, b2], gy)
-            del y
+            del y, c2, xr  # each tensor dropped once dead (see LeanBatchNormBlock)
             ga1, gw2 = _conv_backward(gc2, a1.detach(), w2, block.conv2, True, need[6])
+            del gc2
             gc1, gg1, gb1 = _grads(a1, [c1, g1, b1], ga1.to(a1.dtype))
+            del a1, ga1, c1
             gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
         if gx is not None:
             gx = gx + gx_res.to(gx.dtype)
