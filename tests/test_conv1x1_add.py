@@ -135,7 +135,8 @@ def test_forced_triton_without_it_names_the_reason():
 
 @pytest.mark.interpreted
 @pytest.mark.parametrize("what, reason", [
-    ("float32", "compute dtype"), ("nc_layout", "channels innermost"), ("wide", "64"), ("acc_dtype", "acc's dtype")])
+    ("float32", "compute dtype"), ("nc_layout", "channels innermost"), ("wide", "64"), ("acc_dtype", "acc's dtype"),
+    ("empty", "empty")])
 def test_triton_declines_with_a_reason(what, reason):
     x, w, _, a, _ = _case(1, 4, 4, (3, 3, 3), torch.bfloat16, False, True, False)
     if what == "float32":
@@ -145,8 +146,11 @@ def test_triton_declines_with_a_reason(what, reason):
     elif what == "wide":
         x = torch.randn(1, 65, 3, 3, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
         w = torch.randn(4, 65, 1, 1, 1)
-    else:
+    elif what == "acc_dtype":
         a = a.half()
+    else:
+        x, a = x[:0], a[:0]  # an empty batch
+        torch.testing.assert_close(conv1x1_add(a, x, w), a + F.conv3d(x, w))  # automatic: the reference
     with pytest.raises(RuntimeError, match=reason):
         conv1x1_add(a, x, w, backend="triton")
 

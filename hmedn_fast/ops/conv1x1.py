@@ -106,6 +106,8 @@ def _triton_unavailable(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: to
     reason = triton_unavailable(x, acc, weight)
     if reason is not None:
         return reason
+    if x.numel() == 0 or weight.shape[0] == 0:
+        return "empty tensors (nothing to launch)"
     if dtype not in TRITON_DTYPES:
         return f"compute dtype {dtype} is not one of {TRITON_DTYPES}"
     if acc is not None and acc.dtype != dtype:
