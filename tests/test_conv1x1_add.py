@@ -158,14 +158,15 @@ def test_triton_declines_with_a_reason(what, reason):
 def test_int32_offsets_check_counts_the_buffer_a_slice_lives_in():
     """A channel slice's offsets run over its whole buffer (voxel stride = the buffer's channels): meta tensors."""
     from hmedn_fast.ops.conv1x1 import offsets_fit_int32
+    from hmedn_fast.ops.strides import voxel_stride
 
-    def sliced(voxels: int, wide: int) -> torch.Tensor:
-        return torch.empty_strided((1, 32, voxels), (voxels * wide, 1, wide), device="meta")
+    def fits(voxels: int, wide: int) -> bool:
+        t = torch.empty_strided((1, 32, voxels), (voxels * wide, 1, wide), device="meta")
+        return offsets_fit_int32(t, voxel_stride(t))
 
-    assert offsets_fit_int32(sliced(2 ** 20, 2 ** 11))  # last offset 2^31 - 2^11 + 31
-    assert not offsets_fit_int32(sliced(2 ** 20 + 1, 2 ** 11))  # one voxel more: past 2^31
-    assert offsets_fit_int32(torch.empty((1, 32, 2 ** 26 - 1), device="meta").movedim(1, -1).contiguous()
-                             .movedim(-1, 1))
+    assert fits(2 ** 20, 2 ** 11)  # last offset 2^31 - 2^11 + 31
+    assert not fits(2 ** 20 + 1, 2 ** 11)  # one voxel more: past 2^31
+    assert fits(2 ** 26 - 1, 32)  # a dense channels-last tensor just below 2^31 elements
 
 
 @pytest.mark.parametrize("args, error, match", [

@@ -132,27 +132,37 @@ def _plain_step(net: torch.nn.Module, opt: torch.optim.Optimizer):
     return step
 
 
-@pytest.mark.cuda
-def test_cuda_replayed_steps_equal_eager_steps():
-    """Same weights, running statistics and losses after 6 steps on changing batches, eager vs graphed (2 eager
-    warm-up steps, capture, replays); a new batch shape is captured anew with a warning."""
-    _deterministic()
-    g = torch.Generator("cuda").manual_seed(0)
-    batches = [(torch.randn(2, 2, 12, 12, 12, device="cuda", generator=g),
-                torch.randint(0, 3, (2, 12, 12, 12), device="cuda", generator=g)) for _ in range(6)]
+def _batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator("cuda").manual_seed(seed)
+    return [(torch.randn(2, 2, 12, 12, 12, device="cuda", generator=g),
+             torch.randint(0, 3, (2, 12, 12, 12), device="cuda", generator=g)) for _ in range(count)]
+
+
+def _eager_vs_graphed(batches, graphed_step, call=lambda fn, x, y, i: fn(x, y)) -> GraphedStep:
+    """Train one small net eagerly and one through ``graphed_step(step)`` on ``batches`` (``call(fn, x, y, i)`` runs
+    step i); assert equal losses, weights and running statistics; return the GraphedStep."""
     runs = []
     for graphed in (False, True):
         net = _small_net(0)
         opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device="cuda"), fused=True, capturable=True)
         step = _plain_step(net, opt)
-        fn = GraphedStep(step) if graphed else step
-        losses = [float(fn(x, y)) for x, y in batches]
+        fn = graphed_step(step) if graphed else step
+        losses = [float(call(fn, x, y, i)) for i, (x, y) in enumerate(batches)]
         runs.append((losses, [t.detach().clone() for t in (*net.parameters(), *net.buffers())], fn))
     (la, wa, _), (lb, wb, fn) = runs
-    assert fn.captures == 1
     assert lb == la
     for a, b in zip(wa, wb):
         assert torch.equal(a, b)
+    return fn
+
+
+@pytest.mark.cuda
+def test_cuda_replayed_steps_equal_eager_steps():
+    """Same weights, running statistics and losses after 6 steps on changing batches, eager vs graphed (2 eager
+    warm-up steps, capture, replays); a new batch shape is captured anew with a warning."""
+    _deterministic()
+    fn = _eager_vs_graphed(_batches(0, 6), GraphedStep)
+    assert fn.captures == 1
     x, y = torch.randn(1, 2, 8, 8, 8, device="cuda"), torch.randint(0, 3, (1, 8, 8, 8), device="cuda")
     with pytest.warns(RuntimeWarning, match="capturing a new graph"):
         for _ in range(4):
@@ -165,31 +175,22 @@ def test_cuda_static_inputs_replay_on_the_callers_tensors():
     """static_inputs=True: the same losses and weights as eager steps when each batch is copied into the captured
     tensors in place, no input buffers allocated at capture (one batch less memory), and other tensors refused."""
     _deterministic()
-    g = torch.Generator("cuda").manual_seed(1)
-    batches = [(torch.randn(2, 2, 12, 12, 12, device="cuda", generator=g),
-                torch.randint(0, 3, (2, 12, 12, 12), device="cuda", generator=g)) for _ in range(5)]
-    runs = []
-    for graphed in (False, True):
-        net = _small_net(0)
-        opt = torch.optim.AdamW(net.parameters(), lr=torch.tensor(1e-2, device="cuda"), fused=True, capturable=True)
-        step = _plain_step(net, opt)
-        fn = GraphedStep(step, static_inputs=True) if graphed else step
-        xb, yb = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
-        losses = []
-        for i, (x, y) in enumerate(batches):
-            xb.copy_(x)
-            yb.copy_(y)
-            if graphed and i == fn.warmup:  # the capturing call: no copies of the inputs
-                captured = fn._inputs
-                losses.append(float(fn(xb, yb)))
-                assert fn._inputs[0] is xb and fn._inputs[1] is yb and captured == ()
-            else:
-                losses.append(float(fn(xb, yb)))
-        runs.append((losses, [t.detach().clone() for t in (*net.parameters(), *net.buffers())], fn))
-    (la, wa, _), (lb, wb, fn) = runs
-    assert fn.captures == 1 and lb == la
-    for a, b in zip(wa, wb):
-        assert torch.equal(a, b)
+    batches = _batches(1, 5)
+    xb, yb = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
+
+    def call(fn, x, y, i):
+        xb.copy_(x)
+        yb.copy_(y)
+        capturing = isinstance(fn, GraphedStep) and i == fn.warmup
+        if capturing:
+            assert fn._inputs == ()
+        loss = fn(xb, yb)
+        if capturing:  # the capturing call: the graph runs on xb and yb themselves, no copies
+            assert fn._inputs[0] is xb and fn._inputs[1] is yb
+        return loss
+
+    fn = _eager_vs_graphed(batches, lambda step: GraphedStep(step, static_inputs=True), call)
+    assert fn.captures == 1
     with pytest.raises(ValueError, match="same tensors"):
         fn(batches[0][0].clone(), batches[0][1])
 

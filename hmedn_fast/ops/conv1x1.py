@@ -112,21 +112,22 @@ def _triton_unavailable(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: to
         return f"compute dtype {dtype} is not one of {TRITON_DTYPES}"
     if acc is not None and acc.dtype != dtype:
         return f"acc's dtype {acc.dtype} differs from the compute dtype {dtype}"
-    if voxel_stride(x) is None or acc is not None and voxel_stride(acc) is None:
+    tensors = [(t, voxel_stride(t)) for t in (x, acc) if t is not None]
+    if any(vs is None for _, vs in tensors):
         return "x and acc need channels innermost with the voxels at one stride (channels-last, or channel slices)"
     if max(weight.shape[:2]) > MAX_TRITON_CHANNELS:
         return f"more than {MAX_TRITON_CHANNELS} input or output channels"
-    if not all(offsets_fit_int32(t) for t in (x, acc) if t is not None) \
+    if not all(offsets_fit_int32(t, vs) for t, vs in tensors) \
             or x.shape[0] * weight.shape[0] * x[0, 0].numel() >= 2 ** 31:
         return "element offsets of 2^31 or more (the kernels index with int32)"
     return None
 
 
-def offsets_fit_int32(t: Tensor) -> bool:
-    """Whether every element offset of an (N, C, *spatial) tensor with channels innermost and voxels at one stride
-    (``voxel_stride``) is below 2^31: the last voxel's row start plus its channels."""
+def offsets_fit_int32(t: Tensor, voxel_stride: int) -> bool:
+    """Whether every element offset of an (N, C, *spatial) tensor with channels innermost and its voxels at
+    ``voxel_stride`` is below 2^31: the last voxel's row start plus its channels."""
     voxels = t.numel() // max(t.shape[1], 1)
-    return (voxels - 1) * voxel_stride(t) + t.shape[1] < 2 ** 31
+    return (voxels - 1) * voxel_stride + t.shape[1] < 2 ** 31
 
 
 class _Conv1x1AddTriton(torch.autograd.Function):
@@ -150,8 +151,7 @@ class _Conv1x1AddTriton(torch.autograd.Function):
         if g.dtype != x.dtype or gs is None:
             g = g.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
             gs = voxel_stride(g)
-        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), weight, need_x, need_w, need_b and ctx.bias_dtype
-                                      is not None)
+        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), weight, need_x, need_w, need_b)
         dw = None if dw is None else dw.reshape(weight.shape).to(weight.dtype)
         db = None if db is None else db.to(ctx.bias_dtype)
         return g if need_acc else None, dx, dw, db
