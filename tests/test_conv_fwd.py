@@ -120,6 +120,36 @@ def test_forward_under_autocast_computes_in_the_autocast_dtype():
     _check_rounding(y, x.bfloat16(), w.bfloat16(), 1)
 
 
+@pytest.mark.not_interpreted
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("c_out, c_in", [(32, 32), (16, 48)])
+def test_pack_taps_is_the_cast_then_the_rearrangement(layout, c_out, c_in):
+    """One copy gives what the cast and the ``.contiguous()`` of the permuted weight gave, bit for bit, for
+    contiguous and channels-last weights (what ``module.to(memory_format=...)`` leaves), without autograd history."""
+    from hmedn_fast.ops.geometry import pack_taps
+
+    w = torch.randn(c_out, c_in, 3, 3, 3).contiguous(memory_format=layout).requires_grad_()
+    for in_first, order in ((False, (2, 3, 4, 0, 1)), (True, (2, 3, 4, 1, 0))):
+        want = w.detach().bfloat16().permute(order).reshape(27, w.shape[order[3]], w.shape[order[4]]).contiguous()
+        got = pack_taps(w, torch.bfloat16, in_first)
+        assert got.is_contiguous() and got.dtype == torch.bfloat16 and torch.equal(got, want)
+        assert not got.requires_grad
+
+
+@pytest.mark.interpreted
+def test_kernel_rounds_a_float32_weight_as_a_cast_would():
+    """The forward and input-gradient kernels take the float32 parameter itself (no separate cast kernel): the
+    result is bit for bit that of the weight cast to the input's dtype first."""
+    from hmedn_fast.ops.triton import conv_fwd
+
+    x, w = _case(1, 16, 32, (3, 5, 4), torch.bfloat16)
+    w32 = w.float() + torch.randn(w.shape) * 1e-3  # not representable in bf16
+    assert torch.equal(conv_fwd.conv3x3_forward(x, w32, 2), conv_fwd.conv3x3_forward(x, w32.bfloat16(), 2))
+    gy = torch.randn(1, 32, 3, 5, 4).bfloat16().contiguous(memory_format=CL)
+    assert torch.equal(conv_fwd.conv3x3_input_grad(gy, w32, 2), conv_fwd.conv3x3_input_grad(gy, w32.bfloat16(), 2))
+    assert "floating-point weight" in conv_fwd.unsupported(x, w.to(torch.int32), (1,) * 3, (1,) * 3, (1,) * 3, 1)
+
+
 @pytest.mark.interpreted
 @pytest.mark.parametrize("change, reason", [
     (dict(stride=(2, 2, 2)), "stride 1"), (dict(groups=2), "groups 1"), (dict(padding=(0, 0, 0)), "padding"),

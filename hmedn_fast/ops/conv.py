@@ -20,6 +20,7 @@ CUDA kernel wherever it runs (:mod:`hmedn_fast.ops.conv_mma`), else :func:`prefe
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -91,11 +92,10 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     fn = F.conv2d if weight.ndim == 4 else F.conv3d
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
-    cast: list[Tensor] = []  # (x, weight) in the compute dtype, made once
+    cast: list[Tensor] = []  # x in the compute dtype, made once, only for a convolution some kernel can take
 
     def kernel_reasons() -> dict[str, str | None]:
-        """Why each compiled kernel cannot run this call (None: it can); the casts are made once, only for a
-        convolution some kernel can take."""
+        """Why each compiled kernel cannot run this call (None: it can)."""
         reasons = {"cuda": None if x.is_cuda else "x is not a CUDA tensor", "triton": triton_unavailable(x)}
         if torch.compiler.is_compiling():
             shared = "inside torch.compile"
@@ -107,24 +107,24 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
                 shared = "an out tensor in the compute dtype with channels innermost"
         if shared is not None or all(reasons.values()):
             return {name: reason or shared for name, reason in reasons.items()}
-        cast[:] = [x.to(dt), weight.to(dt)]
+        cast[:] = [x.to(dt)]
         if reasons["cuda"] is None:
-            reasons["cuda"] = conv_mma.unsupported(*cast, dilation[0], out)
+            reasons["cuda"] = conv_mma.unsupported(cast[0], weight, dilation[0], out)
         if reasons["triton"] is None:
             from hmedn_fast.ops.triton.conv_fwd import unsupported
 
-            reasons["triton"] = unsupported(*cast, stride, padding, dilation, groups)
+            reasons["triton"] = unsupported(cast[0], weight, stride, padding, dilation, groups)
         return reasons
 
     def run(name: str, into: Tensor | None = None) -> Tensor:
         if name == "cuda":
-            return conv_mma.conv3x3_forward(*cast, dilation[0], out=into)
+            return conv_mma.conv3x3_forward(cast[0], weight, dilation[0], out=into)  # the kernels round the weight
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
-            return conv3x3_forward(*cast, dilation[0], out=into)
-        autocast_cast = cast if cast and torch.is_autocast_enabled(dev) else (x, weight)  # what autocast would pass
-        y = fn(*autocast_cast, None, stride, padding, dilation, groups)
+            return conv3x3_forward(cast[0], weight, dilation[0], out=into)
+        autocast_cast = (cast[0], weight.to(dt)) if cast and torch.is_autocast_enabled(dev) else (x, weight)
+        y = fn(*autocast_cast, None, stride, padding, dilation, groups)  # what autocast would pass
         return y if into is None else copy_channels_(into, y)
 
     reasons = kernel_reasons()
@@ -159,9 +159,10 @@ def conv_backward(
         kernels accumulate in float32 and round once to it; ATen's in grad's dtype first).
     """
     dt = grad.dtype
-    x, w = inp.to(dt), weight.to(dt)
-    input_backend = _input_grad_backend(grad, w, x.shape, stride, padding, dilation, groups, None) if need_input \
-        else "reference"
+    x = inp.to(dt)
+    cast_weight = functools.cache(lambda: weight.to(dt))  # for ATen only: the kernels round the weight as they pack it
+    input_backend = _input_grad_backend(grad, weight, x.shape, stride, padding, dilation, groups, None) \
+        if need_input else "reference"
     kernel_input = input_backend != "reference"
 
     def run(weight_backend: str) -> tuple[Tensor | None, Tensor | None]:
@@ -169,8 +170,8 @@ def conv_backward(
         aten_input, aten_weight = need_input and not kernel_input, need_weight and weight_backend == "reference"
         if aten_input or aten_weight:
             gi, gw, _ = torch.ops.aten.convolution_backward(
-                grad, x, w, None, list(stride), list(padding), list(dilation), False, [0] * (weight.ndim - 2), groups,
-                [aten_input, aten_weight, False])
+                grad, x, cast_weight(), None, list(stride), list(padding), list(dilation), False,
+                [0] * (weight.ndim - 2), groups, [aten_input, aten_weight, False])
         if weight_backend == "cuda":
             gw = conv_mma.conv3x3_wgrad(grad, x, dilation[0])
         elif weight_backend == "triton":
@@ -178,21 +179,22 @@ def conv_backward(
 
             gw = conv3x3_wgrad(grad, x, dilation[0])
         if kernel_input:
-            gi = _input_grad(input_backend, grad, w, dilation[0])
+            gi = _input_grad(input_backend, grad, weight, dilation[0])
         return gi, gw
 
     if not need_weight:
         gi, gw = run("none")
     else:
-        geometry = same_3x3_geometry_unsupported(x, w, stride, padding, dilation, groups)
+        geometry = same_3x3_geometry_unsupported(x, weight, stride, padding, dilation, groups)
         reasons = {"cuda": geometry or conv_mma.wgrad_unsupported(grad, x, dilation[0]),
-                   "triton": _triton_unavailable(grad, x, w, stride, padding, dilation, groups)}
+                   "triton": _triton_unavailable(grad, x, weight, stride, padding, dilation, groups)}
         prefer = "cuda" if reasons["cuda"] is None else (
-            "triton" if prefers_triton(w.shape[1], w.shape[0]) else "reference")
+            "triton" if prefers_triton(weight.shape[1], weight.shape[0]) else "reference")
         chosen = _choose(
             "conv_wgrad", backend, reasons, prefer,
             lambda: ("conv_wgrad", grad.device, dt, tuple(grad.shape), grad.stride(), tuple(x.shape), x.stride(),
-                     tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input, input_backend),
+                     tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), groups, need_input,
+                     input_backend),
             {name: (lambda name=name: run(name)) for name in ("cuda", "triton", "reference")}, grad)
         gi, gw = run(chosen)
     return (gi.to(inp.dtype) if gi is not None else None), (gw.to(weight.dtype) if gw is not None else None)
@@ -278,7 +280,6 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
             else :func:`prefers_triton_input_grad` where the Triton kernel can run.
     """
     extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
-    weight = weight.to(grad.dtype)
     name = _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend)
     if name != "reference":
         return _input_grad(name, grad, weight, dilation[0])

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hmedn_fast.ops import _ext
+from hmedn_fast.ops.geometry import pack_taps
 from hmedn_fast.ops.partials import sum_partials
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton.launch import multiprocessors  # torch only: no Triton import
@@ -56,8 +57,9 @@ def unsupported(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = N
     ``dilation`` (into ``out`` when given); else the reason. The same holds for :func:`conv3x3_input_grad` with the
     output gradient as ``x``."""
     reason = _volume_unsupported(x, "x", dilation)
-    if reason is None and (weight.dtype != x.dtype or tuple(weight.shape) != (CHANNELS, CHANNELS, 3, 3, 3)):
-        reason = "weight must be (32, 32, 3, 3, 3) in x's dtype"
+    if reason is None and (not weight.is_floating_point() or weight.device != x.device
+                           or tuple(weight.shape) != (CHANNELS, CHANNELS, 3, 3, 3)):
+        reason = "weight must be a floating-point (32, 32, 3, 3, 3) tensor on x's device"
     if reason is None and out is not None:
         ovs = voxel_stride(out)
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or ovs is None or ovs % 2 \
@@ -87,23 +89,22 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
 
     Args:
         x: (N, 32, D, H, W) bf16/fp16, channels innermost (see :func:`unsupported`).
-        weight: (32, 32, 3, 3, 3), x's dtype.
+        weight: (32, 32, 3, 3, 3) floating point, rounded to x's dtype (as autocast casts it).
         dilation: kernel dilation (the padding equals it).
         out: None, or an (N, 32, D, H, W) tensor of x's dtype with channels innermost (e.g. a channel slice of a
             channels-last buffer) to write into.
     Returns:
         (N, 32, D, H, W) in x's dtype (channels-last when allocated here).
     """
-    packed = weight.permute(2, 3, 4, 0, 1).reshape(27, CHANNELS, CHANNELS).contiguous()  # (tap, out, in)
-    return _run(x, packed, dilation, out, False)
+    return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False)
 
 
 def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int) -> Tensor:
     """Input gradient of :func:`conv3x3_forward` for output gradient ``grad`` (N, 32, D, H, W) (same contract as x):
     the convolution of ``grad`` with the weight flipped along its kernel axes (the kernel reads the taps in reverse)
-    and its channel axes swapped. Returns (N, 32, D, H, W) channels-last in grad's dtype."""
-    packed = weight.permute(2, 3, 4, 1, 0).reshape(27, CHANNELS, CHANNELS).contiguous()  # (tap, in, out)
-    return _run(grad, packed, dilation, None, True)
+    and its channel axes swapped; the weight is rounded to grad's dtype. Returns (N, 32, D, H, W) channels-last in
+    grad's dtype."""
+    return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, None, True)
 
 
 # Blocks per kernel depth of the weight gradient: two 6-warp blocks fit an SM (168 registers), three depths share it.
@@ -125,7 +126,7 @@ def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
     splits = max(1, min(tiles, -(-_WGRAD_BLOCKS_PER_SM * sms // 3)))
     part = torch.empty((splits, 27, CHANNELS, CHANNELS), dtype=torch.float32, device=x.device)
     _ext.extension().conv3x3_mma_wgrad_(x, grad, part, int(dilation))
-    return sum_partials(part).permute(1, 2, 0).reshape(CHANNELS, CHANNELS, 3, 3, 3)
+    return sum_partials(part, (1, 2, 0)).view(CHANNELS, CHANNELS, 3, 3, 3)  # (tap, out, in) summed into (out, in, tap)
 
 
 __all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]

@@ -1,6 +1,8 @@
-"""Convolution geometry checks shared by the compiled convolution kernels (torch only: importable without Triton)."""
+"""Convolution geometry shared by the compiled convolution kernels: the 3x3x3 "same" check and the taps-first weight
+layout (torch only: importable without Triton)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -16,3 +18,13 @@ def same_3x3_geometry_unsupported(inp: Tensor, weight: Tensor, stride, padding, 
     if len(set(d)) != 1 or tuple(padding) != d:
         return "padding equal to one dilation for every axis ('same' output)"
     return None
+
+
+def pack_taps(weight: Tensor, dtype: torch.dtype, in_first: bool) -> Tensor:
+    """A (C_out, C_in, 3, 3, 3) weight (any strides, any floating dtype) as the kernels' B operand: (27, C_out, C_in),
+    or (27, C_in, C_out) with ``in_first``, contiguous in ``dtype``, tap = 9 kd + 3 kh + kw. One copy rounds and
+    rearranges it (autocast's cast and a ``.contiguous()`` were two kernels); no autograd history."""
+    order = (2, 3, 4, 1, 0) if in_first else (2, 3, 4, 0, 1)
+    taps = weight.permute(order).reshape(27, weight.shape[order[3]], weight.shape[order[4]])  # a view if it can be
+    with torch.no_grad():
+        return torch.empty(taps.shape, dtype=dtype, device=weight.device).copy_(taps)

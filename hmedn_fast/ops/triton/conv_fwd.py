@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hmedn_fast.ops.geometry import pack_taps
 from hmedn_fast.ops.strides import voxel_stride
 from hmedn_fast.ops.triton import conv_wgrad
 from hmedn_fast.ops.triton.conv_wgrad import (same_3x3_geometry_unsupported, same_3x3_unsupported, tile_count,
@@ -99,19 +100,13 @@ def unsupported(inp: Tensor, weight: Tensor, stride, padding, dilation, groups: 
     reason = same_3x3_unsupported(inp, weight, stride, padding, dilation, groups)
     if reason is not None:
         return reason
-    if inp.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != inp.dtype:
-        return "bf16 / fp16 input and weight of one dtype"
+    if inp.dtype not in (torch.bfloat16, torch.float16) or not weight.is_floating_point():
+        return "a bf16 / fp16 input and a floating-point weight"
     if voxel_stride(inp) is None:
         return "an input with channels innermost and voxels at one stride (channels-last, or a channel slice of it)"
     if inp.numel() >= 2**31 or math.prod(inp.shape[2:]) * inp.shape[0] * weight.shape[0] >= 2**31:
         return "fewer than 2**31 elements"
     return None
-
-
-def pack_weight(weight: Tensor) -> Tensor:
-    """(C_out, C_in, 3, 3, 3) -> (27, C_in, C_out) contiguous, tap = 9 kd + 3 kh + kw (the kernel's B operand)."""
-    c_out, c_in = weight.shape[:2]
-    return weight.permute(2, 3, 4, 1, 0).reshape(27, c_in, c_out).contiguous()
 
 
 def out_channel_block(c_out: int) -> int:
@@ -135,8 +130,9 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
     Args:
         inp: (N, C_in, D, H, W) bf16/fp16 with channels innermost and voxels at one stride: channels-last
             contiguous, or a channel slice of such a tensor (see :func:`unsupported`).
-        weight: (C_out, C_in, 3, 3, 3) of inp's dtype (any strides). The automatic dispatch sends C_out 16 or 32
-            here; other counts run in blocks of :func:`out_channel_block` output channels per program.
+        weight: (C_out, C_in, 3, 3, 3) floating point, any strides, rounded to inp's dtype. The automatic dispatch
+            sends C_out 16 or 32 here; other counts run in blocks of :func:`out_channel_block` output channels per
+            program.
         dilation: the convolution's dilation (= its padding); negative: every tap's offset negated (the kernel
             flipped, as the input gradient needs).
         block_voxels, block_k, num_warps, num_stages, co_block: voxels per program (power of two >= 16), input
@@ -172,9 +168,9 @@ def conv3x3_forward(inp: Tensor, weight: Tensor, dilation: int, block_voxels: in
                          f"innermost, got {tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}")
     if nv == 0:
         return out
-    _KERNEL((programs, cdiv(c_out, co_block)), inp, pack_weight(weight), out, nv, d, h, w, c_in, int(dilation),
-            xs, ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk), F32_DOT=INTERPRET,
-            NUM_STAGES=num_stages or stages, BX=bx, BY=by, num_warps=num_warps or warps)
+    _KERNEL((programs, cdiv(c_out, co_block)), inp, pack_taps(weight, inp.dtype, in_first=True), out, nv, d, h, w,
+            c_in, int(dilation), xs, ys, C_OUT=c_out, CO_BLOCK=co_block, BM=bm, BK=bk, NCHUNK=cdiv(c_in, bk),
+            F32_DOT=INTERPRET, NUM_STAGES=num_stages or stages, BX=bx, BY=by, num_warps=num_warps or warps)
     return out
 
 
@@ -207,14 +203,14 @@ def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, **config) ->
 
     Args:
         grad: (N, C_out, D, H, W) bf16/fp16, channels-last contiguous or a channel slice of such a tensor (the
-            lean dense block passes its gradient buffer's slice: no dense copy). weight: (C_out, C_in, 3, 3, 3) (cast to
-            grad's dtype). dilation: the convolution's (positive). config: launch options of
+            lean dense block passes its gradient buffer's slice: no dense copy). weight: (C_out, C_in, 3, 3, 3) (rounded
+            to grad's dtype). dilation: the convolution's (positive). config: launch options of
             :func:`conv3x3_forward`.
     Returns:
         (N, C_in, D, H, W) in grad's dtype, channels-last; float32 accumulation, one rounding.
     """
-    return conv3x3_forward(grad, weight.to(grad.dtype).transpose(0, 1), -int(dilation), **config)
+    return conv3x3_forward(grad, weight.transpose(0, 1), -int(dilation), **config)
 
 
 __all__ = ["conv3x3_forward", "conv3x3_input_grad", "input_grad_unsupported", "launch_config", "out_channel_block",
-           "pack_weight", "unsupported"]
+           "unsupported"]

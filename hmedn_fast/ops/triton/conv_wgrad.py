@@ -224,7 +224,7 @@ def conv3x3_wgrad(grad: Tensor, inp: Tensor, dilation: int, num_programs: int | 
     _KERNEL((splits, cblocks, 3), inp, grad, part, nv, d, h, w, c_in, int(dilation), gs, per_prog,
             C_OUT=c_out, C_IN_BLOCK=cin_block, BV=block_voxels, F32_DOT=INTERPRET, BX=bx, BY=by, num_warps=num_warps,
             num_stages=num_stages)
-    return sum_partials(part).permute(2, 1, 0).reshape(c_out, c_in, 3, 3, 3)
+    return sum_partials(part, (2, 1, 0)).view(c_out, c_in, 3, 3, 3)  # (tap, in, out) summed into (out, in, tap)
 
 
 __all__ = ["conv3x3_wgrad", "launch_config", "same_3x3_geometry_unsupported", "same_3x3_unsupported", "unsupported"]
