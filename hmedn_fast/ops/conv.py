@@ -123,8 +123,9 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
             return conv3x3_forward(cast[0], weight, dilation[0], out=into)
-        autocast_cast = (cast[0], weight.to(dt)) if cast and torch.is_autocast_enabled(dev) else (x, weight)
-        y = fn(*autocast_cast, None, stride, padding, dilation, groups)  # what autocast would pass
+        # x as cast above where that was done (autocast would cast it alike); autocast rounds the weight itself
+        y = fn(cast[0] if cast and torch.is_autocast_enabled(dev) else x, weight, None, stride, padding, dilation,
+               groups)
         return y if into is None else copy_channels_(into, y)
 
     reasons = kernel_reasons()
