@@ -7,10 +7,10 @@ their bandwidth floor, and a cuDNN sweep of the pathway's dilated convolutions.
 Cases: ``3d_l2``: HR pathway of HMEDN-3D-L2 (9 blocks (2, 4), L=32, input 32 channels at 64^3, batch 1);
 ``2d_l3``: HR pathway of HRDN-L3 (L=56 at 1/4 of 144x208 = 36x52, input 128 channels, batch 10).
 Implementations: eager fp32; eager bf16 autocast + channels-last; torch.compile of the latter; the latter with
-torch.utils.checkpoint per block; ours (``checkpoint="lean"`` / ``"blocks"`` / ``"auto"``, Triton norm + ReLU,
+torch.utils.checkpoint per block; ours (``checkpoint="lean"`` / ``"middle"`` / ``"blocks"`` / ``"auto"``, Triton norm + ReLU,
 bf16 + channels-last; the dense fusion as an in-loop sum of 1x1 convs, and ``ours_lean_cat`` with one 1x1 conv
 over the concatenation) and ours in fp32 (for the 1e-4 check); on CUDA also eager bf16 + channels-last and ours
-lean / blocks / lean_cat replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch
+lean / middle / blocks / lean_cat replayed from CUDA graphs (``*_graph``: GPU time without the host's per-kernel launch
 cost), and ours lean as a partial-network graph inside the eager step (``*_partial_graph``:
 ``torch.cuda.make_graphed_callables``). TFLOP/s = FLOPs of one eager fp32 step counted
 by ``torch.utils.flop_counter`` / time (recomputation is not counted: "useful" FLOP/s).
@@ -92,6 +92,7 @@ def implementations(case: dict, device: str, with_compile: bool) -> dict:
              "ours_blocks_fp32": (build(case, device, "blocks"), False),
              "ours_lean_bf16_cl": (build(case, device, "lean"), True),
              "ours_blocks_bf16_cl": (build(case, device, "blocks"), True),
+             "ours_middle_bf16_cl": (build(case, device, "middle"), True),
              "ours_auto_bf16_cl": (build(case, device, "auto"), True)}
     concatenated = build(case, device, "lean")
     concatenated.dense_sum = False  # item 2: lean with the fusion as one 1x1 conv over the concatenation
@@ -229,7 +230,7 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
     return dict(config=case, flops_fwd_bwd=flops, best_eager=best, rows=rows)
 
 
-GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl", "ours_blocks_bf16_cl",  # also timed as CUDA-graph replays
+GRAPHED = ("eager_bf16_cl", "ours_lean_bf16_cl", "ours_middle_bf16_cl", "ours_blocks_bf16_cl",  # also graphed
            "ours_lean_cat_bf16_cl")  # (no host launch cost)
 
 

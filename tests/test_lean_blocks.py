@@ -22,23 +22,23 @@ def randomise(module: nn.Module) -> nn.Module:
     return module
 
 
-@pytest.mark.parametrize("recompute_convs", [False, True])
+@pytest.mark.parametrize("recompute", [0, 1, 2])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_gradcheck_float64(spatial_dims, norm, recompute_convs):
+def test_gradcheck_float64(spatial_dims, norm, recompute):
     block = randomise(ResidualDilatedBlock(4, (1, 2), spatial_dims, norm)).double()
     size = (5, 6) if spatial_dims == 2 else (3, 4, 4)
     x = torch.randn(2, 4, *size, dtype=torch.float64, requires_grad=True)
     params = [block.conv1.weight, block.norm1.weight, block.norm1.bias, block.conv2.weight, block.norm2.weight,
               block.norm2.bias]
-    fn = lambda x, *p: LeanResidualBlock.apply(x, block, recompute_convs, *p)  # noqa: E731
+    fn = lambda x, *p: LeanResidualBlock.apply(x, block, recompute, *p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("recompute_convs", [False, True])
+@pytest.mark.parametrize("recompute", [0, 1, 2])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_gradcheck_float64_batch_norm_block(spatial_dims, training, recompute_convs):
+def test_gradcheck_float64_batch_norm_block(spatial_dims, training, recompute):
     """The BatchNorm path (batch statistics in training, running ones in eval), affine and not."""
     for affine in (True, False):
         block = ResidualDilatedBlock(4, (2, 1), spatial_dims, ("batch", {"affine": affine}))
@@ -55,8 +55,8 @@ def test_gradcheck_float64_batch_norm_block(spatial_dims, training, recompute_co
 
         def fn(x, *p, block=block, params=params):
             it = iter(p)
-            return LeanBatchNormBlock.apply(x, block, recompute_convs, *(next(it) if q is not None else None
-                                                                         for q in params))
+            return LeanBatchNormBlock.apply(x, block, recompute, *(next(it) if q is not None else None
+                                                                   for q in params))
         assert torch.autograd.gradcheck(fn, (x, *live), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
@@ -67,7 +67,7 @@ def test_batch_norm_block_equals_eager_in_train_and_eval():
     gy = torch.randn(2, 5, 4, 6, 5, dtype=torch.float64)
     init = randomise(ResidualDilatedBlock(5, (1, 3), spatial_dims=3)).double().state_dict()
     for training in (True, False):
-        for mode in ("lean", "blocks"):
+        for mode in ("lean", "middle", "blocks"):
             ref, lean = (ResidualDilatedBlock(5, (1, 3), spatial_dims=3, checkpoint=m).double().train(training)
                          for m in ("none", mode))
             for block in (ref, lean):
@@ -100,7 +100,7 @@ def test_pathway_modes_give_identical_outputs_gradients_and_statistics(norm):
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
     gy = torch.randn(2, 6, 11, 13, dtype=torch.float64)
     y_ref, g_ref = _run(ref, x, gy)
-    for mode in ("lean", "blocks", "auto"):
+    for mode in ("lean", "middle", "blocks", "auto"):
         other = HRPathway(3, 6, num_blocks=3, dilations=[(1, 2), (2, 3), (3, 1)], num_classes=2, norm=norm,
                           checkpoint=mode).double()
         other.load_state_dict(initial)
@@ -132,31 +132,33 @@ def test_lean_modes_keep_less_for_backward():
     path = HRPathway(4, 8, num_blocks=4, dilations=(2, 3), num_classes=2)
     x = torch.randn(1, 4, 24, 24)
     kept = {}
-    for mode in ("none", "lean", "blocks"):
+    for mode in ("none", "lean", "middle", "blocks"):
         path.checkpoint = mode
         kept[mode] = _saved_bytes(path, x)
     full = 8 * 24 * 24 * 4  # one (1, L, H, W) float32 tensor
     # per block eager keeps conv1 out, ReLU out, conv2 out, block out; lean drops the ReLU out and the 5-tensor
     # concatenation of the dense fusion (a sum of per-input 1x1 convs in "lean" and "blocks"), blocks also both
-    # conv outputs (block outputs stay: the dense fusion needs them)
+    # conv outputs (block outputs stay: the dense fusion needs them); middle keeps the second conv output only
     assert kept["none"] - kept["lean"] >= (4 + 5) * full
-    assert kept["lean"] - kept["blocks"] >= 2 * 4 * full
+    assert kept["lean"] - kept["middle"] >= 4 * full
+    assert kept["middle"] - kept["blocks"] >= 4 * full
     path.checkpoint, path.dense_sum = "lean", False  # forced concatenation: kept again
     assert _saved_bytes(path, x) - kept["lean"] >= 5 * full
 
 
 def test_auto_rule(monkeypatch):
-    """Eagerly the fastest mode that fits ("none", then "lean", then "blocks"); under CUDA-graph capture "lean"
+    """Eagerly the fastest mode that fits ("none", then "lean", "middle", "blocks"); under CUDA-graph capture "lean"
     first; "none" without gradients; the estimates bound what each mode's autograd graph keeps."""
     from hmedn_fast.nn import pathways
 
     path = HRPathway(3, 8, num_blocks=2, dilations=(1, 2))
     x = torch.randn(2, 3, 10, 12)
     unit = 2 * 8 * 10 * 12 * 4
-    need_none, need_lean = (4 * 2 + 5 + 3) * unit, (3 * 2 + 4) * unit
+    need_none, need_lean, need_middle = (4 * 2 + 5 + 3) * unit, (3 * 2 + 4) * unit, (2 * 2 + 4) * unit
     path.checkpoint = "auto"
     for budget, eager, captured in ((need_none, "none", "lean"), (need_none - 1, "lean", "lean"),
-                                    (need_lean, "lean", "lean"), (need_lean - 1, "blocks", "blocks")):
+                                    (need_lean, "lean", "lean"), (need_lean - 1, "middle", "middle"),
+                                    (need_middle, "middle", "middle"), (need_middle - 1, "blocks", "blocks")):
         path.memory_budget = budget
         monkeypatch.setattr(pathways, "_capturing", lambda t: False)
         assert path.resolve_checkpoint(x) == eager
@@ -171,7 +173,8 @@ def test_auto_rule(monkeypatch):
         p = HRPathway(8, 8, blocks, (2, 4), num_classes=4, dense=dense)
         x = torch.randn(1, 8, 12, 12)
         unit = 8 * 12 * 12 * 4
-        for mode, estimate in (("none", 4 * blocks + 5 + (blocks + 1) * dense), ("lean", 3 * blocks + 4)):
+        for mode, estimate in (("none", 4 * blocks + 5 + (blocks + 1) * dense), ("lean", 3 * blocks + 4),
+                               ("middle", 2 * blocks + 4)):
             p.checkpoint = mode
             assert 0.85 * estimate * unit <= _saved_bytes(p, x) <= 1.15 * estimate * unit, (blocks, dense, mode)
 
@@ -197,13 +200,14 @@ def test_blocks_backward_holds_few_fusion_gradients():
     torch.testing.assert_close(grads["blocks"], grads["none"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm, mode, bound", [("batch", "lean", 5.5), ("batch", "blocks", 6.5),
-                                               ("instance", "lean", 9.5), ("instance", "blocks", 8.5)])
+@pytest.mark.parametrize("norm, mode, bound", [("batch", "lean", 5.5), ("batch", "middle", 6.5),
+                                               ("batch", "blocks", 6.5), ("instance", "lean", 9.5),
+                                               ("instance", "middle", 9.5), ("instance", "blocks", 8.5)])
 def test_block_backward_drops_each_tensor_once_dead(norm, mode, bound):
     """A lean block's backward holds at most ``bound`` activations' worth of new tensors at once: each replayed or
     gradient tensor is dropped as soon as it is dead (BatchNorm, ATen engine: 5.13 / 6.13 now, 8.25 / 10.25 while they
-    lived to the end of the backward; InstanceNorm, nested autograd: 9.25 / 8.13, was 10.25 / 10.25), and the
-    gradients are eager autograd's."""
+    lived to the end of the backward; InstanceNorm, nested autograd: 9.25 / 8.13, was 10.25 / 10.25; "middle" 6.13 /
+    9.13: the recomputed first conv output is new there), and the gradients are eager autograd's."""
     from _live_bytes import LiveBytes
 
     torch.manual_seed(0)
@@ -259,14 +263,14 @@ def test_models_checkpoint_modes_same_gradients(name, kw, size):
     ref = create_model(name, **kw)
     x = torch.randn(2, 5, *size)
     grads = {}
-    for mode in ("none", "blocks", "lean"):
+    for mode in ("none", "blocks", "middle", "lean"):
         model = create_model(name, checkpoint=mode, **kw)
         model.load_state_dict(ref.state_dict())
         model.train()
         out = model(x)
         (out.seg.square().mean() + sum(a.square().mean() for a in out.aux)).backward()
         grads[mode] = [p.grad for p in model.parameters()]
-    for mode in ("blocks", "lean"):
+    for mode in ("blocks", "middle", "lean"):
         for a, b in zip(grads[mode], grads["none"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -287,6 +291,47 @@ def test_bfloat16_autocast_matches_eager():
     assert results[1][0].dtype == torch.float32 and lean.conv1.weight.grad.dtype == torch.float32
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("spatial_dims, need_x", [(2, True), (3, True), (3, False)])
+def test_lean_conv_gradcheck_float64(spatial_dims, need_x):
+    """The projection's convolution through our conv ops (reference backends on the CPU): float64 gradcheck, and the
+    pathway's projection runs it outside "none" (the modes test above compares the gradients with eager's)."""
+    from hmedn_fast.nn.lean import LeanConv
+
+    conv = nn.Conv3d(3, 4, 3, padding=2, dilation=2, bias=False) if spatial_dims == 3 else nn.Conv2d(3, 4, 3, padding=1,
+                                                                                                      bias=False)
+    conv = conv.double()
+    x = torch.randn(2, 3, *(4, 5, 6)[:spatial_dims], dtype=torch.float64, requires_grad=need_x)
+    assert torch.autograd.gradcheck(lambda x, w: LeanConv.apply(x, w, conv), (x, conv.weight), eps=1e-6, atol=1e-7,
+                                    rtol=1e-5)
+    path = HRPathway(3, 4, num_blocks=1, checkpoint="middle")
+    y, _ = path(torch.randn(1, 3, 6, 6))
+    assert any("LeanConv" in n for n in _graph_names(y.grad_fn)), _graph_names(y.grad_fn)
+    path.checkpoint = "none"
+    assert not any("LeanConv" in n for n in _graph_names(path(torch.randn(1, 3, 6, 6))[0].grad_fn))
+
+
+def _graph_names(node) -> set[str]:
+    """Names of every autograd node reachable from ``node``."""
+    seen, stack = {}, [node]
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen[id(n)] = type(n).__name__
+        stack.extend(f for f, _ in n.next_functions)
+    return set(seen.values())
+
+
+def test_lean_block_rejects_a_bad_recompute_count():
+    block = ResidualDilatedBlock(4, (1, 2))
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    params = [block.conv1.weight, block.norm1.weight, block.norm1.bias, block.conv2.weight, block.norm2.weight,
+              block.norm2.bias]
+    for fn in (LeanResidualBlock, LeanBatchNormBlock):
+        with pytest.raises(ValueError, match="recompute must be 0, 1 or 2"):
+            fn.apply(x, block, 3, *params)
 
 
 def test_bad_checkpoint_arguments():

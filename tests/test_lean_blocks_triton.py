@@ -65,7 +65,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.interpreted
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mode", ["lean", "blocks"])
+@pytest.mark.parametrize("mode", ["lean", "middle", "blocks"])
 @pytest.mark.parametrize("shape,channels_last", [((2, 6, 5, 6, 7), True), ((2, 6, 5, 6, 7), False),
                                                  ((3, 6, 9, 11), False)])
 def test_triton_engine_equals_eager(monkeypatch, spy, training, mode, shape, channels_last):
@@ -115,7 +115,7 @@ def test_cpu_takes_the_aten_engine(spy):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["lean", "blocks"])
+@pytest.mark.parametrize("mode", ["lean", "middle", "blocks"])
 def test_cuda_triton_engine_equals_eager_float32(monkeypatch, spy, mode):
     """An HR block of hmedn_3d_l2 (32 channels, 48^3, channels-last) in float32 (TF32 off): the automatic engine
     is Triton on CUDA. The output and the running statistics must match eager's to float32 rounding. Two

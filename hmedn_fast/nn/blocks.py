@@ -8,7 +8,7 @@ from torch import nn
 
 from .dense_lean import is_buffer, lean_dense_buffer, lean_dense_forward
 from .dense_lean import supported as lean_dense_supported
-from .lean import MODES, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
+from .lean import MODES, RECOMPUTED, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
 
@@ -26,8 +26,9 @@ class ResidualDilatedBlock(nn.Module):
         norm: "batch" (default), "instance", "group" or a ``(name, kwargs)`` tuple.
         kernel_size: odd kernel size (3 in the paper).
         checkpoint: what the backward pass keeps (see :mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
-            "lean" (block input and conv outputs; norm + ReLU recomputed) or "blocks" (block input only;
-            convs recomputed too). Gradients are the same in every mode. Settable as an attribute.
+            "lean" (block input and conv outputs; norm + ReLU recomputed), "middle" (block input and the second
+            conv's output; the first conv recomputed too) or "blocks" (block input only; both convs recomputed).
+            Gradients are the same in every mode. Settable as an attribute.
 
     Shapes: (N, C, *spatial) -> (N, C, *spatial), same dtype.
     """
@@ -59,7 +60,7 @@ class ResidualDilatedBlock(nn.Module):
 
     @property
     def checkpoint(self) -> str:
-        """Backward-memory mode: "none" | "lean" | "blocks"."""
+        """Backward-memory mode: "none" | "lean" | "middle" | "blocks"."""
         return self._checkpoint
 
     @checkpoint.setter
@@ -73,7 +74,7 @@ class ResidualDilatedBlock(nn.Module):
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             n1, n2 = self.norm1, self.norm2
             fn = LeanBatchNormBlock if is_batch_norm(n1) and is_batch_norm(n2) else LeanResidualBlock
-            return fn.apply(x, self, self._checkpoint == "blocks", self.conv1.weight, n1.weight, n1.bias,
+            return fn.apply(x, self, RECOMPUTED[self._checkpoint], self.conv1.weight, n1.weight, n1.bias,
                             self.conv2.weight, n2.weight, n2.bias)
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))

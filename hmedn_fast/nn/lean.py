@@ -6,6 +6,9 @@ conv's output, the first ReLU's output, the second conv's output and the block o
 
 - ``"lean"``: the block input (the previous block's output, alive anyway) and the two conv outputs; norm and
   ReLU are recomputed (memory-bound, cheap), the convolutions are not. 2 tensors per block instead of 4.
+- ``"middle"``: the block input and the second conv's output; the first convolution is recomputed too (one extra
+  convolution per block). 1 tensor per block. The second conv's output is the one kept: the second norm's
+  backward needs it at every voxel, and recomputing it would need the first conv's output anyway.
 - ``"blocks"``: the block input only; both convolutions are recomputed too (one extra forward of the block's
   convs, as ``torch.utils.checkpoint``, but without re-running the norms' running-statistics update).
 
@@ -29,7 +32,8 @@ from ..ops.conv import conv_backward, conv_forward
 from ..ops.conv1x1 import conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
-MODES = ("none", "lean", "blocks")
+MODES = ("none", "lean", "middle", "blocks")
+RECOMPUTED = {"lean": 0, "middle": 1, "blocks": 2}  # convolutions each mode runs again in backward
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
 
 
@@ -93,23 +97,54 @@ def _grads(outputs: Tensor, inputs: list[Tensor | None], grad: Tensor) -> list[T
     return [next(got) if t is not None and t.requires_grad else None for t in inputs]
 
 
-class LeanResidualBlock(torch.autograd.Function):
-    """``relu(norm2(conv2(relu(norm1(conv1(x))))) + x)`` saving only x (and, unless ``recompute_convs``,
-    the two conv outputs). Inputs: x, the block module, ``recompute_convs``, then the six parameters
-    (conv1.weight, norm1.weight, norm1.bias, conv2.weight, norm2.weight, norm2.bias; norm ones may be None)."""
+def _kept(recompute: int, c1: Tensor, c2: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The conv outputs a block saves when ``recompute`` (0, 1 or 2: :data:`RECOMPUTED`) convolutions run again in
+    backward: both, the second, none."""
+    if recompute not in (0, 1, 2):
+        raise ValueError(f"recompute must be 0, 1 or 2 (convolutions recomputed in backward), got {recompute!r}")
+    return (c1 if recompute == 0 else None), (c2 if recompute < 2 else None)
+
+
+class LeanConv(torch.autograd.Function):
+    """``conv(x, weight)`` of a bias-free ``nn.Conv2d`` / ``nn.Conv3d`` on :mod:`hmedn_fast.ops.conv`'s automatic
+    backends (the tensor-core CUDA and Triton kernels for the 3x3x3 shapes they take, ``F.conv*d`` and ATen's
+    backward elsewhere): the HR pathway's projection in the lean modes. Saves x (as given) and the weight, as
+    eager autograd; the backward calls :func:`hmedn_fast.ops.conv.conv_backward` (no forward re-run).
+    Inputs: x (N, C_in, *spatial), the weight (C_out, C_in, *kernel), the module (its geometry).
+    Output: (N, C_out, *spatial) in the compute dtype (autocast's when on)."""
 
     @staticmethod
-    def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
+    def forward(ctx, x, weight, conv):
+        ctx.conv = conv
+        ctx.save_for_backward(x, weight)
+        return _conv(x, weight, conv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw = _conv_backward(grad, x, weight, ctx.conv, need[0], need[1])
+        return gx, gw, None
+
+
+class LeanResidualBlock(torch.autograd.Function):
+    """``relu(norm2(conv2(relu(norm1(conv1(x))))) + x)`` saving x and the conv outputs that ``recompute`` (0, 1 or
+    2 convolutions run again in backward, :data:`RECOMPUTED`) does not drop. Inputs: x, the block module,
+    ``recompute``, then the six parameters (conv1.weight, norm1.weight, norm1.bias, conv2.weight, norm2.weight,
+    norm2.bias; norm ones may be None)."""
+
+    @staticmethod
+    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
         c1 = _conv(x, w1, block.conv1)
         a1 = norm_act(c1, g1, b1, **norm_call(block.norm1, update=True))
         c2 = _conv(a1, w2, block.conv2)
         y = norm_act(c2, g2, b2, residual=x, **norm_call(block.norm2, update=True))
-        ctx.block, ctx.recompute_convs = block, recompute_convs
+        ctx.block = block
         ctx.norm_args = (norm_call(block.norm1, update=False), norm_call(block.norm2, update=False))
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        saved = (None, None) if recompute_convs else (c1, c2)
-        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, *saved)
+        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, *_kept(recompute, c1, c2))
         return y
 
     @staticmethod
@@ -177,7 +212,7 @@ class LeanBatchNormBlock(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, block, recompute_convs, w1, g1, b1, w2, g2, b2):
+    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
         c1 = _conv(x, w1, block.conv1)
         triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
@@ -194,13 +229,12 @@ class LeanBatchNormBlock(torch.autograd.Function):
             n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
             y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
             stats1, stats2, out = (mean1, inv1), (mean2, inv2), (y,)
-        ctx.block, ctx.recompute_convs, ctx.triton = block, recompute_convs, triton
+        ctx.block, ctx.triton = block, triton
         ctx.train = (call1["training"], call2["training"])
         ctx.eps = (call1["eps"], call2["eps"])
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        saved = (None, None) if recompute_convs else (c1, c2)
-        ctx.save_for_backward(x, *out, w1, g1, b1, w2, g2, b2, *stats1, *stats2, *saved)
+        ctx.save_for_backward(x, *out, w1, g1, b1, w2, g2, b2, *stats1, *stats2, *_kept(recompute, c1, c2))
         return y
 
     @staticmethod
@@ -212,17 +246,26 @@ class LeanBatchNormBlock(torch.autograd.Function):
         block, (train1, train2), (eps1, eps2) = ctx.block, ctx.train, ctx.eps
         dev, autocast_on, autocast_dtype = ctx.autocast
         need = ctx.needs_input_grad
-        with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
-            if c1 is None:
-                c1 = _conv(x, w1, block.conv1)
-            a1 = torch.ops.aten.native_batch_norm(c1, g1, b1, mean1, _variance(inv1, eps1), False, 0.0, eps1)[0]
-            a1 = torch.relu_(a1)
-            if c2 is None:
+        autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
+
+        def first(c1: Tensor | None) -> tuple[Tensor, Tensor]:
+            """c1 (recomputed when not saved) and relu(norm1(c1)) replayed with the forward's statistics."""
+            with autocast:
+                c1 = _conv(x, w1, block.conv1) if c1 is None else c1
+                a1 = torch.ops.aten.native_batch_norm(c1, g1, b1, mean1, _variance(inv1, eps1), False, 0.0, eps1)[0]
+                return c1, torch.relu_(a1)
+
+        a1 = None
+        if c2 is None:
+            c1, a1 = first(c1)
+            with autocast:
                 c2 = _conv(a1, w2, block.conv2)
         gz2 = torch.ops.aten.threshold_backward(gy, y, 0)  # gradient at norm2(c2) + x
         gc2, gg2, gb2 = _batch_norm_backward(gz2.to(c2.dtype), c2, g2, mean2, inv2, train2, eps2,
                                              [True, need[7], need[8]])
         del c2  # each tensor dropped once dead, so the next gradients (one activation each) do not add to it
+        if a1 is None:  # made after the second norm's backward, which does not need it
+            c1, a1 = first(c1)
         ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
         del gc2
         gn1 = torch.ops.aten.threshold_backward(ga1.to(a1.dtype), a1, 0)
@@ -263,19 +306,28 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     block, (train1, train2) = ctx.block, ctx.train
     dev, autocast_on, autocast_dtype = ctx.autocast
     need = ctx.needs_input_grad
-    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on):
-        if c1 is None:
-            c1 = _conv(x, w1, block.conv1)
+    autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
+
+    def first(c1: Tensor | None) -> tuple[Tensor, Tensor, tuple]:
+        """c1 (recomputed when not saved), relu(norm1(c1)) replayed with the forward's coefficients, c1's geometry."""
+        with autocast:
+            c1 = _conv(x, w1, block.conv1) if c1 is None else c1
         c1, cs1 = k.flat(c1)
         geo1 = k.geometry(tuple(c1.shape), cs1, None, "batch", 1, train1)
-        a1 = k.apply(geo1, c1, None, coef1, True)
-        if c2 is None:
+        return c1, k.apply(geo1, c1, None, coef1, True), geo1
+
+    a1 = None
+    if c2 is None:
+        c1, a1, geo1 = first(c1)
+        with autocast:
             c2 = _conv(a1, w2, block.conv2)
     c2, cs2 = k.flat(c2)
     geo2 = k.geometry(tuple(c2.shape), cs2, k.ncs_strides(x), "batch", 1, train2)
     gc2, gg2, gb2, gx_res = k.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
                                        b2.dtype if need[8] and b2 is not None else None, need[0])
     del c2  # each tensor dropped once dead, so the next gradients (one activation each) do not add to it
+    if a1 is None:  # made after the second norm's backward, which does not need it
+        c1, a1, geo1 = first(c1)
     ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
     del a1, gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .blocks import DenseBlock, ResidualDilatedBlock
-from .lean import DenseFusionSum, norm_relu
+from .lean import DenseFusionSum, LeanConv, norm_relu
 from .offload import HostParking, parking_for
 from .recompute import recomputed
 from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_dims, conv, conv_transpose,
@@ -15,7 +15,7 @@ from .layers import (ConvNormReLU, NormSpec, check_positive_int, check_spatial_d
 from .layers import dropout as dropout_layer
 
 
-CHECKPOINT_MODES = ("none", "lean", "blocks", "auto")
+CHECKPOINT_MODES = ("none", "lean", "middle", "blocks", "auto")
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -42,8 +42,10 @@ class HRPathway(nn.Module):
         norm: "batch", "instance", "group" or a ``(name, kwargs)`` tuple.
         dense: use the dense fusion (True) or return the last block (False).
         checkpoint: what the blocks keep for backward (:mod:`hmedn_fast.nn.lean`): "none" (eager autograd),
-            "lean" (block inputs + conv outputs; norm + ReLU recomputed), "blocks" (block inputs only; convs
-            recomputed too) or "auto". In "lean" and "blocks" the dense fusion is computed as a sum of
+            "lean" (block inputs + conv outputs; norm + ReLU recomputed), "middle" (block inputs + second conv
+            outputs; the first conv recomputed too), "blocks" (block inputs only; both convs recomputed) or "auto".
+            Outside "none" the projection's convolution runs on :class:`hmedn_fast.nn.lean.LeanConv` (our
+            convolution kernels where they take it), and the dense fusion is computed as a sum of
             per-input 1x1 convolutions added inside the block loop (no concatenation kept, and backward holds one
             feature's fusion gradient at a time: :class:`hmedn_fast.nn.lean.DenseFusionSum`); "none"
             concatenates (one wide 1x1 convolution, ``(num_blocks + 1) L`` channels kept). ``dense_sum`` forces
@@ -52,11 +54,12 @@ class HRPathway(nn.Module):
             unlimited on CPU). Rule: the fastest mode whose kept activations fit in the budget. Run eagerly, that is
             "none" (kept: about ``(4 * num_blocks + 5) * N * L * prod(spatial)`` elements of the compute dtype, plus
             ``num_blocks + 1`` such tensors for the dense fusion's concatenation), then "lean" (about
-            ``3 * num_blocks + 4`` of them), else "blocks": un-graphed, our lean blocks are
+            ``3 * num_blocks + 4`` of them), "middle" (``2 * num_blocks + 4``), else "blocks": un-graphed, our lean
+            blocks are
             bound by the host's launch and Python cost and slower than eager autograd on the GPU hosts measured
             (``benchmarks/results/blocks_nvidia_h200_s27.json``: 34.7 vs 13.1 ms). While a CUDA graph is captured
             (``torch.cuda.make_graphed_callables``, a whole-step graph) "lean" comes first (7.0 ms at 0.74x the
-            memory of eager's 10.8 ms graphed there), else "blocks". "none" when gradients are off.
+            memory of eager's 10.8 ms graphed there), else "middle", else "blocks". "none" when gradients are off.
 
     Shapes: forward((N, C_in, *spatial)) -> ``(features, logits)`` with features (N, L, *spatial) and logits
     (N, K, *spatial) or None. Spatial sizes are kept (no striding).
@@ -115,9 +118,18 @@ class HRPathway(nn.Module):
         if budget is None:
             budget = torch.cuda.mem_get_info(x.device)[0] // 2 if x.is_cuda else float("inf")
         n = len(self.blocks)
-        order = ("lean", "blocks") if _capturing(x) else ("none", "lean", "blocks")
-        kept = {"none": (4 * n + 5 + (n + 1 if self.dense else 0)) * unit, "lean": (3 * n + 4) * unit, "blocks": 0}
+        order = ("lean", "middle", "blocks") if _capturing(x) else ("none", "lean", "middle", "blocks")
+        kept = {"none": (4 * n + 5 + (n + 1 if self.dense else 0)) * unit, "lean": (3 * n + 4) * unit,
+                "middle": (2 * n + 4) * unit, "blocks": 0}
         return next(mode for mode in order if kept[mode] <= budget)
+
+    def _project(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """The projection (conv + norm + ReLU); outside "none" with autograd on, its bias-free convolution through
+        :class:`LeanConv` (our kernels' gradients) and its norm + ReLU through :func:`norm_relu`."""
+        conv, norm = self.proj[0], self.proj[1]
+        if mode == "none" or conv.bias is not None or not torch.is_grad_enabled():
+            return self.proj(x)
+        return norm_relu(norm, LeanConv.apply(x, conv.weight, conv))
 
     @property
     def receptive_field(self) -> int:
@@ -126,7 +138,7 @@ class HRPathway(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mode = self.resolve_checkpoint(x)
-        y = self.proj(x)
+        y = self._project(x, mode)
         summed = self.fuse is not None and (mode != "none" if self.dense_sum is None else self.dense_sum)
         fusion = DenseFusionSum(self.fuse[0]) if summed else None
         outs = [y]
