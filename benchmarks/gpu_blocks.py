@@ -14,6 +14,10 @@ lean / middle / blocks / lean_cat replayed from CUDA graphs (``*_graph``: GPU ti
 cost), and ours lean as a partial-network graph inside the eager step (``*_partial_graph``:
 ``torch.cuda.make_graphed_callables``). TFLOP/s = FLOPs of one eager fp32 step counted
 by ``torch.utils.flop_counter`` / time (recomputation is not counted: "useful" FLOP/s).
+Peak memory (CUDA): ``peak_gib`` is the process's peak during a row's step, which includes what earlier rows left
+allocated (other implementations' modules, the correctness check's results, cached workspaces: ``allocated_before_gib``
+less the step's own); ``step_peak_gib`` subtracts that (the step's own peak: its inputs, its module's parameters and
+gradients, activations, workspaces) and ``step_memory_vs_best_eager`` compares those.
 Writes ``blocks_<card>.json`` into ``--out`` and prints tables. ``--smoke`` runs tiny shapes (CPU allowed).
 """
 from __future__ import annotations
@@ -194,6 +198,22 @@ def peak_gib(fn, device: str) -> tuple[float | None, float | None]:
     return torch.cuda.max_memory_allocated() / GIB, before / GIB
 
 
+def resident_gib(module, *inputs: torch.Tensor) -> float:
+    """GiB of the tensors a step of ``module`` holds from before it starts: its parameters, buffers and gradients
+    (the last step's, freed as the next begins) and the inputs; distinct storages counted once."""
+    module = unwrap(module)
+    tensors = [*module.parameters(), *module.buffers(), *inputs]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.is_cuda}
+    return sum(storages.values()) / GIB
+
+
+def step_peak(peak: float | None, before: float | None, resident: float) -> float | None:
+    """The step's own peak: the process's peak less what was allocated before the step and is not the step's
+    (other implementations' modules, the correctness check's results, cached workspaces)."""
+    return None if peak is None else peak - before + resident
+
+
 def count_flops(module, x, gf, gl) -> int:
     with FlopCounterMode(display=False) as counter:
         step(module, x, gf, gl, False)
@@ -210,7 +230,8 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
         fn = lambda: step(module, x, gf, gl, cl)  # noqa: E731
         ms = timed(fn, warmup, iters, device)
         peak, before = peak_gib(fn, device)
-        rows[name] = dict(ms=ms, peak_gib=peak, allocated_before_gib=before, tflops=flops / ms / 1e9)
+        rows[name] = dict(ms=ms, peak_gib=peak, allocated_before_gib=before, tflops=flops / ms / 1e9,
+                          step_peak_gib=step_peak(peak, before, resident_gib(module, x, gf, gl)))
         if isinstance(module, HRPathway) and module.checkpoint == "auto":
             with torch.autocast(device, dtype=torch.bfloat16):
                 rows[name]["auto_mode"] = module.resolve_checkpoint(channels_last(x))
@@ -225,6 +246,8 @@ def bench_case(case: dict, device: str, with_compile: bool, warmup: int, iters: 
         r["speedup_vs_best_eager"] = rows[best]["ms"] / r["ms"]
         if r["peak_gib"] is not None:
             r["memory_vs_best_eager"] = r["peak_gib"] / rows[best]["peak_gib"]
+        if r.get("step_peak_gib") is not None:
+            r["step_memory_vs_best_eager"] = r["step_peak_gib"] / rows[best]["step_peak_gib"]
         if name.endswith("_graph"):
             r["speedup_vs_eager_graph"] = rows["eager_bf16_cl_graph"]["ms"] / r["ms"]
     return dict(config=case, flops_fwd_bwd=flops, best_eager=best, rows=rows)
@@ -244,13 +267,15 @@ def graphed_row(module, cl: bool, x, gf, gl, iters: int, flops: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
+    resident = resident_gib(module, x, gf, gl)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(fn.warmup + 1):
         fn(x, gf, gl)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / GIB
     ms = timed(lambda: fn(x, gf, gl), 2, iters, "cuda")
-    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=cl)
+    return dict(ms=ms, peak_gib=peak, allocated_before_gib=before / GIB, tflops=flops / ms / 1e9, bf16=cl,
+                step_peak_gib=step_peak(peak, before / GIB, resident))
 
 
 def partial_graph_row(module, x, gf, gl, iters: int, flops: int) -> dict:
@@ -421,13 +446,14 @@ def main() -> None:
 def print_tables(report: dict) -> None:
     for name, res in report["pathway"].items():
         print(f"\n== {name}: {res['flops_fwd_bwd'] / 1e9:.0f} GFLOP fwd+bwd, best eager = {res['best_eager']}")
-        print(f"{'impl':28s} {'ms':>8s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'speedup':>8s} {'feat err':>9s} "
-              f"{'grad err':>9s} ok")
+        print(f"{'impl':28s} {'ms':>8s} {'TFLOP/s':>8s} {'peak GiB':>9s} {'step GiB':>9s} {'speedup':>8s} "
+              f"{'memory':>7s} {'feat err':>9s} {'grad err':>9s} ok")
         for impl, r in res["rows"].items():
-            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+            peak, own = (f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in ("peak_gib", "step_peak_gib"))
+            memory = f"{r['step_memory_vs_best_eager']:.3f}" if "step_memory_vs_best_eager" in r else "-"
             err = f"{r.get('features_err', float('nan')):9.1e} {r.get('grads_err', float('nan')):9.1e}"
-            print(f"{impl:28s} {r['ms']:8.2f} {r['tflops']:8.1f} {peak:>9s} {r['speedup_vs_best_eager']:8.2f} "
-                  f"{err} {r.get('ok', '')}")
+            print(f"{impl:28s} {r['ms']:8.2f} {r['tflops']:8.1f} {peak:>9s} {own:>9s} {r['speedup_vs_best_eager']:8.2f} "
+                  f"{memory:>7s} {err} {r.get('ok', '')}")
     if report["measured_choices"]:
         print("\n== measured backend choices (ms of 5 calls per backend)")
         for c in report["measured_choices"]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.conv import conv_backward, conv_forward
+from ..ops.conv import conv_backward, conv_forward, conv_input_grad
 from ..ops.conv1x1 import conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
@@ -328,8 +328,12 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     del c2  # each tensor dropped once dead, so the next gradients (one activation each) do not add to it
     if a1 is None:  # made after the second norm's backward, which does not need it
         c1, a1, geo1 = first(c1)
-    ga1, gw2 = _conv_backward(gc2, a1, w2, block.conv2, True, need[6])
-    del a1, gc2
+    conv2 = block.conv2  # weight gradient first, so a1 is gone before the input gradient is allocated
+    gw2 = _conv_backward(gc2, a1, w2, conv2, False, True)[1] if need[6] else None
+    shape = a1.shape
+    del a1
+    ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
+    del gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
                                   b1.dtype if need[5] and b1 is not None else None, False)
     del ga1, c1
