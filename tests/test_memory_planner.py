@@ -30,9 +30,10 @@ def test_parse_memory_budget_errors(text, total, match):
 
 
 class FakeGPU:
-    """Peak bytes of a step: parameters + per-voxel activations by level (lean keeps 60%, blocks 30%, stages 20%)."""
+    """Peak bytes of a step: parameters + per-voxel activations by level (lean keeps 60%, middle 45%, blocks 30%,
+    stages 20%)."""
 
-    factor = {"none": 1.0, "lean": 0.6, "blocks": 0.3, "stages": 0.2}
+    factor = {"none": 1.0, "lean": 0.6, "middle": 0.45, "blocks": 0.3, "stages": 0.2}
 
     def __init__(self, oom_above: float = math.inf):
         self.oom_above, self.calls = oom_above, []
@@ -104,7 +105,7 @@ def test_plan_raises_when_nothing_fits():
 
 def test_escalator():
     esc = OOMEscalator("none")
-    assert [esc.escalate(), esc.escalate(), esc.escalate(), esc.escalate()] == ["lean", "blocks", "stages", None]
+    assert [esc.escalate() for _ in range(5)] == ["lean", "middle", "blocks", "stages", None]
     with pytest.raises(ValueError, match="current"):
         OOMEscalator("all")
 
@@ -137,7 +138,9 @@ def test_checkpointing_levels_keep_gradients_and_save_memory(norm):
     for level in LEVELS[1:]:
         for name, g in results["none"][1].items():
             torch.testing.assert_close(results[level][1][name], g, rtol=1e-10, atol=1e-12, msg=f"{level} {name}")
-    assert results["none"][0] > results["lean"][0] > results["blocks"][0] > results["stages"][0]
+    assert (results["none"][0] > results["lean"][0] > results["middle"][0] > results["blocks"][0]
+            > results["stages"][0])
+    assert model.net.hr.checkpoint == "blocks" and set_checkpointing(model, "middle") and model.net.hr.checkpoint == "middle"
     with pytest.raises(ValueError, match="level"):
         set_checkpointing(model, "everything")
 
@@ -183,7 +186,7 @@ def test_trainer_escalates_checkpointing_on_out_of_memory(tmp_path):
     trainer.net.forward = always_oom
     with pytest.warns(RuntimeWarning) as warned, pytest.raises(torch.OutOfMemoryError):
         trainer.train_step(images, labels)
-    assert [str(w.message).split("'")[1] for w in warned] == ["blocks", "stages"]
+    assert [str(w.message).split("'")[1] for w in warned] == ["middle", "blocks", "stages"]
     assert trainer.checkpoint_level == "stages" and trainer.net.net.recompute_stages == 2
 
 

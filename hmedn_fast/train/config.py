@@ -72,7 +72,7 @@ class TrainConfig:
             (statistics over each GPU's batch) and the lean blocks. No effect in one process or on the CPU.
         memory_budget: e.g. ``"8GiB"`` or ``"0.5"`` (of the GPU): plan checkpointing / batch / patch by trial
             steps and cap the process at it (CUDA only). ``checkpointing``: fixed level instead
-            (``"none"``/``"lean"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the
+            (``"none"``/``"lean"``/``"middle"``/``"blocks"``/``"stages"``); default without a budget: ``"lean"`` on CUDA (the
             Triton lean blocks: less memory than ``"none"``, and with the CUDA graph the fastest step measured, see
             ``benchmarks/results/train_*.json``), ``"none"`` on the CPU.
         phantom_cases, phantom_size: phantom source options.

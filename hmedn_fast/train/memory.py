@@ -4,7 +4,7 @@
 training step fits ``budget * (1 - headroom)``:
 
 1. the requested patch and batch size with each checkpointing level, cheapest first (``"none"``, ``"lean"``,
-   ``"blocks"``, ``"stages"``): checkpointing costs recomputation, so it is used only when needed;
+   ``"middle"``, ``"blocks"``, ``"stages"``): checkpointing costs recomputation, so it is used only when needed;
 2. with the most memory-saving level, the batch halved down to 1;
 3. then the patch shrunk, largest axis first, by ``multiple`` voxels down to ``min_size``.
 
@@ -21,6 +21,8 @@ retried. Levels are applied to a live model by :func:`set_checkpointing` (parame
   outputs kept, norm + ReLU recomputed; dense fusion without a kept concatenation) and the memory-lean dense
   blocks (:mod:`hmedn_fast.nn.dense_lean`: one shared feature buffer, norm + ReLU recomputed; no convolution
   is recomputed at this level);
+- ``"middle"``: "lean", with the HR pathways' blocks keeping their input and second conv output only (the first
+  convolution recomputed in backward: one activation per block less than "lean" for one more convolution each);
 - ``"blocks"``: the HR pathways keep only block inputs (convolutions recomputed); the dense blocks of the
   distilling pathway stay memory-lean where they can (BatchNorm), the others run under ``torch.utils.checkpoint``
   (non-reentrant; the recomputation in backward leaves the BatchNorm running statistics alone, so they are
@@ -59,7 +61,7 @@ from hmedn_fast.nn.dense_lean import supported as lean_dense_supported
 from hmedn_fast.nn.pathways import DistillingPathway, HRPathway
 from hmedn_fast.nn.recompute import recomputed
 
-LEVELS = ("none", "lean", "blocks", "stages")
+LEVELS = ("none", "lean", "middle", "blocks", "stages")
 # "stages": the full-resolution decoder dense block's backward takes at most this many input channels of a layer at
 # once (hmedn_3d_l2 at 128^3: 192 MiB temporaries instead of up to 320 MiB for its last layer; with the HR pathway
 # parked, 48 gives the same step peak as 32 in less time: benchmarks/results/train_stages_ab_nvidia_h200_s25d.json)
