@@ -76,7 +76,7 @@ void check_launch(const char* op, cudaError_t err, const char* contract) {
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
-                  bool flip_taps) {
+                  bool flip_taps, bool accumulate) {
   constexpr const char* op = "conv3x3_mma_";
   check_volumes(op, x, out, "out", dilation);
   TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
@@ -91,6 +91,7 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   a.y_sample_stride = out.stride(0);
   a.y_voxel_stride = voxel_stride_of(out);
   a.flip_taps = flip_taps ? 1 : 0;
+  a.accumulate = accumulate ? 1 : 0;
   check_launch(op, hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream()),
                "16-byte aligned x and weight, voxel strides multiples of 8 for x and 2 for out, batch and depth <= "
                "65535");
@@ -120,9 +121,10 @@ void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::T
 
 void bind_conv3x3(pybind11::module_& m) {
   m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
-        pybind11::arg("dilation"), pybind11::arg("flip_taps"),
+        pybind11::arg("dilation"), pybind11::arg("flip_taps"), pybind11::arg("accumulate") = false,
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
-        "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient).");
+        "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
+        "out += the convolution (one rounding of the float32 sum)");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");

@@ -121,6 +121,15 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+template <bool BF16>
+__device__ __forceinline__ float2 unpack2(uint32_t bits) {
+  if constexpr (BF16) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+  }
+}
+
 // Copies (cp.async) the halo tile of an output tile at (h0, w0) from one input plane: (16 + 2 DIL) rows of
 // (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
 template <int DIL, int THREADS>
@@ -141,7 +150,8 @@ __device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restr
 template <bool BF16, int DIL>
 __global__ void __launch_bounds__(kThreads, 4)
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
-               int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip) {
+               int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
+               bool accumulate) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -245,8 +255,16 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       if (gy >= H || gx >= W) continue;
       uint16_t* out = yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad;
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-        *reinterpret_cast<uint32_t*>(out + nt * 8) = pack2<BF16>(acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
+      for (int nt = 0; nt < 4; ++nt) {
+        uint32_t* dst = reinterpret_cast<uint32_t*>(out + nt * 8);
+        float lo = acc[mt][nt][2 * half], hi = acc[mt][nt][2 * half + 1];
+        if (accumulate) {
+          const float2 old = unpack2<BF16>(*dst);
+          lo += old.x;
+          hi += old.y;
+        }
+        *dst = pack2<BF16>(lo, hi);
+      }
     }
   }
 }
@@ -395,7 +413,7 @@ cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   kernel<<<grid, kThreads, bytes, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
       static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
-      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0);
+      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0);
   return cudaGetLastError();
 }
 

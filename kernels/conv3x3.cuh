@@ -28,6 +28,7 @@ struct hmedn_conv3x3_args {
   int dilation;             // 1 .. hmedn_conv3x3_max_dilation()
   int dtype;                // hmedn_conv3x3_dtype
   int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
+  int accumulate;           // 1: y += the convolution (y's values are read, added in float32, rounded once)
 };
 
 // Weight gradient of the same convolution: part[split][tap][co][ci] (float32, (splits, 27, 32, 32) contiguous)

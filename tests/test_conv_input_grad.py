@@ -153,3 +153,44 @@ def test_shape_that_does_not_fit_raises():
     gy = torch.randn(1, 4, 5, 5, 5)
     with pytest.raises(ValueError, match="input_shape"):
         conv_input_grad(gy, torch.randn(4, 3, 3, 3, 3), (1, 3, 9, 9, 9), [1] * 3, [1] * 3, [1] * 3, 1)
+
+
+def test_add_to_adds_the_gradient_in_place():
+    """``add_to``: the gradient is added into the given tensor (in place, returned), in its dtype; a tensor of
+    another shape is refused before anything runs."""
+    gy = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64)
+    args = ((2, 3, 5, 6, 7), [1] * 3, [2] * 3, [2] * 3, 1)
+    base = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    acc = base.clone()
+    got = conv_input_grad(gy, w, *args, add_to=acc)
+    assert got is acc
+    torch.testing.assert_close(got, base + conv_input_grad(gy, w, *args), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="add_to must have the input's shape"):
+        conv_input_grad(gy, w, *args, add_to=torch.zeros(2, 3, 5, 6, 6, dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_cuda_kernel_adds_in_its_epilogue(monkeypatch, d):
+    """The CUDA kernel (32 -> 32, bf16 channels-last) adds add_to's values to its float32 sums and rounds once: the
+    result is within half an ulp of add_to + the float64 gradient, written into add_to, and no add kernel runs."""
+    from hmedn_fast.ops import conv_mma
+
+    g = torch.Generator().manual_seed(d)
+    cl = torch.channels_last_3d
+    gy = torch.randn(2, 32, 9, 17, 23, generator=g).to("cuda", torch.bfloat16).contiguous(memory_format=cl)
+    w = torch.randn(32, 32, 3, 3, 3, generator=g).mul_(0.1).cuda()
+    base = torch.randn(2, 32, 9, 17, 23, generator=g).to("cuda", torch.bfloat16).contiguous(memory_format=cl)
+    acc = base.clone()
+    assert conv_mma.unsupported(gy, w, d, acc) is None
+    monkeypatch.setenv("HMEDN_BACKEND_CONV_DGRAD", "cuda")
+    calls = []
+    real = conv_mma.conv3x3_input_grad
+    monkeypatch.setattr(conv_mma, "conv3x3_input_grad", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = conv_input_grad(gy, w, gy.shape, [1] * 3, [d] * 3, [d] * 3, 1, add_to=acc)
+    assert got is acc and calls and calls[-1].get("add_to") is acc
+    wd = w.to(torch.bfloat16).double()
+    want = base.double() + torch.ops.aten.convolution_backward(
+        gy.double(), gy.double(), wd, None, [1] * 3, [d] * 3, [d] * 3, False, [0] * 3, 1, [True, False, False])[0]
+    assert_rounded_once(got, want, torch.bfloat16)

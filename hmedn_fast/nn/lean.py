@@ -337,9 +337,13 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
                                   b1.dtype if need[5] and b1 is not None else None, False)
     del ga1, c1
-    gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
-    if gx is not None:
-        gx = gx.add_(gx_res.to(gx.dtype))
+    conv1 = block.conv1  # the input gradient added into the residual path's (in the CUDA kernel's epilogue)
+    gw1 = _conv_backward(gc1, x, w1, conv1, False, True)[1] if need[3] else None
+    gx = None
+    if need[0]:
+        into = gx_res if gx_res.dtype == x.dtype else gx_res.to(x.dtype)
+        gx = conv_input_grad(gc1, w1, x.shape, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
+                             add_to=into)
     return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
 
 

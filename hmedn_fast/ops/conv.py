@@ -264,7 +264,8 @@ def _transposed(grad: Tensor, weight: Tensor, output_padding: Sequence[int], str
 
 
 def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
-                    padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None) -> Tensor:
+                    padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None,
+                    add_to: Tensor | None = None) -> Tensor:
     """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself, in grad's dtype. Lets a
     caller free the forward's input before this gradient is allocated (``aten.convolution_backward`` takes the
     input tensor even when only the input gradient is asked for).
@@ -279,12 +280,23 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
             (:func:`hmedn_fast.ops.conv_mma.conv3x3_input_grad`: the same for 32 -> 32 channels). Automatic:
             the fastest measured per signature while ``cudnn.benchmark`` is on, else the CUDA kernel where it runs,
             else :func:`prefers_triton_input_grad` where the Triton kernel can run.
+        add_to: None, or a tensor of ``input_shape`` (e.g. another gradient of the same input) that the gradient is
+            added into, in place, and returned: the CUDA kernel adds it in its epilogue (the float32 sum rounded once,
+            no separate add) when add_to has grad's dtype and the kernel's layout; elsewhere ``add_to.add_``.
+    Returns:
+        The input gradient in grad's dtype, or ``add_to`` holding the sum.
     """
     extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
+    if add_to is not None and tuple(add_to.shape) != tuple(input_shape):
+        raise ValueError(f"add_to must have the input's shape {tuple(input_shape)}, got {tuple(add_to.shape)}")
     name = _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend)
+    if name == "cuda" and add_to is not None and conv_mma.unsupported(grad, weight, dilation[0], add_to) is None:
+        return conv_mma.conv3x3_input_grad(grad, weight, dilation[0], add_to=add_to)
     if name != "reference":
-        return _input_grad(name, grad, weight, dilation[0])
-    return _transposed(grad, weight, extra, stride, padding, dilation, groups)
+        gi = _input_grad(name, grad, weight, dilation[0])
+    else:
+        gi = _transposed(grad, weight, extra, stride, padding, dilation, groups)
+    return gi if add_to is None else add_to.add_(gi)
 
 
 __all__ = ["conv_backward", "conv_forward", "conv_input_grad", "prefers_triton", "prefers_triton_forward",

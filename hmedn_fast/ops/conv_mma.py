@@ -77,10 +77,11 @@ def wgrad_unsupported(grad: Tensor, x: Tensor, dilation: int) -> str | None:
     return reason
 
 
-def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool) -> Tensor:
+def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
+         accumulate: bool = False) -> Tensor:
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip)
+    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate)
     return out
 
 
@@ -99,12 +100,13 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
     return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False)
 
 
-def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int) -> Tensor:
+def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3x3_forward` for output gradient ``grad`` (N, 32, D, H, W) (same contract as x):
     the convolution of ``grad`` with the weight flipped along its kernel axes (the kernel reads the taps in reverse)
     and its channel axes swapped; the weight is rounded to grad's dtype. Returns (N, 32, D, H, W) channels-last in
-    grad's dtype."""
-    return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, None, True)
+    grad's dtype; with ``add_to`` (a tensor like ``out`` of :func:`unsupported`), ``add_to`` plus the gradient,
+    written into it (each element's float32 sum rounded once) and returned."""
+    return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, add_to, True, add_to is not None)
 
 
 # Blocks per kernel depth of the weight gradient: two 6-warp blocks fit an SM (168 registers), three depths share it.
