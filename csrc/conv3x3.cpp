@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
 
+#include <optional>
 #include <string>
 
 #include "conv3x3.cuh"
@@ -76,7 +77,7 @@ void check_launch(const char* op, cudaError_t err, const char* contract) {
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
-                  bool flip_taps, bool accumulate) {
+                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats) {
   constexpr const char* op = "conv3x3_mma_";
   check_volumes(op, x, out, "out", dilation);
   TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
@@ -92,6 +93,15 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   a.y_voxel_stride = voxel_stride_of(out);
   a.flip_taps = flip_taps ? 1 : 0;
   a.accumulate = accumulate ? 1 : 0;
+  if (stats.has_value()) {
+    const int64_t tiles = x.size(2) * ((x.size(3) + 15) / 16) * ((x.size(4) + 15) / 16);
+    TORCH_CHECK_VALUE(!accumulate && x.size(3) % 16 == 0 && x.size(4) % 16 == 0, op,
+                      ": stats need H and W multiples of 16 and no accumulate");
+    TORCH_CHECK_VALUE(stats->sizes() == at::IntArrayRef({x.size(0), tiles, 2, 32}) && stats->is_contiguous() &&
+                          stats->scalar_type() == at::kFloat && stats->device() == x.device(),
+                      op, ": stats must be a contiguous float32 (N, D * H / 16 * W / 16, 2, 32) tensor on x's device");
+    a.stats = stats->data_ptr<float>();
+  }
   check_launch(op, hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream()),
                "16-byte aligned x and weight, voxel strides multiples of 8 for x and 2 for out, batch and depth <= "
                "65535");
@@ -122,9 +132,11 @@ void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::T
 void bind_conv3x3(pybind11::module_& m) {
   m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
         pybind11::arg("dilation"), pybind11::arg("flip_taps"), pybind11::arg("accumulate") = false,
+        pybind11::arg("stats") = pybind11::none(),
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
-        "out += the convolution (one rounding of the float32 sum)");
+        "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / 16 * W / 16, "
+        "2, 32) tensor receiving each 16 x 16 tile's per-channel mean and M2 of the rounded outputs.");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");

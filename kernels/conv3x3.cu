@@ -130,6 +130,67 @@ __device__ __forceinline__ float2 unpack2(uint32_t bits) {
   }
 }
 
+template <bool BF16>
+__device__ __forceinline__ float rounded(float v) {
+  if constexpr (BF16) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+  } else {
+    return __half2float(__float2half_rn(v));
+  }
+}
+
+// Per-channel mean and M2 of the block's 16 x 16 x 32 outputs as stored (acc rounded), two passes over the
+// registers (warp shuffles over the 8 lanes that share a channel pair, then the 4 warps in shared memory), written
+// to out[0:32] (mean) and out[32:64] (M2). `red` is 160 floats of shared memory no other thread still reads.
+template <bool BF16>
+__device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], float* red, float* out, int tid) {
+  const int lane = tid & 31, warp = tid >> 5, gid = lane >> 2, quad = lane & 3;
+  float mean[4][2];
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float s[4][2] = {};
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = rounded<BF16>(acc[mt][nt][e]);
+          const float d = pass == 0 ? v : v - mean[nt][e & 1];
+          s[nt][e & 1] += pass == 0 ? d : d * d;
+        }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) s[nt][j] += __shfl_xor_sync(0xffffffffu, s[nt][j], off);
+    if (gid == 0)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) red[warp * kChannels + nt * 8 + 2 * quad + j] = s[nt][j];
+    __syncthreads();
+    if (pass == 0) {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = nt * 8 + 2 * quad + j;
+          mean[nt][j] = (red[c] + red[kChannels + c] + red[2 * kChannels + c] + red[3 * kChannels + c]) *
+                        (1.0f / (kTile * kTile));
+        }
+      if (tid < kChannels)
+        red[kWarps * kChannels + tid] = (red[tid] + red[kChannels + tid] + red[2 * kChannels + tid] +
+                                         red[3 * kChannels + tid]) * (1.0f / (kTile * kTile));
+      __syncthreads();  // every read of the first pass's sums is done before the second pass writes
+    } else if (tid < kChannels) {
+      out[tid] = red[kWarps * kChannels + tid];
+      out[kChannels + tid] = red[tid] + red[kChannels + tid] + red[2 * kChannels + tid] + red[3 * kChannels + tid];
+    }
+  }
+}
+
 // Copies (cp.async) the halo tile of an output tile at (h0, w0) from one input plane: (16 + 2 DIL) rows of
 // (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
 template <int DIL, int THREADS>
@@ -151,7 +212,7 @@ template <bool BF16, int DIL>
 __global__ void __launch_bounds__(kThreads, 4)
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
-               bool accumulate) {
+               bool accumulate, float* __restrict__ stats) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -266,6 +327,11 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
         *dst = pack2<BF16>(lo, hi);
       }
     }
+  }
+  if (stats != nullptr) {  // every tile is full here (the launcher's contract)
+    __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
+    const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
+    tile_stats<BF16>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
   }
 }
 
@@ -385,7 +451,9 @@ bool valid_volume(const Args& a) {
 bool valid(const hmedn_conv3x3_args* a) {
   return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
          aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
-         a->y_voxel_stride >= kChannels;
+         a->y_voxel_stride >= kChannels &&
+         (a->stats == nullptr || (a->height % kTile == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
+                                  aligned(a->stats, 4)));
 }
 
 bool valid(const hmedn_conv3x3_wgrad_args* a) {
@@ -413,7 +481,7 @@ cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   kernel<<<grid, kThreads, bytes, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
       static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
-      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0);
+      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0, a.stats);
   return cudaGetLastError();
 }
 

@@ -23,6 +23,15 @@ def _case(n, size, dtype, seed, device="cuda"):
     return x, w
 
 
+def test_conv_forward_stats_on_the_cpu_are_none():
+    from hmedn_fast.ops.conv import conv_forward
+
+    x, w = _case(1, (4, 16, 16), torch.bfloat16, 0, device="cpu")
+    y, part = conv_forward(x, w, [1] * 3, [1] * 3, [1] * 3, 1, stats=True)
+    assert part is None
+    torch.testing.assert_close(y, conv_forward(x, w, [1] * 3, [1] * 3, [1] * 3, 1), rtol=0, atol=0)
+
+
 def test_unsupported_names_the_reason_on_cpu():
     x, w = _case(1, (4, 5, 6), torch.bfloat16, 0, device="cpu")
     reason = conv_mma.unsupported(x, w, 2)
@@ -176,3 +185,58 @@ def test_weight_grad_of_channel_slices_and_dispatch(monkeypatch):
     assert gw.dtype == torch.float32 and len(calls) == 2
     torch.testing.assert_close(gw.double(), want.grad, rtol=0, atol=1e-5 * want.grad.abs().max().item())
     assert "grad" in conv_mma.wgrad_unsupported(g.float(), x, 2)
+
+
+def _tile_statistics(y: torch.Tensor) -> torch.Tensor:
+    """(N, D * H / 16 * W / 16, 2, 32) float64: each 16 x 16 tile's per-channel mean and M2 of y as stored."""
+    n, c, d, h, w = y.shape
+    v = y.double().unflatten(4, (w // 16, 16)).unflatten(3, (h // 16, 16))  # (N, C, D, th, 16, tw, 16)
+    v = v.permute(0, 2, 3, 5, 1, 4, 6).reshape(n, d * (h // 16) * (w // 16), c, 256)
+    mean = v.mean(-1)
+    return torch.stack([mean, (v - mean[..., None]).square().sum(-1)], 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_forward_writes_tile_statistics(d):
+    """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference; poisoned
+    buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension refuses it."""
+    x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
+    shape = conv_mma.tile_stats_shape(x)
+    assert shape == (2, 5 * 2 * 3, 2, 32)
+    stats = torch.full(shape, float("nan"), device="cuda")
+    y = conv_mma.conv3x3_forward(x, w, d, stats=stats)
+    assert_rounded_once(y, F.conv3d(x.double(), w.double(), padding=d, dilation=d), torch.bfloat16)
+    want = _tile_statistics(y)
+    assert torch.isfinite(stats).all()
+    torch.testing.assert_close(stats[:, :, 0].double(), want[:, :, 0], rtol=1e-5, atol=1e-6 * y.abs().max().item())
+    m2 = want[:, :, 1]
+    torch.testing.assert_close(stats[:, :, 1].double(), m2, rtol=1e-4, atol=1e-4 * m2.max().item())
+    odd = x[..., :40]
+    assert conv_mma.tile_stats_shape(odd) is None
+    with pytest.raises(ValueError, match="multiples of 16"):
+        conv_mma.conv3x3_forward(odd.contiguous(memory_format=CL), w, d,
+                                 stats=torch.empty(2, 30, 2, 32, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_conv_forward_hands_over_statistics_only_from_the_kernel(monkeypatch):
+    """conv_forward(stats=True): (y, part) with the kernel's tile statistics when the CUDA kernel runs, None from the
+    other backends; a batch norm fed with them normalises as with its own reduce pass."""
+    from hmedn_fast.ops.conv import conv_forward
+    from hmedn_fast.ops.triton import norm as kernels
+
+    x, w = _case(1, (4, 16, 32), torch.bfloat16, 3)
+    args = ([1] * 3, [2] * 3, [2] * 3, 1)
+    y, part = conv_forward(x, w, *args, backend="cuda", stats=True)
+    assert part is not None and part.shape == (1, 4 * 2, 2, 32)
+    torch.testing.assert_close(part.double(), _tile_statistics(y), rtol=1e-4, atol=1e-4 * y.abs().max().item() ** 2)
+    assert conv_forward(x, w, *args, backend="reference", stats=True)[1] is None
+    yf, ys = kernels.flat(y)
+    geo = kernels.geometry(tuple(y.shape), ys, None, "batch", 1, True)
+    gamma, beta = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda")
+    own = kernels.forward(geo, yf, None, gamma, beta, None, None, 1e-5, 0.1, True, True, False)
+    handed = kernels.forward(geo, yf, None, gamma, beta, None, None, 1e-5, 0.1, True, True, False, part=part)
+    torch.testing.assert_close(handed[1], own[1], rtol=1e-5, atol=1e-6)
+    scale = own[0].float().abs().max().item()
+    torch.testing.assert_close(handed[0].float(), own[0].float(), rtol=0, atol=2 ** -7 * scale)

@@ -268,6 +268,43 @@ def test_triton_backward_accumulates_into_a_channel_slice(dtype):
         kernels.backward(geo, xf, xf, dy, w, coef, True, True, False, None, True, accumulate=buf[:, :5])
 
 
+def chunk_statistics(x: torch.Tensor, split: int) -> torch.Tensor:
+    """(N, split, 2, C) float32: each channel's mean and M2 over ``split`` equal chunks of the flattened spatial
+    samples, computed in float64 (what a convolution's epilogue or the reduce pass hands the statistics kernel)."""
+    v = x.double().flatten(2).unflatten(2, (split, -1))  # (N, C, split, S / split)
+    mean = v.mean(3)
+    m2 = (v - mean[..., None]).square().sum(3)
+    return torch.stack([mean, m2], 2).permute(0, 3, 2, 1).float().contiguous()
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("split", [1, 4, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_forward_with_precomputed_chunk_statistics(split, dtype):
+    """``forward(..., part=...)``: statistics reduced elsewhere (any equal chunks) give the output, coefficients and
+    running statistics of the forward's own reduce pass; part of another shape, a split that does not divide S, or
+    running statistics are refused before any launch."""
+    from hmedn_fast.ops.triton import norm as kernels
+    x, w, b, _, (rm, rv) = make((2, 5, 3, 4, 6), True, False, dtype=dtype)
+    x = x * 3 + 1.5  # a mean away from 0
+    xf, xs = kernels.flat(x)
+    geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, True)
+    runs = []
+    for part in (None, chunk_statistics(xf, split)):
+        m, v = torch.zeros(5), torch.ones(5)
+        y, coef = kernels.forward(geo, xf, None, w, b, m, v, 1e-5, 0.1, True, True, True, part=part)
+        runs.append((y, coef, m, v))
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5 * want.float().abs().max().item())
+    good = chunk_statistics(xf, split)
+    for bad in (good[:1], good[..., :4], chunk_statistics(xf, 8)[:, :7].contiguous(), good.double()):
+        with pytest.raises(ValueError, match="part must be float32"):
+            kernels.forward(geo, xf, None, w, b, None, None, 1e-5, 0.1, True, True, False, part=bad)
+    eval_geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, False)
+    with pytest.raises(ValueError, match="batch statistics"):
+        kernels.forward(eval_geo, xf, None, w, b, rm, rv, 1e-5, 0.1, True, False, False, part=good)
+
+
 @pytest.mark.interpreted
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
 def test_lean_block_on_triton_matches_eager(monkeypatch, mode):

@@ -82,6 +82,14 @@ def _conv(x: Tensor, weight: Tensor, conv: nn.Module, out: Tensor | None = None)
     return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, out=out)
 
 
+def _conv_stats(x: Tensor, weight: Tensor, conv: nn.Module, want: bool) -> tuple[Tensor, Tensor | None]:
+    """``_conv`` and, when ``want``, its output's per-tile channel statistics if the CUDA kernel wrote them (a batch
+    norm's reduce pass done in the convolution's epilogue), else None."""
+    if not want:
+        return _conv(x, weight, conv), None
+    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, stats=True)
+
+
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
                    need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
     """Input and weight gradients of ``_conv``, computed in the dtype ``grad`` has (the forward's compute dtype):
@@ -214,13 +222,14 @@ class LeanBatchNormBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
-        c1 = _conv(x, w1, block.conv1)
+        # the CUDA convolution kernel can hand over each norm's batch statistics per output tile (no reduce pass)
+        c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"])
         triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
         if triton:
             x, _ = norm_kernels().flat(x)
-            a1, coef1, _ = triton_norm_forward(c1, None, g1, b1, call1)
-            c2 = _conv(a1, w2, block.conv2)
-            y, coef2, _ = triton_norm_forward(c2, x, g2, b2, call2)
+            a1, coef1, _ = triton_norm_forward(c1, None, g1, b1, call1, part1)
+            c2, part2 = _conv_stats(a1, w2, block.conv2, call2["training"])
+            y, coef2, _ = triton_norm_forward(c2, x, g2, b2, call2, part2)
             stats1, stats2, out = (coef1,), (coef2,), ()
         else:
             n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
@@ -285,17 +294,18 @@ def norm_kernels():
 
 
 def triton_norm_forward(c: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                        call: dict) -> tuple[Tensor, Tensor, tuple]:
+                        call: dict, part: Tensor | None = None) -> tuple[Tensor, Tensor, tuple]:
     """``relu(norm(c) (+ residual))`` of a BatchNorm described by ``call`` (:func:`norm_call`) on the Triton
     kernels, running statistics updated as the module would; returns it, the coefficients its backward and replay
-    need, and the kernels' geometry of c."""
+    need, and the kernels' geometry of c. ``part``: c's batch statistics per chunk, already reduced (the
+    convolution's tile statistics), or None."""
     k = norm_kernels()
     c, cs = k.flat(c)
     geo = k.geometry(tuple(c.shape), cs, None if residual is None else k.ncs_strides(residual), "batch", 1,
                      call["training"])
     update = call["training"] and call["running_mean"] is not None
     y, coef = k.forward(geo, c, residual, weight, bias, call["running_mean"], call["running_var"], call["eps"],
-                        call["momentum"], True, call["training"], update)
+                        call["momentum"], True, call["training"], update, part if call["training"] else None)
     return y, coef, geo
 
 

@@ -75,7 +75,8 @@ def prefers_triton_forward(c_in: int, c_out: int) -> bool:
 
 
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                 groups: int, backend: str | None = None, out: Tensor | None = None) -> Tensor:
+                 groups: int, backend: str | None = None, out: Tensor | None = None,
+                 stats: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """``F.conv{2,3}d(x, weight, None, stride, padding, dilation, groups)``, autocast honoured (the Triton path
     computes in the autocast dtype when autocast is on, as cuDNN would).
 
@@ -86,13 +87,17 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         out: None, or a tensor of the result's shape and compute dtype to hold it (a channel slice of a buffer, say):
             the Triton kernel writes into it directly (when it is in the compute dtype with channels innermost: a
             channels-last tensor or a channel slice of one), else the result is copied into it.
+        stats: also return the output's per-tile channel statistics when the CUDA kernel runs and can write them
+            (:func:`hmedn_fast.ops.conv_mma.tile_stats_shape`): float32 (N, tiles, 2, C_out) means and M2s, the
+            ``part`` of :func:`hmedn_fast.ops.triton.norm.forward`; None otherwise.
     Returns:
-        (N, C_out, *spatial'), channels-last on the Triton backend; ``out`` when given.
+        (N, C_out, *spatial'), channels-last on the Triton backend; ``out`` when given. With ``stats``, ``(y, part)``.
     """
     fn = F.conv2d if weight.ndim == 4 else F.conv3d
     dev = x.device.type
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
     cast: list[Tensor] = []  # x in the compute dtype, made once, only for a convolution some kernel can take
+    part: list[Tensor] = []  # the CUDA kernel's tile statistics, when asked for and written
 
     def kernel_reasons() -> dict[str, str | None]:
         """Why each compiled kernel cannot run this call (None: it can)."""
@@ -116,9 +121,13 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
             reasons["triton"] = unsupported(cast[0], weight, stride, padding, dilation, groups)
         return reasons
 
-    def run(name: str, into: Tensor | None = None) -> Tensor:
+    def run(name: str, into: Tensor | None = None, with_stats: bool = False) -> Tensor:
         if name == "cuda":
-            return conv_mma.conv3x3_forward(cast[0], weight, dilation[0], out=into)  # the kernels round the weight
+            shape = conv_mma.tile_stats_shape(cast[0]) if with_stats else None
+            if shape is not None:
+                part[:] = [torch.empty(shape, device=x.device, dtype=torch.float32)]
+            return conv_mma.conv3x3_forward(cast[0], weight, dilation[0], out=into,  # the kernels round the weight
+                                            stats=part[0] if part else None)
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
@@ -136,7 +145,8 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         lambda: ("conv_fwd", x.device, x.dtype, dt, tuple(x.shape), x.stride(), tuple(weight.shape), tuple(stride),
                  tuple(padding), tuple(dilation), groups),
         {name: (lambda name=name: run(name)) for name in ("cuda", "triton", "reference")}, x)
-    return run(chosen, out)
+    y = run(chosen, out, stats)
+    return (y, part[0] if part else None) if stats else y
 
 
 def conv_backward(

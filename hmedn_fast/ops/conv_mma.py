@@ -78,14 +78,27 @@ def wgrad_unsupported(grad: Tensor, x: Tensor, dilation: int) -> str | None:
 
 
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
-         accumulate: bool = False) -> Tensor:
+         accumulate: bool = False, stats: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate)
+    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats)
     return out
 
 
-def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = None) -> Tensor:
+TILE = 16  # the kernel's output tile side (h and w)
+
+
+def tile_stats_shape(x: Tensor) -> tuple[int, int, int, int] | None:
+    """Shape of the per-tile statistics :func:`conv3x3_forward` can write for input ``x`` (N, 32, D, H, W):
+    (N, D * H / 16 * W / 16, 2, 32), or None when H or W is not a multiple of 16 (edge tiles would be partial)."""
+    n, _, d, h, w = x.shape
+    if h % TILE or w % TILE:
+        return None
+    return n, d * (h // TILE) * (w // TILE), 2, CHANNELS
+
+
+def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = None,
+                    stats: Tensor | None = None) -> Tensor:
     """``F.conv3d(x, weight, None, 1, dilation, dilation)``.
 
     Args:
@@ -94,10 +107,14 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
         dilation: kernel dilation (the padding equals it).
         out: None, or an (N, 32, D, H, W) tensor of x's dtype with channels innermost (e.g. a channel slice of a
             channels-last buffer) to write into.
+        stats: None, or a float32 tensor of :func:`tile_stats_shape` (x's H and W multiples of 16) that receives, for
+            each 16 x 16 output tile of each plane (row ``(n * D + z) * tiles + tile``), every channel's mean and sum of
+            squared deviations over the tile's 256 outputs as stored: a batch norm's statistics without reading the
+            output again (the layout of :func:`hmedn_fast.ops.triton.norm.forward`'s ``part``).
     Returns:
         (N, 32, D, H, W) in x's dtype (channels-last when allocated here).
     """
-    return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False)
+    return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False, stats=stats)
 
 
 def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None) -> Tensor:

@@ -359,7 +359,7 @@ def geometry(shape: tuple[int, ...], xs: tuple[int, int, int], rs: tuple[int, in
 
 def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
             running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float, relu: bool,
-            batch_stats: bool, update: bool) -> tuple[Tensor, Tensor]:
+            batch_stats: bool, update: bool, part: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``y = relu(norm(x) (+ residual))`` and the per-set coefficients ``coef`` (NS, 4, C) float32 the backward
     needs. 3 launches (2 with running statistics). ``update`` updates the running statistics in place.
 
@@ -368,12 +368,27 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
         x, residual: (N, C, *spatial) with strides ``geo.xs`` / ``geo.rs``.
         weight, bias: (C,) or None. running_mean, running_var: (C,) or None.
         batch_stats: normalise with the set's statistics (else the running ones).
+        part: None, or x's statistics already reduced per chunk (batch norm with batch statistics): float32
+            (N, split, 2, C), row (n, r) the mean and M2 of each channel over chunk r of S samples (any partition of
+            the S samples into ``split`` chunks of S / split each, e.g. a convolution's output tiles,
+            :func:`hmedn_fast.ops.conv_mma.conv3x3_forward`); the reduce pass is skipped.
     Returns:
         y, (N, C, *spatial) in x's layout and dtype (promoted with the residual's, as ``x + residual``); coef.
     """
     coef = torch.empty(geo.nsets, 4, geo.c, device=x.device, dtype=torch.float32)
-    part = coef  # placeholder: not read with running statistics
-    if batch_stats:
+    split, chunk, block_r = geo.split, geo.chunk, geo.block_r
+    if part is not None:
+        if not (batch_stats and geo.nsets == 1 and not geo.group and part.dtype == torch.float32
+                and part.is_contiguous() and part.ndim == 4 and part.shape[1] >= 1 and geo.s % part.shape[1] == 0
+                and (part.shape[0], part.shape[2], part.shape[3]) == (geo.n, 2, geo.c)):
+            raise ValueError(f"part must be float32 contiguous (N={geo.n}, split, 2, C={geo.c}) with split dividing "
+                             f"S={geo.s}, for a batch norm with batch statistics; got {tuple(part.shape)} "
+                             f"{part.dtype}")
+        split, chunk = part.shape[1], geo.s // part.shape[1]
+        block_r = max(1, min(STATS_TILE // geo.block_g, next_power_of_2(geo.nper * split)))
+    elif not batch_stats:
+        part = coef  # placeholder: not read with running statistics
+    else:
         part = torch.empty(geo.n, geo.split, 2, geo.c, device=x.device, dtype=torch.float32)
         _REDUCE(
             geo.reduce_grid, x, x, x, coef, part, geo.c, geo.s, geo.chunk, geo.split, 0, *geo.xs, 0, 0, 0, 0, 0, 0,
@@ -381,9 +396,9 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
             num_warps=REDUCE_WARPS)
     _STATS(
         geo.stats_grid, part, _or(weight, coef), _or(bias, coef), _or(running_mean, coef), _or(running_var, coef),
-        coef, geo.c, geo.s, geo.chunk, geo.split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
+        coef, geo.c, geo.s, chunk, split, geo.nper, geo.nsets, geo.cw, geo.count, geo.unbias, float(eps),
         float(momentum), HAS_W=weight is not None, HAS_B=bias is not None, BATCH_STATS=batch_stats, UPDATE=update,
-        GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
+        GROUP=geo.group, BLOCK_R=block_r, BLOCK_G=geo.block_g)
     return apply(geo, x, residual, coef, relu), coef
 
 
