@@ -105,12 +105,12 @@ def _grads(outputs: Tensor, inputs: list[Tensor | None], grad: Tensor) -> list[T
     return [next(got) if t is not None and t.requires_grad else None for t in inputs]
 
 
-def _kept(recompute: int, c1: Tensor, c2: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """The conv outputs a block saves when ``recompute`` (0, 1 or 2: :data:`RECOMPUTED`) convolutions run again in
-    backward: both, the second, none."""
+def _kept(recompute: int) -> tuple[bool, bool]:
+    """Whether a block saves its first and its second conv output when ``recompute`` (0, 1 or 2: :data:`RECOMPUTED`)
+    convolutions run again in backward: both, the second, none. Checked before the forward runs."""
     if recompute not in (0, 1, 2):
         raise ValueError(f"recompute must be 0, 1 or 2 (convolutions recomputed in backward), got {recompute!r}")
-    return (c1 if recompute == 0 else None), (c2 if recompute < 2 else None)
+    return recompute == 0, recompute < 2
 
 
 class LeanConv(torch.autograd.Function):
@@ -144,6 +144,7 @@ class LeanResidualBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
+        keep1, keep2 = _kept(recompute)
         c1 = _conv(x, w1, block.conv1)
         a1 = norm_act(c1, g1, b1, **norm_call(block.norm1, update=True))
         c2 = _conv(a1, w2, block.conv2)
@@ -152,7 +153,7 @@ class LeanResidualBlock(torch.autograd.Function):
         ctx.norm_args = (norm_call(block.norm1, update=False), norm_call(block.norm2, update=False))
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, *_kept(recompute, c1, c2))
+        ctx.save_for_backward(x, w1, g1, b1, w2, g2, b2, c1 if keep1 else None, c2 if keep2 else None)
         return y
 
     @staticmethod
@@ -221,6 +222,7 @@ class LeanBatchNormBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
+        keep1, keep2 = _kept(recompute)
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
         # the CUDA convolution kernel can hand over each norm's batch statistics per output tile (no reduce pass)
         c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"])
@@ -243,7 +245,8 @@ class LeanBatchNormBlock(torch.autograd.Function):
         ctx.eps = (call1["eps"], call2["eps"])
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.save_for_backward(x, *out, w1, g1, b1, w2, g2, b2, *stats1, *stats2, *_kept(recompute, c1, c2))
+        ctx.save_for_backward(x, *out, w1, g1, b1, w2, g2, b2, *stats1, *stats2, c1 if keep1 else None,
+                              c2 if keep2 else None)
         return y
 
     @staticmethod

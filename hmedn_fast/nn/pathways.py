@@ -55,11 +55,10 @@ class HRPathway(nn.Module):
             "none" (kept: about ``(4 * num_blocks + 5) * N * L * prod(spatial)`` elements of the compute dtype, plus
             ``num_blocks + 1`` such tensors for the dense fusion's concatenation), then "lean" (about
             ``3 * num_blocks + 4`` of them), "middle" (``2 * num_blocks + 4``), else "blocks": un-graphed, our lean
-            blocks are
-            bound by the host's launch and Python cost and slower than eager autograd on the GPU hosts measured
-            (``benchmarks/results/blocks_nvidia_h200_s27.json``: 34.7 vs 13.1 ms). While a CUDA graph is captured
-            (``torch.cuda.make_graphed_callables``, a whole-step graph) "lean" comes first (7.0 ms at 0.74x the
-            memory of eager's 10.8 ms graphed there), else "middle", else "blocks". "none" when gradients are off.
+            blocks are bound by the host's launch and Python cost and slower than eager autograd on the GPU hosts
+            measured (``benchmarks/results/blocks_nvidia_h200_s27.json``: 34.7 vs 13.1 ms). While a CUDA graph is
+            captured (``torch.cuda.make_graphed_callables``, a whole-step graph) "lean" comes first (7.0 ms at 0.74x
+            the memory of eager's 10.8 ms graphed there), else "middle", else "blocks". "none" when gradients are off.
 
     Shapes: forward((N, C_in, *spatial)) -> ``(features, logits)`` with features (N, L, *spatial) and logits
     (N, K, *spatial) or None. Spatial sizes are kept (no striding).
