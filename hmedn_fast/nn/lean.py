@@ -98,6 +98,12 @@ def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, n
                          need_weight)
 
 
+def _weight_grad(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need: bool) -> Tensor | None:
+    """The weight gradient of ``_conv`` alone (None when not ``need``), so a caller can free ``inp`` before the input
+    gradient is allocated."""
+    return _conv_backward(grad, inp, weight, conv, False, True)[1] if need else None
+
+
 def _grads(outputs: Tensor, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
     """autograd.grad over the inputs that require grad, None for the others."""
     live = [t for t in inputs if t is not None and t.requires_grad]
@@ -342,7 +348,7 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     if a1 is None:  # made after the second norm's backward, which does not need it
         c1, a1, geo1 = first(c1)
     conv2 = block.conv2  # weight gradient first, so a1 is gone before the input gradient is allocated
-    gw2 = _conv_backward(gc2, a1, w2, conv2, False, True)[1] if need[6] else None
+    gw2 = _weight_grad(gc2, a1, w2, conv2, need[6])
     shape = a1.shape
     del a1
     ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
@@ -351,12 +357,11 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
                                   b1.dtype if need[5] and b1 is not None else None, False)
     del ga1, c1
     conv1 = block.conv1  # the input gradient added into the residual path's (in the CUDA kernel's epilogue)
-    gw1 = _conv_backward(gc1, x, w1, conv1, False, True)[1] if need[3] else None
+    gw1 = _weight_grad(gc1, x, w1, conv1, need[3])
     gx = None
     if need[0]:
-        into = gx_res if gx_res.dtype == x.dtype else gx_res.to(x.dtype)
         gx = conv_input_grad(gc1, w1, x.shape, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
-                             add_to=into)
+                             add_to=gx_res.to(x.dtype))
     return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
 
 

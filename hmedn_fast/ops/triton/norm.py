@@ -350,11 +350,17 @@ def geometry(shape: tuple[int, ...], xs: tuple[int, int, int], rs: tuple[int, in
     nsets, nper = (n, 1) if per_sample else (1, n)
     cw = c // groups if group else min(MAX_STATS_CHANNELS, next_power_of_2(c))
     block_g = next_power_of_2(cw)
-    block_r = max(1, min(STATS_TILE // block_g, next_power_of_2(nper * split)))
+    block_r = _stats_block_r(block_g, nper * split)
     count = s * nper * (cw if group else 1)
     return Geometry(n, c, s, xs, rs if rs is not None else (0, 0, 0), block_c, (split, cblocks, n),
                     (cdiv(c, cw),), (cdiv(s, BLOCK_S), cblocks, n), split, chunk, nsets, nper, group,
                     cw, block_g, block_r, float(count), count / max(count - 1, 1), 4 * c if per_sample else 0)
+
+
+def _stats_block_r(block_g: int, rows: int) -> int:
+    """Rows of ``part`` the statistics kernels combine per step: a ``STATS_TILE``-element tile of ``block_g``
+    channels, no more rows than there are."""
+    return max(1, min(STATS_TILE // block_g, next_power_of_2(rows)))
 
 
 def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -385,7 +391,7 @@ def forward(geo: Geometry, x: Tensor, residual: Tensor | None, weight: Tensor | 
                              f"S={geo.s}, for a batch norm with batch statistics; got {tuple(part.shape)} "
                              f"{part.dtype}")
         split, chunk = part.shape[1], geo.s // part.shape[1]
-        block_r = max(1, min(STATS_TILE // geo.block_g, next_power_of_2(geo.nper * split)))
+        block_r = _stats_block_r(geo.block_g, geo.nper * split)
     elif not batch_stats:
         part = coef  # placeholder: not read with running statistics
     else:
