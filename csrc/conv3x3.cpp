@@ -77,7 +77,7 @@ void check_launch(const char* op, cudaError_t err, const char* contract) {
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
-                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats) {
+                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats, int64_t tile_rows) {
   constexpr const char* op = "conv3x3_mma_";
   check_volumes(op, x, out, "out", dilation);
   TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
@@ -93,13 +93,17 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   a.y_voxel_stride = voxel_stride_of(out);
   a.flip_taps = flip_taps ? 1 : 0;
   a.accumulate = accumulate ? 1 : 0;
+  TORCH_CHECK_VALUE(tile_rows == 16 || tile_rows == 32, op, ": tile_rows must be 16 or 32, got ",
+                    std::to_string(tile_rows));
+  a.tile_rows = static_cast<int>(tile_rows);
   if (stats.has_value()) {
-    const int64_t tiles = x.size(2) * ((x.size(3) + 15) / 16) * ((x.size(4) + 15) / 16);
-    TORCH_CHECK_VALUE(!accumulate && x.size(3) % 16 == 0 && x.size(4) % 16 == 0, op,
-                      ": stats need H and W multiples of 16 and no accumulate");
+    const int64_t tiles = x.size(2) * (x.size(3) / tile_rows) * (x.size(4) / 16);
+    TORCH_CHECK_VALUE(!accumulate && x.size(3) % tile_rows == 0 && x.size(4) % 16 == 0, op,
+                      ": stats need H a multiple of tile_rows, W a multiple of 16 and no accumulate");
     TORCH_CHECK_VALUE(stats->sizes() == at::IntArrayRef({x.size(0), tiles, 2, 32}) && stats->is_contiguous() &&
                           stats->scalar_type() == at::kFloat && stats->device() == x.device(),
-                      op, ": stats must be a contiguous float32 (N, D * H / 16 * W / 16, 2, 32) tensor on x's device");
+                      op, ": stats must be a contiguous float32 (N, D * H / tile_rows * W / 16, 2, 32) tensor on "
+                      "x's device");
     a.stats = stats->data_ptr<float>();
   }
   check_launch(op, hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream()),
@@ -132,11 +136,12 @@ void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::T
 void bind_conv3x3(pybind11::module_& m) {
   m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
         pybind11::arg("dilation"), pybind11::arg("flip_taps"), pybind11::arg("accumulate") = false,
-        pybind11::arg("stats") = pybind11::none(),
+        pybind11::arg("stats") = pybind11::none(), pybind11::arg("tile_rows") = 16,
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
-        "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / 16 * W / 16, "
-        "2, 32) tensor receiving each 16 x 16 tile's per-channel mean and M2 of the rounded outputs.");
+        "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / tile_rows * "
+        "W / 16, 2, 32) tensor receiving each tile_rows x 16 tile's per-channel mean and M2 of the rounded outputs; "
+        "tile_rows: 16 or 32, the height of each block's output tile.");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");

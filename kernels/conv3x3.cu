@@ -1,21 +1,23 @@
 // Tensor-core 3x3x3 "same" convolution, 32 -> 32 channels, bf16/fp16, channels-last (kernels/conv3x3.cuh).
 //
-// One block = one output tile of 16 x 16 voxels in one plane z of one sample, all 32 output channels;
-// 4 warps, each 4 rows of 16 voxels (4 m16 tiles) x 32 channels (4 n8 tiles) of mma.m16n8k16 with
-// float32 accumulators. For each kernel depth kd the block copies the input plane z + (kd - 1) d with its
-// halo, (16 + 2d) x (16 + 2d) voxels x 32 channels, and the 9 taps of that depth into shared memory
-// (cp.async, zero fill outside the volume: the "same" padding), then every one of the 9 (kh, kw) taps
-// reads its shifted 16-voxel rows straight out of that tile with ldmatrix, whose per-lane row addresses
-// make the shift free: each input element is copied once per kd instead of once per tap. Planes outside
-// the volume (the first and last d planes' missing neighbours) are skipped. Shared rows (one voxel's or
-// one weight row's 64 bytes) store their four 16-byte chunks permuted, chunk ^ ((row >> 1) & 3), so the 8
-// rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit distinct banks. The halo tile's
-// rows are padded to a multiple of 8 voxels and the dilation is a template parameter, so the permutation
-// of a tap's rows depends on the lane and kw only: six per-lane offsets, and every ldmatrix address is one
-// of them plus a per-kh base plus an immediate. Compiled for sm_90a, the math is wgmma instead (the 4 warps are one
-// warpgroup: per tap and k16 step one m64n32k16 per m16 tile index, A = the same ldmatrix fragments from registers,
-// B = the weight rows by shared-memory descriptor: they already are wgmma's 64-byte-swizzle K-major layout); same
-// accumulator layout, same epilogue. 4-6 % faster than mma.sync on an H200 in one call (conv_mma_*_s31_*.json).
+// One block = one output tile of TR x 16 voxels (TR = 16 or 32 rows, the caller's choice) in one plane z of
+// one sample, all 32 output channels; TR / 4 warps, each 4 rows of 16 voxels (4 m16 tiles) x 32 channels
+// (4 n8 tiles) of mma.m16n8k16 with float32 accumulators. For each kernel depth kd the block copies the input
+// plane z + (kd - 1) d with its halo, (TR + 2d) x (16 + 2d) voxels x 32 channels, and the 9 taps of that
+// depth into shared memory (cp.async, zero fill outside the volume: the "same" padding), then every one of
+// the 9 (kh, kw) taps reads its shifted 16-voxel rows straight out of that tile with ldmatrix, whose per-lane
+// row addresses make the shift free: each input element is copied once per kd instead of once per tap.
+// Taller tiles copy fewer halo rows and weights per output (the copies from L2, not the math, bound the
+// kernel). Planes outside the volume (the first and last d planes' missing neighbours) are skipped. Shared
+// rows (one voxel's or one weight row's 64 bytes) store their four 16-byte chunks permuted,
+// chunk ^ ((row >> 1) & 3), so the 8 rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit
+// distinct banks. The halo tile's rows are padded to a multiple of 8 voxels and the dilation is a template
+// parameter, so the permutation of a tap's rows depends on the lane and kw only: six per-lane offsets, and
+// every ldmatrix address is one of them plus a per-kh base plus an immediate. Compiled for sm_90a, the math
+// is wgmma instead (each 4 warps are one warpgroup: per tap and k16 step one m64n32k16 per m16 tile index,
+// A = the same ldmatrix fragments from registers, B = the weight rows by shared-memory descriptor: they
+// already are wgmma's 64-byte-swizzle K-major layout); same accumulator layout, same epilogue. 4-6 % faster
+// than mma.sync on an H200 in one call (conv_mma_*_s31_*.json).
 #include "conv3x3.cuh"
 
 #include <cuda_bf16.h>
@@ -29,18 +31,19 @@ namespace {
 
 constexpr int kChannels = 32;
 constexpr int kRowBytes = kChannels * 2;  // one voxel's channels
-constexpr int kTile = 16;                 // output tile side (h and w)
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kMTiles = kTile / kWarps;   // rows (m16 tiles) per warp
+constexpr int kTile = 16;                 // output tile width (w), and the weight gradient's tile side
+constexpr int kMTiles = 4;                // rows (m16 tiles) per warp
+// The forward's tile height TR (16 or 32): TR / 4 warps (one or two warpgroups sharing the weights).
+__host__ __device__ constexpr int fwd_warps(int tr) { return tr / kMTiles; }
+__host__ __device__ constexpr int fwd_threads(int tr) { return 32 * fwd_warps(tr); }
 constexpr int kTapsPerDepth = 9;
 constexpr int kWeightBytes = kTapsPerDepth * kChannels * kRowBytes;
 constexpr int kMaxDilation = 6;           // template instances
 
 __host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
 __host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
-__host__ __device__ constexpr int smem_bytes(int d) {
-  return halo_side(d) * halo_pitch(d) * kRowBytes + kWeightBytes;
+__host__ __device__ constexpr int smem_bytes(int d, int tr) {
+  return (tr + 2 * d) * halo_pitch(d) * kRowBytes + kWeightBytes;
 }
 
 // Byte offset of 16-byte chunk `chunk` of shared row `row`.
@@ -139,11 +142,19 @@ __device__ __forceinline__ float rounded(float v) {
   }
 }
 
-// Per-channel mean and M2 of the block's 16 x 16 x 32 outputs as stored (acc rounded), two passes over the
-// registers (warp shuffles over the 8 lanes that share a channel pair, then the 4 warps in shared memory), written
-// to out[0:32] (mean) and out[32:64] (M2). `red` is 160 floats of shared memory no other thread still reads.
-template <bool BF16>
+// Per-channel mean and M2 of the block's WARPS x 4 rows x 16 x 32 outputs as stored (acc rounded), two passes over
+// the registers (warp shuffles over the 8 lanes that share a channel pair, then the warps in shared memory), written
+// to out[0:32] (mean) and out[32:64] (M2). `red` is (WARPS + 1) x 32 floats of shared memory no other thread still
+// reads.
+template <bool BF16, int WARPS>
 __device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], float* red, float* out, int tid) {
+  constexpr float inv_count = 1.0f / (WARPS * kMTiles * kTile);
+  const auto warp_sum = [&](int c) {
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) t += red[w * kChannels + c];
+    return t;
+  };
   const int lane = tid & 31, warp = tid >> 5, gid = lane >> 2, quad = lane & 3;
   float mean[4][2];
 #pragma unroll
@@ -177,28 +188,25 @@ __device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], fl
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int c = nt * 8 + 2 * quad + j;
-          mean[nt][j] = (red[c] + red[kChannels + c] + red[2 * kChannels + c] + red[3 * kChannels + c]) *
-                        (1.0f / (kTile * kTile));
+          mean[nt][j] = warp_sum(c) * inv_count;
         }
-      if (tid < kChannels)
-        red[kWarps * kChannels + tid] = (red[tid] + red[kChannels + tid] + red[2 * kChannels + tid] +
-                                         red[3 * kChannels + tid]) * (1.0f / (kTile * kTile));
+      if (tid < kChannels) red[WARPS * kChannels + tid] = warp_sum(tid) * inv_count;
       __syncthreads();  // every read of the first pass's sums is done before the second pass writes
     } else if (tid < kChannels) {
-      out[tid] = red[kWarps * kChannels + tid];
-      out[kChannels + tid] = red[tid] + red[kChannels + tid] + red[2 * kChannels + tid] + red[3 * kChannels + tid];
+      out[tid] = red[WARPS * kChannels + tid];
+      out[kChannels + tid] = warp_sum(tid);
     }
   }
 }
 
-// Copies (cp.async) the halo tile of an output tile at (h0, w0) from one input plane: (16 + 2 DIL) rows of
-// (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
-template <int DIL, int THREADS>
+// Copies (cp.async) the halo tile of an output tile of ROWS x 16 voxels at (h0, w0) from one input plane:
+// (ROWS + 2 DIL) rows of (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
+template <int DIL, int THREADS, int ROWS>
 __device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restrict__ plane,
                                           const uint16_t* __restrict__ any, int h0, int w0, int H, int W,
                                           int64_t xv) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
-  for (int i = threadIdx.x; i < side * side * 4; i += THREADS) {
+  for (int i = threadIdx.x; i < (ROWS + 2 * DIL) * side * 4; i += THREADS) {
     const int v = i >> 2, ch = i & 3;
     const int yy = v / side, xx = v - yy * side;
     const int gy = h0 - DIL + yy, gx = w0 - DIL + xx;
@@ -208,17 +216,17 @@ __device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restr
   }
 }
 
-template <bool BF16, int DIL>
-__global__ void __launch_bounds__(kThreads, 4)
+template <bool BF16, int DIL, int TR>
+__global__ void __launch_bounds__(fwd_threads(TR), 64 / TR)  // 128 registers a thread
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
                bool accumulate, float* __restrict__ stats) {
-  constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
+  constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t wsm = slab + side * pitch * kRowBytes;
+  const uint32_t wsm = slab + (TR + 2 * DIL) * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int h0 = (blockIdx.x / tiles_w) * kTile, w0 = (blockIdx.x % tiles_w) * kTile;
+  const int h0 = (blockIdx.x / tiles_w) * TR, w0 = (blockIdx.x % tiles_w) * kTile;
   const int z = blockIdx.y;
   const int64_t n = blockIdx.z;
   const uint16_t* xn = x + n * xs;
@@ -242,7 +250,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     const int zi = z + (kd - 1) * DIL;
     if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
     __syncthreads();                  // the previous depth's reads of shared memory are done
-    load_halo<DIL, kThreads>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    load_halo<DIL, kThreads, TR>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* wk = weight + (flip ? 2 - kd : kd) * kTapsPerDepth * kChannels * kChannels;
     for (int i = tid; i < kTapsPerDepth * kChannels * 4; i += kThreads) {
       const int row = i >> 2, ch = i & 3;  // row = tap * 32 + n
@@ -331,7 +339,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   if (stats != nullptr) {  // every tile is full here (the launcher's contract)
     __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
     const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
-    tile_stats<BF16>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
+    tile_stats<BF16, fwd_warps(TR)>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
   }
 }
 
@@ -386,7 +394,7 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     const int64_t n = zn / D;
     const int h0 = th * kTile, w0 = tw * kTile;
     __syncthreads();  // the previous tile's reads of shared memory are done
-    load_halo<DIL, kWgradThreads>(slab, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    load_halo<DIL, kWgradThreads, kTile>(slab, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* gp = g + n * gs + static_cast<int64_t>(z) * H * W * gv;
     for (int i = tid; i < kTile * kTile * 4; i += kWgradThreads) {
       const int v = i >> 2, ch = i & 3, gy = h0 + v / kTile, gx = w0 + v % kTile;
@@ -452,7 +460,8 @@ bool valid(const hmedn_conv3x3_args* a) {
   return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
          aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
          a->y_voxel_stride >= kChannels &&
-         (a->stats == nullptr || (a->height % kTile == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
+         (a->tile_rows == 16 || a->tile_rows == 32) &&
+         (a->stats == nullptr || (a->height % a->tile_rows == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
                                   aligned(a->stats, 4)));
 }
 
@@ -467,18 +476,18 @@ cudaError_t allow_smem(const void* kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-int tiles_along(int64_t len) { return static_cast<int>((len + kTile - 1) / kTile); }
+int tiles_along(int64_t len, int tile = kTile) { return static_cast<int>((len + tile - 1) / tile); }
 
-template <bool BF16, int DIL>
+template <bool BF16, int DIL, int TR>
 cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes(DIL);
-  auto kernel = conv3x3_kernel<BF16, DIL>;
+  constexpr int bytes = smem_bytes(DIL, TR);
+  auto kernel = conv3x3_kernel<BF16, DIL, TR>;
   const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
-  const int tiles_h = tiles_along(a.height), tiles_w = tiles_along(a.width);
+  const int tiles_h = tiles_along(a.height, TR), tiles_w = tiles_along(a.width);
   const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(a.depth),
                   static_cast<unsigned>(a.batch));
-  kernel<<<grid, kThreads, bytes, stream>>>(
+  kernel<<<grid, fwd_threads(TR), bytes, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
       static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
       a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0, a.stats);
@@ -530,7 +539,8 @@ extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};
-  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1>)) == cudaSuccess &&
+  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16>)) ==
+                      cudaSuccess &&
                   cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_wgrad_kernel<true, 1>)) ==
                       cudaSuccess;
   if (!ok) cudaGetLastError();  // reset the last-error state (a missing image is not a sticky error)
@@ -540,7 +550,9 @@ extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
 extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStream_t stream) {
   if (!valid(a)) return cudaErrorInvalidValue;
   return with_dilation(a->dilation, [&](auto dil) {
-    return a->dtype == HMEDN_CONV_BF16 ? launch<true, decltype(dil)::value>(*a, stream)
-                                       : launch<false, decltype(dil)::value>(*a, stream);
+    constexpr int d = decltype(dil)::value;
+    if (a->tile_rows == 32)
+      return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 32>(*a, stream) : launch<false, d, 32>(*a, stream);
+    return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16>(*a, stream) : launch<false, d, 16>(*a, stream);
   });
 }

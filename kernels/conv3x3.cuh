@@ -29,10 +29,11 @@ struct hmedn_conv3x3_args {
   int dtype;                // hmedn_conv3x3_dtype
   int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
   int accumulate;           // 1: y += the convolution (y's values are read, added in float32, rounded once)
-  // null, or float32 (batch, depth * ceil(height / 16) * ceil(width / 16), 2, 32) contiguous: for each block's
-  // 16 x 16 output tile of one plane (row (n * depth + z) * tiles + tile, tiles row-major), the mean and the sum of
-  // squared deviations (M2) of each output channel over the tile's 256 outputs as stored (rounded). Needs height
-  // and width multiples of 16 (every tile full) and accumulate 0.
+  int tile_rows;            // 16 or 32: each block's output tile is tile_rows x 16 voxels of one plane
+  // null, or float32 (batch, depth * (height / tile_rows) * (width / 16), 2, 32) contiguous: for each block's
+  // tile_rows x 16 output tile of one plane (row (n * depth + z) * tiles + tile, tiles row-major), the mean and the
+  // sum of squared deviations (M2) of each output channel over the tile's outputs as stored (rounded). Needs height
+  // a multiple of tile_rows and width of 16 (every tile full) and accumulate 0.
   float* stats;
 };
 

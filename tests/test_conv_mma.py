@@ -47,10 +47,21 @@ def _random_shapes(count: int, seed: int):
         yield n, size, d
 
 
+def _force_tile_rows(monkeypatch, rows: int) -> None:
+    """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included)."""
+    monkeypatch.setattr(conv_mma, "tile_rows", lambda height: rows)
+
+
+def test_tile_rows_rule():
+    assert [conv_mma.tile_rows(h) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("rows", [16, 32])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_and_input_grad_match_float64(seed, dtype):
+def test_forward_and_input_grad_match_float64(seed, dtype, rows, monkeypatch):
+    _force_tile_rows(monkeypatch, rows)
     for n, size, d in _random_shapes(4, seed):
         x, w = _case(n, size, dtype, seed)
         assert conv_mma.unsupported(x, w, d) is None
@@ -187,36 +198,47 @@ def test_weight_grad_of_channel_slices_and_dispatch(monkeypatch):
     assert "grad" in conv_mma.wgrad_unsupported(g.float(), x, 2)
 
 
-def _tile_statistics(y: torch.Tensor) -> torch.Tensor:
-    """(N, D * H / 16 * W / 16, 2, 32) float64: each 16 x 16 tile's per-channel mean and M2 of y as stored."""
+def _tile_statistics(y: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """(N, D * H / rows * W / 16, 2, 32) float64: each rows x 16 tile's per-channel mean and M2 of y as stored."""
     n, c, d, h, w = y.shape
-    v = y.double().unflatten(4, (w // 16, 16)).unflatten(3, (h // 16, 16))  # (N, C, D, th, 16, tw, 16)
-    v = v.permute(0, 2, 3, 5, 1, 4, 6).reshape(n, d * (h // 16) * (w // 16), c, 256)
+    v = y.double().unflatten(4, (w // 16, 16)).unflatten(3, (h // rows, rows))  # (N, C, D, th, rows, tw, 16)
+    v = v.permute(0, 2, 3, 5, 1, 4, 6).reshape(n, d * (h // rows) * (w // 16), c, rows * 16)
     mean = v.mean(-1)
     return torch.stack([mean, (v - mean[..., None]).square().sum(-1)], 2)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tall", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 5])
-def test_forward_writes_tile_statistics(d):
-    """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference; poisoned
-    buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension refuses it."""
+def test_forward_writes_tile_statistics(d, tall, monkeypatch):
+    """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference, for 16- and
+    32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension
+    refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows other than 16 / 32."""
+    monkeypatch.setattr(conv_mma, "TALL_TILES", tall)
+    rows = 32 if tall else 16
     x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
     shape = conv_mma.tile_stats_shape(x)
-    assert shape == (2, 5 * 2 * 3, 2, 32)
+    assert shape == (2, 5 * (32 // rows) * 3, 2, 32)
     stats = torch.full(shape, float("nan"), device="cuda")
     y = conv_mma.conv3x3_forward(x, w, d, stats=stats)
     assert_rounded_once(y, F.conv3d(x.double(), w.double(), padding=d, dilation=d), torch.bfloat16)
-    want = _tile_statistics(y)
+    want = _tile_statistics(y, rows)
     assert torch.isfinite(stats).all()
     torch.testing.assert_close(stats[:, :, 0].double(), want[:, :, 0], rtol=1e-5, atol=1e-6 * y.abs().max().item())
     m2 = want[:, :, 1]
     torch.testing.assert_close(stats[:, :, 1].double(), m2, rtol=1e-4, atol=1e-4 * m2.max().item())
     odd = x[..., :40]
     assert conv_mma.tile_stats_shape(odd) is None
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         conv_mma.conv3x3_forward(odd.contiguous(memory_format=CL), w, d,
                                  stats=torch.empty(2, 30, 2, 32, device="cuda"))
+    ext, packed = _ext.extension(), torch.zeros(27, 32, 32, dtype=x.dtype, device="cuda")
+    short = _case(2, (5, 16, 48), torch.bfloat16, d)[0]
+    with pytest.raises(ValueError, match="tile_rows"):
+        ext.conv3x3_mma_(short, packed, torch.empty_like(short), d, False, False,
+                         torch.empty(2, 15, 2, 32, device="cuda"), 32)
+    with pytest.raises(ValueError, match="tile_rows must be 16 or 32"):
+        ext.conv3x3_mma_(x, packed, torch.empty_like(x), d, False, False, None, 8)
 
 
 @pytest.mark.cuda
