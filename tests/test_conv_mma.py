@@ -49,11 +49,12 @@ def _random_shapes(count: int, seed: int):
 
 def _force_tile_rows(monkeypatch, rows: int) -> None:
     """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included)."""
-    monkeypatch.setattr(conv_mma, "tile_rows", lambda height: rows)
+    monkeypatch.setattr(conv_mma, "tile_rows", lambda height, dilation: rows)
 
 
 def test_tile_rows_rule():
-    assert [conv_mma.tile_rows(h) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
+    assert [conv_mma.tile_rows(h, 4) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
+    assert [conv_mma.tile_rows(64, d) for d in (1, 2, 3, 4, 6)] == [16, 16, 16, 32, 32]
 
 
 @pytest.mark.cuda
@@ -215,9 +216,9 @@ def test_forward_writes_tile_statistics(d, tall, monkeypatch):
     32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension
     refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows other than 16 / 32."""
     monkeypatch.setattr(conv_mma, "TALL_TILES", tall)
-    rows = 32 if tall else 16
+    rows = 32 if tall and d >= 4 else 16
     x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
-    shape = conv_mma.tile_stats_shape(x)
+    shape = conv_mma.tile_stats_shape(x, d)
     assert shape == (2, 5 * (32 // rows) * 3, 2, 32)
     stats = torch.full(shape, float("nan"), device="cuda")
     y = conv_mma.conv3x3_forward(x, w, d, stats=stats)
@@ -228,7 +229,7 @@ def test_forward_writes_tile_statistics(d, tall, monkeypatch):
     m2 = want[:, :, 1]
     torch.testing.assert_close(stats[:, :, 1].double(), m2, rtol=1e-4, atol=1e-4 * m2.max().item())
     odd = x[..., :40]
-    assert conv_mma.tile_stats_shape(odd) is None
+    assert conv_mma.tile_stats_shape(odd, d) is None
     with pytest.raises(ValueError, match="multiple of 16"):
         conv_mma.conv3x3_forward(odd.contiguous(memory_format=CL), w, d,
                                  stats=torch.empty(2, 30, 2, 32, device="cuda"))
@@ -242,17 +243,19 @@ def test_forward_writes_tile_statistics(d, tall, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_conv_forward_hands_over_statistics_only_from_the_kernel(monkeypatch):
-    """conv_forward(stats=True): (y, part) with the kernel's tile statistics when the CUDA kernel runs, None from the
-    other backends; a batch norm fed with them normalises as with its own reduce pass."""
+@pytest.mark.parametrize("size, d, rows", [((4, 16, 32), 2, 16), ((3, 32, 16), 4, 32)])
+def test_conv_forward_hands_over_statistics_only_from_the_kernel(size, d, rows):
+    """conv_forward(stats=True): (y, part) with the kernel's tile statistics (16- and 32-row tiles) when the CUDA
+    kernel runs, None from the other backends; a batch norm fed with them normalises as with its own reduce pass."""
     from hmedn_fast.ops.conv import conv_forward
     from hmedn_fast.ops.triton import norm as kernels
 
-    x, w = _case(1, (4, 16, 32), torch.bfloat16, 3)
-    args = ([1] * 3, [2] * 3, [2] * 3, 1)
+    x, w = _case(1, size, torch.bfloat16, 3)
+    args = ([1] * 3, [d] * 3, [d] * 3, 1)
     y, part = conv_forward(x, w, *args, backend="cuda", stats=True)
-    assert part is not None and part.shape == (1, 4 * 2, 2, 32)
-    torch.testing.assert_close(part.double(), _tile_statistics(y), rtol=1e-4, atol=1e-4 * y.abs().max().item() ** 2)
+    assert part is not None and part.shape == (1, size[0] * size[1] // rows * size[2] // 16, 2, 32)
+    torch.testing.assert_close(part.double(), _tile_statistics(y, rows), rtol=1e-4,
+                               atol=1e-4 * y.abs().max().item() ** 2)
     assert conv_forward(x, w, *args, backend="reference", stats=True)[1] is None
     yf, ys = kernels.flat(y)
     geo = kernels.geometry(tuple(y.shape), ys, None, "batch", 1, True)

@@ -123,7 +123,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
 
     def run(name: str, into: Tensor | None = None, with_stats: bool = False) -> Tensor:
         if name == "cuda":
-            shape = conv_mma.tile_stats_shape(cast[0]) if with_stats else None
+            shape = conv_mma.tile_stats_shape(cast[0], dilation[0]) if with_stats else None
             if shape is not None:
                 part[:] = [torch.empty(shape, device=x.device, dtype=torch.float32)]
             return conv_mma.conv3x3_forward(cast[0], weight, dilation[0], out=into,  # the kernels round the weight

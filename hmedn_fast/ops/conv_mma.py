@@ -78,31 +78,35 @@ def wgrad_unsupported(grad: Tensor, x: Tensor, dilation: int) -> str | None:
 
 
 TILE = 16  # the kernel's output tile width, and its height unless tall tiles are taken
-TALL_TILES = True  # 32-row output tiles where H is a multiple of 32 (benchmarks switch it off to compare)
+TALL_TILES = True  # 32-row output tiles where tile_rows says so (benchmarks switch it off to compare)
 
 
-def tile_rows(height: int) -> int:
-    """Rows of the kernel's output tiles for volumes of this height: 32 where ``height`` is a multiple of 32 (a
-    32 x 16 tile copies ~27 % fewer halo and weight bytes per output than a 16 x 16 one), else 16."""
-    return 32 if TALL_TILES and height % 32 == 0 else TILE
+def tile_rows(height: int, dilation: int) -> int:
+    """Rows of the kernel's output tiles for volumes of this height at this dilation: 32 where ``height`` is a
+    multiple of 32 and ``dilation`` >= 4, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
+    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM); measured on an H200 at 1 x 32 x 64^3
+    (``ab_tall_nvidia_h200_s35.json``): 48.3 vs 51.2 us at dilation 4, 46.7 vs 47.4 at 2 in isolation but 47.7 vs
+    47.0 inside the pathway, 45.7 vs 45.4 at 1."""
+    return 32 if TALL_TILES and height % 32 == 0 and dilation >= 4 else TILE
 
 
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
          accumulate: bool = False, stats: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats, tile_rows(x.shape[3]))
+    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats,
+                                  tile_rows(x.shape[3], int(dilation)))
     return out
 
 
-def tile_stats_shape(x: Tensor) -> tuple[int, int, int, int] | None:
-    """Shape of the per-tile statistics :func:`conv3x3_forward` can write for input ``x`` (N, 32, D, H, W):
-    (N, D * H / R * W / 16, 2, 32) with R = :func:`tile_rows` (H), or None when H or W is not a multiple of 16 (edge
-    tiles would be partial)."""
+def tile_stats_shape(x: Tensor, dilation: int) -> tuple[int, int, int, int] | None:
+    """Shape of the per-tile statistics :func:`conv3x3_forward` can write for input ``x`` (N, 32, D, H, W) at this
+    dilation: (N, D * H / R * W / 16, 2, 32) with R = :func:`tile_rows` (H, dilation), or None when H or W is not a
+    multiple of 16 (edge tiles would be partial)."""
     n, _, d, h, w = x.shape
     if h % TILE or w % TILE:
         return None
-    return n, d * (h // tile_rows(h)) * (w // TILE), 2, CHANNELS
+    return n, d * (h // tile_rows(h, dilation)) * (w // TILE), 2, CHANNELS
 
 
 def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = None,
@@ -116,7 +120,8 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
         out: None, or an (N, 32, D, H, W) tensor of x's dtype with channels innermost (e.g. a channel slice of a
             channels-last buffer) to write into.
         stats: None, or a float32 tensor of :func:`tile_stats_shape` (x's H and W multiples of 16) that receives, for
-            each R x 16 output tile of each plane (R = :func:`tile_rows` (H); row ``(n * D + z) * tiles + tile``),
+            each R x 16 output tile of each plane (R = :func:`tile_rows` (H, dilation); row
+            ``(n * D + z) * tiles + tile``),
             every channel's mean and sum of squared deviations over the tile's outputs as stored: a batch norm's
             statistics without reading the output again (the layout of
             :func:`hmedn_fast.ops.triton.norm.forward`'s ``part``).
