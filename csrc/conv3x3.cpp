@@ -77,8 +77,7 @@ void check_launch(const char* op, cudaError_t err, const char* contract) {
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
-                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats, int64_t tile_rows,
-                  int64_t stages) {
+                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats, int64_t tile_rows) {
   constexpr const char* op = "conv3x3_mma_";
   check_volumes(op, x, out, "out", dilation);
   TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
@@ -97,9 +96,6 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK_VALUE(tile_rows == 16 || tile_rows == 32, op, ": tile_rows must be 16 or 32, got ",
                     std::to_string(tile_rows));
   a.tile_rows = static_cast<int>(tile_rows);
-  TORCH_CHECK_VALUE(stages == 1 || (stages == 2 && tile_rows == 16), op,
-                    ": stages must be 1, or 2 with tile_rows 16, got ", std::to_string(stages));
-  a.stages = static_cast<int>(stages);
   if (stats.has_value()) {
     const int64_t tiles = x.size(2) * (x.size(3) / tile_rows) * (x.size(4) / 16);
     TORCH_CHECK_VALUE(!accumulate && x.size(3) % tile_rows == 0 && x.size(4) % 16 == 0, op,
@@ -141,13 +137,11 @@ void bind_conv3x3(pybind11::module_& m) {
   m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
         pybind11::arg("dilation"), pybind11::arg("flip_taps"), pybind11::arg("accumulate") = false,
         pybind11::arg("stats") = pybind11::none(), pybind11::arg("tile_rows") = 16,
-        pybind11::arg("stages") = 1,
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
         "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / tile_rows * "
         "W / 16, 2, 32) tensor receiving each tile_rows x 16 tile's per-channel mean and M2 of the rounded outputs; "
-        "tile_rows: 16 or 32, the height of each block's output tile; stages: 1, or 2 (tile_rows 16) to copy the next "
-        "kernel depth's inputs while the current one's math runs.");
+        "tile_rows: 16 or 32, the height of each block's output tile.");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");

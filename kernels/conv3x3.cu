@@ -42,12 +42,9 @@ constexpr int kMaxDilation = 6;           // template instances
 
 __host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
 __host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
-// One stage of the forward's shared memory: the halo tile, then the depth's weights (a multiple of 512 bytes, so
-// every stage's weights start on a swizzle atom).
-__host__ __device__ constexpr int stage_bytes(int d, int tr) {
+__host__ __device__ constexpr int smem_bytes(int d, int tr) {
   return (tr + 2 * d) * halo_pitch(d) * kRowBytes + kWeightBytes;
 }
-__host__ __device__ constexpr int smem_bytes(int d, int tr, int stages) { return stages * stage_bytes(d, tr); }
 
 // Byte offset of 16-byte chunk `chunk` of shared row `row`.
 __host__ __device__ constexpr uint32_t swizzled(int row, int chunk) {
@@ -219,16 +216,15 @@ __device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restr
   }
 }
 
-template <bool BF16, int DIL, int TR, int STAGES>
-__global__ void __launch_bounds__(fwd_threads(TR), STAGES == 2 ? 2 : 64 / TR)  // 128 registers a thread at 1 stage
+template <bool BF16, int DIL, int TR>
+__global__ void __launch_bounds__(fwd_threads(TR), 64 / TR)  // 128 registers a thread
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
                bool accumulate, float* __restrict__ stats) {
   constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  constexpr uint32_t kHaloBytes = (TR + 2 * DIL) * pitch * kRowBytes, kStage = stage_bytes(DIL, TR);
-  const uint32_t wsm = slab + kHaloBytes;  // stage 0's weights; stage i adds i kStage to every address
+  const uint32_t wsm = slab + (TR + 2 * DIL) * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int h0 = (blockIdx.x / tiles_w) * TR, w0 = (blockIdx.x % tiles_w) * kTile;
   const int z = blockIdx.y;
@@ -250,43 +246,31 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 
   float acc[kMTiles][4][4] = {};
 
-  // The depths whose input plane exists (block-uniform: a plane of zeros adds nothing). With STAGES == 2 the next
-  // depth's halo and weights are copied into the other stage while the current one's math runs.
-  const int kd0 = z >= DIL ? 0 : 1, nk = (z + DIL < D ? 3 : 2) - kd0;  // depths kd0 .. kd0 + nk - 1
-  const auto issue = [&](int kd, uint32_t so) {  // cp.async of depth kd's halo and weights into the stage at so
-    load_halo<DIL, kThreads, TR>(slab + so, xn + static_cast<int64_t>(z + (kd - 1) * DIL) * H * W * xv, x, h0, w0, H,
-                                 W, xv);
+  for (int kd = 0; kd < 3; ++kd) {
+    const int zi = z + (kd - 1) * DIL;
+    if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
+    __syncthreads();                  // the previous depth's reads of shared memory are done
+    load_halo<DIL, kThreads, TR>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* wk = weight + (flip ? 2 - kd : kd) * kTapsPerDepth * kChannels * kChannels;
     for (int i = tid; i < kTapsPerDepth * kChannels * 4; i += kThreads) {
       const int row = i >> 2, ch = i & 3;  // row = tap * 32 + n
       const int src = flip ? (kTapsPerDepth - 1 - row / kChannels) * kChannels + row % kChannels : row;
-      cp_async16(wsm + so + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
+      cp_async16(wsm + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-  };
-  issue(kd0, 0);
-  for (int i = 0; i < nk; ++i) {
-    if (STAGES == 1 && i > 0) issue(kd0 + i, 0);
-    if (STAGES == 2 && i + 1 < nk) {
-      issue(kd0 + i + 1, ((i + 1) & 1) * kStage);
-      asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // this depth's copies are done, the next in flight
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    }
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
 #endif
     __syncthreads();
-    const uint32_t so = STAGES == 2 ? (i & 1) * kStage : 0;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     {  // 18 steps (tap, k16 half ks): one wgmma per m16 tile index mt (rows 16 w.. of the m64 tile = warp w's tile
        // mt); the next step's A fragments load while the current step's wgmmas run (at most 2 groups in flight).
-      const uint64_t desc0 = b_descriptor(wsm + so);
+      const uint64_t desc0 = b_descriptor(wsm);
       uint32_t a[2][kMTiles][4];
       const auto load_a = [&](int s, uint32_t (&dst)[kMTiles][4]) {
         const int tap = s >> 1, kh = tap / 3, kw = tap % 3;
-        const uint32_t addr = a_off[kw][s & 1] + so + kh * (DIL * pitch * kRowBytes);
+        const uint32_t addr = a_off[kw][s & 1] + kh * (DIL * pitch * kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(addr + mt * pitch * kRowBytes, dst[mt]);
       };
@@ -312,7 +296,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
           uint32_t b[2][4];
-          const uint32_t b_addr = b_off[ks] + so + b_kh, a_addr = a_off[kw][ks] + so + a_kh;
+          const uint32_t b_addr = b_off[ks] + b_kh, a_addr = a_off[kw][ks] + a_kh;
 #pragma unroll
           for (int np = 0; np < 2; ++np) ldmatrix_x4(b_addr + (kw * kChannels + np * 16) * kRowBytes, b[np]);
 #pragma unroll
@@ -327,7 +311,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       }
     }
 #endif
-    __syncthreads();  // every read of this stage is done before a later copy overwrites it
   }
 
   uint16_t* yn = y + n * ys;
@@ -353,8 +336,8 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       }
     }
   }
-  if (stats != nullptr) {  // every tile is full here (the launcher's contract); the loop's last barrier freed the
-                           // shared memory
+  if (stats != nullptr) {  // every tile is full here (the launcher's contract)
+    __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
     const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
     tile_stats<BF16, fwd_warps(TR)>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
   }
@@ -477,7 +460,7 @@ bool valid(const hmedn_conv3x3_args* a) {
   return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
          aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
          a->y_voxel_stride >= kChannels &&
-         (a->tile_rows == 16 || a->tile_rows == 32) && (a->stages == 1 || (a->stages == 2 && a->tile_rows == 16)) &&
+         (a->tile_rows == 16 || a->tile_rows == 32) &&
          (a->stats == nullptr || (a->height % a->tile_rows == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
                                   aligned(a->stats, 4)));
 }
@@ -495,10 +478,10 @@ cudaError_t allow_smem(const void* kernel, int bytes) {
 
 int tiles_along(int64_t len, int tile = kTile) { return static_cast<int>((len + tile - 1) / tile); }
 
-template <bool BF16, int DIL, int TR, int STAGES>
+template <bool BF16, int DIL, int TR>
 cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
-  constexpr int bytes = smem_bytes(DIL, TR, STAGES);
-  auto kernel = conv3x3_kernel<BF16, DIL, TR, STAGES>;
+  constexpr int bytes = smem_bytes(DIL, TR);
+  auto kernel = conv3x3_kernel<BF16, DIL, TR>;
   const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
   const int tiles_h = tiles_along(a.height, TR), tiles_w = tiles_along(a.width);
@@ -556,7 +539,7 @@ extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};
-  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16, 1>)) ==
+  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16>)) ==
                       cudaSuccess &&
                   cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_wgrad_kernel<true, 1>)) ==
                       cudaSuccess;
@@ -568,9 +551,8 @@ extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStrea
   if (!valid(a)) return cudaErrorInvalidValue;
   return with_dilation(a->dilation, [&](auto dil) {
     constexpr int d = decltype(dil)::value;
-    const bool bf16 = a->dtype == HMEDN_CONV_BF16;
-    if (a->tile_rows == 32) return bf16 ? launch<true, d, 32, 1>(*a, stream) : launch<false, d, 32, 1>(*a, stream);
-    if (a->stages == 2) return bf16 ? launch<true, d, 16, 2>(*a, stream) : launch<false, d, 16, 2>(*a, stream);
-    return bf16 ? launch<true, d, 16, 1>(*a, stream) : launch<false, d, 16, 1>(*a, stream);
+    if (a->tile_rows == 32)
+      return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 32>(*a, stream) : launch<false, d, 32>(*a, stream);
+    return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16>(*a, stream) : launch<false, d, 16>(*a, stream);
   });
 }

@@ -30,7 +30,6 @@ struct hmedn_conv3x3_args {
   int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
   int accumulate;           // 1: y += the convolution (y's values are read, added in float32, rounded once)
   int tile_rows;            // 16 or 32: each block's output tile is tile_rows x 16 voxels of one plane
-  int stages;               // 1, or 2 with tile_rows 16: the next depth's copies overlap the current depth's math
   // null, or float32 (batch, depth * (height / tile_rows) * (width / 16), 2, 32) contiguous: for each block's
   // tile_rows x 16 output tile of one plane (row (n * depth + z) * tiles + tile, tiles row-major), the mean and the
   // sum of squared deviations (M2) of each output channel over the tile's outputs as stored (rounded). Needs height

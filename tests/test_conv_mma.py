@@ -47,29 +47,22 @@ def _random_shapes(count: int, seed: int):
         yield n, size, d
 
 
-# The kernel's variants: (tile rows, pipelined), i.e. 16 rows in 1 or 2 shared-memory stages, 32 rows in 1.
-VARIANTS = [(16, False), (16, True), (32, False)]
-
-
-def _force_variant(monkeypatch, rows: int, pipelined: bool) -> None:
-    """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included), in two
-    stages when ``pipelined`` (16 rows only)."""
+def _force_tile_rows(monkeypatch, rows: int) -> None:
+    """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included)."""
     monkeypatch.setattr(conv_mma, "tile_rows", lambda height, dilation: rows)
-    monkeypatch.setattr(conv_mma, "PIPELINED", pipelined)
 
 
 def test_tile_rows_rule():
     assert [conv_mma.tile_rows(h, 4) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
     assert [conv_mma.tile_rows(64, d) for d in (1, 2, 3, 4, 6)] == [16, 16, 16, 32, 32]
-    assert (conv_mma.stages(16), conv_mma.stages(32)) == (2 if conv_mma.PIPELINED else 1, 1)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows, pipelined", VARIANTS)
+@pytest.mark.parametrize("rows", [16, 32])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_and_input_grad_match_float64(seed, dtype, rows, pipelined, monkeypatch):
-    _force_variant(monkeypatch, rows, pipelined)
+def test_forward_and_input_grad_match_float64(seed, dtype, rows, monkeypatch):
+    _force_tile_rows(monkeypatch, rows)
     for n, size, d in _random_shapes(4, seed):
         x, w = _case(n, size, dtype, seed)
         assert conv_mma.unsupported(x, w, d) is None
@@ -216,14 +209,13 @@ def _tile_statistics(y: torch.Tensor, rows: int = 16) -> torch.Tensor:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tall, pipelined", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("tall", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 5])
-def test_forward_writes_tile_statistics(d, tall, pipelined, monkeypatch):
+def test_forward_writes_tile_statistics(d, tall, monkeypatch):
     """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference, for 16- and
     32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension
     refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows other than 16 / 32."""
     monkeypatch.setattr(conv_mma, "TALL_TILES", tall)
-    monkeypatch.setattr(conv_mma, "PIPELINED", pipelined)
     rows = 32 if tall and d >= 4 else 16
     x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
     shape = conv_mma.tile_stats_shape(x, d)
@@ -248,8 +240,6 @@ def test_forward_writes_tile_statistics(d, tall, pipelined, monkeypatch):
                          torch.empty(2, 15, 2, 32, device="cuda"), 32)
     with pytest.raises(ValueError, match="tile_rows must be 16 or 32"):
         ext.conv3x3_mma_(x, packed, torch.empty_like(x), d, False, False, None, 8)
-    with pytest.raises(ValueError, match="stages must be 1, or 2 with tile_rows 16"):
-        ext.conv3x3_mma_(x, packed, torch.empty_like(x), d, False, False, None, 32, 2)
 
 
 @pytest.mark.cuda

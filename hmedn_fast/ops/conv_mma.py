@@ -90,21 +90,12 @@ def tile_rows(height: int, dilation: int) -> int:
     return 32 if TALL_TILES and height % 32 == 0 and dilation >= 4 else TILE
 
 
-PIPELINED = True  # 16-row tiles copy the next kernel depth's inputs during the current one's math (2 stages)
-
-
-def stages(rows: int) -> int:
-    """Shared-memory stages of the kernel for tiles of ``rows`` rows: 2 for 16-row tiles (the next kernel depth's
-    halo and weights copied while the current depth's math runs; 2 blocks per SM instead of 4), else 1."""
-    return 2 if PIPELINED and rows == TILE else 1
-
-
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
          accumulate: bool = False, stats: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    rows = tile_rows(x.shape[3], int(dilation))
-    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats, rows, stages(rows))
+    _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats,
+                                  tile_rows(x.shape[3], int(dilation)))
     return out
 
 
