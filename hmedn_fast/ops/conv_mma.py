@@ -84,9 +84,10 @@ TALL_TILES = True  # 32-row output tiles where tile_rows says so (benchmarks swi
 def tile_rows(height: int, dilation: int) -> int:
     """Rows of the kernel's output tiles for volumes of this height at this dilation: 32 where ``height`` is a
     multiple of 32 and ``dilation`` >= 4, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
-    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM); measured on an H200 at 1 x 32 x 64^3
-    (``ab_tall_nvidia_h200_s35.json``): 48.3 vs 51.2 us at dilation 4, 46.7 vs 47.4 at 2 in isolation but 47.7 vs
-    47.0 inside the pathway, 45.7 vs 45.4 at 1."""
+    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which pays only for wide halos: at
+    1 x 32 x 64^3 on two H200s (``ab_tall_nvidia_h200_s35.json``, ``ab_pipe_nvidia_h200_s35.json``) 48.3 vs 51.2 and
+    46.6 vs 46.7 us at dilation 4; at 2 46.7 vs 47.4 and 43.9 vs 44.3 in isolation but 47.7 vs 47.0 inside the
+    pathway; at 1 45.7 vs 45.4 and 43.8 vs 43.6."""
     return 32 if TALL_TILES and height % 32 == 0 and dilation >= 4 else TILE
 
 
