@@ -7,8 +7,8 @@
 // depth into shared memory (cp.async, zero fill outside the volume: the "same" padding), then every one of
 // the 9 (kh, kw) taps reads its shifted 16-voxel rows straight out of that tile with ldmatrix, whose per-lane
 // row addresses make the shift free: each input element is copied once per kd instead of once per tap.
-// Taller tiles copy fewer halo rows and weights per output (the copies from L2, not the math, bound the
-// kernel). Planes outside the volume (the first and last d planes' missing neighbours) are skipped. Shared
+// Taller tiles copy fewer halo rows and weights per output, which pays at wide halos only: the kernel is
+// latency-bound at 4 warps x 4 blocks per SM (Nsight Compute, docs/decisions/blocks.md stop 35). Planes outside the volume (the first and last d planes' missing neighbours) are skipped. Shared
 // rows (one voxel's or one weight row's 64 bytes) store their four 16-byte chunks permuted,
 // chunk ^ ((row >> 1) & 3), so the 8 rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit
 // distinct banks. The halo tile's rows are padded to a multiple of 8 voxels and the dilation is a template
