@@ -359,7 +359,7 @@ constexpr int kWgradWarps = 6;
 constexpr int kWgradThreads = 32 * kWgradWarps;
 constexpr int kTileBytes = kTile * kTile * kRowBytes;
 __host__ __device__ constexpr int wgrad_smem_bytes(int d) {
-  return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes;  // >= 9 x 32 x 32 floats for the final sum
+  return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes;  // >= 9 x 32 x 33 floats for the final sum
 }
 
 template <bool BF16, int DIL>
@@ -368,7 +368,7 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
                      int D, int H, int W, int tiles_h, int tiles_w, int tiles, int64_t xs, int64_t xv, int64_t gs,
                      int64_t gv) {
   constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
-  static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * kChannels * 4, "room for the final sum");
+  static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * (kChannels + 1) * 4, "room for the final sum");
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t gsm = slab + side * pitch * kRowBytes;
@@ -441,8 +441,10 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
           for (int e = 0; e < 4; ++e) {
             const int co = mt * 16 + gid + 8 * (e >> 1), ci = nt * 8 + 2 * q + (e & 1);
             const int k = ((kh * 3 + kw) * kChannels + co) * kChannels + ci;
-            if (pass == 0 && half == 1) red[k] = acc[kw][mt][nt][e];
-            if (pass == 1 && half == 0) out[k] = acc[kw][mt][nt][e] + red[k];
+            // red's rows of 33 floats: the 8 output channels one instruction's lanes hold fall in 8 banks
+            const int padded = ((kh * 3 + kw) * kChannels + co) * (kChannels + 1) + ci;
+            if (pass == 0 && half == 1) red[padded] = acc[kw][mt][nt][e];
+            if (pass == 1 && half == 0) out[k] = acc[kw][mt][nt][e] + red[padded];
           }
     __syncthreads();
   }
