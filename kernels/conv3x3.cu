@@ -39,7 +39,6 @@ __host__ __device__ constexpr int fwd_threads(int tr) { return 32 * fwd_warps(tr
 constexpr int kTapsPerDepth = 9;
 constexpr int kWeightBytes = kTapsPerDepth * kChannels * kRowBytes;
 constexpr int kMaxDilation = 6;           // template instances
-constexpr int kAStages = 3;               // sm_90a forward: A fragment buffers (loads run kAStages - 1 steps ahead)
 
 __host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
 __host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
@@ -266,28 +265,25 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     {  // 18 steps (tap, k16 half ks): one wgmma per m16 tile index mt (rows 16 w.. of the m64 tile = warp w's tile
-       // mt); A fragments load kAStages - 1 steps ahead (at most 2 wgmma groups in flight: when step s's group is
-       // committed, step s - 1's is waited for, and its A buffer takes step s + kAStages - 1's fragments).
+       // mt); the next step's A fragments load while the current step's wgmmas run (at most 2 groups in flight).
       const uint64_t desc0 = b_descriptor(wsm);
-      uint32_t a[kAStages][kMTiles][4];
+      uint32_t a[2][kMTiles][4];
       const auto load_a = [&](int s, uint32_t (&dst)[kMTiles][4]) {
         const int tap = s >> 1, kh = tap / 3, kw = tap % 3;
         const uint32_t addr = a_off[kw][s & 1] + kh * (DIL * pitch * kRowBytes);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(addr + mt * pitch * kRowBytes, dst[mt]);
       };
-#pragma unroll
-      for (int s = 0; s < kAStages - 1; ++s) load_a(s, a[s]);
+      load_a(0, a[0]);
 #pragma unroll
       for (int s = 0; s < 2 * kTapsPerDepth; ++s) {
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
         const uint64_t desc = desc0 + (((s >> 1) * kChannels * kRowBytes + (s & 1) * 32) >> 4);
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) wgmma_m64n32k16<BF16>(acc[mt], a[s % kAStages][mt], desc);
+        for (int mt = 0; mt < kMTiles; ++mt) wgmma_m64n32k16<BF16>(acc[mt], a[s & 1][mt], desc);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s - 1 done: its A is free
-        const int next = s + kAStages - 1;
-        if (next < 2 * kTapsPerDepth) load_a(next, a[next % kAStages]);
+        if (s + 1 < 2 * kTapsPerDepth) load_a(s + 1, a[(s + 1) & 1]);
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
