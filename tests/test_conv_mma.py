@@ -265,3 +265,55 @@ def test_conv_forward_hands_over_statistics_only_from_the_kernel(size, d, rows):
     torch.testing.assert_close(handed[1], own[1], rtol=1e-5, atol=1e-6)
     scale = own[0].float().abs().max().item()
     torch.testing.assert_close(handed[0].float(), own[0].float(), rtol=0, atol=2 ** -7 * scale)
+
+
+def _norm_sums(g: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, D * ceil(H / rows) * ceil(W / 16), 2, 32) float64: per rows x 16 tile (edge tiles partial) and channel, the
+    sums of g' and g' (v - mean), g' = g where (v - mean) a + b > 0 (coef rows a, b, mean), else 0."""
+    a, b, mean = (coef[i].double()[None, :, None, None, None] for i in range(3))
+    vm = v.double() - mean
+    gp = torch.where(vm * a + b > 0, g.double(), 0.0)
+    n, c, d, h, w = g.shape
+    th, tw = -(-h // rows), -(-w // 16)
+    both = F.pad(torch.stack([gp, gp * vm], 1), (0, tw * 16 - w, 0, th * rows - h))  # (N, 2, C, D, H', W')
+    both = both.unflatten(5, (tw, 16)).unflatten(4, (th, rows))  # (N, 2, C, D, th, rows, tw, 16)
+    return both.sum((5, 7)).permute(0, 3, 4, 5, 1, 2).reshape(n, d * th * tw, 2, c)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_input_grad_sums_a_norms_backward(rows, dtype, monkeypatch):
+    """``norm=(v, coef)``: the input gradient unchanged, and per tile the backward sums of relu(batch_norm(v)) over
+    the gradient as stored (float64 reference on the same values; random shapes with partial tiles, 16- and 32-row
+    tiles); the binding writes every row of a poisoned buffer; refusals."""
+    _force_tile_rows(monkeypatch, rows)
+    for n, size, d in _random_shapes(4, 11):
+        g, w = _case(n, size, dtype, d)
+        v = _case(n, size, dtype, d + 50)[0]
+        coef = torch.randn(4, 32, device="cuda")
+        coef[0] = coef[0].abs() + 0.2  # scales, some negative below
+        coef[0, ::5] *= -1
+        # pre-activations within 1e-2 of 0 (where float32 and float64 may disagree on the mask) moved to about 1
+        a, b, mean = (coef[i].double()[None, :, None, None, None] for i in range(3))
+        near = ((v.double() - mean) * a + b).abs() < 1e-2
+        v = torch.where(near, (mean + (1 - b) / a).to(dtype), v).contiguous(memory_format=CL)
+        assert (((v.double() - mean) * a + b).abs() >= 1e-2).all()
+        gi, part = conv_mma.conv3x3_input_grad(g, w, d, norm=(v, coef))
+        assert torch.equal(gi, conv_mma.conv3x3_input_grad(g, w, d))
+        want = _norm_sums(gi, v, coef, rows)
+        assert part.shape == want.shape
+        scale = want.abs().amax((0, 1), keepdim=True) + 1e-6
+        torch.testing.assert_close(part.double() / scale, want / scale, rtol=0, atol=1e-5)
+        poisoned = torch.full_like(part, float("nan"))
+        packed = torch.zeros(27, 32, 32, dtype=dtype, device="cuda")
+        _ext.extension().conv3x3_mma_(g, packed, torch.empty_like(g), d, True, False, None, rows, v, coef, poisoned)
+        assert torch.isfinite(poisoned).all()
+    g, w = _case(1, (4, 16, 16), torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="add_to"):
+        conv_mma.conv3x3_input_grad(g, w, 1, add_to=torch.zeros_like(g), norm=(g, torch.zeros(4, 32, device="cuda")))
+    with pytest.raises(ValueError, match="norm_part needs norm_x"):
+        _ext.extension().conv3x3_mma_(g, torch.zeros(27, 32, 32, dtype=g.dtype, device="cuda"), torch.empty_like(g), 1,
+                                      True, False, None, 16, None, None, torch.empty(1, 4, 2, 32, device="cuda"))
+    assert "coef" in conv_mma.norm_unsupported(g, g, torch.zeros(2, 32, device="cuda"))
+    assert "v must be like grad" in conv_mma.norm_unsupported(g, g.contiguous(), torch.zeros(4, 32, device="cuda"))
