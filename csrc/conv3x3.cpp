@@ -77,9 +77,7 @@ void check_launch(const char* op, cudaError_t err, const char* contract) {
 }
 
 void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out, int64_t dilation,
-                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats, int64_t tile_rows,
-                  const std::optional<at::Tensor>& norm_x, const std::optional<at::Tensor>& norm_coef,
-                  const std::optional<at::Tensor>& norm_part) {
+                  bool flip_taps, bool accumulate, const std::optional<at::Tensor>& stats, int64_t tile_rows) {
   constexpr const char* op = "conv3x3_mma_";
   check_volumes(op, x, out, "out", dilation);
   TORCH_CHECK_VALUE(weight.sizes() == at::IntArrayRef({27, 32, 32}) && weight.is_contiguous(), op,
@@ -107,29 +105,6 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
                       op, ": stats must be a contiguous float32 (N, D * H / tile_rows * W / 16, 2, 32) tensor on "
                       "x's device");
     a.stats = stats->data_ptr<float>();
-  }
-  if (norm_part.has_value()) {
-    TORCH_CHECK_VALUE(norm_x.has_value() && norm_coef.has_value() && !stats.has_value() && !accumulate, op,
-                      ": norm_part needs norm_x and norm_coef, and goes with neither stats nor accumulate");
-    check_volume(op, *norm_x, "norm_x", x);
-    TORCH_CHECK_VALUE(norm_x->sizes() == x.sizes(), op, ": norm_x must have x's shape ", shape_str(x.sizes()));
-    TORCH_CHECK_VALUE(voxel_stride_of(*norm_x) % 2 == 0 && norm_x->stride(0) % 2 == 0 &&
-                          reinterpret_cast<uintptr_t>(norm_x->data_ptr()) % 4 == 0,
-                      op, ": norm_x must be 4-byte aligned with even strides");
-    TORCH_CHECK_VALUE(norm_coef->scalar_type() == at::kFloat && norm_coef->is_contiguous() &&
-                          norm_coef->numel() >= 3 * 32 && norm_coef->device() == x.device(),
-                      op, ": norm_coef must be a contiguous float32 tensor of at least 96 elements (scale, shift, mean "
-                      "of 32 channels) on x's device");
-    const int64_t tiles = x.size(2) * ((x.size(3) + tile_rows - 1) / tile_rows) * ((x.size(4) + 15) / 16);
-    TORCH_CHECK_VALUE(norm_part->sizes() == at::IntArrayRef({x.size(0), tiles, 2, 32}) && norm_part->is_contiguous() &&
-                          norm_part->scalar_type() == at::kFloat && norm_part->device() == x.device(),
-                      op, ": norm_part must be a contiguous float32 (N, D * ceil(H / tile_rows) * ceil(W / 16), 2, 32) "
-                      "tensor on x's device");
-    a.norm_x = norm_x->data_ptr();
-    a.norm_sample_stride = norm_x->stride(0);
-    a.norm_voxel_stride = voxel_stride_of(*norm_x);
-    a.norm_coef = norm_coef->data_ptr<float>();
-    a.norm_part = norm_part->data_ptr<float>();
   }
   check_launch(op, hmedn_conv3x3_cuda(&a, c10::cuda::getCurrentCUDAStream()),
                "16-byte aligned x and weight, voxel strides multiples of 8 for x and 2 for out, batch and depth <= "
@@ -162,15 +137,11 @@ void bind_conv3x3(pybind11::module_& m) {
   m.def("conv3x3_mma_", &conv3x3_mma_, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
         pybind11::arg("dilation"), pybind11::arg("flip_taps"), pybind11::arg("accumulate") = false,
         pybind11::arg("stats") = pybind11::none(), pybind11::arg("tile_rows") = 16,
-        pybind11::arg("norm_x") = pybind11::none(), pybind11::arg("norm_coef") = pybind11::none(),
-        pybind11::arg("norm_part") = pybind11::none(),
         "Tensor-core 3x3x3 'same' convolution of 32 -> 32 channels into out (kernels/conv3x3.cu); weight packed "
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
         "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / tile_rows * "
         "W / 16, 2, 32) tensor receiving each tile_rows x 16 tile's per-channel mean and M2 of the rounded outputs; "
-        "tile_rows: 16 or 32, the height of each block's output tile; norm_x, norm_coef, norm_part: per tile, the sums "
-        "of the output g' and g' (v - mean) where (v - mean) scale + shift > 0 (v = norm_x, coef = scale, shift, mean "
-        "rows of 32), zero elsewhere: the backward sums of relu(batch_norm(norm_x)) with the output as its gradient.");
+        "tile_rows: 16 or 32, the height of each block's output tile.");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");

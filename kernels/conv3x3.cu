@@ -199,76 +199,6 @@ __device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], fl
   }
 }
 
-// Per-channel sums over the block's WARPS x 4 rows x 16 outputs as stored of g' and of g' (v - mean), where v is
-// `nx` at the same voxel (nx: the sample's first voxel, nv its voxel stride), (a, b, mean) = coef[0:32], [32:64],
-// [64:96] (a batch norm's scale, shift and mean) and g' the output where (v - mean) a + b > 0, else 0: the backward
-// sums of relu(batch_norm(v)) whose upstream gradient the output is. Outputs outside the volume add nothing. Warp
-// shuffles over the 8 lanes that share a channel pair, then the warps through `red` (2 WARPS x 32 floats of shared
-// memory no other thread still reads); out[0:32] = sum g', out[32:64] = sum g' (v - mean).
-template <bool BF16, int WARPS>
-__device__ __forceinline__ void tile_norm_grad_sums(const float (&acc)[kMTiles][4][4], const uint16_t* nx, int64_t nv,
-                                                    const float* coef, int h0, int w0, int z, int H, int W,
-                                                    float* red, float* out, int tid) {
-  const int lane = tid & 31, warp = tid >> 5, gid = lane >> 2, quad = lane & 3;
-  float s1[4][2] = {}, s2[4][2] = {};
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {  // channels nt * 8 + 2 quad + j (j = 0, 1)
-    float a[2], b[2], mean[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c = nt * 8 + 2 * quad + j;
-      a[j] = coef[c];
-      b[j] = coef[kChannels + c];
-      mean[j] = coef[2 * kChannels + c];
-    }
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-      const int gy = h0 + warp * kMTiles + mt;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int gx = w0 + gid + 8 * half;
-        if (gy >= H || gx >= W) continue;
-        const float2 v = unpack2<BF16>(*reinterpret_cast<const uint32_t*>(
-            nx + (static_cast<int64_t>(z * H + gy) * W + gx) * nv + nt * 8 + 2 * quad));
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float xm = (j == 0 ? v.x : v.y) - mean[j];
-          if (xm * a[j] + b[j] > 0.0f) {
-            const float g = rounded<BF16>(acc[mt][nt][2 * half + j]);
-            s1[nt][j] += g;
-            s2[nt][j] += g * xm;
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        s1[nt][j] += __shfl_xor_sync(0xffffffffu, s1[nt][j], off);
-        s2[nt][j] += __shfl_xor_sync(0xffffffffu, s2[nt][j], off);
-      }
-  if (gid == 0)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int c = nt * 8 + 2 * quad + j;
-        red[warp * 2 * kChannels + c] = s1[nt][j];
-        red[warp * 2 * kChannels + kChannels + c] = s2[nt][j];
-      }
-  __syncthreads();
-  if (tid < 2 * kChannels) {
-    float t = 0.0f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) t += red[w * 2 * kChannels + tid];
-    out[tid] = t;
-  }
-}
-
 // Copies (cp.async) the halo tile of an output tile of ROWS x 16 voxels at (h0, w0) from one input plane:
 // (ROWS + 2 DIL) rows of (16 + 2 DIL) voxels x 32 channels, zeros outside the volume, row yy at halo_pitch voxels.
 template <int DIL, int THREADS, int ROWS>
@@ -290,8 +220,7 @@ template <bool BF16, int DIL, int TR>
 __global__ void __launch_bounds__(fwd_threads(TR), 64 / TR)  // 128 registers a thread
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
-               bool accumulate, float* __restrict__ stats, const uint16_t* __restrict__ nx, int64_t ns, int64_t nv,
-               const float* __restrict__ ncoef, float* __restrict__ npart) {
+               bool accumulate, float* __restrict__ stats) {
   constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -411,12 +340,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
     const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
     tile_stats<BF16, fwd_warps(TR)>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
-  }
-  if (npart != nullptr) {  // the launcher's contract: not with stats
-    __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
-    const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
-    tile_norm_grad_sums<BF16, fwd_warps(TR)>(acc, nx + n * ns, nv, ncoef, h0, w0, z, H, W,
-                                             reinterpret_cast<float*>(smem), npart + row * 2 * kChannels, tid);
   }
 }
 
@@ -541,11 +464,7 @@ bool valid(const hmedn_conv3x3_args* a) {
          a->y_voxel_stride >= kChannels &&
          (a->tile_rows == 16 || a->tile_rows == 32) &&
          (a->stats == nullptr || (a->height % a->tile_rows == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
-                                  aligned(a->stats, 4))) &&
-         (a->norm_part == nullptr ||
-          (a->stats == nullptr && a->accumulate == 0 && a->norm_x != nullptr && a->norm_coef != nullptr &&
-           aligned(a->norm_x, 4) && aligned(a->norm_coef, 4) && aligned(a->norm_part, 4) &&
-           a->norm_voxel_stride % 2 == 0 && a->norm_sample_stride % 2 == 0 && a->norm_voxel_stride >= kChannels));
+                                  aligned(a->stats, 4)));
 }
 
 bool valid(const hmedn_conv3x3_wgrad_args* a) {
@@ -573,8 +492,7 @@ cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
   kernel<<<grid, fwd_threads(TR), bytes, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
       static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
-      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0, a.stats,
-      static_cast<const uint16_t*>(a.norm_x), a.norm_sample_stride, a.norm_voxel_stride, a.norm_coef, a.norm_part);
+      a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0, a.stats);
   return cudaGetLastError();
 }
 

@@ -35,16 +35,6 @@ struct hmedn_conv3x3_args {
   // sum of squared deviations (M2) of each output channel over the tile's outputs as stored (rounded). Needs height
   // a multiple of tile_rows and width of 16 (every tile full) and accumulate 0.
   float* stats;
-  // Norm gradient sums (the input gradient of conv(relu(batch_norm(v))) feeding that norm's backward): null, or float32
-  // (batch, depth * ceil(height / tile_rows) * ceil(width / 16), 2, 32) contiguous, same rows as stats: for each
-  // block's output tile, per channel, the sum of g' and of g' (v - mean) over the tile's outputs as stored, where v is
-  // norm_x at the same voxel (layout of y; 4-byte aligned, even strides), (a, b, mean) = norm_coef[0:32], [32:64],
-  // [64:96] and g' the output where (v - mean) a + b > 0, else 0. Partial edge tiles sum what they hold. Not with
-  // stats or accumulate.
-  const void* norm_x;
-  int64_t norm_sample_stride, norm_voxel_stride;
-  const float* norm_coef;
-  float* norm_part;
 };
 
 // Weight gradient of the same convolution: part[split][tap][co][ci] (float32, (splits, 27, 32, 32) contiguous)

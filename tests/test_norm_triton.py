@@ -305,46 +305,6 @@ def test_triton_forward_with_precomputed_chunk_statistics(split, dtype):
         kernels.forward(eval_geo, xf, None, w, b, rm, rv, 1e-5, 0.1, True, False, False, part=good)
 
 
-def gradient_sums(x: torch.Tensor, dy: torch.Tensor, coef: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """(N, len(bounds) - 1, 2, C) float32: per part ``bounds[i]:bounds[i + 1]`` of the flattened spatial samples, the
-    sums of ``g'`` and ``g' (x - mean)``, ``g'`` = dy where ``(x - mean) a + b > 0`` else 0 (coef rows a, b, mean), in
-    float64: what a convolution's epilogue hands the backward's statistics kernel."""
-    a, b, mean = (coef[0, i].double()[None, :, None] for i in range(3))
-    xm = x.double().flatten(2) - mean
-    g = torch.where(xm * a + b > 0, dy.double().flatten(2), 0.0)
-    parts = [torch.stack([g[..., lo:hi].sum(2), (g * xm)[..., lo:hi].sum(2)], 1)
-             for lo, hi in zip(bounds[:-1], bounds[1:])]  # each (N, 2, C)
-    return torch.stack(parts, 1).float().contiguous()
-
-
-@pytest.mark.interpreted
-@pytest.mark.parametrize("bounds", [[0, 72], [0, 5, 40, 41, 72], list(range(0, 73, 8))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_with_precomputed_gradient_sums(bounds, dtype):
-    """``backward(..., part=...)``: the reduce pass's sums computed elsewhere over any partition of the samples
-    (unequal parts too) give the gradients of the backward's own reduce pass; part of another shape or dtype, or with
-    a residual, is refused before any launch."""
-    from hmedn_fast.ops.triton import norm as kernels
-    x, w, b, r, _ = make((2, 5, 3, 4, 6), True, True, dtype=dtype)
-    xf, xs = kernels.flat(x)
-    geo = kernels.geometry(tuple(x.shape), xs, None, "batch", 1, True)
-    _, coef = kernels.forward(geo, xf, None, w, b, None, None, 1e-5, 0.1, True, True, False)
-    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    runs = [kernels.backward(geo, xf, None, dy, w, coef, True, True, True, torch.float32, False, part=part)
-            for part in (None, gradient_sums(xf, dy, coef, bounds))]
-    for got, want in zip(runs[1][:3], runs[0][:3]):
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5 * want.float().abs().max().item())
-    good = gradient_sums(xf, dy, coef, bounds)
-    scaled = kernels.backward(geo, xf, None, dy, w, coef, True, True, True, torch.float32, False, part=2 * good)
-    assert not torch.allclose(scaled[1], runs[0][1])  # the sums handed over are the ones used
-    for bad in (good[:1], good[..., :4], good.double()):
-        with pytest.raises(ValueError, match="part must be float32"):
-            kernels.backward(geo, xf, None, dy, w, coef, True, True, True, torch.float32, False, part=bad)
-    res_geo = kernels.geometry(tuple(x.shape), xs, kernels.ncs_strides(r), "batch", 1, True)
-    with pytest.raises(ValueError, match="without residual"):
-        kernels.backward(res_geo, xf, r, dy, w, coef, True, True, True, torch.float32, True, part=good)
-
-
 @pytest.mark.interpreted
 @pytest.mark.parametrize("mode", ["lean", "blocks"])
 def test_lean_block_on_triton_matches_eager(monkeypatch, mode):

@@ -351,12 +351,10 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     gw2 = _weight_grad(gc2, a1, w2, conv2, need[6])
     shape = a1.shape
     del a1
-    # the first norm's backward sums from the CUDA kernel's epilogue where it runs (part None: its own reduce pass)
-    ga1, part = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups,
-                                norm=(c1, coef1))
+    ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
     del gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
-                                  b1.dtype if need[5] and b1 is not None else None, False, part=part)
+                                  b1.dtype if need[5] and b1 is not None else None, False)
     del ga1, c1
     conv1 = block.conv1  # the input gradient added into the residual path's (in the CUDA kernel's epilogue)
     gw1 = _weight_grad(gc1, x, w1, conv1, need[3])

@@ -275,8 +275,7 @@ def _transposed(grad: Tensor, weight: Tensor, output_padding: Sequence[int], str
 
 def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                     padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None,
-                    add_to: Tensor | None = None,
-                    norm: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
+                    add_to: Tensor | None = None) -> Tensor:
     """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself, in grad's dtype. Lets a
     caller free the forward's input before this gradient is allocated (``aten.convolution_backward`` takes the
     input tensor even when only the input gradient is asked for).
@@ -294,24 +293,13 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
         add_to: None, or a tensor of ``input_shape`` (e.g. another gradient of the same input) that the gradient is
             added into, in place, and returned: the CUDA kernel adds it in its epilogue (the float32 sum rounded once,
             no separate add) when add_to has grad's dtype and the kernel's layout; elsewhere ``add_to.add_``.
-        norm: None, or ``(v, coef)`` when the input gradient is the upstream gradient of ``relu(batch_norm(v))``
-            (:func:`hmedn_fast.ops.conv_mma.conv3x3_input_grad`): the CUDA kernel then also returns that norm
-            backward's per-tile sums (:func:`hmedn_fast.ops.triton.norm.backward`'s ``part``); other backends None.
-            Not with ``add_to``.
     Returns:
-        The input gradient in grad's dtype, or ``add_to`` holding the sum; with ``norm``, ``(gradient, part or None)``.
+        The input gradient in grad's dtype, or ``add_to`` holding the sum.
     """
     extra = _output_padding(grad, weight, input_shape, stride, padding, dilation, groups)
     if add_to is not None and tuple(add_to.shape) != tuple(input_shape):
         raise ValueError(f"add_to must have the input's shape {tuple(input_shape)}, got {tuple(add_to.shape)}")
     name = _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend)
-    if norm is not None:
-        if add_to is not None:
-            raise ValueError("norm sums and add_to do not go together")
-        if name == "cuda" and conv_mma.unsupported(grad, weight, dilation[0]) is None \
-                and conv_mma.norm_unsupported(grad, *norm) is None:
-            return conv_mma.conv3x3_input_grad(grad, weight, dilation[0], norm=norm)
-        return conv_input_grad(grad, weight, input_shape, stride, padding, dilation, groups, name), None
     if name == "cuda" and add_to is not None and conv_mma.unsupported(grad, weight, dilation[0], add_to) is None:
         return conv_mma.conv3x3_input_grad(grad, weight, dilation[0], add_to=add_to)
     if name != "reference":

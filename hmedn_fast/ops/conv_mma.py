@@ -92,12 +92,11 @@ def tile_rows(height: int, dilation: int) -> int:
 
 
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
-         accumulate: bool = False, stats: Tensor | None = None,
-         norm: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+         accumulate: bool = False, stats: Tensor | None = None) -> Tensor:
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
     _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats,
-                                  tile_rows(x.shape[3], int(dilation)), *(norm or (None, None, None)))
+                                  tile_rows(x.shape[3], int(dilation)))
     return out
 
 
@@ -133,46 +132,13 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
     return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False, stats=stats)
 
 
-def norm_unsupported(grad: Tensor, v: Tensor, coef: Tensor) -> str | None:
-    """None when :func:`conv3x3_input_grad` can take ``norm=(v, coef)`` with this ``grad``; else the reason."""
-    vs = voxel_stride(v)
-    if tuple(v.shape) != tuple(grad.shape) or v.dtype != grad.dtype or v.device != grad.device or vs is None \
-            or vs % 2 or v.stride(0) % 2 or v.data_ptr() % 4:
-        return "v must be like grad: channels innermost, even strides, 4-byte aligned"
-    if coef.dtype != torch.float32 or not coef.is_contiguous() or coef.numel() < 3 * CHANNELS \
-            or coef.device != grad.device:
-        return "coef must be a contiguous float32 tensor on grad's device starting with 32 scales, shifts and means"
-    return None
-
-
-def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None,
-                       norm: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3x3_forward` for output gradient ``grad`` (N, 32, D, H, W) (same contract as x):
     the convolution of ``grad`` with the weight flipped along its kernel axes (the kernel reads the taps in reverse)
-    and its channel axes swapped; the weight is rounded to grad's dtype.
-
-    Args:
-        add_to: None, or a tensor like ``out`` of :func:`unsupported`: ``add_to`` plus the gradient is written into it
-            (each element's float32 sum rounded once) and returned.
-        norm: None, or ``(v, coef)`` when this gradient is the upstream gradient of ``relu(batch_norm(v))``: v (N, 32,
-            D, H, W) like grad (:func:`norm_unsupported`), coef float32 whose first 96 values are the norm's 32
-            scales ``a``, shifts ``b`` and means (the rows of :func:`hmedn_fast.ops.triton.norm.forward`'s coef).
-            The kernel's epilogue then also sums, per output tile and channel, the gradient as stored where
-            ``(v - mean) a + b > 0`` and that times ``v - mean``: the norm backward's reduce pass (its ``part``). Not
-            with ``add_to``.
-    Returns:
-        (N, 32, D, H, W) channels-last in grad's dtype (``add_to`` when given); with ``norm``, ``(gradient, part)``,
-        part float32 (N, D * ceil(H / R) * ceil(W / 16), 2, 32), R = :func:`tile_rows` (H, dilation).
-    """
-    packed = pack_taps(weight, grad.dtype, in_first=True)
-    if norm is None:
-        return _run(grad, packed, dilation, add_to, True, add_to is not None)
-    if add_to is not None:
-        raise ValueError("norm sums and add_to do not go together")
-    n, _, d, h, w = grad.shape
-    rows = tile_rows(h, dilation)
-    part = torch.empty((n, d * -(-h // rows) * -(-w // TILE), 2, CHANNELS), dtype=torch.float32, device=grad.device)
-    return _run(grad, packed, dilation, None, True, norm=(norm[0], norm[1], part)), part
+    and its channel axes swapped; the weight is rounded to grad's dtype. Returns (N, 32, D, H, W) channels-last in
+    grad's dtype; with ``add_to`` (a tensor like ``out`` of :func:`unsupported`), ``add_to`` plus the gradient,
+    written into it (each element's float32 sum rounded once) and returned."""
+    return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, add_to, True, add_to is not None)
 
 
 # Blocks per kernel depth of the weight gradient: two 6-warp blocks fit an SM (168 registers), three depths share it.
@@ -197,5 +163,4 @@ def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
     return sum_partials(part, (1, 2, 0)).view(CHANNELS, CHANNELS, 3, 3, 3)  # (tap, out, in) summed into (out, in, tap)
 
 
-__all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "norm_unsupported", "unsupported",
-           "wgrad_unsupported"]
+__all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]

@@ -432,9 +432,8 @@ def _empty_like(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weight: Tensor | None, coef: Tensor,
              relu: bool, batch_stats: bool, need_w: bool, bias_dtype: torch.dtype | None, need_r: bool,
-             accumulate: Tensor | None = None,
-             part: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`forward` in 3 launches (2 with ``part``).
+             accumulate: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`forward` in 3 launches.
 
     Args:
         geo, x, residual, weight, relu, batch_stats: as given to :func:`forward`; coef: its output.
@@ -444,10 +443,6 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
         accumulate: None, or an (N, C, *spatial) tensor whose spatial axes flatten to one stride (a channel
             slice of a gradient buffer, say) that dx is added to in place, in float32 before one rounding to
             its dtype; it is then returned as dx. Not with ``need_r``.
-        part: None, or the reduce pass's sums computed elsewhere (a batch norm without residual): float32 (N, rows,
-            2, C), over any partition of each sample's S samples into ``rows`` parts (e.g. a convolution's output
-            tiles: :func:`hmedn_fast.ops.conv_mma.conv3x3_input_grad`'s ``norm``), the sums of ``g'`` and of
-            ``g' (x - mean)``, ``g'`` = dy where the pre-activation is positive (with ``relu``), else dy.
     Returns:
         dx (x's dtype and layout, or ``accumulate``), dweight, dbias (in weight's / bias's dtype), dresidual (the
         residual's dtype, x's layout); None where not needed.
@@ -458,30 +453,20 @@ def backward(geo: Geometry, x: Tensor, residual: Tensor | None, dy: Tensor, weig
                          f"stride, and does not go with need_r; got shape {tuple(accumulate.shape)}, strides "
                          f"{accumulate.stride()}, need_r={need_r}")
     dev = x.device
+    part = torch.empty(geo.n, geo.split, 2, geo.c, device=dev, dtype=torch.float32)
     r = _or(residual, x)
     dy, ds = flat(dy)
-    split, block_r = geo.split, geo.block_r
-    if part is not None:
-        if not (residual is None and geo.nsets == 1 and not geo.group and part.dtype == torch.float32
-                and part.is_contiguous() and part.ndim == 4 and part.shape[1] >= 1
-                and (part.shape[0], part.shape[2], part.shape[3]) == (geo.n, 2, geo.c)):
-            raise ValueError(f"part must be float32 contiguous (N={geo.n}, rows, 2, C={geo.c}), for a batch norm "
-                             f"without residual; got {tuple(part.shape)} {part.dtype}")
-        split = part.shape[1]
-        block_r = _stats_block_r(geo.block_g, geo.nper * split)
-    else:
-        part = torch.empty(geo.n, geo.split, 2, geo.c, device=dev, dtype=torch.float32)
-        _REDUCE(
-            geo.reduce_grid, x, r, dy, coef, part, geo.c, geo.s, geo.chunk, geo.split, geo.cn, *geo.xs, *geo.rs, *ds,
-            BACKWARD=True, HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=REDUCE_BLOCK_S,
-            num_warps=REDUCE_WARPS)
+    _REDUCE(
+        geo.reduce_grid, x, r, dy, coef, part, geo.c, geo.s, geo.chunk, geo.split, geo.cn, *geo.xs, *geo.rs, *ds,
+        BACKWARD=True, HAS_RES=residual is not None, RELU=relu, BLOCK_C=geo.block_c, BLOCK_S=REDUCE_BLOCK_S,
+        num_warps=REDUCE_WARPS)
     gcoef = torch.empty(geo.nsets, 2, geo.c, device=dev, dtype=torch.float32)
     dw = torch.empty(geo.c, device=dev, dtype=weight.dtype) if need_w else None
     db = torch.empty(geo.c, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
     _GRAD_STATS(
         geo.stats_grid, part, _or(weight, coef), coef, gcoef, _or(dw, coef), _or(db, coef), geo.c, geo.nper,
-        geo.nsets, split, geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
-        BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=block_r, BLOCK_G=geo.block_g)
+        geo.nsets, geo.split, geo.cw, geo.cn, geo.count, HAS_W=weight is not None, NEED_W=need_w, NEED_B=db is not None,
+        BATCH_STATS=batch_stats, GROUP=geo.group, BLOCK_R=geo.block_r, BLOCK_G=geo.block_g)
     dx = _empty_like(x, x.dtype) if accumulate is None else accumulate
     outs = geo.xs if dx.stride() == x.stride() else ncs_strides(dx)
     dr = torch.empty_like(dx, dtype=residual.dtype) if need_r else None
