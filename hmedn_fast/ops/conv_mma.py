@@ -84,10 +84,9 @@ TALL_TILES = True  # 32-row output tiles where tile_rows says so (benchmarks swi
 def tile_rows(height: int, dilation: int) -> int:
     """Rows of the kernel's output tiles for volumes of this height at this dilation: 32 where ``height`` is a
     multiple of 32 and ``dilation`` >= 4, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
-    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which pays only for wide halos: at
-    1 x 32 x 64^3 on two H200s (``ab_tall_nvidia_h200_s35.json``, ``ab_pipe_nvidia_h200_s35.json``) 48.3 vs 51.2 and
-    46.6 vs 46.7 us at dilation 4; at 2 46.7 vs 47.4 and 43.9 vs 44.3 in isolation but 47.7 vs 47.0 inside the
-    pathway; at 1 45.7 vs 45.4 and 43.8 vs 43.6."""
+    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which paid only for wide halos on H200s
+    (never slower from dilation 4, even or slower below: ``benchmarks/results/ab_tall_nvidia_h200_s35.json``,
+    ``ab_pipe_nvidia_h200_s35.json``; numbers in ``docs/decisions/blocks.md``, stop 35)."""
     return 32 if TALL_TILES and height % 32 == 0 and dilation >= 4 else TILE
 
 
@@ -121,10 +120,9 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
         out: None, or an (N, 32, D, H, W) tensor of x's dtype with channels innermost (e.g. a channel slice of a
             channels-last buffer) to write into.
         stats: None, or a float32 tensor of :func:`tile_stats_shape` (x's H and W multiples of 16) that receives, for
-            each R x 16 output tile of each plane (R = :func:`tile_rows` (H, dilation); row
-            ``(n * D + z) * tiles + tile``),
-            every channel's mean and sum of squared deviations over the tile's outputs as stored: a batch norm's
-            statistics without reading the output again (the layout of
+            each R x 16 output tile of each plane (R = :func:`tile_rows` (H, dilation); row ``(n * D + z) * tiles +
+            tile``), every channel's mean and sum of squared deviations over the tile's outputs as stored: a batch
+            norm's statistics without reading the output again (the layout of
             :func:`hmedn_fast.ops.triton.norm.forward`'s ``part``).
     Returns:
         (N, 32, D, H, W) in x's dtype (channels-last when allocated here).
