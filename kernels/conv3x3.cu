@@ -55,11 +55,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a reads the forward's operands by descriptor
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
+#endif
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -83,27 +85,31 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// sm_90a: the forward's math as wgmma (the block's 4 warps are one warpgroup). Shared-memory descriptor of a
-// K-major B operand stored with the 64-byte swizzle, which is the layout of the weight rows above (64-byte rows =
-// 32 k values, 16-byte chunk ^ address bits 7-8 = ((row >> 1) & 3), 8-row atoms of 512 bytes at 512-byte-aligned
-// bases): start address >> 4, leading byte offset unused (1), stride byte offset 512 (the next 8 n rows), mode 64B.
-__device__ __forceinline__ uint64_t b_descriptor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{512 >> 4} << 32) |
-         (uint64_t{2} << 62);
+// sm_90a: the forward's math as wgmma (every 4 warps are one warpgroup), both operands by shared-memory descriptor
+// in the K-major layout with the 64-byte swizzle, which is how the halo tile and the weight rows are stored (64-byte
+// rows = 32 k values, 16-byte chunk ^ address bits 7-8 = ((row >> 1) & 3) of rows counted from a 1024-byte-aligned
+// base, so the swizzle pattern starts on 512-byte boundaries and the base offset is 0 wherever a matrix starts):
+// start address >> 4, leading byte offset unused (1), stride byte offset `stride` (the next 8 m or n rows), mode 64B.
+// B (weights): 8-row groups 512 bytes apart. A (input): an m64 tile is an 8 x 8 patch of output voxels, its 8-row
+// groups the patch's image rows, one halo row (pitch voxels) apart; a tap's shift moves the start address only.
+constexpr bool kBaseOffset = false;
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t stride) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{(stride & 0x3FFFF) >> 4} << 32) |
+         (kBaseOffset ? uint64_t{(addr >> 7) & 7} << 49 : 0) | (uint64_t{2} << 62);
 }
 
-// d (the warpgroup's 64 x 32 tile; per warp the m16n8 accumulators of n8 tiles 0-3) += a (registers: this warp's
-// 16 rows x 16 k, the mma.m16n8k16 A fragment) x B (16 k x 32 n, by descriptor).
+// d (one 64 x 32 tile of the warpgroup; per warp the m16n8 accumulators of n8 tiles 0-3) += A (64 m x 16 k) x B
+// (16 k x 32 n), both by descriptor.
 template <bool BF16>
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], uint64_t a_desc, uint64_t b_desc) {
 #define HMEDN_WGMMA(TYPES)                                                                                       \
   asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES                                             \
                " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                      \
-               " {%16, %17, %18, %19}, %20, 1, 1, 1, 0;\n"                                                     \
+               " %16, %17, 1, 1, 1, 0, 0;\n"                                                                     \
                : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),     \
                  "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),     \
                  "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+               : "l"(a_desc), "l"(b_desc))
   if constexpr (BF16) {
     HMEDN_WGMMA("bf16.bf16");
   } else {
@@ -230,6 +236,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   const int z = blockIdx.y;
   const int64_t n = blockIdx.z;
   const uint16_t* xn = x + n * xs;
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // ldmatrix rows. A (the warp's first m16 tile, tap (0, 0)): lanes 0-15 rows 0-15 at chunk 2 ks, lanes 16-31
   // the same rows at chunk 2 ks + 1; a tap (kh, kw) and m16 tile mt add (mt + kh DIL) pitch + kw DIL rows, a
   // multiple of 8 plus kw DIL, so the chunk permutation is that of row (lane & 15) + kw DIL. B: lanes 0-7 /
@@ -243,7 +250,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     for (int kw = 0; kw < 3; ++kw) a_off[kw][ks] = slab + swizzled(a_row0 + kw * DIL, 2 * ks + (lane >> 4));
     b_off[ks] = wsm + swizzled(b_row0, 2 * ks + ((lane >> 3) & 1));
   }
-
+#endif
   float acc[kMTiles][4][4] = {};
 
   for (int kd = 0; kd < 3; ++kd) {
@@ -264,27 +271,25 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     __syncthreads();
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    {  // 18 steps (tap, k16 half ks): one wgmma per m16 tile index mt (rows 16 w.. of the m64 tile = warp w's tile
-       // mt); the next step's A fragments load while the current step's wgmmas run (at most 2 groups in flight).
-      const uint64_t desc0 = b_descriptor(wsm);
-      uint32_t a[2][kMTiles][4];
-      const auto load_a = [&](int s, uint32_t (&dst)[kMTiles][4]) {
-        const int tap = s >> 1, kh = tap / 3, kw = tap % 3;
-        const uint32_t addr = a_off[kw][s & 1] + kh * (DIL * pitch * kRowBytes);
+    {  // per tap and k16 half ks, one wgmma per 8 x 8 patch p of the warpgroup's 16 x 16 outputs, all 72 in flight
+      const int group = warp >> 2;
+      const uint32_t a_base = slab + group * kTile * pitch * kRowBytes;
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(addr + mt * pitch * kRowBytes, dst[mt]);
-      };
-      load_a(0, a[0]);
+      for (int tap = 0; tap < kTapsPerDepth; ++tap) {
+        const int kh = tap / 3, kw = tap % 3;
 #pragma unroll
-      for (int s = 0; s < 2 * kTapsPerDepth; ++s) {
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-        const uint64_t desc = desc0 + (((s >> 1) * kChannels * kRowBytes + (s & 1) * 32) >> 4);
+        for (int ks = 0; ks < 2; ++ks) {
+          const uint64_t b_desc = smem_descriptor(wsm + tap * kChannels * kRowBytes + ks * 32, 512);
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) wgmma_m64n32k16<BF16>(acc[mt], a[s & 1][mt], desc);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // step s - 1 done: its A is free
-        if (s + 1 < 2 * kTapsPerDepth) load_a(s + 1, a[(s + 1) & 1]);
+          for (int p = 0; p < kMTiles; ++p) {
+            const int row = (p >> 1) * 8 + kh * DIL, col = (p & 1) * 8 + kw * DIL;
+            const uint32_t a = a_base + (row * pitch + col) * kRowBytes + ks * 32;
+            wgmma_m64n32k16<BF16>(acc[p], smem_descriptor(a, pitch * kRowBytes), b_desc);
+          }
+        }
       }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
 #else
@@ -317,10 +322,13 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   const int gid = lane >> 2, quad = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    const int gy = h0 + warp * kMTiles + mt;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int gx = w0 + gid + 8 * half;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // rows 16 (warp % 4) + gid + 8 half of patch mt: image row 2 (warp % 4) + half
+      const int gy = h0 + (warp >> 2) * kTile + (mt >> 1) * 8 + 2 * (warp & 3) + half, gx = w0 + (mt & 1) * 8 + gid;
+#else  // rows gid + 8 half of m16 tile mt: one image row of 16 voxels
+      const int gy = h0 + warp * kMTiles + mt, gx = w0 + gid + 8 * half;
+#endif
       if (gy >= H || gx >= W) continue;
       uint16_t* out = yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad;
 #pragma unroll
