@@ -357,13 +357,17 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 // exists), copying the output gradient's 16 x 16 tile and the input plane's halo tile into shared memory, and
 // each warp accumulates its three taps (kh, kw = 0..2) as mma.m16n8k16 with M = 32 output channels (dY^T, an
 // ldmatrix.trans of the gradient rows), N = 32 input channels (the shifted input rows, ldmatrix.trans) and K =
-// the 16 voxels of one tile row. At the end the two halves are summed in shared memory and the block writes its
-// 9 taps to part[split][kd * 9 + tap] (float32); the caller sums over the splits.
+// the 16 voxels of one tile row. Where two blocks of two stages fit an SM (wgrad_stages), the next tile's copies
+// run while the current tile's math does. At the end the two halves are summed in shared memory and the block
+// writes its 9 taps to part[split][kd * 9 + tap] (float32); the caller sums over the splits.
 constexpr int kWgradWarps = 6;
 constexpr int kWgradThreads = 32 * kWgradWarps;
 constexpr int kTileBytes = kTile * kTile * kRowBytes;
+constexpr int kSmemPerSM = 227 * 1024;
+__host__ __device__ constexpr int wgrad_stage_bytes(int d) { return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes; }
+__host__ __device__ constexpr int wgrad_stages(int d) { return 2 * 2 * wgrad_stage_bytes(d) <= kSmemPerSM ? 2 : 1; }
 __host__ __device__ constexpr int wgrad_smem_bytes(int d) {
-  return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes;  // >= 9 x 32 x 33 floats for the final sum
+  return wgrad_stages(d) * wgrad_stage_bytes(d);  // >= 9 x 32 x 33 floats for the final sum
 }
 
 template <bool BF16, int DIL>
@@ -371,18 +375,18 @@ __global__ void __launch_bounds__(kWgradThreads, 2)
 conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, float* __restrict__ part,
                      int D, int H, int W, int tiles_h, int tiles_w, int tiles, int64_t xs, int64_t xv, int64_t gs,
                      int64_t gv) {
-  constexpr int side = halo_side(DIL), pitch = halo_pitch(DIL);
+  constexpr int pitch = halo_pitch(DIL), kStages = wgrad_stages(DIL), kStage = wgrad_stage_bytes(DIL);
   static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * (kChannels + 1) * 4, "room for the final sum");
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t gsm = slab + side * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kh = warp % 3, half = warp / 3, kd = blockIdx.y;
   // ldmatrix.trans rows (matrix j = lane >> 3). A = dY^T (M = channels, K = voxels): voxels 0-7 / 8-15 of the
   // k-step's row for j >> 1, channel chunk 2 mt + (j & 1). B = shifted input (K = voxels, N = channels): voxels
   // 0-7 / 8-15 for j & 1, chunk 2 p + (j >> 1) (n8 tiles 2p, 2p + 1). Row offsets of tile rows and kh are
-  // multiples of 8 voxels: the chunk permutation depends on the lane and kw only.
+  // multiples of 8 voxels, and stages multiples of 512 bytes: the chunk permutation depends on the lane and kw only.
   const int j = lane >> 3;
+  const uint32_t gsm = slab + (kStage - kTileBytes);
   uint32_t a_off[2], b_off[3][2];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) a_off[mt] = gsm + swizzled((lane & 7) + ((j >> 1) << 3), 2 * mt + (j & 1));
@@ -393,34 +397,60 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
       b_off[kw][p] = slab + swizzled((lane & 7) + ((j & 1) << 3) + kw * DIL, 2 * p + (j >> 1));
   const uint32_t a_warp = half * 8 * kTile * kRowBytes, b_warp = (half * 8 + kh * DIL) * pitch * kRowBytes;
 
-  float acc[3][2][4][4] = {};
-
-  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+  // The first tile at or after t whose input plane exists (block-uniform), or `tiles`.
+  const auto next_tile = [&](int t) {
+    for (; t < tiles; t += gridDim.x) {
+      const int zi = (t / tiles_w / tiles_h) % D + (kd - 1) * DIL;
+      if (zi >= 0 && zi < D) break;
+    }
+    return t;
+  };
+  // Copies tile t's halo and gradient tile into stage `stage` (cp.async, one commit group).
+  const auto load_tile = [&](int t, int stage) {
     const int tw = t % tiles_w, rest = t / tiles_w, th = rest % tiles_h, zn = rest / tiles_h;
     const int z = zn % D, zi = z + (kd - 1) * DIL;
-    if (zi < 0 || zi >= D) continue;  // block-uniform
     const int64_t n = zn / D;
     const int h0 = th * kTile, w0 = tw * kTile;
-    __syncthreads();  // the previous tile's reads of shared memory are done
-    load_halo<DIL, kWgradThreads, kTile>(slab, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    const uint32_t base = slab + stage * kStage;
+    load_halo<DIL, kWgradThreads, kTile>(base, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* gp = g + n * gs + static_cast<int64_t>(z) * H * W * gv;
     for (int i = tid; i < kTile * kTile * 4; i += kWgradThreads) {
       const int v = i >> 2, ch = i & 3, gy = h0 + v / kTile, gx = w0 + v % kTile;
       const bool in = gy < H && gx < W;
-      cp_async16(gsm + swizzled(v, ch), in ? gp + (static_cast<int64_t>(gy) * W + gx) * gv + ch * 8 : g, in);
+      cp_async16(base + (kStage - kTileBytes) + swizzled(v, ch),
+                 in ? gp + (static_cast<int64_t>(gy) * W + gx) * gv + ch * 8 : g, in);
     }
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+
+  float acc[3][2][4][4] = {};
+
+  int t = next_tile(blockIdx.x), stage = 0;
+  if (kStages == 2 && t < tiles) load_tile(t, 0);
+  while (t < tiles) {
+    const int t_next = next_tile(t + gridDim.x);
+    if (kStages == 1) {
+      __syncthreads();  // the previous tile's reads of shared memory are done
+      load_tile(t, 0);
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    } else if (t_next < tiles) {
+      load_tile(t_next, stage ^ 1);  // into the stage whose reads ended at the previous tile's closing barrier
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    }
     __syncthreads();
+    const uint32_t so = stage * kStage;
 #pragma unroll 2
     for (int r = 0; r < 8; ++r) {  // k-step: row half * 8 + r of the tile
       uint32_t a[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a_off[mt] + a_warp + r * kTile * kRowBytes, a[mt]);
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a_off[mt] + so + a_warp + r * kTile * kRowBytes, a[mt]);
 #pragma unroll
       for (int kw = 0; kw < 3; ++kw) {
         uint32_t b[2][4];
 #pragma unroll
-        for (int p = 0; p < 2; ++p) ldmatrix_x4_trans(b_off[kw][p] + b_warp + r * pitch * kRowBytes, b[p]);
+        for (int p = 0; p < 2; ++p) ldmatrix_x4_trans(b_off[kw][p] + so + b_warp + r * pitch * kRowBytes, b[p]);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -428,6 +458,11 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
             mma16816<BF16>(acc[kw][mt][nt], a[mt], b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
       }
     }
+    if (kStages == 2) {
+      __syncthreads();  // this stage's reads are done before the next iteration's copies overwrite it
+      stage ^= 1;
+    }
+    t = t_next;
   }
 
   __syncthreads();  // shared memory becomes the halves' sum
