@@ -92,10 +92,9 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 // start address >> 4, leading byte offset unused (1), stride byte offset `stride` (the next 8 m or n rows), mode 64B.
 // B (weights): 8-row groups 512 bytes apart. A (input): an m64 tile is an 8 x 8 patch of output voxels, its 8-row
 // groups the patch's image rows, one halo row (pitch voxels) apart; a tap's shift moves the start address only.
-constexpr bool kBaseOffset = false;
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t stride) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{(stride & 0x3FFFF) >> 4} << 32) |
-         (kBaseOffset ? uint64_t{(addr >> 7) & 7} << 49 : 0) | (uint64_t{2} << 62);
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t stride, uint32_t leading = 16) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{(leading & 0x3FFFF) >> 4} << 16) |
+         (uint64_t{(stride & 0x3FFFF) >> 4} << 32) | (uint64_t{2} << 62);
 }
 
 // d (one 64 x 32 tile of the warpgroup; per warp the m16n8 accumulators of n8 tiles 0-3) += A (64 m x 16 k) x B
@@ -110,6 +109,26 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], uint64_t a_des
                  "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),     \
                  "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                   \
                : "l"(a_desc), "l"(b_desc))
+  if constexpr (BF16) {
+    HMEDN_WGMMA("bf16.bf16");
+  } else {
+    HMEDN_WGMMA("f16.f16");
+  }
+#undef HMEDN_WGMMA
+}
+
+// d (64 x 32, as above) += a (registers: this warp's 16 m rows x 16 k, the mma.m16n8k16 A fragment) x B (16 k x 32
+// n by descriptor, MN-major: rows of 32 n values along k, "transposed").
+template <bool BF16>
+__device__ __forceinline__ void wgmma_m64n32k16_rt(float (&d)[4][4], const uint32_t (&a)[4], uint64_t b_desc) {
+#define HMEDN_WGMMA(TYPES)                                                                                       \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES                                             \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                      \
+               " {%16, %17, %18, %19}, %20, 1, 1, 1, 1;\n"                                                      \
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),     \
+                 "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),     \
+                 "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc))
   if constexpr (BF16) {
     HMEDN_WGMMA("bf16.bf16");
   } else {
@@ -352,41 +371,65 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 }
 
 // ---- weight gradient ------------------------------------------------------------------------------
-// dW[tap][co][ci] = sum_v dY[v][co] X[v + shift(tap)][ci]. Block (split, kd): 6 warps, warp = (kh, half of the
-// tile's 16 rows); it walks the output tiles split, split + splits, ... (those whose input plane z + (kd - 1) d
-// exists), copying the output gradient's 16 x 16 tile and the input plane's halo tile into shared memory, and
-// each warp accumulates its three taps (kh, kw = 0..2) as mma.m16n8k16 with M = 32 output channels (dY^T, an
-// ldmatrix.trans of the gradient rows), N = 32 input channels (the shifted input rows, ldmatrix.trans) and K =
-// the 16 voxels of one tile row. Where two blocks of two stages fit an SM (wgrad_stages), the next tile's copies
-// run while the current tile's math does. At the end the two halves are summed in shared memory and the block
-// writes its 9 taps to part[split][kd * 9 + tap] (float32); the caller sums over the splits.
-constexpr int kWgradWarps = 6;
-constexpr int kWgradThreads = 32 * kWgradWarps;
+// dW[tap][co][ci] = sum_v dY[v][co] X[v + shift(tap)][ci]. Block (split, kd) walks the output tiles split,
+// split + splits, ... (those whose input plane z + (kd - 1) d exists), copying the output gradient's 16 x 16 tile
+// and the input plane's halo tile into shared memory; where two blocks of two stages fit an SM (wgrad_stages), the
+// next tile's copies run while the current tile's math does. K = the 16 voxels of one tile row at a time.
+// - mma.sync (6 warps, warp = (kh, half of the tile's rows)): each warp accumulates its three taps (kh, kw = 0..2)
+//   with M = 32 output channels (dY^T, ldmatrix.trans of the gradient rows) and N = 32 input channels (the shifted
+//   input rows, ldmatrix.trans); at the end the two halves are summed in shared memory.
+// - sm_90a, wgmma (one warpgroup, all 16 rows): M = 64 = two taps' 32 input channels (the shifted input rows as A
+//   fragments, ldmatrix.trans; warps 0-1 the pair's first tap, 2-3 its second), N = 32 output channels (the gradient
+//   row by descriptor, MN-major), five pairs for the nine taps (the last pair's second tap repeats the ninth and is
+//   not written).
+// The block writes its 9 taps to part[split][kd * 9 + tap] (float32, (tap, co, ci)); the caller sums over splits.
+// The launcher reads which form the image holds from the kernel's launch bound (its maxThreadsPerBlock).
+constexpr int kWgradThreadsMma = 192;
+constexpr int kWgradThreadsWgmma = 128;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define HMEDN_WGRAD_THREADS kWgradThreadsWgmma
+constexpr int kTapPairs = (kTapsPerDepth + 1) / 2;
+#else
+#define HMEDN_WGRAD_THREADS kWgradThreadsMma
+#endif
 constexpr int kTileBytes = kTile * kTile * kRowBytes;
 constexpr int kSmemPerSM = 227 * 1024;
 __host__ __device__ constexpr int wgrad_stage_bytes(int d) { return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes; }
 __host__ __device__ constexpr int wgrad_stages(int d) { return 2 * 2 * wgrad_stage_bytes(d) <= kSmemPerSM ? 2 : 1; }
 __host__ __device__ constexpr int wgrad_smem_bytes(int d) {
-  return wgrad_stages(d) * wgrad_stage_bytes(d);  // >= 9 x 32 x 33 floats for the final sum
+  return wgrad_stages(d) * wgrad_stage_bytes(d);  // >= 9 x 32 x 33 floats for the mma.sync form's final sum
 }
 
 template <bool BF16, int DIL>
-__global__ void __launch_bounds__(kWgradThreads, 2)
+__global__ void __launch_bounds__(HMEDN_WGRAD_THREADS, 2)
 conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ g, float* __restrict__ part,
                      int D, int H, int W, int tiles_h, int tiles_w, int tiles, int64_t xs, int64_t xv, int64_t gs,
                      int64_t gv) {
   constexpr int pitch = halo_pitch(DIL), kStages = wgrad_stages(DIL), kStage = wgrad_stage_bytes(DIL);
+  constexpr int kThreads = HMEDN_WGRAD_THREADS;
   static_assert(wgrad_smem_bytes(DIL) >= kTapsPerDepth * kChannels * (kChannels + 1) * 4, "room for the final sum");
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int kh = warp % 3, half = warp / 3, kd = blockIdx.y;
-  // ldmatrix.trans rows (matrix j = lane >> 3). A = dY^T (M = channels, K = voxels): voxels 0-7 / 8-15 of the
-  // k-step's row for j >> 1, channel chunk 2 mt + (j & 1). B = shifted input (K = voxels, N = channels): voxels
-  // 0-7 / 8-15 for j & 1, chunk 2 p + (j >> 1) (n8 tiles 2p, 2p + 1). Row offsets of tile rows and kh are
-  // multiples of 8 voxels, and stages multiples of 512 bytes: the chunk permutation depends on the lane and kw only.
-  const int j = lane >> 3;
   const uint32_t gsm = slab + (kStage - kTileBytes);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, kd = blockIdx.y;
+  const int j = lane >> 3;  // ldmatrix matrix of this lane's row address
+  // ldmatrix.trans rows: 8 voxels (K) of 16 bytes = 8 channels each; offsets of tile rows, kh and stages are
+  // multiples of 8 voxels (stages of 512 bytes), so a row's chunk permutation depends on the lane and kw only.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // A = the shifted input X^T (M = this warp's 16 input channels of tap 2p + warp / 2, K = voxels): matrix j =
+  // voxels 0-7 / 8-15 for j >> 1, channel chunk 2 (warp & 1) + (j & 1).
+  uint32_t a_off[kTapPairs];
+#pragma unroll
+  for (int p = 0; p < kTapPairs; ++p) {
+    const int tap = min(2 * p + (warp >> 1), kTapsPerDepth - 1), kh = tap / 3, kw = tap % 3;
+    a_off[p] = slab + swizzled((kh * pitch + kw) * DIL + (lane & 7) + ((j >> 1) << 3), 2 * (warp & 1) + (j & 1));
+  }
+  float acc[kTapPairs][4][4] = {};
+#else
+  // A = dY^T (M = channels, K = voxels): voxels 0-7 / 8-15 of the k-step's row for j >> 1, channel chunk 2 mt +
+  // (j & 1). B = shifted input (K = voxels, N = channels): voxels 0-7 / 8-15 for j & 1, chunk 2 p + (j >> 1) (n8
+  // tiles 2p, 2p + 1).
+  const int kh = warp % 3, half = warp / 3;
   uint32_t a_off[2], b_off[3][2];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) a_off[mt] = gsm + swizzled((lane & 7) + ((j >> 1) << 3), 2 * mt + (j & 1));
@@ -396,6 +439,8 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     for (int p = 0; p < 2; ++p)
       b_off[kw][p] = slab + swizzled((lane & 7) + ((j & 1) << 3) + kw * DIL, 2 * p + (j >> 1));
   const uint32_t a_warp = half * 8 * kTile * kRowBytes, b_warp = (half * 8 + kh * DIL) * pitch * kRowBytes;
+  float acc[3][2][4][4] = {};
+#endif
 
   // The first tile at or after t whose input plane exists (block-uniform), or `tiles`.
   const auto next_tile = [&](int t) {
@@ -412,9 +457,9 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     const int64_t n = zn / D;
     const int h0 = th * kTile, w0 = tw * kTile;
     const uint32_t base = slab + stage * kStage;
-    load_halo<DIL, kWgradThreads, kTile>(base, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    load_halo<DIL, kThreads, kTile>(base, x + n * xs + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* gp = g + n * gs + static_cast<int64_t>(z) * H * W * gv;
-    for (int i = tid; i < kTile * kTile * 4; i += kWgradThreads) {
+    for (int i = tid; i < kTile * kTile * 4; i += kThreads) {
       const int v = i >> 2, ch = i & 3, gy = h0 + v / kTile, gx = w0 + v % kTile;
       const bool in = gy < H && gx < W;
       cp_async16(base + (kStage - kTileBytes) + swizzled(v, ch),
@@ -422,8 +467,6 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
-
-  float acc[3][2][4][4] = {};
 
   int t = next_tile(blockIdx.x), stage = 0;
   if (kStages == 2 && t < tiles) load_tile(t, 0);
@@ -439,8 +482,32 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::: "memory");
     }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
+#endif
     __syncthreads();
     const uint32_t so = stage * kStage;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    {  // per tile row r: one wgmma per tap pair; row r + 1's A fragments load while row r's wgmmas run
+      uint32_t a[2][kTapPairs][4];
+      const auto load_a = [&](int r, uint32_t (&dst)[kTapPairs][4]) {
+#pragma unroll
+        for (int p = 0; p < kTapPairs; ++p) ldmatrix_x4_trans(a_off[p] + so + r * pitch * kRowBytes, dst[p]);
+      };
+      load_a(0, a[0]);
+#pragma unroll
+      for (int r = 0; r < kTile; ++r) {
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        const uint64_t b_desc = smem_descriptor(gsm + so + r * kTile * kRowBytes, 512, 512);
+#pragma unroll
+        for (int p = 0; p < kTapPairs; ++p) wgmma_m64n32k16_rt<BF16>(acc[p], a[r & 1][p], b_desc);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // row r - 1 done: its A is free
+        if (r + 1 < kTile) load_a(r + 1, a[(r + 1) & 1]);
+      }
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+#else
 #pragma unroll 2
     for (int r = 0; r < 8; ++r) {  // k-step: row half * 8 + r of the tile
       uint32_t a[2][4];
@@ -458,6 +525,7 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
             mma16816<BF16>(acc[kw][mt][nt], a[mt], b[nt >> 1][2 * (nt & 1)], b[nt >> 1][2 * (nt & 1) + 1]);
       }
     }
+#endif
     if (kStages == 2) {
       __syncthreads();  // this stage's reads are done before the next iteration's copies overwrite it
       stage ^= 1;
@@ -465,10 +533,24 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
     t = t_next;
   }
 
-  __syncthreads();  // shared memory becomes the halves' sum
-  float* red = reinterpret_cast<float*>(smem);
   float* out = part + (static_cast<int64_t>(blockIdx.x) * 27 + kd * kTapsPerDepth) * kChannels * kChannels;
   const int gid = lane >> 2, q = lane & 3;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+  for (int p = 0; p < kTapPairs; ++p) {
+    const int tap = 2 * p + (warp >> 1);
+    if (tap >= kTapsPerDepth) continue;  // the repeated ninth tap
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ci = 16 * (warp & 1) + gid + 8 * (e >> 1), co = nt * 8 + 2 * q + (e & 1);
+        out[(tap * kChannels + co) * kChannels + ci] = acc[p][nt][e];
+      }
+  }
+#else
+  __syncthreads();  // shared memory becomes the halves' sum
+  float* red = reinterpret_cast<float*>(smem);
   for (int pass = 0; pass < 2; ++pass) {
 #pragma unroll
     for (int kw = 0; kw < 3; ++kw)
@@ -487,7 +569,9 @@ conv3x3_wgrad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict_
           }
     __syncthreads();
   }
+#endif
 }
+#undef HMEDN_WGRAD_THREADS
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
@@ -558,12 +642,15 @@ template <bool BF16, int DIL>
 cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
   constexpr int bytes = wgrad_smem_bytes(DIL);
   auto kernel = conv3x3_wgrad_kernel<BF16, DIL>;
-  const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
+  cudaFuncAttributes attr{};  // the image's launch bound says its form (128 threads: wgmma, 192: mma.sync)
+  cudaError_t err = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel));
+  if (err == cudaSuccess) err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
+  const int threads = attr.maxThreadsPerBlock < kWgradThreadsMma ? kWgradThreadsWgmma : kWgradThreadsMma;
   const int tiles_h = tiles_along(a.height), tiles_w = tiles_along(a.width);
   const int64_t tiles = a.batch * a.depth * tiles_h * tiles_w;
   if (tiles > INT32_MAX) return cudaErrorInvalidValue;
-  kernel<<<dim3(static_cast<unsigned>(a.splits), 3), kWgradThreads, bytes, stream>>>(
+  kernel<<<dim3(static_cast<unsigned>(a.splits), 3), threads, bytes, stream>>>(
       static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.grad), a.part, static_cast<int>(a.depth),
       static_cast<int>(a.height), static_cast<int>(a.width), tiles_h, tiles_w, static_cast<int>(tiles),
       a.x_sample_stride, a.x_voxel_stride, a.grad_sample_stride, a.grad_voxel_stride);

@@ -54,7 +54,7 @@ def _force_tile_rows(monkeypatch, rows: int) -> None:
 
 def test_tile_rows_rule():
     assert [conv_mma.tile_rows(h, 4) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
-    assert [conv_mma.tile_rows(64, d) for d in (1, 2, 3, 4, 6)] == [16, 16, 16, 32, 32]
+    assert [conv_mma.tile_rows(64, d) for d in (1, 2, 3, 4, 6)] == [16, 32, 32, 32, 32]
 
 
 @pytest.mark.cuda
@@ -216,7 +216,7 @@ def test_forward_writes_tile_statistics(d, tall, monkeypatch):
     32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension
     refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows other than 16 / 32."""
     monkeypatch.setattr(conv_mma, "TALL_TILES", tall)
-    rows = 32 if tall and d >= 4 else 16
+    rows = 32 if tall and d >= 2 else 16
     x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
     shape = conv_mma.tile_stats_shape(x, d)
     assert shape == (2, 5 * (32 // rows) * 3, 2, 32)

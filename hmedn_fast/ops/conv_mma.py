@@ -83,11 +83,11 @@ TALL_TILES = True  # 32-row output tiles where tile_rows says so (benchmarks swi
 
 def tile_rows(height: int, dilation: int) -> int:
     """Rows of the kernel's output tiles for volumes of this height at this dilation: 32 where ``height`` is a
-    multiple of 32 and ``dilation`` >= 4, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
-    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which paid only for wide halos on H200s
-    (never slower from dilation 4, even or slower below: ``benchmarks/results/ab_tall_nvidia_h200_s35.json``,
-    ``ab_pipe_nvidia_h200_s35.json``; numbers in ``docs/decisions/blocks.md``, stop 35)."""
-    return 32 if TALL_TILES and height % 32 == 0 and dilation >= 4 else TILE
+    multiple of 32 and ``dilation`` >= 2, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
+    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which pays from dilation 2 on H200s since the
+    forward reads its A operand by wgmma descriptor (``benchmarks/results/ab_desc_*_nvidia_h200_s36.json``,
+    ``ab_wgrad2_*_nvidia_h200_s36.json``; numbers in ``docs/decisions/blocks.md``, stops 35-36)."""
+    return 32 if TALL_TILES and height % 32 == 0 and dilation >= 2 else TILE
 
 
 def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: bool,
@@ -139,7 +139,8 @@ def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tens
     return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, add_to, True, add_to is not None)
 
 
-# Blocks per kernel depth of the weight gradient: two 6-warp blocks fit an SM (168 registers), three depths share it.
+# Blocks per kernel depth of the weight gradient: two blocks fit an SM (shared memory: two stages; mma.sync form: 168
+# registers x 6 warps), three depths share it.
 _WGRAD_BLOCKS_PER_SM = 2
 
 
