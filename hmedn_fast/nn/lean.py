@@ -25,10 +25,13 @@ dtype the forward convolutions ran in. The function is differentiable once (no d
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from ..ops.conv import conv_backward, conv_forward, conv_input_grad
+from ..ops.geometry import TapPacks
 from ..ops.conv1x1 import conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
@@ -76,18 +79,32 @@ def norm_relu(norm: nn.Module, x: Tensor) -> Tensor:
     return norm_act(x, norm.weight, norm.bias, **norm_call(norm, update=True))
 
 
-def _conv(x: Tensor, weight: Tensor, conv: nn.Module, out: Tensor | None = None) -> Tensor:
+def _conv(x: Tensor, weight: Tensor, conv: nn.Module, out: Tensor | None = None,
+          packed: Tensor | None = None) -> Tensor:
     """``conv``'s convolution (no bias) through :func:`hmedn_fast.ops.conv.conv_forward` (its automatic backend),
-    into ``out`` when given."""
-    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, out=out)
+    into ``out`` when given; ``packed``: the weight packed for the CUDA kernel, or None."""
+    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, out=out, packed=packed)
 
 
-def _conv_stats(x: Tensor, weight: Tensor, conv: nn.Module, want: bool) -> tuple[Tensor, Tensor | None]:
+def _conv_stats(x: Tensor, weight: Tensor, conv: nn.Module, want: bool,
+                packed: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``_conv`` and, when ``want``, its output's per-tile channel statistics if the CUDA kernel wrote them (a batch
     norm's reduce pass done in the convolution's epilogue), else None."""
     if not want:
-        return _conv(x, weight, conv), None
-    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, stats=True)
+        return _conv(x, weight, conv, packed=packed), None
+    return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, stats=True, packed=packed)
+
+
+def _packs(packs: tuple[TapPacks, int, int] | None) -> tuple[Callable[[int], Tensor | None],
+                                                             Callable[[int], Tensor | None]]:
+    """For a block's ``packs`` (its :class:`~hmedn_fast.ops.geometry.TapPacks` and the indices of its two convolutions'
+    weights in it, or None): functions of the convolution (1 or 2) giving its weight packed for the forward and for
+    the input gradient (None without packs)."""
+    if packs is None:
+        return (lambda conv: None), (lambda conv: None)
+    taps, first, second = packs
+    index = {1: first, 2: second}
+    return (lambda conv: taps.forward[index[conv]]), (lambda conv: taps.input_grad(index[conv]))
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
@@ -223,30 +240,33 @@ class LeanBatchNormBlock(torch.autograd.Function):
       ReLU, residual and ReLU-backward passes, the second ReLU's mask from the block output (saved: the next
       block's input, alive anyway).
 
-    Inputs as :class:`LeanResidualBlock`.
+    Inputs as :class:`LeanResidualBlock`, then ``packs``: None, or ``(TapPacks, i1, i2)``, the block's two
+    convolution weights already packed for the CUDA kernel (:class:`hmedn_fast.ops.geometry.TapPacks`, entries i1 and
+    i2; the HR pathway packs all its blocks' weights at once).
     """
 
     @staticmethod
-    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2):
+    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2, packs=None):
         keep1, keep2 = _kept(recompute)
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
+        packed, _ = _packs(packs)
         # the CUDA convolution kernel can hand over each norm's batch statistics per output tile (no reduce pass)
-        c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"])
+        c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"], packed(1))
         triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
         if triton:
             x, _ = norm_kernels().flat(x)
             a1, coef1, _ = triton_norm_forward(c1, None, g1, b1, call1, part1)
-            c2, part2 = _conv_stats(a1, w2, block.conv2, call2["training"])
+            c2, part2 = _conv_stats(a1, w2, block.conv2, call2["training"], packed(2))
             y, coef2, _ = triton_norm_forward(c2, x, g2, b2, call2, part2)
             stats1, stats2, out = (coef1,), (coef2,), ()
         else:
             n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
             a1 = torch.relu_(n1)
-            c2 = _conv(a1, w2, block.conv2)
+            c2 = _conv(a1, w2, block.conv2, packed=packed(2))
             n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
             y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
             stats1, stats2, out = (mean1, inv1), (mean2, inv2), (y,)
-        ctx.block, ctx.triton = block, triton
+        ctx.block, ctx.triton, ctx.packs = block, triton, packs
         ctx.train = (call1["training"], call2["training"])
         ctx.eps = (call1["eps"], call2["eps"])
         dev = x.device.type
@@ -265,11 +285,12 @@ class LeanBatchNormBlock(torch.autograd.Function):
         dev, autocast_on, autocast_dtype = ctx.autocast
         need = ctx.needs_input_grad
         autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
+        packed, _ = _packs(ctx.packs)
 
         def first(c1: Tensor | None) -> tuple[Tensor, Tensor]:
             """c1 (recomputed when not saved) and relu(norm1(c1)) replayed with the forward's statistics."""
             with autocast:
-                c1 = _conv(x, w1, block.conv1) if c1 is None else c1
+                c1 = _conv(x, w1, block.conv1, packed=packed(1)) if c1 is None else c1
                 a1 = torch.ops.aten.native_batch_norm(c1, g1, b1, mean1, _variance(inv1, eps1), False, 0.0, eps1)[0]
                 return c1, torch.relu_(a1)
 
@@ -277,7 +298,7 @@ class LeanBatchNormBlock(torch.autograd.Function):
         if c2 is None:
             c1, a1 = first(c1)
             with autocast:
-                c2 = _conv(a1, w2, block.conv2)
+                c2 = _conv(a1, w2, block.conv2, packed=packed(2))
         gz2 = torch.ops.aten.threshold_backward(gy, y, 0)  # gradient at norm2(c2) + x
         gc2, gg2, gb2 = _batch_norm_backward(gz2.to(c2.dtype), c2, g2, mean2, inv2, train2, eps2,
                                              [True, need[7], need[8]])
@@ -293,7 +314,7 @@ class LeanBatchNormBlock(torch.autograd.Function):
         gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
         if gx is not None:
             gx = gx.add_(gz2.to(gx.dtype))
-        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2, None
 
 
 def norm_kernels():
@@ -326,11 +347,12 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     dev, autocast_on, autocast_dtype = ctx.autocast
     need = ctx.needs_input_grad
     autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
+    packed, packed_t = _packs(ctx.packs)
 
     def first(c1: Tensor | None) -> tuple[Tensor, Tensor, tuple]:
         """c1 (recomputed when not saved), relu(norm1(c1)) replayed with the forward's coefficients, c1's geometry."""
         with autocast:
-            c1 = _conv(x, w1, block.conv1) if c1 is None else c1
+            c1 = _conv(x, w1, block.conv1, packed=packed(1)) if c1 is None else c1
         c1, cs1 = k.flat(c1)
         geo1 = k.geometry(tuple(c1.shape), cs1, None, "batch", 1, train1)
         return c1, k.apply(geo1, c1, None, coef1, True), geo1
@@ -339,7 +361,7 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     if c2 is None:
         c1, a1, geo1 = first(c1)
         with autocast:
-            c2 = _conv(a1, w2, block.conv2)
+            c2 = _conv(a1, w2, block.conv2, packed=packed(2))
     c2, cs2 = k.flat(c2)
     geo2 = k.geometry(tuple(c2.shape), cs2, k.ncs_strides(x), "batch", 1, train2)
     gc2, gg2, gb2, gx_res = k.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
@@ -351,7 +373,8 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     gw2 = _weight_grad(gc2, a1, w2, conv2, need[6])
     shape = a1.shape
     del a1
-    ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups)
+    ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups,
+                          packed=packed_t(2))
     del gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
                                   b1.dtype if need[5] and b1 is not None else None, False)
@@ -361,8 +384,8 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     gx = None
     if need[0]:
         gx = conv_input_grad(gc1, w1, x.shape, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
-                             add_to=gx_res.to(x.dtype))
-    return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2
+                             add_to=gx_res.to(x.dtype), packed=packed_t(1))
+    return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2, None
 
 
 def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,

@@ -76,7 +76,7 @@ def prefers_triton_forward(c_in: int, c_out: int) -> bool:
 
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  groups: int, backend: str | None = None, out: Tensor | None = None,
-                 stats: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+                 stats: bool = False, packed: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
     """``F.conv{2,3}d(x, weight, None, stride, padding, dilation, groups)``, autocast honoured (the Triton path
     computes in the autocast dtype when autocast is on, as cuDNN would).
 
@@ -90,6 +90,9 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
         stats: also return the output's per-tile channel statistics when the CUDA kernel runs and can write them
             (:func:`hmedn_fast.ops.conv_mma.tile_stats_shape`): float32 (N, tiles, 2, C_out) means and M2s, the
             ``part`` of :func:`hmedn_fast.ops.triton.norm.forward`; None otherwise.
+        packed: None, or the weight already packed for the CUDA kernel in the compute dtype
+            (:class:`hmedn_fast.ops.geometry.TapPacks`), which it then reads instead of packing it; other backends
+            ignore it.
     Returns:
         (N, C_out, *spatial'), channels-last on the Triton backend; ``out`` when given. With ``stats``, ``(y, part)``.
     """
@@ -127,7 +130,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
             if shape is not None:
                 part[:] = [torch.empty(shape, device=x.device, dtype=torch.float32)]
             return conv_mma.conv3x3_forward(cast[0], weight, dilation[0], out=into,  # the kernels round the weight
-                                            stats=part[0] if part else None)
+                                            stats=part[0] if part else None, packed=packed)
         if name == "triton":
             from hmedn_fast.ops.triton.conv_fwd import conv3x3_forward
 
@@ -243,10 +246,11 @@ def _input_grad_backend(grad: Tensor, weight: Tensor, input_shape: Sequence[int]
          "reference": lambda: _transposed(grad, weight, no_padding, stride, padding, dilation, groups)}, grad)
 
 
-def _input_grad(name: str, grad: Tensor, weight: Tensor, dilation: int) -> Tensor:
-    """The input gradient by the compiled kernel ``name`` ("cuda" or "triton")."""
+def _input_grad(name: str, grad: Tensor, weight: Tensor, dilation: int, packed: Tensor | None = None) -> Tensor:
+    """The input gradient by the compiled kernel ``name`` ("cuda" or "triton"; ``packed``: see
+    :func:`conv_input_grad`)."""
     if name == "cuda":
-        return conv_mma.conv3x3_input_grad(grad, weight, dilation)
+        return conv_mma.conv3x3_input_grad(grad, weight, dilation, packed=packed)
     from hmedn_fast.ops.triton.conv_fwd import conv3x3_input_grad
 
     return conv3x3_input_grad(grad, weight, dilation)
@@ -275,7 +279,7 @@ def _transposed(grad: Tensor, weight: Tensor, output_padding: Sequence[int], str
 
 def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                     padding: Sequence[int], dilation: Sequence[int], groups: int, backend: str | None = None,
-                    add_to: Tensor | None = None) -> Tensor:
+                    add_to: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
     """Input gradient of ``conv(x, weight)`` for an x of ``input_shape``, without x itself, in grad's dtype. Lets a
     caller free the forward's input before this gradient is allocated (``aten.convolution_backward`` takes the
     input tensor even when only the input gradient is asked for).
@@ -293,6 +297,8 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
         add_to: None, or a tensor of ``input_shape`` (e.g. another gradient of the same input) that the gradient is
             added into, in place, and returned: the CUDA kernel adds it in its epilogue (the float32 sum rounded once,
             no separate add) when add_to has grad's dtype and the kernel's layout; elsewhere ``add_to.add_``.
+        packed: None, or the weight already packed for the CUDA kernel's input gradient in grad's dtype
+            (:meth:`hmedn_fast.ops.geometry.TapPacks.input_grad`); other backends ignore it.
     Returns:
         The input gradient in grad's dtype, or ``add_to`` holding the sum.
     """
@@ -301,9 +307,9 @@ def conv_input_grad(grad: Tensor, weight: Tensor, input_shape: Sequence[int], st
         raise ValueError(f"add_to must have the input's shape {tuple(input_shape)}, got {tuple(add_to.shape)}")
     name = _input_grad_backend(grad, weight, input_shape, stride, padding, dilation, groups, backend)
     if name == "cuda" and add_to is not None and conv_mma.unsupported(grad, weight, dilation[0], add_to) is None:
-        return conv_mma.conv3x3_input_grad(grad, weight, dilation[0], add_to=add_to)
+        return conv_mma.conv3x3_input_grad(grad, weight, dilation[0], add_to=add_to, packed=packed)
     if name != "reference":
-        gi = _input_grad(name, grad, weight, dilation[0])
+        gi = _input_grad(name, grad, weight, dilation[0], packed)
     else:
         gi = _transposed(grad, weight, extra, stride, padding, dilation, groups)
     return gi if add_to is None else add_to.add_(gi)

@@ -29,6 +29,14 @@ def _runs_on(device: int) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0) and _ext.extension().conv3x3_mma_runs_on(device)
 
 
+def available(device: torch.device) -> bool:
+    """Whether the extension's CUDA convolution kernels can run on ``device`` (a CUDA device)."""
+    ext = _ext.extension()
+    if ext is None or not hasattr(ext, "conv3x3_mma_") or device.type != "cuda":
+        return False
+    return _runs_on(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
     """Why the kernels cannot read the volume ``t`` (N, 32, D, H, W) at this dilation, or None."""
     ext = _ext.extension()
@@ -109,8 +117,20 @@ def tile_stats_shape(x: Tensor, dilation: int) -> tuple[int, int, int, int] | No
     return n, d * (h // tile_rows(h, dilation)) * (w // TILE), 2, CHANNELS
 
 
+def _packed(packed: Tensor | None, weight: Tensor, dtype: torch.dtype, in_first: bool) -> Tensor:
+    """``packed`` when given (checked against the kernel's B operand: (27, 32, 32) contiguous in ``dtype`` on the
+    weight's device), else ``weight`` packed now."""
+    if packed is None:
+        return pack_taps(weight, dtype, in_first)
+    if packed.shape != (27, CHANNELS, CHANNELS) or packed.dtype != dtype or not packed.is_contiguous() \
+            or packed.device != weight.device:
+        raise ValueError(f"packed must be a contiguous (27, {CHANNELS}, {CHANNELS}) {dtype} tensor on the weight's "
+                         f"device, got {tuple(packed.shape)} {packed.dtype} on {packed.device}")
+    return packed
+
+
 def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None = None,
-                    stats: Tensor | None = None) -> Tensor:
+                    stats: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
     """``F.conv3d(x, weight, None, 1, dilation, dilation)``.
 
     Args:
@@ -124,19 +144,23 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
             tile``), every channel's mean and sum of squared deviations over the tile's outputs as stored: a batch
             norm's statistics without reading the output again (the layout of
             :func:`hmedn_fast.ops.triton.norm.forward`'s ``part``).
+        packed: None, or ``weight`` already packed (:func:`hmedn_fast.ops.geometry.pack_taps` in x's dtype, not
+            ``in_first``; e.g. from a :class:`~hmedn_fast.ops.geometry.TapPacks`), used instead of packing it here.
     Returns:
         (N, 32, D, H, W) in x's dtype (channels-last when allocated here).
     """
-    return _run(x, pack_taps(weight, x.dtype, in_first=False), dilation, out, False, stats=stats)
+    return _run(x, _packed(packed, weight, x.dtype, False), dilation, out, False, stats=stats)
 
 
-def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None) -> Tensor:
+def conv3x3_input_grad(grad: Tensor, weight: Tensor, dilation: int, add_to: Tensor | None = None,
+                       packed: Tensor | None = None) -> Tensor:
     """Input gradient of :func:`conv3x3_forward` for output gradient ``grad`` (N, 32, D, H, W) (same contract as x):
     the convolution of ``grad`` with the weight flipped along its kernel axes (the kernel reads the taps in reverse)
     and its channel axes swapped; the weight is rounded to grad's dtype. Returns (N, 32, D, H, W) channels-last in
     grad's dtype; with ``add_to`` (a tensor like ``out`` of :func:`unsupported`), ``add_to`` plus the gradient,
-    written into it (each element's float32 sum rounded once) and returned."""
-    return _run(grad, pack_taps(weight, grad.dtype, in_first=True), dilation, add_to, True, add_to is not None)
+    written into it (each element's float32 sum rounded once) and returned. ``packed``: None, or the weight already
+    packed ``in_first`` in grad's dtype (see :func:`conv3x3_forward`)."""
+    return _run(grad, _packed(packed, weight, grad.dtype, True), dilation, add_to, True, add_to is not None)
 
 
 # Blocks per kernel depth of the weight gradient: two blocks fit an SM (shared memory: two stages; mma.sync form: 168
@@ -162,4 +186,4 @@ def conv3x3_wgrad(grad: Tensor, x: Tensor, dilation: int) -> Tensor:
     return sum_partials(part, (1, 2, 0)).view(CHANNELS, CHANNELS, 3, 3, 3)  # (tap, out, in) summed into (out, in, tap)
 
 
-__all__ = ["conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]
+__all__ = ["available", "conv3x3_forward", "conv3x3_input_grad", "conv3x3_wgrad", "unsupported", "wgrad_unsupported"]

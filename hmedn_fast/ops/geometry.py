@@ -2,6 +2,8 @@
 layout (torch only: importable without Triton)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -28,3 +30,34 @@ def pack_taps(weight: Tensor, dtype: torch.dtype, in_first: bool) -> Tensor:
     taps = weight.permute(order).reshape(27, weight.shape[order[3]], weight.shape[order[4]])  # a view if it can be
     with torch.no_grad():
         return torch.empty(taps.shape, dtype=dtype, device=weight.device).copy_(taps)
+
+
+def pack_taps_many(weights: Sequence[Tensor], dtype: torch.dtype, in_first: bool) -> Tensor:
+    """:func:`pack_taps` of several weights of one shape at once: (n, 27, C_out, C_in) (or (n, 27, C_in, C_out) with
+    ``in_first``), two kernels (the stack and one rounding, rearranging copy) instead of one copy each."""
+    order = (0, 3, 4, 5, 2, 1) if in_first else (0, 3, 4, 5, 1, 2)
+    stacked = torch.stack([w.detach() for w in weights])  # (n, C_out, C_in, 3, 3, 3)
+    taps = stacked.permute(order).reshape(len(weights), 27, stacked.shape[order[4]], stacked.shape[order[5]])
+    return torch.empty(taps.shape, dtype=dtype, device=stacked.device).copy_(taps)
+
+
+class TapPacks:
+    """The 3x3x3 weights of several convolutions packed for one training step (forward and backward) as the CUDA
+    kernel's B operands: the forward's layout at construction, the input gradient's on first use (in backward), each
+    in two kernels for all weights. Pack again every step: the packs do not follow later changes of the weights.
+
+    Args:
+        weights: (C_out, C_in, 3, 3, 3) floating-point tensors of one shape (e.g. the HR pathway's block weights).
+        dtype: the compute dtype (bf16 or fp16) the kernels run in.
+    """
+
+    def __init__(self, weights: Sequence[Tensor], dtype: torch.dtype) -> None:
+        self.weights, self.dtype = list(weights), dtype
+        self.forward = pack_taps_many(self.weights, dtype, in_first=False)
+        self._input_grad: Tensor | None = None
+
+    def input_grad(self, i: int) -> Tensor:
+        """Weight ``i`` packed for the input gradient ((27, C_in, C_out), :func:`pack_taps` with ``in_first``)."""
+        if self._input_grad is None:
+            self._input_grad = pack_taps_many(self.weights, self.dtype, in_first=True)
+        return self._input_grad[i]
