@@ -43,7 +43,7 @@ def test_a_wrong_pack_is_refused_before_any_kernel():
 
 
 def test_no_packs_on_the_cpu_or_without_autocast():
-    path = HRPathway(32, 32, num_blocks=2, dilations=(2, 4))
+    path = HRPathway(32, 32, num_blocks=2, dilations=(2, 4), spatial_dims=3)
     x = torch.randn(1, 32, 2, 16, 16)
     assert path._tap_packs(x, "middle") is None
 
@@ -54,7 +54,8 @@ def test_pathway_step_with_packs_equals_the_step_without(mode, monkeypatch):
     """Same kernels, same packed values: outputs and every gradient bit for bit; the blocks pack nothing themselves
     (only the projection's two calls remain), the pathway packs twice (forward, input-gradient layouts)."""
     torch.manual_seed(0)
-    path = HRPathway(32, 32, num_blocks=3, dilations=[(2, 4), (1, 3), (4, 2)], num_classes=3, checkpoint=mode)
+    path = HRPathway(32, 32, num_blocks=3, dilations=[(2, 4), (1, 3), (4, 2)], num_classes=3, spatial_dims=3,
+                     checkpoint=mode)
     path = path.cuda().to(memory_format=CL)
     x = torch.randn(1, 32, 6, 32, 48, device="cuda").contiguous(memory_format=CL).requires_grad_()
     g = torch.randn(1, 32, 6, 32, 48, device="cuda")
