@@ -42,6 +42,9 @@ constexpr int kMaxDilation = 6;           // template instances
 
 __host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
 __host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
+__host__ __device__ constexpr int smem_bytes(int d, int tr) {
+  return (tr + 2 * d) * halo_pitch(d) * kRowBytes + kWeightBytes;
+}
 
 // Byte offset of 16-byte chunk `chunk` of shared row `row`.
 __host__ __device__ constexpr uint32_t swizzled(int row, int chunk) {
@@ -238,24 +241,15 @@ __device__ __forceinline__ void load_halo(uint32_t slab, const uint16_t* __restr
   }
 }
 
-// Shared memory of one stage (a kernel depth's halo tile and weights); ST stages per block.
-__host__ __device__ constexpr int stage_bytes(int d, int tr) { return (tr + 2 * d) * halo_pitch(d) * kRowBytes + kWeightBytes; }
-constexpr int kSmemPerSM = 227 * 1024;
-// Two stages (the next depth's copies run while the current depth's wgmmas do) where two such blocks fit an SM:
-// 16-row tiles up to dilation 4. Only with wgmma (the sm_90a image): the warps then issue and wait; with mma.sync
-// they also stage every A fragment, and halving the blocks per SM lost (docs/decisions/blocks.md, stop 35).
-constexpr bool kFwdPipeline = true;
-__host__ __device__ constexpr bool two_stages_fit(int d, int tr) { return tr == 16 && 2 * 2 * stage_bytes(d, tr) <= kSmemPerSM; }
-
-template <bool BF16, int DIL, int TR, int ST>
-__global__ void __launch_bounds__(fwd_threads(TR), ST == 2 ? 2 : 64 / TR)  // 128 registers a thread
+template <bool BF16, int DIL, int TR>
+__global__ void __launch_bounds__(fwd_threads(TR), 64 / TR)  // 128 registers a thread
 conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
                bool accumulate, float* __restrict__ stats) {
-  constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR), kStage = stage_bytes(DIL, TR);
+  constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t wsm = slab + (TR + 2 * DIL) * pitch * kRowBytes;  // stage s: slab and wsm + s kStage
+  const uint32_t wsm = slab + (TR + 2 * DIL) * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int h0 = (blockIdx.x / tiles_w) * TR, w0 = (blockIdx.x % tiles_w) * kTile;
   const int z = blockIdx.y;
@@ -278,38 +272,34 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 #endif
   float acc[kMTiles][4][4] = {};
 
-  // Copies depth kd's input plane (with its halo) and its 9 taps' weights into stage `stage` (one commit group).
-  const auto load_depth = [&](int kd, int stage) {
-    const uint32_t so = stage * kStage;
-    load_halo<DIL, kThreads, TR>(slab + so, xn + static_cast<int64_t>(z + (kd - 1) * DIL) * H * W * xv, x, h0, w0, H,
-                                 W, xv);
+  for (int kd = 0; kd < 3; ++kd) {
+    const int zi = z + (kd - 1) * DIL;
+    if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
+    __syncthreads();                  // the previous depth's reads of shared memory are done
+    load_halo<DIL, kThreads, TR>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
     const uint16_t* wk = weight + (flip ? 2 - kd : kd) * kTapsPerDepth * kChannels * kChannels;
     for (int i = tid; i < kTapsPerDepth * kChannels * 4; i += kThreads) {
       const int row = i >> 2, ch = i & 3;  // row = tap * 32 + n
       const int src = flip ? (kTapsPerDepth - 1 - row / kChannels) * kChannels + row % kChannels : row;
-      cp_async16(wsm + so + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
+      cp_async16(wsm + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-  };
-  // The first depth at or after kd whose plane exists (a plane of zeros adds nothing; block-uniform), or 3.
-  const auto next_depth = [&](int kd) {
-    while (kd < 3 && (z + (kd - 1) * DIL < 0 || z + (kd - 1) * DIL >= D)) ++kd;
-    return kd;
-  };
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
+#endif
+    __syncthreads();
 
-  // The 9 taps of the depth held in the stage at byte offset `so`, accumulated into acc.
-  const auto math = [&](uint32_t so) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     {  // per tap and k16 half ks, one wgmma per 8 x 8 patch p of the warpgroup's 16 x 16 outputs, all 72 in flight
       const int group = warp >> 2;
-      const uint32_t a_base = slab + so + group * kTile * pitch * kRowBytes;
+      const uint32_t a_base = slab + group * kTile * pitch * kRowBytes;
       asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
       for (int tap = 0; tap < kTapsPerDepth; ++tap) {
         const int kh = tap / 3, kw = tap % 3;
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
-          const uint64_t b_desc = smem_descriptor(wsm + so + tap * kChannels * kRowBytes + ks * 32, 512);
+          const uint64_t b_desc = smem_descriptor(wsm + tap * kChannels * kRowBytes + ks * 32, 512);
 #pragma unroll
           for (int p = 0; p < kMTiles; ++p) {
             const int row = (p >> 1) * 8 + kh * DIL, col = (p & 1) * 8 + kw * DIL;
@@ -330,7 +320,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
           uint32_t b[2][4];
-          const uint32_t b_addr = b_off[ks] + so + b_kh, a_addr = a_off[kw][ks] + so + a_kh;
+          const uint32_t b_addr = b_off[ks] + b_kh, a_addr = a_off[kw][ks] + a_kh;
 #pragma unroll
           for (int np = 0; np < 2; ++np) ldmatrix_x4(b_addr + (kw * kChannels + np * 16) * kRowBytes, b[np]);
 #pragma unroll
@@ -345,41 +335,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       }
     }
 #endif
-  };
-
-  if constexpr (ST == 1) {
-    for (int kd = 0; kd < 3; ++kd) {
-      const int zi = z + (kd - 1) * DIL;
-      if (zi < 0 || zi >= D) continue;  // block-uniform: a plane of zeros adds nothing
-      __syncthreads();                  // the previous depth's reads of shared memory are done
-      load_depth(kd, 0);
-      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
-#endif
-      __syncthreads();
-      math(0);
-    }
-  } else {
-    int kd = next_depth(0), stage = 0;
-    if (kd < 3) load_depth(kd, 0);
-    while (kd < 3) {
-      const int kd_next = next_depth(kd + 1);
-      if (kd_next < 3) {
-        load_depth(kd_next, stage ^ 1);  // into the stage whose reads ended at the previous depth's closing barrier
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-      } else {
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-      }
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-      __syncthreads();
-      math(stage * kStage);
-      __syncthreads();  // this stage's reads are done before the next depth's copies overwrite it
-      stage ^= 1;
-      kd = kd_next;
-    }
   }
 
   uint16_t* yn = y + n * ys;
@@ -438,6 +393,7 @@ constexpr int kTapPairs = (kTapsPerDepth + 1) / 2;
 #define HMEDN_WGRAD_THREADS kWgradThreadsMma
 #endif
 constexpr int kTileBytes = kTile * kTile * kRowBytes;
+constexpr int kSmemPerSM = 227 * 1024;
 __host__ __device__ constexpr int wgrad_stage_bytes(int d) { return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes; }
 __host__ __device__ constexpr int wgrad_stages(int d) { return 2 * 2 * wgrad_stage_bytes(d) <= kSmemPerSM ? 2 : 1; }
 __host__ __device__ constexpr int wgrad_smem_bytes(int d) {
@@ -651,10 +607,10 @@ cudaError_t allow_smem(const void* kernel, int bytes) {
 
 int tiles_along(int64_t len, int tile = kTile) { return static_cast<int>((len + tile - 1) / tile); }
 
-template <bool BF16, int DIL, int TR, int ST>
+template <bool BF16, int DIL, int TR>
 cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
-  constexpr int bytes = ST * stage_bytes(DIL, TR);
-  auto kernel = conv3x3_kernel<BF16, DIL, TR, ST>;
+  constexpr int bytes = smem_bytes(DIL, TR);
+  auto kernel = conv3x3_kernel<BF16, DIL, TR>;
   const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
   const int tiles_h = tiles_along(a.height, TR), tiles_w = tiles_along(a.width);
@@ -665,17 +621,6 @@ cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
       static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, a.x_sample_stride,
       a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0, a.stats);
   return cudaGetLastError();
-}
-
-// Whether the current device runs the sm_90a (wgmma) image: the weight gradient's launch bound says which image
-// (128 threads there, 192 in the mma.sync form).
-bool wgmma_image() {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_wgrad_kernel<true, 1>)) != cudaSuccess) {
-    cudaGetLastError();  // no image for this device: not a sticky error; the launch reports it
-    return false;
-  }
-  return attr.maxThreadsPerBlock < kWgradThreadsMma;
 }
 
 // f(std::integral_constant<int, d>{}) for the dilations with a template instance, cudaErrorInvalidValue otherwise.
@@ -697,9 +642,11 @@ template <bool BF16, int DIL>
 cudaError_t launch_wgrad(const hmedn_conv3x3_wgrad_args& a, cudaStream_t stream) {
   constexpr int bytes = wgrad_smem_bytes(DIL);
   auto kernel = conv3x3_wgrad_kernel<BF16, DIL>;
-  const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
+  cudaFuncAttributes attr{};  // the image's launch bound says its form (128 threads: wgmma, 192: mma.sync)
+  cudaError_t err = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel));
+  if (err == cudaSuccess) err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
-  const int threads = wgmma_image() ? kWgradThreadsWgmma : kWgradThreadsMma;
+  const int threads = attr.maxThreadsPerBlock < kWgradThreadsMma ? kWgradThreadsWgmma : kWgradThreadsMma;
   const int tiles_h = tiles_along(a.height), tiles_w = tiles_along(a.width);
   const int64_t tiles = a.batch * a.depth * tiles_h * tiles_w;
   if (tiles > INT32_MAX) return cudaErrorInvalidValue;
@@ -724,7 +671,7 @@ extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};
-  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16, 1>)) ==
+  const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16>)) ==
                       cudaSuccess &&
                   cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_wgrad_kernel<true, 1>)) ==
                       cudaSuccess;
@@ -737,11 +684,7 @@ extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStrea
   return with_dilation(a->dilation, [&](auto dil) {
     constexpr int d = decltype(dil)::value;
     if (a->tile_rows == 32)
-      return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 32, 1>(*a, stream) : launch<false, d, 32, 1>(*a, stream);
-    if constexpr (two_stages_fit(d, 16)) {
-      if (kFwdPipeline && wgmma_image())
-        return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16, 2>(*a, stream) : launch<false, d, 16, 2>(*a, stream);
-    }
-    return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16, 1>(*a, stream) : launch<false, d, 16, 1>(*a, stream);
+      return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 32>(*a, stream) : launch<false, d, 32>(*a, stream);
+    return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16>(*a, stream) : launch<false, d, 16>(*a, stream);
   });
 }
