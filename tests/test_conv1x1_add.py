@@ -118,6 +118,37 @@ def test_dense_fusion_sum_on_triton_equals_concatenation(monkeypatch):
         torch.testing.assert_close(gt.double(), wt, rtol=2 ** -7, atol=1e-5 * wt.abs().max().item())
 
 
+def test_weight_grad_sink_gathers_slices_and_returns_them_at_channel_zero():
+    from hmedn_fast.ops.conv1x1 import WeightGradSink
+
+    weight = torch.randn(3, 7, 1, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+    sink = WeightGradSink(weight)
+    parts = [torch.randn(3, 4), torch.randn(3, 3)]
+    assert sink.put(4, parts[1]) is None
+    whole = sink.put(0, parts[0])
+    assert whole.shape == weight.shape and whole.stride() == weight.stride() and whole.dtype == weight.dtype
+    assert torch.equal(whole.reshape(3, 7), torch.cat(parts, 1)) and sink._grad is None
+
+
+@pytest.mark.not_interpreted
+def test_terms_of_a_wide_weight_on_the_reference_equal_slices():
+    """``start`` on the reference backend: the term reads its input channels of the wide weight, autograd gives the
+    wide weight its gradient (the sink is for the Triton backend)."""
+    from hmedn_fast.ops.conv1x1 import WeightGradSink
+
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, c, 3, 4, generator=g, requires_grad=True) for c in (2, 3)]
+    weight = torch.randn(5, 5, 1, 1, generator=g, requires_grad=True)
+    sink = WeightGradSink(weight)
+    y = conv1x1_add(conv1x1_add(None, xs[0], weight, None, start=0, sink=sink), xs[1], weight, None, start=2,
+                    sink=sink)
+    want = F.conv2d(torch.cat(xs, 1), weight)
+    torch.testing.assert_close(y, want)
+    gy = torch.randn(y.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(y, [*xs, weight], gy), torch.autograd.grad(want, [*xs, weight], gy)):
+        torch.testing.assert_close(a, b)
+
+
 def test_automatic_choice_is_reference_on_cpu_and_equals_it():
     x, w, b, a, _ = _case(2, 6, 4, (3, 4, 5), torch.float32, True, True, False)
     assert choose(a, x, w, x.dtype) == "reference"
@@ -178,6 +209,9 @@ def test_int32_offsets_check_counts_the_buffer_a_slice_lives_in():
     (dict(bias=torch.ones(5)), ValueError, "bias must have shape"),
     (dict(acc=torch.ones(1, 4, 3, 2)), ValueError, "acc must have shape"),
     (dict(acc=torch.ones(1, 4, 3, 3, dtype=torch.int32)), TypeError, "acc must be"),
+    (dict(start=-1), ValueError, "start must be"),
+    (dict(start=True), ValueError, "start must be"),
+    (dict(weight=torch.ones(4, 6, 1, 1), start=3), ValueError, "weight must be"),
 ])
 def test_bad_inputs_name_the_argument(args, error, match):
     call = dict(acc=None, x=torch.ones(1, 4, 3, 3), weight=torch.ones(4, 4, 1, 1), bias=None) | args

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..ops.conv import conv_backward, conv_forward, conv_input_grad
 from ..ops.geometry import TapPacks
-from ..ops.conv1x1 import conv1x1_add
+from ..ops.conv1x1 import WeightGradSink, conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
 MODES = ("none", "lean", "middle", "blocks")
@@ -414,13 +414,15 @@ class DenseFusionSum:
 
     def __init__(self, conv: nn.Module) -> None:
         self.conv, self.start, self.out = conv, 0, None
+        self.sink = WeightGradSink(conv.weight)
 
     def add(self, feature: Tensor) -> None:
         """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``
-        (:func:`hmedn_fast.ops.conv1x1.conv1x1_add`: on CUDA one fused Triton kernel per term and pass)."""
+        (:func:`hmedn_fast.ops.conv1x1.conv1x1_add`: on CUDA one fused Triton kernel per term and pass, the weight's
+        gradient gathered by one :class:`~hmedn_fast.ops.conv1x1.WeightGradSink`)."""
         conv = self.conv
-        w = conv.weight[:, self.start:self.start + feature.shape[1]]
-        self.out = conv1x1_add(self.out, feature, w, conv.bias if self.start == 0 else None)
+        self.out = conv1x1_add(self.out, feature, conv.weight, conv.bias if self.start == 0 else None,
+                               start=self.start, sink=self.sink)
         self.start += feature.shape[1]
 
     def result(self) -> Tensor:

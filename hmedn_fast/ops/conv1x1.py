@@ -35,7 +35,7 @@ def conv1x1_add_reference(acc: Tensor | None, x: Tensor, weight: Tensor, bias: T
     return term if acc is None else acc + term
 
 
-def _check(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def _check(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None, start: int | None = None) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -43,9 +43,16 @@ def _check(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None) -
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if x.ndim not in _CONV:
         raise ValueError(f"x must be (N, C_in, *spatial) with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
-    if weight.ndim != x.ndim or weight.shape[1] != x.shape[1] or any(k != 1 for k in weight.shape[2:]):
-        raise ValueError(f"weight must be (C_out, {x.shape[1]}{', 1' * (x.ndim - 2)}) for x of shape "
-                         f"{tuple(x.shape)} (a 1x1 convolution, groups=1), got {tuple(weight.shape)}")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise ValueError(f"start must be None or a non-negative int, got {start!r}")
+    first = start or 0
+    wide_enough = weight.ndim == x.ndim and (weight.shape[1] == x.shape[1] if start is None
+                                             else weight.shape[1] >= first + x.shape[1])
+    if not wide_enough or any(k != 1 for k in weight.shape[2:]):
+        cin = x.shape[1] if start is None else f">= {first + x.shape[1]}"
+        raise ValueError(f"weight must be (C_out, {cin}{', 1' * (x.ndim - 2)}) for x of shape {tuple(x.shape)}"
+                         f"{'' if start is None else f' from input channel {start}'} (a 1x1 convolution, groups=1), "
+                         f"got {tuple(weight.shape)}")
     out_shape = (x.shape[0], weight.shape[0], *x.shape[2:])
     for name, t, shape in (("bias", bias, (weight.shape[0],)), ("acc", acc, out_shape)):
         if t is None:
@@ -67,15 +74,22 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                backend: str | None = None) -> Tensor:
+                backend: str | None = None, start: int | None = None,
+                sink: WeightGradSink | None = None) -> Tensor:
     """``acc + conv(x, weight, bias)`` for a 1x1 convolution (``acc`` None: the convolution alone), differentiable in
     every tensor argument; autocast applies to the convolution as it does to ``F.conv*d``.
 
     Args:
         acc: (N, C_out, *spatial) running sum or None.
         x: (N, C_in, *spatial), 1 to 3 spatial dims.
-        weight: (C_out, C_in, 1, ...) (a slice of a wider convolution's weight is fine); bias: (C_out,) or None.
+        weight: (C_out, C_in, 1, ...) (a slice of a wider convolution's weight is fine), or with ``start`` that wider
+            weight (C_out, >= start + C_in, 1, ...), of which input channels ``start .. start + C_in`` are used.
+        bias: (C_out,) or None.
         backend: None (automatic), "triton" or "reference".
+        start: None, or the first input channel of ``weight`` that x's channels meet.
+        sink: None, or the :class:`WeightGradSink` of ``weight`` shared by the terms of one running sum (each with its
+            ``start``): on the Triton backend every term's weight gradient goes into it and only the term at
+            ``start`` 0 hands the whole gradient to autograd (no per-term full-size gradients to add up).
 
     Returns:
         (N, C_out, *spatial): on the Triton backend channels-last in the compute dtype (bf16 / fp16); on the
@@ -84,12 +98,45 @@ def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | No
     Raises:
         TypeError / ValueError naming the bad argument; RuntimeError when a forced backend cannot run the call.
     """
-    _check(acc, x, weight, bias)
+    _check(acc, x, weight, bias, start)
     dtype = compute_dtype(x)
     xc = x if x.dtype == dtype else x.to(dtype)
-    if choose(acc, xc, weight, dtype, backend) == "reference":
-        return conv1x1_add_reference(acc, x, weight, bias)
-    return _Conv1x1AddTriton.apply(acc, xc, weight, bias)
+    first = start or 0
+    w = weight if start is None else weight[:, first:first + x.shape[1]]
+    if choose(acc, xc, w, dtype, backend) == "reference":
+        return conv1x1_add_reference(acc, x, w, bias)
+    if sink is None or start is None:
+        return _Conv1x1AddTriton.apply(acc, xc, w, bias, None, 0)
+    if sink.weight is not weight:
+        raise ValueError("sink must be the WeightGradSink of this weight")
+    return _Conv1x1AddTriton.apply(acc, xc, weight, bias, sink, first)
+
+
+class WeightGradSink:
+    """The weight gradient of a running sum of 1x1 convolutions whose terms use input-channel slices of one wider
+    weight (:class:`hmedn_fast.nn.lean.DenseFusionSum`), gathered in one tensor: each term's backward writes its
+    slice, and the term at input channel 0, whose backward runs last (every later term's output flows into its
+    running sum), returns the whole. Autograd would otherwise give each term a full-size gradient of zeros with its
+    slice filled in and add them all up (three small kernels a term).
+
+    Args:
+        weight: the shared (C_out, C_in_total, 1, ...) weight.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight, self._grad = weight, None
+
+    def put(self, start: int, grad: Tensor) -> Tensor | None:
+        """Store ``grad`` ((C_out, C_in) float32) as the gradient of input channels ``start .. start + C_in``; at
+        ``start`` 0 return the whole gradient (weight's dtype and layout) and start over, else None."""
+        if self._grad is None:
+            self._grad = torch.empty_like(self.weight)
+        piece = self._grad[:, start:start + grad.shape[1]]
+        piece.copy_(grad.reshape(piece.shape))
+        if start:
+            return None
+        whole, self._grad = self._grad, None
+        return whole
 
 
 def choose(acc: Tensor | None, x: Tensor, weight: Tensor, dtype: torch.dtype, backend: str | None = None) -> str:
@@ -131,14 +178,17 @@ def offsets_fit_int32(t: Tensor, voxel_stride: int) -> bool:
 
 
 class _Conv1x1AddTriton(torch.autograd.Function):
-    """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight."""
+    """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight.
+    With a sink, ``weight`` is the wide weight and the term uses input channels ``start ..``."""
 
     @staticmethod
-    def forward(ctx, acc, x, weight, bias):
+    def forward(ctx, acc, x, weight, bias, sink, start):
         from hmedn_fast.ops.triton import conv1x1 as kernels
-        out = kernels.forward(acc, x, voxel_stride(x), 0 if acc is None else voxel_stride(acc), weight, bias)
+        w = weight if sink is None else weight[:, start:start + x.shape[1]]
+        out = kernels.forward(acc, x, voxel_stride(x), 0 if acc is None else voxel_stride(acc), w, bias)
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.sink, ctx.start = sink, start
         return out
 
     @staticmethod
@@ -146,12 +196,15 @@ class _Conv1x1AddTriton(torch.autograd.Function):
     def backward(ctx, g):
         from hmedn_fast.ops.triton import conv1x1 as kernels
         x, weight = ctx.saved_tensors
-        need_acc, need_x, need_w, need_b = ctx.needs_input_grad
+        sink, start = ctx.sink, ctx.start
+        w = weight if sink is None else weight[:, start:start + x.shape[1]]
+        need_acc, need_x, need_w, need_b = ctx.needs_input_grad[:4]
         gs = voxel_stride(g)
         if g.dtype != x.dtype or gs is None:
             g = g.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
             gs = voxel_stride(g)
-        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), weight, need_x, need_w, need_b)
-        dw = None if dw is None else dw.reshape(weight.shape).to(weight.dtype)
+        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), w, need_x, need_w, need_b)
+        if dw is not None:
+            dw = dw.reshape(weight.shape).to(weight.dtype) if sink is None else sink.put(start, dw)
         db = None if db is None else db.to(ctx.bias_dtype)
-        return g if need_acc else None, dx, dw, db
+        return g if need_acc else None, dx, dw, db, None, None
