@@ -130,6 +130,17 @@ def test_weight_grad_sink_gathers_slices_and_returns_them_at_channel_zero():
     assert torch.equal(whole.reshape(3, 7), torch.cat(parts, 1)) and sink._grad is None
 
 
+def test_a_sink_needs_its_own_weight_and_a_start():
+    from hmedn_fast.ops.conv1x1 import WeightGradSink
+
+    x, weight, narrow = torch.ones(1, 4, 3, 3), torch.ones(4, 8, 1, 1), torch.ones(4, 4, 1, 1)
+    for w, kwargs in ((narrow, dict(sink=WeightGradSink(narrow))),
+                      (weight, dict(start=0, sink=WeightGradSink(torch.ones(4, 8, 1, 1)))),
+                      (weight, dict(start=0, sink=object()))):
+        with pytest.raises(ValueError, match="sink must be"):
+            conv1x1_add(None, x, w, **kwargs)
+
+
 @pytest.mark.not_interpreted
 def test_terms_of_a_wide_weight_on_the_reference_equal_slices():
     """``start`` on the reference backend: the term reads its input channels of the wide weight, autograd gives the

@@ -99,16 +99,16 @@ def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | No
         TypeError / ValueError naming the bad argument; RuntimeError when a forced backend cannot run the call.
     """
     _check(acc, x, weight, bias, start)
+    if sink is not None and (start is None or not isinstance(sink, WeightGradSink) or sink.weight is not weight):
+        raise ValueError("sink must be the WeightGradSink of this weight, given together with start")
     dtype = compute_dtype(x)
     xc = x if x.dtype == dtype else x.to(dtype)
     first = start or 0
     w = weight if start is None else weight[:, first:first + x.shape[1]]
     if choose(acc, xc, w, dtype, backend) == "reference":
         return conv1x1_add_reference(acc, x, w, bias)
-    if sink is None or start is None:
+    if sink is None:
         return _Conv1x1AddTriton.apply(acc, xc, w, bias, None, 0)
-    if sink.weight is not weight:
-        raise ValueError("sink must be the WeightGradSink of this weight")
     return _Conv1x1AddTriton.apply(acc, xc, weight, bias, sink, first)
 
 
