@@ -7,17 +7,19 @@
 // depth into shared memory (cp.async, zero fill outside the volume: the "same" padding), then every one of
 // the 9 (kh, kw) taps reads its shifted 16-voxel rows straight out of that tile with ldmatrix, whose per-lane
 // row addresses make the shift free: each input element is copied once per kd instead of once per tap.
-// Taller tiles copy fewer halo rows and weights per output, which pays at wide halos only: the kernel is
-// latency-bound at 4 warps x 4 blocks per SM (Nsight Compute, docs/decisions/blocks.md stop 35). Planes outside the volume (the first and last d planes' missing neighbours) are skipped. Shared
-// rows (one voxel's or one weight row's 64 bytes) store their four 16-byte chunks permuted,
-// chunk ^ ((row >> 1) & 3), so the 8 rows of one ldmatrix phase (8 consecutive voxels, or weight rows) hit
-// distinct banks. The halo tile's rows are padded to a multiple of 8 voxels and the dilation is a template
-// parameter, so the permutation of a tap's rows depends on the lane and kw only: six per-lane offsets, and
-// every ldmatrix address is one of them plus a per-kh base plus an immediate. Compiled for sm_90a, the math
-// is wgmma instead (each 4 warps are one warpgroup: per tap and k16 step one m64n32k16 per m16 tile index,
-// A = the same ldmatrix fragments from registers, B = the weight rows by shared-memory descriptor: they
-// already are wgmma's 64-byte-swizzle K-major layout); same accumulator layout, same epilogue. 4-6 % faster
-// than mma.sync on an H200 in one call (conv_mma_*_s31_*.json).
+// Taller tiles copy fewer halo rows and weights per output. Planes outside the volume (the first and last d
+// planes' missing neighbours) are skipped. Shared rows (one voxel's or one weight row's 64 bytes) store their four
+// 16-byte chunks permuted, chunk ^ ((row >> 1) & 3), so the 8 rows of one ldmatrix phase (8 consecutive voxels, or
+// weight rows) hit distinct banks; this is also wgmma's 64-byte swizzle of K-major rows (address bits 4-5 ^ 7-8 from
+// a 1024-byte-aligned base). The halo tile's rows are padded to a multiple of 8 voxels and the dilation is a template
+// parameter, so the permutation of a tap's rows depends on the lane and kw only: six per-lane offsets, and every
+// ldmatrix address is one of them plus a per-kh base plus an immediate.
+// Compiled for sm_90a, the math is wgmma with both operands by shared-memory descriptor: each 4 warps are one
+// warpgroup, whose 16 x 16 outputs are four 8 x 8 patches, one m64 tile each (its 8-row core matrices = the patch's
+// image rows, one halo row apart); a tap's shift only moves the descriptor's start address (base offset 0: the
+// swizzle is of absolute address bits). Per depth 72 m64n32k16 wgmmas are in flight; the accumulator rows map to the
+// patches' voxels in the epilogue. The kernel is bound by shared-memory bandwidth and latency (2 KB of A and 1 KB of
+// B read per wgmma; ~60 % of that bandwidth used: docs/decisions/blocks.md, stops 35-36).
 #include "conv3x3.cuh"
 
 #include <cuda_bf16.h>
