@@ -134,12 +134,14 @@ class HRPathway(nn.Module):
 
     def _tap_packs(self, x: torch.Tensor, mode: str) -> TapPacks | None:
         """Every block's two 3x3x3 weights packed at once for the CUDA convolution kernel (conv1 and conv2 of block i at
-        2 i and 2 i + 1: four kernels a step instead of five per block), where the lean BatchNorm blocks run 32 -> 32
+        2 i and 2 i + 1; :class:`~hmedn_fast.ops.geometry.TapPacks`), where the lean BatchNorm blocks run 32 -> 32
         convolutions in bf16/fp16 on a device the kernels run on; else None."""
         if mode == "none" or not x.is_cuda or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
         weights = [w for b in self.blocks for w in (b.conv1.weight, b.conv2.weight)]
+        # the convolutions' compute dtype, as hmedn_fast.ops.conv.conv_forward takes it
+        dt = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+              else torch.promote_types(x.dtype, weights[0].dtype))
         if (dt not in (torch.bfloat16, torch.float16) or not conv_mma.available(x.device)
                 or any(tuple(w.shape) != (conv_mma.CHANNELS, conv_mma.CHANNELS, 3, 3, 3) or w.device != x.device
                        for w in weights)

@@ -34,7 +34,8 @@ def pack_taps(weight: Tensor, dtype: torch.dtype, in_first: bool) -> Tensor:
 
 def pack_taps_many(weights: Sequence[Tensor], dtype: torch.dtype, in_first: bool) -> Tensor:
     """:func:`pack_taps` of several weights of one shape at once: (n, 27, C_out, C_in) (or (n, 27, C_in, C_out) with
-    ``in_first``), two kernels (the stack and one rounding, rearranging copy) instead of one copy each."""
+    ``in_first``): the stack (on CUDA one device-to-device memcpy per weight) and one rounding, rearranging copy for
+    all, instead of one rearranging copy per weight (0.09 vs 0.13 ms for a pathway step's packs on an H200, stop 36)."""
     order = (0, 3, 4, 5, 2, 1) if in_first else (0, 3, 4, 5, 1, 2)
     stacked = torch.stack([w.detach() for w in weights])  # (n, C_out, C_in, 3, 3, 3)
     taps = stacked.permute(order).reshape(len(weights), 27, stacked.shape[order[4]], stacked.shape[order[5]])
@@ -44,7 +45,7 @@ def pack_taps_many(weights: Sequence[Tensor], dtype: torch.dtype, in_first: bool
 class TapPacks:
     """The 3x3x3 weights of several convolutions packed for one training step (forward and backward) as the CUDA
     kernel's B operands: the forward's layout at construction, the input gradient's on first use (in backward), each
-    in two kernels for all weights. Pack again every step: the packs do not follow later changes of the weights.
+    by :func:`pack_taps_many`. Pack again every step: the packs do not follow later changes of the weights.
 
     Args:
         weights: (C_out, C_in, 3, 3, 3) floating-point tensors of one shape (e.g. the HR pathway's block weights).
