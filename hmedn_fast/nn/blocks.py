@@ -9,6 +9,7 @@ from torch import nn
 from .dense_lean import is_buffer, lean_dense_buffer, lean_dense_forward
 from .dense_lean import supported as lean_dense_supported
 from ..ops.geometry import TapPacks
+from ..ops.grad_meet import GradMeet
 from .lean import MODES, RECOMPUTED, LeanBatchNormBlock, LeanResidualBlock, is_batch_norm, norm_relu, supports
 from .layers import NormSpec, check_positive_int, check_spatial_dims, conv
 from .layers import norm as norm_layer
@@ -70,17 +71,19 @@ class ResidualDilatedBlock(nn.Module):
             raise ValueError(f"checkpoint must be one of {MODES} for a block, got {mode!r}")
         self._checkpoint = mode
 
-    def forward(self, x: torch.Tensor, packs: tuple[TapPacks, int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packs: tuple[TapPacks, int, int] | None = None,
+                meet: GradMeet | None = None) -> torch.Tensor:
         """``packs``: None, or this block's two convolution weights already packed for the CUDA kernel (a
-        :class:`~hmedn_fast.ops.geometry.TapPacks` of this step and the indices of conv1's and conv2's weights in it),
-        used by the lean BatchNorm block; ignored elsewhere."""
+        :class:`~hmedn_fast.ops.geometry.TapPacks` of this step and the indices of conv1's and conv2's weights in it);
+        ``meet``: None, or where x's gradient meets another backward's (:class:`~hmedn_fast.ops.grad_meet.GradMeet`,
+        the HR pathway's dense-fusion term of x). Both used by the lean BatchNorm block, ignored elsewhere."""
         if (self._checkpoint != "none" and torch.is_grad_enabled() and supports(self.norm1) and supports(self.norm2)
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             n1, n2 = self.norm1, self.norm2
             args = (x, self, RECOMPUTED[self._checkpoint], self.conv1.weight, n1.weight, n1.bias, self.conv2.weight,
                     n2.weight, n2.bias)
             if is_batch_norm(n1) and is_batch_norm(n2):
-                return LeanBatchNormBlock.apply(*args, packs)
+                return LeanBatchNormBlock.apply(*args, packs, meet)
             return LeanResidualBlock.apply(*args)
         y = torch.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))

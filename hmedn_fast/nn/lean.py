@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..ops.conv import conv_backward, conv_forward, conv_input_grad
 from ..ops.geometry import TapPacks
+from ..ops.grad_meet import GradMeet
 from ..ops.conv1x1 import WeightGradSink, conv1x1_add
 from ..ops.norm_act import choose, norm_act
 
@@ -242,12 +243,16 @@ class LeanBatchNormBlock(torch.autograd.Function):
 
     Inputs as :class:`LeanResidualBlock`, then ``packs``: None, or ``(TapPacks, i1, i2)``, the block's two
     convolution weights already packed for the CUDA kernel (:class:`hmedn_fast.ops.geometry.TapPacks`, entries i1 and
-    i2; the HR pathway packs all its blocks' weights at once).
+    i2; the HR pathway packs all its blocks' weights at once), and ``meet``: None, or the
+    :class:`~hmedn_fast.ops.grad_meet.GradMeet` where x's gradient meets its dense-fusion term's.
     """
 
     @staticmethod
-    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2, packs=None):
+    def forward(ctx, x, block, recompute, w1, g1, b1, w2, g2, b2, packs=None, meet=None):
         keep1, keep2 = _kept(recompute)
+        ctx.meet = meet if meet is not None and x.requires_grad else None
+        if ctx.meet is not None:
+            ctx.meet.join()
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
         packed, _ = _packs(packs)
         # the CUDA convolution kernel can hand over each norm's batch statistics per output tile (no reduce pass)
@@ -314,7 +319,20 @@ class LeanBatchNormBlock(torch.autograd.Function):
         gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
         if gx is not None:
             gx = gx.add_(gz2.to(gx.dtype))
-        return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2, None
+        return _met(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
+
+
+def _met(meet: GradMeet | None, gx: Tensor | None) -> Tensor | None:
+    """The block input's gradient to return: ``gx``; or, where the input's gradient meets another backward's (its
+    dense-fusion term's, :class:`~hmedn_fast.ops.grad_meet.GradMeet`), None after leaving gx to it, or gx plus the
+    gradient it left."""
+    if gx is None or meet is None or not meet.met:
+        return gx
+    other = meet.take()
+    if other is None:
+        meet.leave(gx)
+        return None
+    return gx.add_(other)
 
 
 def norm_kernels():
@@ -385,7 +403,7 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     if need[0]:
         gx = conv_input_grad(gc1, w1, x.shape, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
                              add_to=gx_res.to(x.dtype), packed=packed_t(1))
-    return gx, None, None, gw1, gg1, gb1, gw2, gg2, gb2, None
+    return _met(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
 
 
 def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,
@@ -416,13 +434,14 @@ class DenseFusionSum:
         self.conv, self.start, self.out = conv, 0, None
         self.sink = WeightGradSink(conv.weight)
 
-    def add(self, feature: Tensor) -> None:
+    def add(self, feature: Tensor, meet: GradMeet | None = None) -> None:
         """Add the term of the next ``feature`` (N, C_i, *spatial): the next C_i input channels of ``conv``
         (:func:`hmedn_fast.ops.conv1x1.conv1x1_add`: on CUDA one fused Triton kernel per term and pass, the weight's
-        gradient gathered by one :class:`~hmedn_fast.ops.conv1x1.WeightGradSink`)."""
+        gradient gathered by one :class:`~hmedn_fast.ops.conv1x1.WeightGradSink`). ``meet``: where the feature's
+        gradient from this term meets the one from the block that consumes it (None: autograd adds them)."""
         conv = self.conv
         self.out = conv1x1_add(self.out, feature, conv.weight, conv.bias if self.start == 0 else None,
-                               start=self.start, sink=self.sink)
+                               start=self.start, sink=self.sink, meet=meet)
         self.start += feature.shape[1]
 
     def result(self) -> Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..ops import conv_mma
 from ..ops.geometry import TapPacks
+from ..ops.grad_meet import GradMeet
 from .blocks import DenseBlock, ResidualDilatedBlock
 from .lean import DenseFusionSum, LeanConv, is_batch_norm, norm_relu
 from .offload import HostParking, parking_for
@@ -162,10 +163,12 @@ class HRPathway(nn.Module):
         outs = [y]
         packs = self._tap_packs(x, mode)
         for i, block in enumerate(self.blocks):
-            if fusion is not None:
-                fusion.add(y)  # each term before the block that consumes its feature: see DenseFusionSum
+            meet = None
+            if fusion is not None:  # the feature's gradients from its term and the block meet (GradMeet): no add
+                meet = GradMeet()
+                fusion.add(y, meet)  # each term before the block that consumes its feature: see DenseFusionSum
             block.checkpoint = mode
-            y = block(y, packs=None if packs is None else (packs, 2 * i, 2 * i + 1))
+            y = block(y, packs=None if packs is None else (packs, 2 * i, 2 * i + 1), meet=meet)
             if fusion is None:
                 outs.append(y)
         if fusion is not None:

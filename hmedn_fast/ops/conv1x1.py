@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hmedn_fast.ops.dispatch import choose_backend, triton_unavailable
+from hmedn_fast.ops.grad_meet import GradMeet
 from hmedn_fast.ops.strides import voxel_stride
 
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -75,7 +76,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None,
                 backend: str | None = None, start: int | None = None,
-                sink: WeightGradSink | None = None) -> Tensor:
+                sink: WeightGradSink | None = None, meet: GradMeet | None = None) -> Tensor:
     """``acc + conv(x, weight, bias)`` for a 1x1 convolution (``acc`` None: the convolution alone), differentiable in
     every tensor argument; autocast applies to the convolution as it does to ``F.conv*d``.
 
@@ -90,6 +91,9 @@ def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | No
         sink: None, or the :class:`WeightGradSink` of ``weight`` shared by the terms of one running sum (each with its
             ``start``): on the Triton backend every term's weight gradient goes into it and only the term at
             ``start`` 0 hands the whole gradient to autograd (no per-term full-size gradients to add up).
+        meet: None, or a :class:`~hmedn_fast.ops.grad_meet.GradMeet` for x's gradient shared with one other
+            backward (the Triton backward then adds its input gradient into the other's in its kernel, or leaves its
+            own there); taken only on the Triton backend for an x already in the compute dtype.
 
     Returns:
         (N, C_out, *spatial): on the Triton backend channels-last in the compute dtype (bf16 / fp16); on the
@@ -107,9 +111,10 @@ def conv1x1_add(acc: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | No
     w = weight if start is None else weight[:, first:first + x.shape[1]]
     if choose(acc, xc, w, dtype, backend) == "reference":
         return conv1x1_add_reference(acc, x, w, bias)
+    meet = meet if xc is x and x.requires_grad else None
     if sink is None:
-        return _Conv1x1AddTriton.apply(acc, xc, w, bias, None, 0)
-    return _Conv1x1AddTriton.apply(acc, xc, weight, bias, sink, first)
+        return _Conv1x1AddTriton.apply(acc, xc, w, bias, None, 0, meet)
+    return _Conv1x1AddTriton.apply(acc, xc, weight, bias, sink, first, meet)
 
 
 class WeightGradSink:
@@ -179,16 +184,19 @@ def offsets_fit_int32(t: Tensor, voxel_stride: int) -> bool:
 
 class _Conv1x1AddTriton(torch.autograd.Function):
     """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight.
-    With a sink, ``weight`` is the wide weight and the term uses input channels ``start ..``."""
+    With a sink, ``weight`` is the wide weight and the term uses input channels ``start ..``; with a meet, x's
+    gradient is shared with another backward (:class:`~hmedn_fast.ops.grad_meet.GradMeet`)."""
 
     @staticmethod
-    def forward(ctx, acc, x, weight, bias, sink, start):
+    def forward(ctx, acc, x, weight, bias, sink, start, meet):
         from hmedn_fast.ops.triton import conv1x1 as kernels
         w = weight if sink is None else weight[:, start:start + x.shape[1]]
         out = kernels.forward(acc, x, voxel_stride(x), 0 if acc is None else voxel_stride(acc), w, bias)
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.sink, ctx.start = sink, start
+        ctx.sink, ctx.start, ctx.meet = sink, start, meet
+        if meet is not None:
+            meet.join()
         return out
 
     @staticmethod
@@ -203,8 +211,16 @@ class _Conv1x1AddTriton(torch.autograd.Function):
         if g.dtype != x.dtype or gs is None:
             g = g.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
             gs = voxel_stride(g)
-        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), w, need_x, need_w, need_b)
+        meet = ctx.meet if need_x and ctx.meet is not None and ctx.meet.met else None
+        other = None if meet is None else meet.take()
+        into = other if other is not None and kernels.dense_like_dx(other, x) else None
+        dx, dw, db = kernels.backward(g, gs, x, voxel_stride(x), w, need_x, need_w, need_b, add_to=into)
+        if meet is not None and other is None:  # the other backward has not run: it adds ours
+            meet.leave(dx)
+            dx = None
+        elif other is not None and into is None:
+            dx = dx.add_(other)
         if dw is not None:
             dw = dw.reshape(weight.shape).to(weight.dtype) if sink is None else sink.put(start, dw)
         db = None if db is None else db.to(ctx.bias_dtype)
-        return g if need_acc else None, dx, dw, db, None, None
+        return g if need_acc else None, dx, dw, db, None, None, None

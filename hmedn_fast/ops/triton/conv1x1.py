@@ -56,9 +56,10 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, acc_ptr, out_ptr, NV, XS, AS, CI, CO, WS_O,
 
 @triton.jit
 def _bwd_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, part_ptr, NV, XS, GS, CI, CO, WS_O, WS_I, tiles_per_prog,
-                NEED_DX: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, BCI: tl.constexpr,
-                BCO: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr):
-    """Tiles ``p * tiles_per_prog ...`` of program p: ``dx = g @ w`` (dense, stride CI) per tile, and
+                NEED_DX: tl.constexpr, ADD_DX: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                BCI: tl.constexpr, BCO: tl.constexpr, BV: tl.constexpr, F32_DOT: tl.constexpr):
+    """Tiles ``p * tiles_per_prog ...`` of program p: ``dx = g @ w`` (dense, stride CI; with ADD_DX added to what dx
+    holds, the float32 sum rounded once) per tile, and
     ``part[p] = (g^T @ x, sum g)`` over them: part is (programs, BCO, BCI + 1) float32, column BCI the bias sum."""
     p = tl.program_id(0)
     ci = tl.arange(0, BCI)
@@ -81,8 +82,10 @@ def _bwd_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, part_ptr, NV, XS, GS, CI, CO, WS_O,
             g = g.to(tl.float32)
         if NEED_DX:
             dx = tl.dot(g, w)
-            tl.store(dx_ptr + rows[:, None] * CI + ci[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=rm[:, None] & cim[None, :])
+            dx_at = dx_ptr + rows[:, None] * CI + ci[None, :]
+            if ADD_DX:
+                dx += tl.load(dx_at, mask=rm[:, None] & cim[None, :], other=0.0).to(tl.float32)
+            tl.store(dx_at, dx.to(dx_ptr.dtype.element_ty), mask=rm[:, None] & cim[None, :])
         if NEED_W:
             x = tl.load(x_ptr + rows[:, None] * XS + ci[None, :], mask=rm[:, None] & cim[None, :], other=0.0)
             if F32_DOT:
@@ -102,6 +105,13 @@ def channels_innermost_empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """An uninitialised (N, C, *spatial) tensor of ``like``'s dtype and device with channels innermost and voxels
     dense (channels-last for 2D and 3D)."""
     return torch.empty((shape[0], *shape[2:], shape[1]), device=like.device, dtype=like.dtype).movedim(-1, 1)
+
+
+def dense_like_dx(t: Tensor, x: Tensor) -> bool:
+    """Whether ``t`` can be :func:`backward`'s ``add_to`` for input ``x``: x's shape, dtype and device, channels
+    innermost with the voxels dense (channels-last)."""
+    return (t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+            and t.movedim(1, -1).is_contiguous())
 
 
 def _blocks(c_in: int, c_out: int) -> tuple[int, int]:
@@ -127,16 +137,18 @@ def forward(acc: Tensor | None, x: Tensor, xs: int, acc_s: int, weight: Tensor, 
     return out
 
 
-def backward(g: Tensor, gs: int, x: Tensor, xs: int, weight: Tensor, need_x: bool, need_w: bool, need_b: bool
-             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(g: Tensor, gs: int, x: Tensor, xs: int, weight: Tensor, need_x: bool, need_w: bool, need_b: bool,
+             add_to: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx in x's dtype, channels innermost, dweight (C_out, C_in) float32, dbias (C_out,) float32), None where
-    not needed. g: (N, C_out, *spatial) in x's dtype, voxels at stride ``gs``, channels innermost."""
+    not needed. g: (N, C_out, *spatial) in x's dtype, voxels at stride ``gs``, channels innermost. ``add_to``: None,
+    or a tensor like dx (x's shape and dtype, channels innermost, voxels dense: :func:`dense_like_dx`) that dx is
+    added into (each element's float32 sum rounded once) and returned as dx."""
     c_in, c_out = x.shape[1], g.shape[1]
     nv = x.numel() // c_in
     bci, bco = _blocks(c_in, c_out)
     dx = None
     if need_x:
-        dx = channels_innermost_empty(tuple(x.shape), x)
+        dx = channels_innermost_empty(tuple(x.shape), x) if add_to is None else add_to
     tiles = cdiv(nv, BLOCK_V)
     programs = tiles if not (need_w or need_b) else min(
         tiles, 3 if INTERPRET else PROGRAMS_PER_SM * multiprocessors(x.get_device()))
@@ -144,8 +156,8 @@ def backward(g: Tensor, gs: int, x: Tensor, xs: int, weight: Tensor, need_x: boo
     programs = cdiv(tiles, per_prog)
     part = torch.empty((programs, bco, bci + 1) if need_w or need_b else (1,), device=x.device, dtype=torch.float32)
     _BWD((programs,), x, weight, g, x if dx is None else dx, part, nv, xs, gs, c_in, c_out, weight.stride(0),
-         weight.stride(1), per_prog, NEED_DX=need_x, NEED_W=need_w, NEED_B=need_b, BCI=bci, BCO=bco, BV=BLOCK_V,
-         F32_DOT=INTERPRET, num_warps=NUM_WARPS)
+         weight.stride(1), per_prog, NEED_DX=need_x, ADD_DX=need_x and add_to is not None, NEED_W=need_w,
+         NEED_B=need_b, BCI=bci, BCO=bco, BV=BLOCK_V, F32_DOT=INTERPRET, num_warps=NUM_WARPS)
     if not (need_w or need_b):
         return dx, None, None
     total = sum_partials(part)
