@@ -4,6 +4,7 @@ and a lean block with its dense-fusion term on one feature: the feature's gradie
 autograd adds (interpreted; the term on the Triton kernels, the block on the CPU's ATen engine)."""
 import pytest
 import torch
+from _pathway_step import pathway_step
 from _rounding import assert_rounded_once
 
 from hmedn_fast.ops.grad_meet import GradMeet
@@ -144,27 +145,13 @@ def test_pathway_with_meets_equals_autograd_adds_on_cuda(mode, monkeypatch):
     """The HR pathway's lean step: every block output's two gradients meet (the next block's backward runs first and
     leaves its channels-last input gradient, the fusion term's kernel adds into it); gradients as with the meets
     off (autograd's adds) within bf16 rounding of the sums."""
-    from hmedn_fast.nn import HRPathway
     from hmedn_fast.ops.triton import conv1x1 as kernels
 
-    torch.manual_seed(0)
-    path = HRPathway(32, 32, num_blocks=3, dilations=[(2, 4), (1, 3), (4, 2)], num_classes=3, spatial_dims=3,
-                     checkpoint=mode).cuda().to(memory_format=CL)
-    x = torch.randn(1, 32, 6, 32, 48, device="cuda").contiguous(memory_format=CL).requires_grad_()
-    g = torch.randn(1, 32, 6, 32, 48, device="cuda")
     into = []
     real = kernels.backward
     monkeypatch.setattr(kernels, "backward", lambda *a, add_to=None, **k: into.append(add_to is not None)
                         or real(*a, add_to=add_to, **k))
-
-    def step():
-        path.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            feats, logits = path(x)
-        (feats.float() * g).sum().add(logits.float().square().mean()).backward()
-        return [x.grad] + [p.grad for p in path.parameters()]
-
+    step = pathway_step(mode)
     got = step()
     assert into.count(True) == 3  # the projection's output and the first two blocks' outputs
     monkeypatch.setattr(GradMeet, "met", property(lambda self: False))

@@ -9,6 +9,7 @@ from hmedn_fast.ops import conv_mma, geometry
 from hmedn_fast.ops.geometry import TapPacks, pack_taps, pack_taps_many
 
 from _fake_measure import count_calls
+from _pathway_step import pathway_step
 
 CL = torch.channels_last_3d
 
@@ -53,21 +54,7 @@ def test_no_packs_on_the_cpu_or_without_autocast():
 def test_pathway_step_with_packs_equals_the_step_without(mode, monkeypatch):
     """Same kernels, same packed values: outputs and every gradient bit for bit; the blocks pack nothing themselves
     (only the projection's two calls remain), the pathway packs twice (forward, input-gradient layouts)."""
-    torch.manual_seed(0)
-    path = HRPathway(32, 32, num_blocks=3, dilations=[(2, 4), (1, 3), (4, 2)], num_classes=3, spatial_dims=3,
-                     checkpoint=mode)
-    path = path.cuda().to(memory_format=CL)
-    x = torch.randn(1, 32, 6, 32, 48, device="cuda").contiguous(memory_format=CL).requires_grad_()
-    g = torch.randn(1, 32, 6, 32, 48, device="cuda")
-
-    def step():
-        path.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            feats, logits = path(x)
-        (feats.float() * g).sum().add(logits.float().square().mean()).backward()
-        return [feats, logits, x.grad] + [p.grad for p in path.parameters()]
-
+    step = pathway_step(mode)
     packed_calls = count_calls(monkeypatch, conv_mma, "pack_taps")
     many_calls = count_calls(monkeypatch, geometry, "pack_taps_many")
     with_packs = step()
