@@ -18,7 +18,7 @@ def test_interpreter_suite(interpreter_suite):
 
 
 class _Party(torch.autograd.Function):
-    """y = scale * x; backward sends scale * g to x through the meet (the toy's own add where it is second)."""
+    """y = scale * x; backward sends scale * g to x through the meet (GradMeet.settle)."""
 
     @staticmethod
     def forward(ctx, x, scale, meet, log):
@@ -32,13 +32,10 @@ class _Party(torch.autograd.Function):
         gx = g * ctx.scale
         meet = ctx.meet
         if meet is not None and meet.met:
-            other = meet.take()
-            if other is None:
-                meet.leave(gx)
-                ctx.log.append("left")
-                return None, None, None, None
-            ctx.log.append("took")
-            gx = gx + other
+            gx = meet.settle(gx)
+            ctx.log.append("left" if gx is None else "took")
+        elif meet is not None:
+            assert meet.settle(gx) is gx  # not met: its own gradient
         return gx, None, None, None
 
 

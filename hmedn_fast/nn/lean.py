@@ -25,8 +25,6 @@ dtype the forward convolutions ran in. The function is differentiable once (no d
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -96,16 +94,14 @@ def _conv_stats(x: Tensor, weight: Tensor, conv: nn.Module, want: bool,
     return conv_forward(x, weight, conv.stride, conv.padding, conv.dilation, conv.groups, stats=True, packed=packed)
 
 
-def _packs(packs: tuple[TapPacks, int, int] | None) -> tuple[Callable[[int], Tensor | None],
-                                                             Callable[[int], Tensor | None]]:
-    """For a block's ``packs`` (its :class:`~hmedn_fast.ops.geometry.TapPacks` and the indices of its two convolutions'
-    weights in it, or None): functions of the convolution (1 or 2) giving its weight packed for the forward and for
-    the input gradient (None without packs)."""
+def _packed(packs: tuple[TapPacks, int, int] | None, conv: int, input_grad: bool = False) -> Tensor | None:
+    """Convolution ``conv``'s (1 or 2) weight from a block's ``packs`` (its
+    :class:`~hmedn_fast.ops.geometry.TapPacks` and the indices of its two weights in it), packed for the forward or,
+    with ``input_grad``, for the input gradient; None without packs."""
     if packs is None:
-        return (lambda conv: None), (lambda conv: None)
-    taps, first, second = packs
-    index = {1: first, 2: second}
-    return (lambda conv: taps.forward[index[conv]]), (lambda conv: taps.input_grad(index[conv]))
+        return None
+    taps, index = packs[0], packs[conv]
+    return taps.input_grad(index) if input_grad else taps.forward[index]
 
 
 def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, conv: nn.Module, need_input: bool,
@@ -254,20 +250,19 @@ class LeanBatchNormBlock(torch.autograd.Function):
         if ctx.meet is not None:
             ctx.meet.join()
         call1, call2 = norm_call(block.norm1, update=True), norm_call(block.norm2, update=True)
-        packed, _ = _packs(packs)
         # the CUDA convolution kernel can hand over each norm's batch statistics per output tile (no reduce pass)
-        c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"], packed(1))
+        c1, part1 = _conv_stats(x, w1, block.conv1, call1["training"], _packed(packs, 1))
         triton = choose(c1, "batch", call1["training"], prefer_triton=c1.is_cuda) == "triton"
         if triton:
             x, _ = norm_kernels().flat(x)
             a1, coef1, _ = triton_norm_forward(c1, None, g1, b1, call1, part1)
-            c2, part2 = _conv_stats(a1, w2, block.conv2, call2["training"], packed(2))
+            c2, part2 = _conv_stats(a1, w2, block.conv2, call2["training"], _packed(packs, 2))
             y, coef2, _ = triton_norm_forward(c2, x, g2, b2, call2, part2)
             stats1, stats2, out = (coef1,), (coef2,), ()
         else:
             n1, mean1, inv1 = _batch_norm(c1, g1, b1, call1)
             a1 = torch.relu_(n1)
-            c2 = _conv(a1, w2, block.conv2, packed=packed(2))
+            c2 = _conv(a1, w2, block.conv2, packed=_packed(packs, 2))
             n2, mean2, inv2 = _batch_norm(c2, g2, b2, call2)
             y = torch.relu_(n2.add_(x)) if n2.dtype == torch.promote_types(n2.dtype, x.dtype) else torch.relu(n2 + x)
             stats1, stats2, out = (mean1, inv1), (mean2, inv2), (y,)
@@ -290,12 +285,11 @@ class LeanBatchNormBlock(torch.autograd.Function):
         dev, autocast_on, autocast_dtype = ctx.autocast
         need = ctx.needs_input_grad
         autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
-        packed, _ = _packs(ctx.packs)
 
         def first(c1: Tensor | None) -> tuple[Tensor, Tensor]:
             """c1 (recomputed when not saved) and relu(norm1(c1)) replayed with the forward's statistics."""
             with autocast:
-                c1 = _conv(x, w1, block.conv1, packed=packed(1)) if c1 is None else c1
+                c1 = _conv(x, w1, block.conv1, packed=_packed(ctx.packs, 1)) if c1 is None else c1
                 a1 = torch.ops.aten.native_batch_norm(c1, g1, b1, mean1, _variance(inv1, eps1), False, 0.0, eps1)[0]
                 return c1, torch.relu_(a1)
 
@@ -303,7 +297,7 @@ class LeanBatchNormBlock(torch.autograd.Function):
         if c2 is None:
             c1, a1 = first(c1)
             with autocast:
-                c2 = _conv(a1, w2, block.conv2, packed=packed(2))
+                c2 = _conv(a1, w2, block.conv2, packed=_packed(ctx.packs, 2))
         gz2 = torch.ops.aten.threshold_backward(gy, y, 0)  # gradient at norm2(c2) + x
         gc2, gg2, gb2 = _batch_norm_backward(gz2.to(c2.dtype), c2, g2, mean2, inv2, train2, eps2,
                                              [True, need[7], need[8]])
@@ -319,20 +313,13 @@ class LeanBatchNormBlock(torch.autograd.Function):
         gx, gw1 = _conv_backward(gc1, x, w1, block.conv1, need[0], need[3])
         if gx is not None:
             gx = gx.add_(gz2.to(gx.dtype))
-        return _met(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
+        return _settled(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
 
 
-def _met(meet: GradMeet | None, gx: Tensor | None) -> Tensor | None:
-    """The block input's gradient to return: ``gx``; or, where the input's gradient meets another backward's (its
-    dense-fusion term's, :class:`~hmedn_fast.ops.grad_meet.GradMeet`), None after leaving gx to it, or gx plus the
-    gradient it left."""
-    if gx is None or meet is None or not meet.met:
-        return gx
-    other = meet.take()
-    if other is None:
-        meet.leave(gx)
-        return None
-    return gx.add_(other)
+def _settled(meet: GradMeet | None, gx: Tensor | None) -> Tensor | None:
+    """The block input's gradient to return: ``gx``, or :meth:`GradMeet.settle` of it where the input's gradient
+    meets its dense-fusion term's."""
+    return gx if gx is None or meet is None else meet.settle(gx)
 
 
 def norm_kernels():
@@ -365,12 +352,11 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     dev, autocast_on, autocast_dtype = ctx.autocast
     need = ctx.needs_input_grad
     autocast = torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_on)
-    packed, packed_t = _packs(ctx.packs)
 
     def first(c1: Tensor | None) -> tuple[Tensor, Tensor, tuple]:
         """c1 (recomputed when not saved), relu(norm1(c1)) replayed with the forward's coefficients, c1's geometry."""
         with autocast:
-            c1 = _conv(x, w1, block.conv1, packed=packed(1)) if c1 is None else c1
+            c1 = _conv(x, w1, block.conv1, packed=_packed(ctx.packs, 1)) if c1 is None else c1
         c1, cs1 = k.flat(c1)
         geo1 = k.geometry(tuple(c1.shape), cs1, None, "batch", 1, train1)
         return c1, k.apply(geo1, c1, None, coef1, True), geo1
@@ -379,7 +365,7 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     if c2 is None:
         c1, a1, geo1 = first(c1)
         with autocast:
-            c2 = _conv(a1, w2, block.conv2, packed=packed(2))
+            c2 = _conv(a1, w2, block.conv2, packed=_packed(ctx.packs, 2))
     c2, cs2 = k.flat(c2)
     geo2 = k.geometry(tuple(c2.shape), cs2, k.ncs_strides(x), "batch", 1, train2)
     gc2, gg2, gb2, gx_res = k.backward(geo2, c2, x, gy, g2, coef2, True, train2, need[7] and g2 is not None,
@@ -392,7 +378,7 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     shape = a1.shape
     del a1
     ga1 = conv_input_grad(gc2, w2, shape, conv2.stride, conv2.padding, conv2.dilation, conv2.groups,
-                          packed=packed_t(2))
+                          packed=_packed(ctx.packs, 2, input_grad=True))
     del gc2
     gc1, gg1, gb1, _ = k.backward(geo1, c1, None, ga1, g1, coef1, True, train1, need[4] and g1 is not None,
                                   b1.dtype if need[5] and b1 is not None else None, False)
@@ -402,8 +388,8 @@ def _triton_block_backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
     gx = None
     if need[0]:
         gx = conv_input_grad(gc1, w1, x.shape, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
-                             add_to=gx_res.to(x.dtype), packed=packed_t(1))
-    return _met(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
+                             add_to=gx_res.to(x.dtype), packed=_packed(ctx.packs, 1, input_grad=True))
+    return _settled(ctx.meet, gx), None, None, gw1, gg1, gb1, gw2, gg2, gb2, None, None
 
 
 def _batch_norm_backward(grad: Tensor, c: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, train: bool,

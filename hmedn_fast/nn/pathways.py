@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import conv_mma
+from ..ops.conv import compute_dtype
 from ..ops.geometry import TapPacks
 from ..ops.grad_meet import GradMeet
 from .blocks import DenseBlock, ResidualDilatedBlock
@@ -140,9 +141,7 @@ class HRPathway(nn.Module):
         if mode == "none" or not x.is_cuda or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         weights = [w for b in self.blocks for w in (b.conv1.weight, b.conv2.weight)]
-        # the convolutions' compute dtype, as hmedn_fast.ops.conv.conv_forward takes it
-        dt = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
-              else torch.promote_types(x.dtype, weights[0].dtype))
+        dt = compute_dtype(x, weights[0])
         if (dt not in (torch.bfloat16, torch.float16) or not conv_mma.available(x.device)
                 or any(tuple(w.shape) != (conv_mma.CHANNELS, conv_mma.CHANNELS, 3, 3, 3) or w.device != x.device
                        for w in weights)

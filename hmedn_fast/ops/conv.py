@@ -74,6 +74,15 @@ def prefers_triton_forward(c_in: int, c_out: int) -> bool:
     return (c_out == 16 and c_in in (16, 48)) or (c_in == 32 and c_out == 32)
 
 
+def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype :func:`conv_forward` computes ``conv(x, weight)`` in: autocast's for x's device when autocast is on,
+    else the promoted dtype of x and the weight."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  groups: int, backend: str | None = None, out: Tensor | None = None,
                  stats: bool = False, packed: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
@@ -98,7 +107,7 @@ def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequ
     """
     fn = F.conv2d if weight.ndim == 4 else F.conv3d
     dev = x.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, weight.dtype)
+    dt = compute_dtype(x, weight)
     cast: list[Tensor] = []  # x in the compute dtype, made once, only for a convolution some kernel can take
     part: list[Tensor] = []  # the CUDA kernel's tile statistics, when asked for and written
 

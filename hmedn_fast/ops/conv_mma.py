@@ -29,19 +29,23 @@ def _runs_on(device: int) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0) and _ext.extension().conv3x3_mma_runs_on(device)
 
 
+def _built() -> bool:
+    """Whether the extension was built with its CUDA convolution kernels."""
+    ext = _ext.extension()
+    return ext is not None and hasattr(ext, "conv3x3_mma_")
+
+
 def available(device: torch.device) -> bool:
     """Whether the extension's CUDA convolution kernels can run on ``device`` (a CUDA device)."""
-    ext = _ext.extension()
-    if ext is None or not hasattr(ext, "conv3x3_mma_") or device.type != "cuda":
-        return False
-    return _runs_on(device.index if device.index is not None else torch.cuda.current_device())
+    return _built() and device.type == "cuda" and _runs_on(
+        device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
     """Why the kernels cannot read the volume ``t`` (N, 32, D, H, W) at this dilation, or None."""
-    ext = _ext.extension()
-    if ext is None or not hasattr(ext, "conv3x3_mma_"):
+    if not _built():
         return "the extension was built without its CUDA kernels"
+    ext = _ext.extension()
     if not t.is_cuda:
         return f"{name} is not a CUDA tensor"
     if t.dtype not in (torch.bfloat16, torch.float16):

@@ -36,3 +36,14 @@ class GradMeet:
     def leave(self, grad: Tensor) -> None:
         """Leave ``grad`` for the other party, which returns the sum."""
         self._pending = grad
+
+    def settle(self, grad: Tensor) -> Tensor | None:
+        """What a party that cannot add in its own kernel returns for the tensor: ``grad`` when the two did not meet;
+        None after leaving ``grad`` when it runs first; ``grad`` plus the other's (in place) when it runs second."""
+        if not self.met:
+            return grad
+        other = self.take()
+        if other is None:
+            self.leave(grad)
+            return None
+        return grad.add_(other)
