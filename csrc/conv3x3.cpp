@@ -93,8 +93,10 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   a.y_voxel_stride = voxel_stride_of(out);
   a.flip_taps = flip_taps ? 1 : 0;
   a.accumulate = accumulate ? 1 : 0;
-  TORCH_CHECK_VALUE(tile_rows == 16 || tile_rows == 32, op, ": tile_rows must be 16 or 32, got ",
+  TORCH_CHECK_VALUE(tile_rows == 8 || tile_rows == 16 || tile_rows == 32, op, ": tile_rows must be 8, 16 or 32, got ",
                     std::to_string(tile_rows));
+  TORCH_CHECK_VALUE(tile_rows != 8 || hmedn_conv3x3_column_runs_on_current_device() != 0, op,
+                    ": tile_rows 8 is the column kernel, which this build lacks for this GPU (it needs an sm_90a image)");
   a.tile_rows = static_cast<int>(tile_rows);
   if (stats.has_value()) {
     const int64_t tiles = x.size(2) * (x.size(3) / tile_rows) * (x.size(4) / 16);
@@ -141,11 +143,18 @@ void bind_conv3x3(pybind11::module_& m) {
         "(27 taps, 32 out, 32 in); flip_taps: tap t uses packed tap 26 - t (the input gradient); accumulate: "
         "out += the convolution (one rounding of the float32 sum); stats: None or a float32 (N, D * H / tile_rows * "
         "W / 16, 2, 32) tensor receiving each tile_rows x 16 tile's per-channel mean and M2 of the rounded outputs; "
-        "tile_rows: 16 or 32, the height of each block's output tile.");
+        "tile_rows: 8 (the column kernel, sm_90a), 16 or 32, the height of each block's output tile.");
   m.def("conv3x3_mma_wgrad_", &conv3x3_mma_wgrad_, pybind11::arg("x"), pybind11::arg("grad"), pybind11::arg("part"),
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");
   m.def("conv3x3_mma_max_dilation", &hmedn_conv3x3_max_dilation, "Largest dilation conv3x3_mma_ takes.");
+  m.def(
+      "conv3x3_mma_column_runs_on",
+      [](int64_t device) {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        return hmedn_conv3x3_column_runs_on_current_device() != 0;
+      },
+      pybind11::arg("device"), "Whether the build has the column kernel (tile_rows 8) for this CUDA device.");
   m.def(
       "conv3x3_mma_runs_on",
       [](int64_t device) {

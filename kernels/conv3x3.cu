@@ -57,13 +57,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a reads the forward's operands by descriptor
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-#endif
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -99,24 +97,40 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t stri
          (uint64_t{(stride & 0x3FFFF) >> 4} << 32) | (uint64_t{2} << 62);
 }
 
-// d (one 64 x 32 tile of the warpgroup; per warp the m16n8 accumulators of n8 tiles 0-3) += A (64 m x 16 k) x B
-// (16 k x 32 n), both by descriptor.
-template <bool BF16>
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[4][4], uint64_t a_desc, uint64_t b_desc) {
-#define HMEDN_WGMMA(TYPES)                                                                                       \
-  asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPES                                             \
-               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},"                      \
-               " %16, %17, 1, 1, 1, 0, 0;\n"                                                                     \
-               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),     \
-                 "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),     \
-                 "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                   \
+#define HMEDN_ACC(a)                                                                                           \
+  "+f"(a[0][0]), "+f"(a[0][1]), "+f"(a[0][2]), "+f"(a[0][3]), "+f"(a[1][0]), "+f"(a[1][1]), "+f"(a[1][2]),         \
+      "+f"(a[1][3]), "+f"(a[2][0]), "+f"(a[2][1]), "+f"(a[2][2]), "+f"(a[2][3]), "+f"(a[3][0]), "+f"(a[3][1]),     \
+      "+f"(a[3][2]), "+f"(a[3][3])
+#define HMEDN_R16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define HMEDN_R32 HMEDN_R16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define HMEDN_R48 HMEDN_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+
+// Slots 0 .. SLOTS - 1 of acc (each one 64 x 32 tile of the warpgroup: per warp the m16n8 accumulators of n8 tiles
+// 0-3) += A (64 m x 16 k) x B (16 k x 32 SLOTS n: slot s takes n 32 s ..), both by descriptor. (Accumulating into
+// slots from 1 on, e.g. n32 into acc[1], makes ptxas serialize every wgmma of the kernel: C7511.)
+template <bool BF16, int SLOTS>
+__device__ __forceinline__ void wgmma_slots(float (&acc)[3][4][4], uint64_t a_desc, uint64_t b_desc) {
+#define HMEDN_WGMMA_TYPED(TYPES, N, REGS, A, B, ...)                                                              \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPES " {" REGS "}, %" #A ", %" #B               \
+               ", 1, 1, 1, 0, 0;\n"                                                                              \
+               : __VA_ARGS__                                                                                    \
                : "l"(a_desc), "l"(b_desc))
-  if constexpr (BF16) {
-    HMEDN_WGMMA("bf16.bf16");
-  } else {
-    HMEDN_WGMMA("f16.f16");
+#define HMEDN_WGMMA_BOTH(N, REGS, A, B, ...)                                                                      \
+  if constexpr (BF16) {                                                                                          \
+    HMEDN_WGMMA_TYPED("bf16.bf16", N, REGS, A, B, __VA_ARGS__);                                                   \
+  } else {                                                                                                       \
+    HMEDN_WGMMA_TYPED("f16.f16", N, REGS, A, B, __VA_ARGS__);                                                     \
   }
-#undef HMEDN_WGMMA
+  static_assert(1 <= SLOTS && SLOTS <= 3, "slots 1-3");
+  if constexpr (SLOTS == 1) {
+    HMEDN_WGMMA_BOTH(32, HMEDN_R16, 16, 17, HMEDN_ACC(acc[0]))
+  } else if constexpr (SLOTS == 2) {
+    HMEDN_WGMMA_BOTH(64, HMEDN_R32, 32, 33, HMEDN_ACC(acc[0]), HMEDN_ACC(acc[1]))
+  } else {
+    HMEDN_WGMMA_BOTH(96, HMEDN_R48, 48, 49, HMEDN_ACC(acc[0]), HMEDN_ACC(acc[1]), HMEDN_ACC(acc[2]))
+  }
+#undef HMEDN_WGMMA_BOTH
+#undef HMEDN_WGMMA_TYPED
 }
 
 // d (64 x 32, as above) += a (registers: this warp's 16 m rows x 16 k, the mma.m16n8k16 A fragment) x B (16 k x 32
@@ -169,13 +183,30 @@ __device__ __forceinline__ float rounded(float v) {
   }
 }
 
-// Per-channel mean and M2 of the block's WARPS x 4 rows x 16 x 32 outputs as stored (acc rounded), two passes over
+// Writes this lane's outputs of voxel `out` (its channel pair 2 quad of each n8 tile: acc[nt][2 half], [2 half + 1]),
+// or adds them to what it holds (one float32 sum rounded once).
+template <bool BF16>
+__device__ __forceinline__ void store_voxel(uint16_t* out, const float (&acc)[4][4], int half, bool accumulate) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + nt * 8);
+    float lo = acc[nt][2 * half], hi = acc[nt][2 * half + 1];
+    if (accumulate) {
+      const float2 old = unpack2<BF16>(*dst);
+      lo += old.x;
+      hi += old.y;
+    }
+    *dst = pack2<BF16>(lo, hi);
+  }
+}
+
+// Per-channel mean and M2 of the block's WARPS x MT m16 tiles x 32 outputs as stored (acc rounded), two passes over
 // the registers (warp shuffles over the 8 lanes that share a channel pair, then the warps in shared memory), written
 // to out[0:32] (mean) and out[32:64] (M2). `red` is (WARPS + 1) x 32 floats of shared memory no other thread still
 // reads.
-template <bool BF16, int WARPS>
-__device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], float* red, float* out, int tid) {
-  constexpr float inv_count = 1.0f / (WARPS * kMTiles * kTile);
+template <bool BF16, int WARPS, int MT>
+__device__ __forceinline__ void tile_stats(const float (&acc)[MT][4][4], float* red, float* out, int tid) {
+  constexpr float inv_count = 1.0f / (WARPS * MT * 16);
   const auto warp_sum = [&](int c) {
     float t = 0.0f;
 #pragma unroll
@@ -188,7 +219,7 @@ __device__ __forceinline__ void tile_stats(const float (&acc)[kMTiles][4][4], fl
   for (int pass = 0; pass < 2; ++pass) {
     float s[4][2] = {};
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -257,7 +288,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   const int z = blockIdx.y;
   const int64_t n = blockIdx.z;
   const uint16_t* xn = x + n * xs;
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // ldmatrix rows. A (the warp's first m16 tile, tap (0, 0)): lanes 0-15 rows 0-15 at chunk 2 ks, lanes 16-31
   // the same rows at chunk 2 ks + 1; a tap (kh, kw) and m16 tile mt add (mt + kh DIL) pitch + kw DIL rows, a
   // multiple of 8 plus kw DIL, so the chunk permutation is that of row (lane & 15) + kw DIL. B: lanes 0-7 /
@@ -271,7 +301,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
     for (int kw = 0; kw < 3; ++kw) a_off[kw][ks] = slab + swizzled(a_row0 + kw * DIL, 2 * ks + (lane >> 4));
     b_off[ks] = wsm + swizzled(b_row0, 2 * ks + ((lane >> 3) & 1));
   }
-#endif
   float acc[kMTiles][4][4] = {};
 
   for (int kd = 0; kd < 3; ++kd) {
@@ -286,34 +315,8 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
       cp_async16(wsm + swizzled(row, ch), wk + src * kChannels + ch * 8, true);
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
-#endif
     __syncthreads();
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    {  // per tap and k16 half ks, one wgmma per 8 x 8 patch p of the warpgroup's 16 x 16 outputs, all 72 in flight
-      const int group = warp >> 2;
-      const uint32_t a_base = slab + group * kTile * pitch * kRowBytes;
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-      for (int tap = 0; tap < kTapsPerDepth; ++tap) {
-        const int kh = tap / 3, kw = tap % 3;
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          const uint64_t b_desc = smem_descriptor(wsm + tap * kChannels * kRowBytes + ks * 32, 512);
-#pragma unroll
-          for (int p = 0; p < kMTiles; ++p) {
-            const int row = (p >> 1) * 8 + kh * DIL, col = (p & 1) * 8 + kw * DIL;
-            const uint32_t a = a_base + (row * pitch + col) * kRowBytes + ks * 32;
-            wgmma_m64n32k16<BF16>(acc[p], smem_descriptor(a, pitch * kRowBytes), b_desc);
-          }
-        }
-      }
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    }
-#else
 #pragma unroll 1  // a loop over kh keeps the fragments of one kernel row live, not all nine taps' (spills)
     for (int kh = 0; kh < 3; ++kh) {
       const uint32_t a_kh = kh * (DIL * pitch * kRowBytes), b_kh = kh * (3 * kChannels * kRowBytes);
@@ -336,7 +339,6 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
         }
       }
     }
-#endif
   }
 
   uint16_t* yn = y + n * ys;
@@ -345,32 +347,144 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // rows 16 (warp % 4) + gid + 8 half of patch mt: image row 2 (warp % 4) + half
-      const int gy = h0 + (warp >> 2) * kTile + (mt >> 1) * 8 + 2 * (warp & 3) + half, gx = w0 + (mt & 1) * 8 + gid;
-#else  // rows gid + 8 half of m16 tile mt: one image row of 16 voxels
+      // rows gid + 8 half of m16 tile mt: one image row of 16 voxels
       const int gy = h0 + warp * kMTiles + mt, gx = w0 + gid + 8 * half;
-#endif
-      if (gy >= H || gx >= W) continue;
-      uint16_t* out = yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        uint32_t* dst = reinterpret_cast<uint32_t*>(out + nt * 8);
-        float lo = acc[mt][nt][2 * half], hi = acc[mt][nt][2 * half + 1];
-        if (accumulate) {
-          const float2 old = unpack2<BF16>(*dst);
-          lo += old.x;
-          hi += old.y;
-        }
-        *dst = pack2<BF16>(lo, hi);
-      }
+      if (gy < H && gx < W)
+        store_voxel<BF16>(yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad, acc[mt], half, accumulate);
     }
   }
   if (stats != nullptr) {  // every tile is full here (the launcher's contract)
     __syncthreads();       // shared memory is free: every warp's last reads of the halo and weights are done
     const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
-    tile_stats<BF16, fwd_warps(TR)>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
+    tile_stats<BF16, fwd_warps(TR), kMTiles>(acc, reinterpret_cast<float*>(smem), stats + row * 2 * kChannels, tid);
   }
 }
+
+// ---- forward / input gradient on sm_90a: a column of output planes per block -----------------------------------
+// Block = one output tile of 8 x 16 voxels (two warpgroups, each one 8 x 8 patch = one m64 tile) in the planes z0, z0 + d, .., z0 + (Z - 1) d of one sample (a column: planes d apart share input planes). It walks
+// the input planes z0 - d .. z0 + Z d once, copying each one's halo tile once, and feeds all three kernel depths from
+// it: per tap, k16 half and patch one wgmma with N = 96, the three depths' 32 output channels, whose 32-column slots
+// 0 / 1 / 2 accumulate the output planes p + d / p / p - d of input plane p (kd = 0 / 1 / 2), 48 float32 registers a
+// thread. After plane p the slot of p - d is complete: it is written (with its tile statistics) and the slots shift. Per wgmma 2 KB of A and 3 KB
+// of B are read for three times the per-depth form's math (2 + 1 KB). All 27 taps' weights stay in shared memory
+// (rows (tap * 3 + kd) * 32 + co, 54 KB). At the column's ends only the slots of its own outputs are computed (N = 32
+// or 64). A and B by shared-memory descriptor, as described at smem_descriptor.
+constexpr int kColRows = 8, kColThreads = 256;
+__host__ __device__ constexpr int col_halo_bytes(int d) { return (kColRows + 2 * d) * halo_pitch(d) * kRowBytes; }
+__host__ __device__ constexpr int col_smem_bytes(int d) {
+  return col_halo_bytes(d) + 3 * kWeightBytes + (kColThreads / 32 + 1) * kChannels * 4;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Slots 0 .. SLOTS - 1 of the patch's accumulators += the input plane's taps (A: the patch's halo from a_base) x the
+// weights of depths KD0 .. KD0 + SLOTS - 1 (B).
+template <bool BF16, int DIL, int SLOTS, int KD0>
+__device__ __forceinline__ void column_plane(float (&acc)[3][4][4], uint32_t a_base, uint32_t wsm) {
+  constexpr int pitch = halo_pitch(DIL);
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int tap = 0; tap < kTapsPerDepth; ++tap) {
+    const int kh = tap / 3, kw = tap % 3;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const uint64_t b_desc = smem_descriptor(wsm + (tap * 3 + KD0) * kChannels * kRowBytes + ks * 32, 512);
+      const uint32_t a = a_base + (kh * DIL * pitch + kw * DIL) * kRowBytes + ks * 32;
+      wgmma_slots<BF16, SLOTS>(acc, smem_descriptor(a, pitch * kRowBytes), b_desc);
+    }
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+#define HMEDN_COL_BOUNDS __launch_bounds__(kColThreads, 2)  // 128 registers a thread
+#else
+#define HMEDN_COL_BOUNDS __launch_bounds__(32)  // no image: the launcher reads this bound and takes conv3x3_kernel
+#endif
+
+template <bool BF16, int DIL>
+__global__ void HMEDN_COL_BOUNDS
+conv3x3_column_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weight, uint16_t* __restrict__ y,
+                      int D, int H, int W, int tiles_w, int planes, int64_t xs, int64_t xv, int64_t ys, int64_t yv,
+                      bool flip, bool accumulate, float* __restrict__ stats) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int pitch = halo_pitch(DIL);
+  extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptors
+  const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t wsm = slab + col_halo_bytes(DIL);
+  float* red = reinterpret_cast<float*>(smem + col_halo_bytes(DIL) + 3 * kWeightBytes);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = warp >> 2;
+  const int h0 = (blockIdx.x / tiles_w) * kColRows, w0 = (blockIdx.x % tiles_w) * kTile;
+  const int z0 = blockIdx.y % DIL + blockIdx.y / DIL * planes * DIL;
+  if (z0 >= D) return;  // block-uniform
+  const int zc = min(planes, (D - 1 - z0) / DIL + 1);  // this column's output planes
+  const int64_t n = blockIdx.z;
+  const uint16_t* xn = x + n * xs;
+  uint16_t* yn = y + n * ys;
+  for (int i = tid; i < 3 * kTapsPerDepth * kChannels * 4; i += kColThreads) {  // committed with the first plane
+    const int row = i >> 2, ch = i & 3, co = row % kChannels, kd = row / kChannels % 3, tap = row / (3 * kChannels);
+    const int src = flip ? (2 - kd) * kTapsPerDepth + kTapsPerDepth - 1 - tap : kd * kTapsPerDepth + tap;
+    cp_async16(wsm + swizzled(row, ch), weight + (src * kChannels + co) * kChannels + ch * 8, true);
+  }
+  const uint32_t a_base = slab + group * 8 * kRowBytes;  // the warpgroup's patch: columns 8 group ..
+  const int gid = lane >> 2, quad = lane & 3;
+  // Copies input plane j of the column into shared memory; false (nothing copied) for a plane outside the volume,
+  // whose zeros add nothing (block-uniform).
+  const auto load_plane = [&](int j) {
+    const int zi = z0 + j * DIL;
+    if (zi < 0 || zi >= D) return false;
+    __syncthreads();  // the previous plane's reads of shared memory are done
+    load_halo<DIL, kColThreads, kColRows>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
+    __syncthreads();
+    return true;
+  };
+  // Writes output plane i of the column from one slot (and its tile statistics).
+  const auto store_plane = [&](int i, const float (&out)[4][4]) {
+    const int z = z0 + i * DIL;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // rows 16 (warp % 4) + gid + 8 half of the patch: image row 2 (warp % 4) + half
+      const int gy = h0 + 2 * (warp & 3) + half, gx = w0 + group * 8 + gid;
+      if (gy < H && gx < W)
+        store_voxel<BF16>(yn + (static_cast<int64_t>(z * H + gy) * W + gx) * yv + 2 * quad, out, half, accumulate);
+    }
+    if (stats != nullptr) {  // every tile is full here (the launcher's contract)
+      const int64_t row = (n * D + z) * gridDim.x + blockIdx.x;
+      tile_stats<BF16, kColThreads / 32, 1>(reinterpret_cast<const float(&)[1][4][4]>(out), red,
+                                           stats + row * 2 * kChannels, tid);
+    }
+  };
+  float acc[3][4][4] = {};
+  // Input planes -1 .. zc - 2: slot s holds output j + 1 - s (depth s); outputs past the column's end are not
+  // computed, so the first two planes fill slots 0 and 0-1. Output j - 1 (slot 2) is then complete.
+  for (int j = -1; j <= zc - 2; ++j) {
+    if (load_plane(j)) {
+      if (j == -1) {
+        column_plane<BF16, DIL, 1, 0>(acc, a_base, wsm);
+      } else if (j == 0) {
+        column_plane<BF16, DIL, 2, 0>(acc, a_base, wsm);
+      } else {
+        column_plane<BF16, DIL, 3, 0>(acc, a_base, wsm);
+      }
+    }
+    if (j >= 1) store_plane(j - 1, acc[2]);
+    if (j == zc - 2) break;  // slots 0 / 1 now hold outputs zc - 1 / zc - 2, as the last two planes take them
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[2][nt][e] = acc[1][nt][e];
+        acc[1][nt][e] = acc[0][nt][e];
+        acc[0][nt][e] = 0.0f;
+      }
+  }
+  // Planes zc - 1 and zc: depths 1-2 into outputs zc - 1 / zc - 2 (slots 0-1), then depth 2 into output zc - 1.
+  if (load_plane(zc - 1)) column_plane<BF16, DIL, 2, 1>(acc, a_base, wsm);
+  if (zc >= 2) store_plane(zc - 2, acc[1]);
+  if (load_plane(zc)) column_plane<BF16, DIL, 1, 2>(acc, a_base, wsm);
+  store_plane(zc - 1, acc[0]);
+#endif
+}
+#undef HMEDN_COL_BOUNDS
 
 // ---- weight gradient ------------------------------------------------------------------------------
 // dW[tap][co][ci] = sum_v dY[v][co] X[v + shift(tap)][ci]. Block (split, kd) walks the output tiles split,
@@ -591,7 +705,7 @@ bool valid(const hmedn_conv3x3_args* a) {
   return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
          aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
          a->y_voxel_stride >= kChannels &&
-         (a->tile_rows == 16 || a->tile_rows == 32) &&
+         (a->tile_rows == kColRows || a->tile_rows == 16 || a->tile_rows == 32) &&
          (a->stats == nullptr || (a->height % a->tile_rows == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
                                   aligned(a->stats, 4)));
 }
@@ -609,13 +723,59 @@ cudaError_t allow_smem(const void* kernel, int bytes) {
 
 int tiles_along(int64_t len, int tile = kTile) { return static_cast<int>((len + tile - 1) / tile); }
 
+// Output planes per column of conv3x3_column_kernel: the fewest (up to 8) whose blocks fit the GPU at once, so that
+// every block is resident, else 8.
+int column_planes(const hmedn_conv3x3_args& a, int tiles, const void* kernel, int threads, int bytes) {
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return 8;
+  }
+  const int64_t chain = (a.depth + a.dilation - 1) / a.dilation;  // output planes d apart
+  for (int z = 1; z < 8; ++z)
+    if (a.batch * tiles * a.dilation * ((chain + z - 1) / z) <= static_cast<int64_t>(sms) * per_sm) return z;
+  return 8;
+}
+
+// Whether this build holds conv3x3_column_kernel's image for the current device (else a stub: its launch bound).
+bool has_column_kernel() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_column_kernel<true, 1>)) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.maxThreadsPerBlock >= kColThreads;
+}
+
+template <bool BF16, int DIL>
+cudaError_t launch_column(const hmedn_conv3x3_args& a, cudaStream_t stream) {
+  if (!has_column_kernel()) return cudaErrorNoKernelImageForDevice;
+  constexpr int bytes = col_smem_bytes(DIL);
+  auto kernel = conv3x3_column_kernel<BF16, DIL>;
+  const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
+  if (err != cudaSuccess) return err;
+  const int tiles_h = tiles_along(a.height, kColRows), tiles_w = tiles_along(a.width);
+  const int planes = column_planes(a, tiles_h * tiles_w, reinterpret_cast<const void*>(kernel), kColThreads, bytes);
+  const int64_t chain = (a.depth + DIL - 1) / DIL;
+  const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(DIL * ((chain + planes - 1) / planes)),
+                  static_cast<unsigned>(a.batch));
+  kernel<<<grid, kColThreads, bytes, stream>>>(
+      static_cast<const uint16_t*>(a.x), static_cast<const uint16_t*>(a.weight), static_cast<uint16_t*>(a.y),
+      static_cast<int>(a.depth), static_cast<int>(a.height), static_cast<int>(a.width), tiles_w, planes,
+      a.x_sample_stride, a.x_voxel_stride, a.y_sample_stride, a.y_voxel_stride, a.flip_taps != 0, a.accumulate != 0,
+      a.stats);
+  return cudaGetLastError();
+}
+
 template <bool BF16, int DIL, int TR>
 cudaError_t launch(const hmedn_conv3x3_args& a, cudaStream_t stream) {
+  const int tiles_h = tiles_along(a.height, TR), tiles_w = tiles_along(a.width);
   constexpr int bytes = smem_bytes(DIL, TR);
   auto kernel = conv3x3_kernel<BF16, DIL, TR>;
   const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
-  const int tiles_h = tiles_along(a.height, TR), tiles_w = tiles_along(a.width);
   const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(a.depth),
                   static_cast<unsigned>(a.batch));
   kernel<<<grid, fwd_threads(TR), bytes, stream>>>(
@@ -671,6 +831,8 @@ extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* 
 
 extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
+extern "C" int hmedn_conv3x3_column_runs_on_current_device(void) { return has_column_kernel() ? 1 : 0; }
+
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};
   const bool ok = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_kernel<true, 1, 16>)) ==
@@ -685,6 +847,8 @@ extern "C" cudaError_t hmedn_conv3x3_cuda(const hmedn_conv3x3_args* a, cudaStrea
   if (!valid(a)) return cudaErrorInvalidValue;
   return with_dilation(a->dilation, [&](auto dil) {
     constexpr int d = decltype(dil)::value;
+    if (a->tile_rows == kColRows)
+      return a->dtype == HMEDN_CONV_BF16 ? launch_column<true, d>(*a, stream) : launch_column<false, d>(*a, stream);
     if (a->tile_rows == 32)
       return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 32>(*a, stream) : launch<false, d, 32>(*a, stream);
     return a->dtype == HMEDN_CONV_BF16 ? launch<true, d, 16>(*a, stream) : launch<false, d, 16>(*a, stream);

@@ -29,7 +29,8 @@ struct hmedn_conv3x3_args {
   int dtype;                // hmedn_conv3x3_dtype
   int flip_taps;            // 1: use tap 26 - t of the packed weight for tap t
   int accumulate;           // 1: y += the convolution (y's values are read, added in float32, rounded once)
-  int tile_rows;            // 16 or 32: each block's output tile is tile_rows x 16 voxels of one plane
+  int tile_rows;            // 8, 16 or 32: each block's output tile is tile_rows x 16 voxels of one plane; 8 = the
+                            // column kernel (sm_90a images: hmedn_conv3x3_column_runs_on_current_device)
   // null, or float32 (batch, depth * (height / tile_rows) * (width / 16), 2, 32) contiguous: for each block's
   // tile_rows x 16 output tile of one plane (row (n * depth + z) * tiles + tile, tiles row-major), the mean and the
   // sum of squared deviations (M2) of each output channel over the tile's outputs as stored (rounded). Needs height
@@ -56,6 +57,10 @@ cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* args, cudaS
 
 // Largest dilation the kernels take (template instances).
 int hmedn_conv3x3_max_dilation(void);
+
+// 1 when this build holds the column kernel (tile_rows 8: output planes d apart share each input plane's copy and
+// all three kernel depths run as one wgmma) for the current device, else 0.
+int hmedn_conv3x3_column_runs_on_current_device(void);
 
 // 1 when this build holds kernel images the current device can run (e.g. 0 on a GPU newer than the build's
 // architectures), else 0.

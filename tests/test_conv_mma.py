@@ -48,17 +48,27 @@ def _random_shapes(count: int, seed: int):
 
 
 def _force_tile_rows(monkeypatch, rows: int) -> None:
-    """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included)."""
-    monkeypatch.setattr(conv_mma, "tile_rows", lambda height, dilation: rows)
+    """Every call below launches the kernel with ``rows``-row output tiles (partial edge tiles included); 8 rows are
+    the column kernel, which only sm_90a builds have (skipped elsewhere, saying so)."""
+    if rows == conv_mma.COLUMN_ROWS and not _ext.extension().conv3x3_mma_column_runs_on(torch.cuda.current_device()):
+        pytest.skip("the column kernel (tile_rows 8) needs an sm_90a build on an sm_90 GPU")
+    monkeypatch.setattr(conv_mma, "tile_rows", lambda height, dilation, device: rows)
 
 
-def test_tile_rows_rule():
-    assert [conv_mma.tile_rows(h, 4) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
-    assert [conv_mma.tile_rows(64, d) for d in (1, 2, 3, 4, 6)] == [16, 32, 32, 32, 32]
+def test_tile_rows_rule(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [conv_mma.tile_rows(h, 4, cpu) for h in (16, 32, 48, 64, 5)] == [16, 32, 16, 32, 16]
+    assert [conv_mma.tile_rows(64, d, cpu) for d in (1, 2, 3, 4, 6)] == [16, 32, 32, 32, 32]
+    monkeypatch.setattr(conv_mma, "_built", lambda: True)
+    monkeypatch.setattr(conv_mma, "_column_runs_on", lambda device: device == 0)
+    assert [conv_mma.tile_rows(h, d, gpu) for h, d in ((16, 1), (64, 2), (5, 6))] == [8, 8, 8]
+    assert conv_mma.tile_rows(64, 2, torch.device("cuda", 1)) == 32
+    monkeypatch.setattr(conv_mma, "COLUMNS", False)
+    assert conv_mma.tile_rows(64, 2, gpu) == 32
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows", [16, 32])
+@pytest.mark.parametrize("rows", [8, 16, 32])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_and_input_grad_match_float64(seed, dtype, rows, monkeypatch):
@@ -74,6 +84,26 @@ def test_forward_and_input_grad_match_float64(seed, dtype, rows, monkeypatch):
         xd = x.double().requires_grad_()
         F.conv3d(xd, w.double(), padding=d, dilation=d).backward(x.double())
         assert_rounded_once(conv_mma.conv3x3_input_grad(x, w, d), xd.grad, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, size, d", [(2, (45, 64, 48), 3), (1, (64, 64, 64), 1), (1, (20, 24, 40), 6),
+                                        (3, (9, 16, 16), 2)])
+def test_column_kernel_on_long_columns(n, size, d, monkeypatch):
+    """The column kernel on volumes large enough for columns of up to 8 output planes (the launcher's choice), chains
+    of uneven length (depth not a multiple of the dilation or of the column), forward, input gradient and the input
+    gradient added into a buffer, each against float64 rounded once."""
+    _force_tile_rows(monkeypatch, conv_mma.COLUMN_ROWS)
+    x, w = _case(n, size, torch.bfloat16, d)
+    want = F.conv3d(x.double(), w.double(), padding=d, dilation=d)
+    assert_rounded_once(conv_mma.conv3x3_forward(x, w, d, out=torch.full_like(x, float("nan"))), want,
+                        torch.bfloat16)
+    xd = x.double().requires_grad_()
+    F.conv3d(xd, w.double(), padding=d, dilation=d).backward(x.double())
+    assert_rounded_once(conv_mma.conv3x3_input_grad(x, w, d), xd.grad, torch.bfloat16)
+    base = torch.randn_like(x, dtype=torch.float32).bfloat16().contiguous(memory_format=CL)
+    got = conv_mma.conv3x3_input_grad(x, w, d, add_to=base.clone())
+    assert_rounded_once(got, xd.grad + base.double(), torch.bfloat16)
 
 
 @pytest.mark.cuda
@@ -209,14 +239,14 @@ def _tile_statistics(y: torch.Tensor, rows: int = 16) -> torch.Tensor:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tall", [False, True])
+@pytest.mark.parametrize("rows", [8, 16, 32])
 @pytest.mark.parametrize("d", [1, 2, 5])
-def test_forward_writes_tile_statistics(d, tall, monkeypatch):
-    """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference, for 16- and
-    32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics shape and the extension
-    refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows other than 16 / 32."""
-    monkeypatch.setattr(conv_mma, "TALL_TILES", tall)
-    rows = 32 if tall and d >= 2 else 16
+def test_forward_writes_tile_statistics(d, rows, monkeypatch):
+    """``stats``: every tile's per-channel mean and M2 of the stored (rounded) outputs, float64 reference, for 8-
+    (column kernel), 16- and 32-row tiles; poisoned buffer fully written; H or W not a multiple of 16 has no statistics
+    shape and the extension refuses it, as it refuses a height that is not a multiple of the tile rows and tile rows
+    other than 8 / 16 / 32."""
+    _force_tile_rows(monkeypatch, rows)
     x, w = _case(2, (5, 32, 48), torch.bfloat16, d)
     shape = conv_mma.tile_stats_shape(x, d)
     assert shape == (2, 5 * (32 // rows) * 3, 2, 32)
@@ -238,19 +268,21 @@ def test_forward_writes_tile_statistics(d, tall, monkeypatch):
     with pytest.raises(ValueError, match="tile_rows"):
         ext.conv3x3_mma_(short, packed, torch.empty_like(short), d, False, False,
                          torch.empty(2, 15, 2, 32, device="cuda"), 32)
-    with pytest.raises(ValueError, match="tile_rows must be 16 or 32"):
-        ext.conv3x3_mma_(x, packed, torch.empty_like(x), d, False, False, None, 8)
+    with pytest.raises(ValueError, match="tile_rows must be 8, 16 or 32"):
+        ext.conv3x3_mma_(x, packed, torch.empty_like(x), d, False, False, None, 12)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("size, d, rows", [((4, 16, 32), 2, 16), ((3, 32, 16), 4, 32)])
-def test_conv_forward_hands_over_statistics_only_from_the_kernel(size, d, rows):
-    """conv_forward(stats=True): (y, part) with the kernel's tile statistics (16- and 32-row tiles) when the CUDA
-    kernel runs, None from the other backends; a batch norm fed with them normalises as with its own reduce pass."""
+@pytest.mark.parametrize("size, d", [((4, 16, 32), 2), ((3, 32, 16), 4)])
+def test_conv_forward_hands_over_statistics_only_from_the_kernel(size, d):
+    """conv_forward(stats=True): (y, part) with the kernel's tile statistics (of the tiles tile_rows picks for the GPU)
+    when the CUDA kernel runs, None from the other backends; a batch norm fed with them normalises as with its own
+    reduce pass."""
     from hmedn_fast.ops.conv import conv_forward
     from hmedn_fast.ops.triton import norm as kernels
 
     x, w = _case(1, size, torch.bfloat16, 3)
+    rows = conv_mma.tile_rows(size[1], d, x.device)
     args = ([1] * 3, [d] * 3, [d] * 3, 1)
     y, part = conv_forward(x, w, *args, backend="cuda", stats=True)
     assert part is not None and part.shape == (1, size[0] * size[1] // rows * size[2] // 16, 2, 32)

@@ -29,6 +29,15 @@ def _runs_on(device: int) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0) and _ext.extension().conv3x3_mma_runs_on(device)
 
 
+@functools.cache
+def _column_runs_on(device: int) -> bool:
+    return _ext.extension().conv3x3_mma_column_runs_on(device)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _built() -> bool:
     """Whether the extension was built with its CUDA convolution kernels."""
     ext = _ext.extension()
@@ -37,8 +46,7 @@ def _built() -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether the extension's CUDA convolution kernels can run on ``device`` (a CUDA device)."""
-    return _built() and device.type == "cuda" and _runs_on(
-        device.index if device.index is not None else torch.cuda.current_device())
+    return _built() and device.type == "cuda" and _runs_on(_index(device))
 
 
 def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
@@ -52,7 +60,7 @@ def _volume_unsupported(t: Tensor, name: str, dilation: int) -> str | None:
         return f"{name} must be bfloat16 or float16"
     if t.ndim != 5 or t.shape[1] != CHANNELS:
         return "only 3x3x3 convolutions of 32 -> 32 channels"
-    if not _runs_on(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+    if not _runs_on(_index(t.device)):
         return "the extension has no kernel image for this GPU (compute capability 8.0 or newer, built for it)"
     vs = voxel_stride(t)
     if vs is None or vs % 8 or t.data_ptr() % 16 or t.numel() == 0:
@@ -89,16 +97,21 @@ def wgrad_unsupported(grad: Tensor, x: Tensor, dilation: int) -> str | None:
     return reason
 
 
-TILE = 16  # the kernel's output tile width, and its height unless tall tiles are taken
+TILE = 16  # the kernel's output tile width, and its height unless tall tiles or columns are taken
 TALL_TILES = True  # 32-row output tiles where tile_rows says so (benchmarks switch it off to compare)
+COLUMNS = True  # the column kernel where the build has it for the device (benchmarks switch it off to compare)
+COLUMN_ROWS = 8
 
 
-def tile_rows(height: int, dilation: int) -> int:
-    """Rows of the kernel's output tiles for volumes of this height at this dilation: 32 where ``height`` is a
-    multiple of 32 and ``dilation`` >= 2, else 16. A 32 x 16 tile (8 warps, 2 blocks per SM) copies fewer halo rows
-    and weights per output than a 16 x 16 one (4 warps, 4 blocks per SM), which pays from dilation 2 on H200s since the
-    forward reads its A operand by wgmma descriptor (``benchmarks/results/ab_desc_*_nvidia_h200_s36.json``,
-    ``ab_wgrad2_*_nvidia_h200_s36.json``; numbers in ``docs/decisions/blocks.md``, stops 35-36)."""
+def tile_rows(height: int, dilation: int, device: torch.device) -> int:
+    """Rows of the kernel's output tiles for volumes of this height at this dilation on ``device``:
+    :data:`COLUMN_ROWS` (8) where the extension has the column kernel for the device (sm_90a builds): each block
+    computes output planes ``dilation`` apart from one copy of each input plane, all three kernel depths as one wgmma.
+    Otherwise the per-depth kernel: 32 where ``height`` is a multiple of 32 and ``dilation`` >= 2, else 16. A 32 x 16
+    tile (8 warps, 2 blocks per SM) copies fewer halo rows and weights per output than a 16 x 16 one (numbers in
+    ``docs/decisions/blocks.md``, stops 35-37)."""
+    if COLUMNS and device.type == "cuda" and _built() and _column_runs_on(_index(device)):
+        return COLUMN_ROWS
     return 32 if TALL_TILES and height % 32 == 0 and dilation >= 2 else TILE
 
 
@@ -107,18 +120,18 @@ def _run(x: Tensor, packed: Tensor, dilation: int, out: Tensor | None, flip: boo
     if out is None:
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
     _ext.extension().conv3x3_mma_(x, packed, out, int(dilation), flip, accumulate, stats,
-                                  tile_rows(x.shape[3], int(dilation)))
+                                  tile_rows(x.shape[3], int(dilation), x.device))
     return out
 
 
 def tile_stats_shape(x: Tensor, dilation: int) -> tuple[int, int, int, int] | None:
     """Shape of the per-tile statistics :func:`conv3x3_forward` can write for input ``x`` (N, 32, D, H, W) at this
-    dilation: (N, D * H / R * W / 16, 2, 32) with R = :func:`tile_rows` (H, dilation), or None when H or W is not a
-    multiple of 16 (edge tiles would be partial)."""
+    dilation: (N, D * H / R * W / 16, 2, 32) with R = :func:`tile_rows` (H, dilation, x's device), or None when H or
+    W is not a multiple of 16 (edge tiles would be partial)."""
     n, _, d, h, w = x.shape
     if h % TILE or w % TILE:
         return None
-    return n, d * (h // tile_rows(h, dilation)) * (w // TILE), 2, CHANNELS
+    return n, d * (h // tile_rows(h, dilation, x.device)) * (w // TILE), 2, CHANNELS
 
 
 def _packed(packed: Tensor | None, weight: Tensor, dtype: torch.dtype, in_first: bool) -> Tensor:
@@ -144,7 +157,7 @@ def conv3x3_forward(x: Tensor, weight: Tensor, dilation: int, out: Tensor | None
         out: None, or an (N, 32, D, H, W) tensor of x's dtype with channels innermost (e.g. a channel slice of a
             channels-last buffer) to write into.
         stats: None, or a float32 tensor of :func:`tile_stats_shape` (x's H and W multiples of 16) that receives, for
-            each R x 16 output tile of each plane (R = :func:`tile_rows` (H, dilation); row ``(n * D + z) * tiles +
+            each R x 16 output tile of each plane (R = :func:`tile_rows` (H, dilation, device); row ``(n * D + z) * tiles +
             tile``), every channel's mean and sum of squared deviations over the tile's outputs as stored: a batch
             norm's statistics without reading the output again (the layout of
             :func:`hmedn_fast.ops.triton.norm.forward`'s ``part``).
