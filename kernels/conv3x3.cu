@@ -41,6 +41,7 @@ __host__ __device__ constexpr int fwd_threads(int tr) { return 32 * fwd_warps(tr
 constexpr int kTapsPerDepth = 9;
 constexpr int kWeightBytes = kTapsPerDepth * kChannels * kRowBytes;
 constexpr int kMaxDilation = 6;           // template instances
+constexpr int kSmemPerSM = 227 * 1024;    // shared memory a block may take (sm_80 / sm_90: 227 KB of 228)
 
 __host__ __device__ constexpr int halo_side(int d) { return kTile + 2 * d; }
 __host__ __device__ constexpr int halo_pitch(int d) { return (halo_side(d) + 7) / 8 * 8; }  // voxels per row
@@ -371,9 +372,12 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
 // or 64). A and B by shared-memory descriptor, as described at smem_descriptor.
 constexpr int kColRows = 8, kColThreads = 256;
 __host__ __device__ constexpr int col_halo_bytes(int d) { return (kColRows + 2 * d) * halo_pitch(d) * kRowBytes; }
-__host__ __device__ constexpr int col_smem_bytes(int d) {
-  return col_halo_bytes(d) + 3 * kWeightBytes + (kColThreads / 32 + 1) * kChannels * 4;
+__host__ __device__ constexpr int col_fixed_bytes() { return 3 * kWeightBytes + (kColThreads / 32 + 1) * kChannels * 4; }
+// Two halo stages (the next plane copied while the current one's math runs) where two blocks of them fit an SM.
+__host__ __device__ constexpr int col_stages(int d) {
+  return 2 * (2 * col_halo_bytes(d) + col_fixed_bytes() + 1024) <= kSmemPerSM + 1024 ? 2 : 1;
 }
+__host__ __device__ constexpr int col_smem_bytes(int d) { return col_stages(d) * col_halo_bytes(d) + col_fixed_bytes(); }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Slots 0 .. SLOTS - 1 of the patch's accumulators += the input plane's taps (A: the patch's halo from a_base) x the
@@ -409,8 +413,9 @@ conv3x3_column_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
   constexpr int pitch = halo_pitch(DIL);
   extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptors
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t wsm = slab + col_halo_bytes(DIL);
-  float* red = reinterpret_cast<float*>(smem + col_halo_bytes(DIL) + 3 * kWeightBytes);
+  constexpr int kStages = col_stages(DIL), kHalo = col_halo_bytes(DIL);
+  const uint32_t wsm = slab + kStages * kHalo;
+  float* red = reinterpret_cast<float*>(smem + kStages * kHalo + 3 * kWeightBytes);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, group = warp >> 2;
   const int h0 = (blockIdx.x / tiles_w) * kColRows, w0 = (blockIdx.x % tiles_w) * kTile;
   const int z0 = blockIdx.y % DIL + blockIdx.y / DIL * planes * DIL;
@@ -419,25 +424,42 @@ conv3x3_column_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
   const int64_t n = blockIdx.z;
   const uint16_t* xn = x + n * xs;
   uint16_t* yn = y + n * ys;
+  // Input planes j of the column in the volume: jlo .. jhi (the others' zeros add nothing).
+  const int jlo = z0 - DIL < 0 ? 0 : -1, jhi = z0 + zc * DIL >= D ? zc - 1 : zc;
+  const auto copy_plane = [&](int j) {  // into stage (j - jlo) % kStages
+    load_halo<DIL, kColThreads, kColRows>(slab + ((j - jlo) % kStages) * kHalo,
+                                          xn + static_cast<int64_t>(z0 + j * DIL) * H * W * xv, x, h0, w0, H, W, xv);
+  };
   for (int i = tid; i < 3 * kTapsPerDepth * kChannels * 4; i += kColThreads) {  // committed with the first plane
     const int row = i >> 2, ch = i & 3, co = row % kChannels, kd = row / kChannels % 3, tap = row / (3 * kChannels);
     const int src = flip ? (2 - kd) * kTapsPerDepth + kTapsPerDepth - 1 - tap : kd * kTapsPerDepth + tap;
     cp_async16(wsm + swizzled(row, ch), weight + (src * kChannels + co) * kChannels + ch * 8, true);
   }
-  const uint32_t a_base = slab + group * 8 * kRowBytes;  // the warpgroup's patch: columns 8 group ..
+  if (kStages == 2) {
+    copy_plane(jlo);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
   const int gid = lane >> 2, quad = lane & 3;
-  // Copies input plane j of the column into shared memory; false (nothing copied) for a plane outside the volume,
-  // whose zeros add nothing (block-uniform).
-  const auto load_plane = [&](int j) {
-    const int zi = z0 + j * DIL;
-    if (zi < 0 || zi >= D) return false;
-    __syncthreads();  // the previous plane's reads of shared memory are done
-    load_halo<DIL, kColThreads, kColRows>(slab, xn + static_cast<int64_t>(zi) * H * W * xv, x, h0, w0, H, W, xv);
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  // Makes input plane j ready in shared memory; false for a plane outside the volume (block-uniform). With two
+  // stages, plane j + 1's copy starts first.
+  const auto ready_plane = [&](int j) {
+    if (j < jlo || j > jhi) return false;
+    __syncthreads();  // every warp's reads of the stage this copy overwrites (plane j - 1's, or j - 2's) are done
+    if (kStages == 1) {
+      copy_plane(j);
+      asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    } else if (j < jhi) {
+      copy_plane(j + 1);
+      asm volatile("cp.async.commit_group;\ncp.async.wait_group 1;\n" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the copies, visible to wgmma's reads
     __syncthreads();
     return true;
   };
+  // The warpgroup's A base in plane j's stage: its patch, columns 8 group ..
+  const auto a_base = [&](int j) { return slab + ((j - jlo) % kStages) * kHalo + group * 8 * kRowBytes; };
   // Writes output plane i of the column from one slot (and its tile statistics).
   const auto store_plane = [&](int i, const float (&out)[4][4]) {
     const int z = z0 + i * DIL;
@@ -457,13 +479,13 @@ conv3x3_column_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
   // Input planes -1 .. zc - 2: slot s holds output j + 1 - s (depth s); outputs past the column's end are not
   // computed, so the first two planes fill slots 0 and 0-1. Output j - 1 (slot 2) is then complete.
   for (int j = -1; j <= zc - 2; ++j) {
-    if (load_plane(j)) {
+    if (ready_plane(j)) {
       if (j == -1) {
-        column_plane<BF16, DIL, 1, 0>(acc, a_base, wsm);
+        column_plane<BF16, DIL, 1, 0>(acc, a_base(j), wsm);
       } else if (j == 0) {
-        column_plane<BF16, DIL, 2, 0>(acc, a_base, wsm);
+        column_plane<BF16, DIL, 2, 0>(acc, a_base(j), wsm);
       } else {
-        column_plane<BF16, DIL, 3, 0>(acc, a_base, wsm);
+        column_plane<BF16, DIL, 3, 0>(acc, a_base(j), wsm);
       }
     }
     if (j >= 1) store_plane(j - 1, acc[2]);
@@ -478,9 +500,9 @@ conv3x3_column_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict
       }
   }
   // Planes zc - 1 and zc: depths 1-2 into outputs zc - 1 / zc - 2 (slots 0-1), then depth 2 into output zc - 1.
-  if (load_plane(zc - 1)) column_plane<BF16, DIL, 2, 1>(acc, a_base, wsm);
+  if (ready_plane(zc - 1)) column_plane<BF16, DIL, 2, 1>(acc, a_base(zc - 1), wsm);
   if (zc >= 2) store_plane(zc - 2, acc[1]);
-  if (load_plane(zc)) column_plane<BF16, DIL, 1, 2>(acc, a_base, wsm);
+  if (ready_plane(zc)) column_plane<BF16, DIL, 1, 2>(acc, a_base(zc), wsm);
   store_plane(zc - 1, acc[0]);
 #endif
 }
@@ -509,7 +531,6 @@ constexpr int kTapPairs = (kTapsPerDepth + 1) / 2;
 #define HMEDN_WGRAD_THREADS kWgradThreadsMma
 #endif
 constexpr int kTileBytes = kTile * kTile * kRowBytes;
-constexpr int kSmemPerSM = 227 * 1024;
 __host__ __device__ constexpr int wgrad_stage_bytes(int d) { return halo_side(d) * halo_pitch(d) * kRowBytes + kTileBytes; }
 __host__ __device__ constexpr int wgrad_stages(int d) { return 2 * 2 * wgrad_stage_bytes(d) <= kSmemPerSM ? 2 : 1; }
 __host__ __device__ constexpr int wgrad_smem_bytes(int d) {
