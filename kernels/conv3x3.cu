@@ -14,12 +14,10 @@
 // a 1024-byte-aligned base). The halo tile's rows are padded to a multiple of 8 voxels and the dilation is a template
 // parameter, so the permutation of a tap's rows depends on the lane and kw only: six per-lane offsets, and every
 // ldmatrix address is one of them plus a per-kh base plus an immediate.
-// Compiled for sm_90a, the math is wgmma with both operands by shared-memory descriptor: each 4 warps are one
-// warpgroup, whose 16 x 16 outputs are four 8 x 8 patches, one m64 tile each (its 8-row core matrices = the patch's
-// image rows, one halo row apart); a tap's shift only moves the descriptor's start address (base offset 0: the
-// swizzle is of absolute address bits). Per depth 72 m64n32k16 wgmmas are in flight; the accumulator rows map to the
-// patches' voxels in the epilogue. The kernel is bound by shared-memory bandwidth and latency (2 KB of A and 1 KB of
-// B read per wgmma; ~60 % of that bandwidth used: docs/decisions/blocks.md, stops 35-36).
+// On sm_90a (tile_rows 8) the column kernel below runs instead: it copies each input plane once for the output
+// planes d apart that read it and computes all three kernel depths as one wgmma of N = 96 (see its comment); it reads
+// 5 KB of shared memory per three m64n32k16 units of math where this kernel's wgmma form read 9 (stops 36-37 of
+// docs/decisions/blocks.md).
 #include "conv3x3.cuh"
 
 #include <cuda_bf16.h>

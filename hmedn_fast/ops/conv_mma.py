@@ -1,7 +1,8 @@
 """Tensor-core 3x3x3 convolution of the HR pathway's shape (``kernels/conv3x3.cu``, CUDA builds of the extension):
 "same" padding, stride 1, 32 -> 32 channels, bf16/fp16 channels-last volumes, float32 accumulation. Each block
-copies an input plane with its halo into shared memory once per kernel depth and feeds all nine in-plane taps from
-it (the Triton kernels load every shifted tile separately).
+copies an input plane with its halo into shared memory and feeds all nine in-plane taps from it (the Triton kernels
+load every shifted tile separately): once per kernel depth, or, in the column kernel of sm_90a builds, once for the
+three output planes it feeds (:func:`tile_rows`).
 
 :func:`conv3x3_forward` is ``F.conv3d(x, weight, padding=d, dilation=d)``; :func:`conv3x3_input_grad` its input
 gradient (the same kernel on the flipped, channel-swapped weight); :func:`conv3x3_wgrad` its weight gradient (a second
