@@ -133,6 +133,13 @@ void conv3x3_mma_wgrad_(const at::Tensor& x, const at::Tensor& grad, const at::T
                "16-byte aligned x and grad, voxel strides multiples of 8");
 }
 
+// query() != 0 with `device` current (the launcher's queries answer for the current device).
+template <int (*query)()>
+bool on_device(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return query() != 0;
+}
+
 }  // namespace
 
 void bind_conv3x3(pybind11::module_& m) {
@@ -148,20 +155,10 @@ void bind_conv3x3(pybind11::module_& m) {
         pybind11::arg("dilation"),
         "Weight gradient of conv3x3_mma_'s convolution as per-split partial sums part (splits, 27 taps, 32 out, 32 in).");
   m.def("conv3x3_mma_max_dilation", &hmedn_conv3x3_max_dilation, "Largest dilation conv3x3_mma_ takes.");
-  m.def(
-      "conv3x3_mma_column_runs_on",
-      [](int64_t device) {
-        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-        return hmedn_conv3x3_column_runs_on_current_device() != 0;
-      },
-      pybind11::arg("device"), "Whether the build has the column kernel (tile_rows 8) for this CUDA device.");
-  m.def(
-      "conv3x3_mma_runs_on",
-      [](int64_t device) {
-        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-        return hmedn_conv3x3_runs_on_current_device() != 0;
-      },
-      pybind11::arg("device"), "Whether the build has kernel images this CUDA device can run.");
+  m.def("conv3x3_mma_column_runs_on", on_device<hmedn_conv3x3_column_runs_on_current_device>, pybind11::arg("device"),
+        "Whether the build has the column kernel (tile_rows 8) for this CUDA device.");
+  m.def("conv3x3_mma_runs_on", on_device<hmedn_conv3x3_runs_on_current_device>, pybind11::arg("device"),
+        "Whether the build has kernel images this CUDA device can run.");
 }
 
 }  // namespace hmedn
