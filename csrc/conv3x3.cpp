@@ -4,6 +4,7 @@
 // outputs.
 #ifdef HMEDN_WITH_CUDA
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
@@ -98,6 +99,7 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK_VALUE(tile_rows != 8 || hmedn_conv3x3_column_runs_on_current_device() != 0, op,
                     ": tile_rows 8 is the column kernel, which this build lacks for this GPU (it needs an sm_90a image)");
   a.tile_rows = static_cast<int>(tile_rows);
+  a.multiprocessors = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // torch's cached properties
   if (stats.has_value()) {
     const int64_t tiles = x.size(2) * (x.size(3) / tile_rows) * (x.size(4) / 16);
     TORCH_CHECK_VALUE(!accumulate && x.size(3) % tile_rows == 0 && x.size(4) % 16 == 0, op,

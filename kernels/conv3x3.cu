@@ -724,7 +724,7 @@ bool valid(const hmedn_conv3x3_args* a) {
   return a != nullptr && valid_volume(*a) && a->weight != nullptr && a->y != nullptr && aligned(a->weight, 16) &&
          aligned(a->y, 4) && a->y_voxel_stride % 2 == 0 && a->y_sample_stride % 2 == 0 &&
          a->y_voxel_stride >= kChannels &&
-         (a->tile_rows == kColRows || a->tile_rows == 16 || a->tile_rows == 32) &&
+         (a->tile_rows == 16 || a->tile_rows == 32 || (a->tile_rows == kColRows && a->multiprocessors >= 1)) &&
          (a->stats == nullptr || (a->height % a->tile_rows == 0 && a->width % kTile == 0 && a->accumulate == 0 &&
                                   aligned(a->stats, 4)));
 }
@@ -742,26 +742,27 @@ cudaError_t allow_smem(const void* kernel, int bytes) {
 
 int tiles_along(int64_t len, int tile = kTile) { return static_cast<int>((len + tile - 1) / tile); }
 
-// Output planes per column of conv3x3_column_kernel: the fewest (up to 8) whose blocks fit the GPU at once, so that
-// every block is resident, else 8.
-int column_planes(const hmedn_conv3x3_args& a, int tiles, const void* kernel, int threads, int bytes) {
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes) != cudaSuccess) {
-    cudaGetLastError();
-    return 8;
-  }
+constexpr bool two_columns_per_sm(int d) {
+  return d > kMaxDilation || (2 * (col_smem_bytes(d) + 1024) <= kSmemPerSM + 1024 && two_columns_per_sm(d + 1));
+}
+
+// Output planes per column of conv3x3_column_kernel: the fewest (up to 8) whose blocks are all resident at once (2
+// blocks per SM: launch bound and shared memory), else 8. Only arithmetic: no CUDA call, so the first launch is as
+// safe inside a CUDA graph capture as any other.
+int column_planes(const hmedn_conv3x3_args& a, int tiles) {
+  constexpr int kBlocksPerSM = 2;
+  static_assert(two_columns_per_sm(1), "two blocks of the column kernel fit an SM's shared memory at every dilation");
   const int64_t chain = (a.depth + a.dilation - 1) / a.dilation;  // output planes d apart
   for (int z = 1; z < 8; ++z)
-    if (a.batch * tiles * a.dilation * ((chain + z - 1) / z) <= static_cast<int64_t>(sms) * per_sm) return z;
+    if (a.batch * tiles * a.dilation * ((chain + z - 1) / z) <= int64_t{kBlocksPerSM} * a.multiprocessors) return z;
   return 8;
 }
 
-// Whether this build holds conv3x3_column_kernel's image for the current device (else a stub: its launch bound).
-bool has_column_kernel() {
+// Whether the image of `kernel` (a conv3x3_column_kernel instance) for the current device is the real kernel, not the
+// stub of other architectures (its launch bound says which).
+bool is_column_image(const void* kernel) {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv3x3_column_kernel<true, 1>)) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -770,13 +771,13 @@ bool has_column_kernel() {
 
 template <bool BF16, int DIL>
 cudaError_t launch_column(const hmedn_conv3x3_args& a, cudaStream_t stream) {
-  if (!has_column_kernel()) return cudaErrorNoKernelImageForDevice;
   constexpr int bytes = col_smem_bytes(DIL);
   auto kernel = conv3x3_column_kernel<BF16, DIL>;
+  if (!is_column_image(reinterpret_cast<const void*>(kernel))) return cudaErrorNoKernelImageForDevice;
   const cudaError_t err = allow_smem(reinterpret_cast<const void*>(kernel), bytes);
   if (err != cudaSuccess) return err;
   const int tiles_h = tiles_along(a.height, kColRows), tiles_w = tiles_along(a.width);
-  const int planes = column_planes(a, tiles_h * tiles_w, reinterpret_cast<const void*>(kernel), kColThreads, bytes);
+  const int planes = column_planes(a, tiles_h * tiles_w);
   const int64_t chain = (a.depth + DIL - 1) / DIL;
   const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w), static_cast<unsigned>(DIL * ((chain + planes - 1) / planes)),
                   static_cast<unsigned>(a.batch));
@@ -850,7 +851,9 @@ extern "C" cudaError_t hmedn_conv3x3_wgrad_cuda(const hmedn_conv3x3_wgrad_args* 
 
 extern "C" int hmedn_conv3x3_max_dilation(void) { return kMaxDilation; }
 
-extern "C" int hmedn_conv3x3_column_runs_on_current_device(void) { return has_column_kernel() ? 1 : 0; }
+extern "C" int hmedn_conv3x3_column_runs_on_current_device(void) {
+  return is_column_image(reinterpret_cast<const void*>(conv3x3_column_kernel<true, 1>)) ? 1 : 0;
+}
 
 extern "C" int hmedn_conv3x3_runs_on_current_device(void) {
   cudaFuncAttributes attr{};

@@ -31,6 +31,7 @@ struct hmedn_conv3x3_args {
   int accumulate;           // 1: y += the convolution (y's values are read, added in float32, rounded once)
   int tile_rows;            // 8, 16 or 32: each block's output tile is tile_rows x 16 voxels of one plane; 8 = the
                             // column kernel (sm_90a images: hmedn_conv3x3_column_runs_on_current_device)
+  int multiprocessors;      // the device's SM count (sizes the column kernel's grid; needed for tile_rows 8)
   // null, or float32 (batch, depth * (height / tile_rows) * (width / 16), 2, 32) contiguous: for each block's
   // tile_rows x 16 output tile of one plane (row (n * depth + z) * tiles + tile, tiles row-major), the mean and the
   // sum of squared deviations (M2) of each output channel over the tile's outputs as stored (rounded). Needs height

@@ -5,6 +5,10 @@ the kernel runs, writes into a channel slice of a wider buffer (the other channe
 the binding's errors. The kernel runs on CUDA only (marked ``cuda``); the CPU tests cover ``unsupported``."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,6 +108,35 @@ def test_column_kernel_on_long_columns(n, size, d, monkeypatch):
     base = torch.randn_like(x, dtype=torch.float32).bfloat16().contiguous(memory_format=CL)
     got = conv_mma.conv3x3_input_grad(x, w, d, add_to=base.clone())
     assert_rounded_once(got, xd.grad + base.double(), torch.bfloat16)
+
+
+_FIRST_LAUNCH_IN_CAPTURE = textwrap.dedent("""
+    import torch
+    from hmedn_fast.ops import conv_mma
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, 7, 16, 24, generator=g).half().cuda().contiguous(memory_format=torch.channels_last_3d)
+    w = (torch.randn(32, 32, 3, 3, 3, generator=g) / 30).half().cuda()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the process's first use of the kernels
+        y = conv_mma.conv3x3_forward(x, w, 3)
+        gi = conv_mma.conv3x3_input_grad(x, w, 3)
+    x.copy_(torch.randn(x.shape, generator=g).half())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, conv_mma.conv3x3_forward(x, w, 3)), "forward replay differs from eager"
+    assert torch.equal(gi, conv_mma.conv3x3_input_grad(x, w, 3)), "input gradient replay differs from eager"
+    print("rows", conv_mma.tile_rows(16, 3, x.device))
+""")
+
+
+@pytest.mark.cuda
+def test_first_launch_inside_a_cuda_graph_capture():
+    """A process's first launch of the kernels may come while a CUDA graph is captured (checkpoint="auto" runs "none"
+    eagerly and captures "lean"): in a fresh process the first forward and input gradient (fp16, dilation 3) are
+    captured without invalidating the capture, and replays on new inputs equal eager calls bit for bit."""
+    run = subprocess.run([sys.executable, "-c", _FIRST_LAUNCH_IN_CAPTURE], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("rows ")
 
 
 @pytest.mark.cuda
