@@ -131,6 +131,10 @@ __device__ __forceinline__ void wgmma_slots(float (&acc)[3][4][4], uint64_t a_de
 #undef HMEDN_WGMMA_BOTH
 #undef HMEDN_WGMMA_TYPED
 }
+#undef HMEDN_R48
+#undef HMEDN_R32
+#undef HMEDN_R16
+#undef HMEDN_ACC
 
 // d (64 x 32, as above) += a (registers: this warp's 16 m rows x 16 k, the mma.m16n8k16 A fragment) x B (16 k x 32
 // n by descriptor, MN-major: rows of 32 n values along k, "transposed").
