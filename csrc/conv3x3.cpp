@@ -74,6 +74,8 @@ void fill_volume(Args& a, const at::Tensor& x, int64_t dilation) {
 
 void check_launch(const char* op, cudaError_t err, const char* contract) {
   TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, op, ": tensors outside the kernel's contract (", contract, ")");
+  TORCH_CHECK_VALUE(err != cudaErrorNoKernelImageForDevice, op, ": this build has no image of the kernel for this GPU (the "
+                    "column kernel, tile_rows 8, exists in sm_90a images only)");
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
@@ -96,8 +98,6 @@ void conv3x3_mma_(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   a.accumulate = accumulate ? 1 : 0;
   TORCH_CHECK_VALUE(tile_rows == 8 || tile_rows == 16 || tile_rows == 32, op, ": tile_rows must be 8, 16 or 32, got ",
                     std::to_string(tile_rows));
-  TORCH_CHECK_VALUE(tile_rows != 8 || hmedn_conv3x3_column_runs_on_current_device() != 0, op,
-                    ": tile_rows 8 is the column kernel, which this build lacks for this GPU (it needs an sm_90a image)");
   a.tile_rows = static_cast<int>(tile_rows);
   a.multiprocessors = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // torch's cached properties
   if (stats.has_value()) {

@@ -283,7 +283,7 @@ conv3x3_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ weig
                int D, int H, int W, int tiles_w, int64_t xs, int64_t xv, int64_t ys, int64_t yv, bool flip,
                bool accumulate, float* __restrict__ stats) {
   constexpr int pitch = halo_pitch(DIL), kThreads = fwd_threads(TR);
-  extern __shared__ __align__(1024) unsigned char smem[];  // 512-byte swizzle atoms for wgmma's descriptor
+  extern __shared__ __align__(1024) unsigned char smem[];  // the chunk permutation counts rows from here
   const uint32_t slab = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t wsm = slab + (TR + 2 * DIL) * pitch * kRowBytes;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -183,16 +183,16 @@ def offsets_fit_int32(t: Tensor, voxel_stride: int) -> bool:
 
 
 class _Conv1x1AddTriton(torch.autograd.Function):
-    """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight.
-    With a sink, ``weight`` is the wide weight and the term uses input channels ``start ..``; with a meet, x's
-    gradient is shared with another backward (:class:`~hmedn_fast.ops.grad_meet.GradMeet`)."""
+    """One Triton launch forward, one backward (+ a sum of the weight-gradient partials); saves x and the weight the
+    term uses. With a sink, ``weight`` is the wide weight and the term uses input channels ``start ..``; with a meet,
+    x's gradient is shared with another backward (:class:`~hmedn_fast.ops.grad_meet.GradMeet`)."""
 
     @staticmethod
     def forward(ctx, acc, x, weight, bias, sink, start, meet):
         from hmedn_fast.ops.triton import conv1x1 as kernels
         w = weight if sink is None else weight[:, start:start + x.shape[1]]
         out = kernels.forward(acc, x, voxel_stride(x), 0 if acc is None else voxel_stride(acc), w, bias)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, w)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.sink, ctx.start, ctx.meet = sink, start, meet
         if meet is not None:
@@ -203,9 +203,8 @@ class _Conv1x1AddTriton(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         from hmedn_fast.ops.triton import conv1x1 as kernels
-        x, weight = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         sink, start = ctx.sink, ctx.start
-        w = weight if sink is None else weight[:, start:start + x.shape[1]]
         need_acc, need_x, need_w, need_b = ctx.needs_input_grad[:4]
         gs = voxel_stride(g)
         if g.dtype != x.dtype or gs is None:
@@ -221,6 +220,6 @@ class _Conv1x1AddTriton(torch.autograd.Function):
         elif other is not None and into is None:
             dx = dx.add_(other)
         if dw is not None:
-            dw = dw.reshape(weight.shape).to(weight.dtype) if sink is None else sink.put(start, dw)
+            dw = dw.reshape(w.shape).to(w.dtype) if sink is None else sink.put(start, dw)
         db = None if db is None else db.to(ctx.bias_dtype)
         return g if need_acc else None, dx, dw, db, None, None, None
